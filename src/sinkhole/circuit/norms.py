@@ -1,0 +1,112 @@
+"""Hidden-state norms: the first token against ordinary tokens, and norms under repetition."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..capture import Hooks
+from ..data import snippets
+from ..progress import progress
+
+
+def _norm_reduce(x: torch.Tensor, pos) -> torch.Tensor:
+    return x.detach().float().norm(dim=-1)  # (B, T)
+
+
+@dataclass
+class LayerNorms:
+    """Per-layer residual-stream norms (``resid_post``) on ordinary text."""
+
+    layers: list[int]
+    first_token_norm: list[float]  # mean over texts of the norm at position 0
+    typical_norm: list[float]  # mean norm over all positions > 0
+    typical_std: list[float]
+    ratio: list[float]  # first / typical
+    n_texts: int
+    n_tokens: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def layer_norms(lm, texts: list[str] | None = None, max_layer: int | None = None, quiet: bool | None = None) -> LayerNorms:
+    """Norm of the first token vs the mean of later tokens at every layer, on ordinary text."""
+    texts = texts if texts is not None else snippets("sonnets", n=16, n_words=48, seed=0)
+    n_layers = lm.adapter.n_layers if max_layer is None else max_layer + 1
+    first = torch.zeros(n_layers, dtype=torch.float64)
+    rest_sum = torch.zeros(n_layers, dtype=torch.float64)
+    rest_sq = torch.zeros(n_layers, dtype=torch.float64)
+    n_rest = 0
+    for text in progress(texts, desc="norms on text", disable=quiet):
+        ids = torch.tensor([lm.encode(text)], device=lm.device)
+        h = Hooks(lm)
+        for i in range(n_layers):
+            h.read("resid_post", i, reduce=_norm_reduce)
+        h.stop_after(n_layers - 1)
+        with torch.no_grad(), h:
+            h.forward(ids, use_cache=False)
+        norms = torch.stack([h.cache[f"resid_post.{i}"][0] for i in range(n_layers)]).double()  # (L, T)
+        first += norms[:, 0]
+        rest_sum += norms[:, 1:].sum(1)
+        rest_sq += (norms[:, 1:] ** 2).sum(1)
+        n_rest += norms.shape[1] - 1
+    first /= len(texts)
+    mean = rest_sum / max(n_rest, 1)
+    std = (rest_sq / max(n_rest, 1) - mean**2).clamp_min(0).sqrt()
+    return LayerNorms(
+        layers=list(range(n_layers)),
+        first_token_norm=[float(v) for v in first],
+        typical_norm=[float(v) for v in mean],
+        typical_std=[float(v) for v in std],
+        ratio=[float(a / b) if b > 0 else float("inf") for a, b in zip(first, mean)],
+        n_texts=len(texts),
+        n_tokens=int(n_rest + len(texts)),
+    )
+
+
+def repeat_ids(lm, word: str, n: int, bos: bool = True, prefix: str = "") -> tuple[list[int], int]:
+    """Token ids of ``[BOS] prefix word word ... word`` (n copies of the word's tokens), and the
+    index where the run starts."""
+    unit = lm.word_ids(word)
+    head = lm.encode(prefix, bos=bos) if (prefix or bos) else []
+    return head + unit * n, len(head)
+
+
+@dataclass
+class NormCurve:
+    """Hidden-state norm at ``layer`` for each repetition of ``word`` (paper Figure 2)."""
+
+    word: str
+    layer: int
+    n_tokens_per_word: int
+    reps: list[int]  # repetition index (1-based) of each point
+    norm: list[float]  # norm at the last token of each repetition
+    first_token_norm: float  # norm at position 0 of the same input
+    typical_norm: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def norm_curve(lm, word: str, n_reps: int, layer: int, typical_norm: float | None = None) -> NormCurve:
+    """Run ``[BOS] w w ... w`` once (stopping after ``layer``) and return the norm at every repetition."""
+    ids, start = repeat_ids(lm, word, n_reps)
+    k = len(lm.word_ids(word))
+    h = Hooks(lm)
+    h.read("resid_post", layer, reduce=_norm_reduce)
+    h.stop_after(layer)
+    with torch.no_grad(), h:
+        h.forward(torch.tensor([ids], device=lm.device), use_cache=False)
+    norms = h.cache[f"resid_post.{layer}"][0]
+    idx = torch.arange(start + k - 1, len(ids), k)
+    return NormCurve(
+        word=word,
+        layer=layer,
+        n_tokens_per_word=k,
+        reps=[int(i) for i in range(1, len(idx) + 1)],
+        norm=[float(v) for v in norms[idx]],
+        first_token_norm=float(norms[0]),
+        typical_norm=typical_norm,
+    )

@@ -1,0 +1,97 @@
+"""The ``sinkhole`` command line. Thin: parse, call the library, print, exit with a clear code.
+
+Each command lives in ``sinkhole.cli.cmd_<name>`` with ``add_parser(subparsers)`` and
+``run(args) -> int``; add a new command by appending its name to ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+COMMANDS = ["scan", "report", "models"]
+
+
+def add_model_args(p: argparse.ArgumentParser, model_optional: bool = True) -> None:
+    from ..models.loading import DEFAULT_MODEL, EMBEDDED
+
+    p.add_argument("model", nargs="?" if model_optional else None, default=DEFAULT_MODEL,
+                   help=f"embedded name ({', '.join(EMBEDDED)}), local HF folder, .gguf file or hub id "
+                        f"(default: {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps, or auto (device_map='auto')")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run (off by default)")
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or step messages")
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def load_from_args(args):
+    from ..models.loading import load_model
+
+    return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                      progress=not getattr(args, "quiet", False))
+
+
+def info(args, msg: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(msg, file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="sinkhole",
+        description="Find, explain and fix the repeated-token divergence of language models.",
+    )
+    parser.add_argument("--version", action="version", version=f"sinkhole {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"sinkhole.cli.cmd_{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..errors import SinkholeError
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="sinkhole: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    if getattr(args, "quiet", False):
+        from ..progress import set_quiet
+
+        set_quiet(True)
+    else:
+        logging.getLogger("sinkhole").setLevel(logging.INFO)
+    try:
+        return int(args.func(args) or 0)
+    except SinkholeError as err:
+        print(f"sinkhole: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("sinkhole: interrupted; finished steps are kept, rerun with --resume to continue", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as err:  # last resort: one line, no traceback unless asked
+        if os.environ.get("SINKHOLE_DEBUG"):
+            raise
+        msg = str(err).splitlines()[0][:300] if str(err) else ""
+        print(f"sinkhole: internal error: {type(err).__name__}: {msg} (set SINKHOLE_DEBUG=1 for a traceback "
+              "and please report it)", file=sys.stderr)
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())

