@@ -62,6 +62,9 @@ class Edit:
     fn: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def apply(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        flat = _is_flat(x, pos)
+        if flat:  # OPT computes its MLP on (B*T, D)
+            return self.apply(x.view(*pos.shape, x.shape[-1]), pos).view(x.shape)
         idx = None if self.neurons is None else torch.as_tensor(list(self.neurons), device=x.device, dtype=torch.long)
         sub = x if idx is None else x.index_select(-1, idx)
         new = _apply_op(self, sub)
@@ -73,6 +76,10 @@ class Edit:
         out = x.clone()
         out[..., idx] = new
         return out
+
+
+def _is_flat(x: torch.Tensor, pos: torch.Tensor | None) -> bool:
+    return pos is not None and x.dim() == 2 and pos.dim() == 2 and x.shape[0] == pos.numel()
 
 
 def _val(v, like: torch.Tensor):
@@ -282,6 +289,8 @@ class Hooks:
                 f"non-finite values (NaN/inf) in {r.site} at layer {r.layer}; "
                 "the model overflowed in this dtype: rerun with --dtype float32"
             )
+        if _is_flat(x, self.pos):
+            x = x.view(*self.pos.shape, x.shape[-1])
         val = r.reduce(x, self.pos) if r.reduce is not None else x.detach()
         if r.accumulate:
             self.cache.setdefault(r.name, []).append(val)

@@ -15,6 +15,11 @@ from .figures import Figure
 
 SECTIONS: list[tuple[str, Callable]] = []
 
+# Modules that register sections, in page order (each area owns one module).
+SECTION_MODULES = [
+    "sinkhole.report.sections",
+]
+
 
 def section(name: str):
     def deco(fn):
@@ -75,7 +80,10 @@ pre{white-space:pre-wrap;background:#f6f8fa;padding:6px;border-radius:4px;max-he
 
 def render(doc: dict) -> tuple[str, list[Figure]]:
     """Return (html, figures) for a results document."""
-    from . import sections  # noqa: F401  (registers the built-in sections)
+    import importlib
+
+    for mod in SECTION_MODULES:
+        importlib.import_module(mod)
 
     parts, figs = [], []
     for name, fn in SECTIONS:

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny random models of every supported family, and the real SmolLM2."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("SINKHOLE_NO_PROGRESS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tiny import FAMILIES, tiny_lm  # noqa: E402
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny_family(request):
+    """A tiny random LoadedModel of each supported family (parametrized)."""
+    return tiny_lm(request.param)
+
+
+@pytest.fixture
+def tiny():
+    """One tiny random Llama-family LoadedModel."""
+    return tiny_lm("llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real embedded SmolLM2-135M-Instruct (float32, CPU), loaded once per session."""
+    from sinkhole import load_model
+
+    torch.manual_seed(0)
+    return load_model("smollm2-135m-instruct", progress=False)
