@@ -254,10 +254,10 @@ class Hooks:
     def __enter__(self):
         self._active = True
         self._handles.append(self.model.register_forward_pre_hook(self._track_positions, with_kwargs=True))
+        for e in self._edits:  # edits first, so reads see edited values
+            self._attach_edit(e)
         for r in self._reads:
             self._attach_read(r)
-        for e in self._edits:
-            self._attach_edit(e)
         if self._stop is not None:
             self._attach_stop()
         return self
