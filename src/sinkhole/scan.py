@@ -2,14 +2,28 @@
 
 Each step takes the shared :class:`Context` and returns a JSON-ready dict stored under its
 name in ``results.json``. Finished steps are checkpointed to ``DIR/.partial.json`` after each
-step, so an interrupted scan continues with ``--resume``. Timings go to ``DIR/timings.json``
-(not ``results.json``), so the same command and seed give a byte-identical ``results.json``.
+step, so an interrupted scan (Ctrl-C, a crash, a killed job) continues with ``--resume``.
+Timings go to ``DIR/timings.json`` (not ``results.json``), so the same command and seed give a
+byte-identical ``results.json``.
+
+Writing a step (in a module listed in ``STEP_MODULES``)::
+
+    @step("divergence", "divergence by generation")
+    def _divergence(ctx: Context) -> dict:
+        n = 4 if ctx.options["quick"] else 24           # honor --quick (CI and tests use it)
+        for case in ctx.progress(cases, desc="divergence"):   # a bar with ETA
+            ...
+        return {...}                                     # JSON-ready, deterministic
+
+A step that raises (other than Ctrl-C) is recorded in ``results.json`` under ``errors`` and the
+scan goes on with the next step; ``SINKHOLE_DEBUG=1`` makes it raise instead.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +32,18 @@ from typing import Any, Callable
 import torch
 
 from . import __version__
+from .errors import SinkholeError
+from .progress import progress as _progress
 from .results import SCHEMA_VERSION, _clean, write_json
 
 PARTIAL = ".partial.json"
+
+# Options every step can rely on (the CLI fills them; run_scan fills missing ones with these).
+DEFAULT_OPTIONS: dict = {
+    "seed": 0,
+    "quick": False,  # a small, fast scan (CI, tests, a first look): steps use fewer cases / shorter runs
+    "patch": False,  # also run the patch steps (only_with="patch")
+}
 
 
 @dataclass
@@ -35,6 +58,15 @@ class Context:
         if r is None:
             return default
         return r if key is None else r.get(key, default)
+
+    @property
+    def quick(self) -> bool:
+        return bool(self.options.get("quick"))
+
+    @staticmethod
+    def progress(iterable=None, desc: str = "", total: int | None = None, **kw):
+        """A progress bar with ETA on stderr (silenced by --quiet)."""
+        return _progress(iterable, desc=desc, total=total, **kw)
 
 
 @dataclass
@@ -68,6 +100,10 @@ def load_steps() -> list[Step]:
     return list(STEPS)
 
 
+def selected_steps(options: dict) -> list[Step]:
+    return [s for s in load_steps() if not s.only_with or options.get(s.only_with)]
+
+
 def main_sink_layer(ctx: Context) -> int:
     """The sink layer later steps should look at: the circuit's answer when it ran, else the
     first layer where the first token's norm is at least 5x the typical norm, else the layer
@@ -82,28 +118,89 @@ def main_sink_layer(ctx: Context) -> int:
     return int(max(range(len(ratio)), key=lambda i: ratio[i] or 0)) if ratio else 1
 
 
+def _resume_key(options: dict) -> dict:
+    """Options that must match for finished steps to be reused: all but the on/off switches of
+    optional steps (adding --patch to a finished scan reuses everything and runs the patch)."""
+    gates = {s.only_with for s in STEPS if s.only_with}
+    return {k: v for k, v in _clean(options).items() if k not in gates}
+
+
+def _saved_state(out: Path, lm, options: dict, log) -> tuple[dict, dict]:
+    """Finished results and timings of an earlier scan in ``out`` with the same model and options:
+    from the checkpoint of an interrupted scan, else from a finished scan's results.json."""
+    key = _resume_key(options)
+    partial = out / PARTIAL
+    if partial.exists():
+        try:
+            saved = json.loads(partial.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            log(f"--resume: {partial} is unreadable; starting over")
+            return {}, {}
+        if saved.get("model") == lm.name and _resume_key(saved.get("options", {})) == key:
+            return dict(saved.get("results", {})), dict(saved.get("timings", {}))
+        log("--resume: the interrupted scan in this folder used another model or other options; starting over")
+        return {}, {}
+    final = out / "results.json"
+    if final.exists():
+        try:
+            doc = json.loads(final.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}, {}
+        if (doc.get("schema_version") == SCHEMA_VERSION and doc.get("model", {}).get("name") == lm.name
+                and _resume_key(doc.get("options", {})) == key):
+            results = {"model": doc["model"], **doc.get("results", {})}
+            timings = {}
+            try:
+                timings = json.loads((out / "timings.json").read_text(encoding="utf-8")).get("steps", {})
+            except (OSError, ValueError):
+                pass
+            return results, {k: v for k, v in timings.items() if k in results}
+        log("--resume: the scan in this folder used another model or other options; starting over")
+    return {}, {}
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s:.1f}s" if s < 60 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
 def run_scan(lm, options: dict, out: Path, resume: bool = False, log: Callable[[str], None] = print) -> dict:
-    steps = [s for s in load_steps() if not s.only_with or options.get(s.only_with)]
+    """Run every selected step; returns ``{"doc": results document, "timings": {step: seconds}}``.
+
+    Ctrl-C (KeyboardInterrupt) propagates after the finished steps are checkpointed; rerun with
+    ``resume=True`` to continue.
+    """
+    options = {**DEFAULT_OPTIONS, **options}
+    steps = selected_steps(options)
+    out = Path(out)
     partial_path = out / PARTIAL
-    results: dict = {}
-    timings: dict = {}
-    if resume and partial_path.exists():
-        saved = json.loads(partial_path.read_text())
-        if saved.get("options") == _clean(options) and saved.get("model") == lm.name:
-            results, timings = saved["results"], saved.get("timings", {})
-            log(f"resuming: {len(results)} finished step(s) kept ({', '.join(results)})")
-        else:
-            log("--resume: the saved partial scan used other options or another model; starting over")
+    results, timings = _saved_state(out, lm, options, log) if resume else ({}, {})
+    results = {k: v for k, v in results.items() if k in {s.name for s in steps}}
+    if results:
+        log(f"resuming: {len(results)} finished step(s) kept ({', '.join(results)})")
+    errors: dict = {}
     ctx = Context(lm=lm, options=options, results=results, out=out)
-    for s in steps:
-        if s.name in results:
-            continue
+    todo = [s for s in steps if s.name not in results]
+    t_scan = time.perf_counter()
+    for i, s in enumerate(todo, 1):
         torch.manual_seed(int(options.get("seed", 0)))
         t0 = time.perf_counter()
-        log(f"[{s.name}] {s.title} ...")
-        results[s.name] = _clean(s.fn(ctx))
+        log(f"[{i}/{len(todo)}] {s.name}: {s.title} ...")
+        try:
+            value = s.fn(ctx)
+        except (KeyboardInterrupt, SinkholeError):
+            raise
+        except Exception as err:  # one broken step must not lose a long scan
+            if os.environ.get("SINKHOLE_DEBUG"):
+                raise
+            msg = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+            errors[s.name] = msg
+            log(f"[{i}/{len(todo)}] {s.name} FAILED after {_fmt_s(time.perf_counter() - t0)}: {msg} "
+                "(set SINKHOLE_DEBUG=1 for a traceback)")
+            continue
+        results[s.name] = _clean(value)
         timings[s.name] = round(time.perf_counter() - t0, 2)
-        log(f"[{s.name}] done in {timings[s.name]:.1f}s")
+        log(f"[{i}/{len(todo)}] {s.name} done in {_fmt_s(timings[s.name])} "
+            f"(scan so far {_fmt_s(time.perf_counter() - t_scan)})")
         write_json(partial_path, {"model": lm.name, "options": _clean(options), "results": results,
                                   "timings": timings})
     doc = {
@@ -112,6 +209,8 @@ def run_scan(lm, options: dict, out: Path, resume: bool = False, log: Callable[[
         "model": results.get("model", {}),
         "options": _clean(options),
         "steps": [s.name for s in steps],
-        "results": {k: v for k, v in results.items() if k != "model"},
+        "results": {s.name: results[s.name] for s in steps if s.name in results and s.name != "model"},
     }
-    return {"doc": doc, "timings": timings}
+    if errors:
+        doc["errors"] = errors
+    return {"doc": doc, "timings": {s.name: timings[s.name] for s in steps if s.name in timings}}
