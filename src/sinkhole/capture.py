@@ -135,9 +135,9 @@ def position_mask(spec: PosSpec, pos: torch.Tensor | None, shape, device) -> tor
             m &= (pos - start) % spec.step == 0
         return m & valid
     if isinstance(spec, int):
-        return pos == spec
+        return (pos == spec) & valid
     wanted = torch.as_tensor(list(spec), device=pos.device, dtype=pos.dtype)
-    return torch.isin(pos, wanted)
+    return torch.isin(pos, wanted) & valid
 
 
 def real_positions(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -253,13 +253,17 @@ class Hooks:
     # --- attach / detach --------------------------------------------------------------------
     def __enter__(self):
         self._active = True
-        self._handles.append(self.model.register_forward_pre_hook(self._track_positions, with_kwargs=True))
-        for e in self._edits:  # edits first, so reads see edited values
-            self._attach_edit(e)
-        for r in self._reads:
-            self._attach_read(r)
-        if self._stop is not None:
-            self._attach_stop()
+        try:
+            self._handles.append(self.model.register_forward_pre_hook(self._track_positions, with_kwargs=True))
+            for e in self._edits:  # edits first, so reads see edited values
+                self._attach_edit(e)
+            for r in self._reads:
+                self._attach_read(r)
+            if self._stop is not None:
+                self._attach_stop()
+        except BaseException:  # __exit__ does not run when __enter__ fails: detach here
+            self.remove()
+            raise
         return self
 
     def __exit__(self, *exc):
