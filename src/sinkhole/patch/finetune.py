@@ -1,0 +1,194 @@
+"""The targeted fine-tuning patch: train only the circuit's parameters, export plain weights.
+
+Trainable parameters are either the whole MLPs of a few layers (``layers=[1, 2]``: the layers
+where the first-token detector writes the huge first-token norm) or only the rows and columns
+of given sink neurons (``neurons={layer: [j, ...]}``: the gate/up rows and the down-projection
+column of each neuron; every other entry keeps its value because its gradient is masked).
+
+The loss has two parts:
+
+* **keep**: KL(P_original || P_patched) on ordinary training text (``tempest`` by default),
+  per token, so outputs on ordinary text stay the same;
+* **repeat**: cross-entropy of the next word token inside long runs of training words (in the
+  templates of :mod:`sinkhole.attack.prompts`), so the model keeps repeating instead of falling
+  into the broken-sink state. Only run positions after ``min_reps`` repetitions count.
+
+``loss = keep_weight * keep + repeat``. Training words and repetition counts must be disjoint
+from the verification set (the search checks this). CPU-feasible: a few dozen Adam steps.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import SinkholeError
+from .core import Patch, model_signature
+
+TRAIN_WORDS = ("poem", "company", "book", "house", "water", "time", "music", "light", "river", "dog", "green",
+               "stone", "paper", "city", "window", "apple", "story", "money", "garden", "song")
+
+
+@dataclass
+class FinetuneConfig:
+    layers: list[int] = field(default_factory=lambda: [1, 2])
+    neurons: dict | None = None  # {layer: [neuron, ...]}: train only these neurons' rows/columns
+    words: tuple = TRAIN_WORDS
+    reps: tuple = (64, 160, 320)
+    templates: tuple = ("raw", "repeat", "chat_assistant")
+    text: str = "tempest"
+    n_texts: int = 32
+    text_words: int = 48
+    steps: int = 40
+    lr: float = 3e-4
+    keep_weight: float = 20.0
+    rep_batch: int = 2
+    text_batch: int = 8
+    min_reps: int = 16
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["words"], d["reps"], d["templates"] = list(self.words), list(self.reps), list(self.templates)
+        return d
+
+
+def _trainable(lm, cfg: FinetuneConfig) -> tuple[dict, dict]:
+    """(name -> parameter, name -> gradient mask or None)."""
+    ad = lm.adapter
+    params: dict = {}
+    masks: dict = {}
+    if cfg.neurons:
+        for layer, neurons in cfg.neurons.items():
+            layer = int(layer)
+            idx = torch.as_tensor([int(n) for n in neurons], dtype=torch.long)
+            for name, p in ad.mlp_parameters([layer]):
+                m = torch.zeros_like(p, dtype=torch.bool)
+                w_out = ad.w_out(layer)
+                if p is ad.down_proj(layer).weight:
+                    if ad.spec.conv1d:
+                        m[idx, :] = True
+                    else:
+                        m[:, idx] = True
+                elif p.dim() == 2 and p.shape[0] == ad.d_mlp and p.shape[1] == ad.d_model:
+                    m[idx, :] = True  # gate/up rows (Linear weight is out x in)
+                elif p.dim() == 2 and p.shape == (ad.d_model, ad.d_mlp) and ad.spec.conv1d:
+                    m[:, idx] = True  # GPT-2 c_fc (in x out)
+                elif p.dim() == 1 and p.shape[0] == ad.d_mlp:
+                    m[idx] = True
+                else:
+                    continue
+                del w_out
+                params[name], masks[name] = p, m
+    else:
+        for layer in cfg.layers:
+            if not 0 <= int(layer) < ad.n_layers:
+                raise SinkholeError(f"fine-tuning layer {layer} is out of range 0..{ad.n_layers - 1}")
+        for name, p in ad.mlp_parameters([int(x) for x in cfg.layers]):
+            params[name], masks[name] = p, None
+    if not params:
+        raise SinkholeError("nothing to fine-tune: give layers or neurons")
+    return params, masks
+
+
+def _rep_examples(lm, cfg: FinetuneConfig):
+    """(ids, first scored position) for every training word x reps x template."""
+    from ..attack.prompts import CHAT_TEMPLATES, has_chat_template, make_cases
+
+    templates = [t for t in (cfg.templates or ("raw",)) if t not in CHAT_TEMPLATES or has_chat_template(lm)]
+    cases = make_cases(lm, list(cfg.words), list(cfg.reps), templates or ["raw"])
+    out = []
+    for c in cases:
+        n_unit = len(c.unit)
+        run_start = len(c.ids) - n_unit * c.reps if c.template in ("raw", "repeat", "chat_assistant") else None
+        if run_start is None:
+            continue  # garak/chat_user templates put the run inside quotes: no clean target
+        out.append((c.ids, run_start + n_unit * min(cfg.min_reps, c.reps - 1)))
+    if not out:
+        raise SinkholeError("no usable repetition examples: use templates raw, repeat or chat_assistant")
+    return out
+
+
+def finetune_patch(lm, cfg: FinetuneConfig | None = None, log=None) -> Patch:
+    """Train the chosen parameters (in a copy; ``lm`` is left unchanged) and return a weights patch."""
+    from ..data import snippets
+    from ..evaluate.metrics import encode_batch, pad_left
+    from ..progress import progress
+
+    cfg = cfg or FinetuneConfig()
+    model = lm.model
+    params, masks = _trainable(lm, cfg)
+    original = {k: p.detach().clone() for k, p in params.items()}
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    texts = snippets(cfg.text, n=cfg.n_texts, n_words=cfg.text_words, seed=cfg.seed + 11)
+    with torch.no_grad():
+        t_ids, t_mask = encode_batch(lm, texts, max_tokens=cfg.text_words * 2)
+        teacher = []
+        for i in range(0, len(texts), cfg.text_batch):
+            lg = model(input_ids=t_ids[i:i + cfg.text_batch], attention_mask=t_mask[i:i + cfg.text_batch],
+                       use_cache=False).logits
+            teacher.append(F.log_softmax(lg.float(), -1).to(torch.bfloat16))
+        teacher = torch.cat(teacher)
+    examples = _rep_examples(lm, cfg)
+    for p in params.values():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(list(params.values()), lr=cfg.lr)
+    history = []
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()  # no dropout
+    try:
+        for step in progress(range(cfg.steps), desc="fine-tune", total=cfg.steps):
+            opt.zero_grad(set_to_none=True)
+            # keep: KL to the original model on ordinary text
+            sel = rng.sample(range(len(texts)), min(cfg.text_batch, len(texts)))
+            ids, mask = t_ids[sel], t_mask[sel]
+            lg = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            lp = F.log_softmax(lg, -1)
+            lt = teacher[sel].float()
+            valid = mask > 0
+            kl = (lt.exp() * (lt - lp)).sum(-1)[valid].mean()
+            # repeat: next word token inside long runs of training words
+            batch = rng.sample(examples, min(cfg.rep_batch, len(examples)))
+            rows = [b[0] for b in batch]
+            r_ids, r_mask = pad_left(lm, rows)
+            rl = model(input_ids=r_ids, attention_mask=r_mask, use_cache=False).logits.float()
+            ce_terms = []
+            for bi, (row, start) in enumerate(batch):
+                off = r_ids.shape[1] - len(row)
+                pos = torch.arange(off + start - 1, r_ids.shape[1] - 1, device=r_ids.device)
+                ce_terms.append(F.cross_entropy(rl[bi, pos], r_ids[bi, pos + 1]))
+            ce = torch.stack(ce_terms).mean()
+            loss = cfg.keep_weight * kl + ce
+            loss.backward()
+            for k, p in params.items():
+                if masks[k] is not None and p.grad is not None:
+                    p.grad.mul_(masks[k])
+            opt.step()
+            with torch.no_grad():  # Adam moves masked entries through momentum only if grads leak
+                for k, p in params.items():
+                    if masks[k] is not None:
+                        p.copy_(torch.where(masks[k], p, original[k]))
+            history.append({"step": step, "kl": kl.item(), "repeat_ce": ce.item(), "loss": loss.item()})
+            if log and (step % 10 == 0 or step == cfg.steps - 1):
+                log(f"  step {step}: keep KL {kl.item():.4f}, repeat CE {ce.item():.3f}")
+        new = {k: p.detach().clone() for k, p in params.items()}
+    finally:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(original[k])
+                p.requires_grad_(False)
+                p.grad = None
+        model.train(was_training)
+    what = (f"neurons {dict((int(k), list(v)) for k, v in cfg.neurons.items())}" if cfg.neurons
+            else f"MLPs of layers {list(cfg.layers)}")
+    return Patch(ops=[], name="finetune", model=model_signature(lm), weights=new,
+                 notes=f"fine-tuned {what}: KL to the original on '{cfg.text}' text + next-word CE in runs of "
+                       f"{len(cfg.words)} training words",
+                 meta={"family": "finetune", "config": cfg.to_dict(), "train_seconds": round(time.perf_counter() - t0, 1),
+                       "history": history[-1:] if history else []})
