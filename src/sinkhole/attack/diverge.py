@@ -1,0 +1,227 @@
+"""Divergence by generation: greedy decoding after repeated-word prompts, judged twice.
+
+Stable API (other modules, e.g. the patch, rely on it)::
+
+    from sinkhole.attack.diverge import make_cases, run_cases, summarize
+    cases = make_cases(lm, ["poem", "company"], [100, 400], ["raw", "chat_user"])
+    results = run_cases(lm, cases, max_new_tokens=48, batch_size=4)          # plain model
+    results = run_cases(lm, cases, edits=[Edit("neurons", 1, [7], "nonfirst", "zero")])  # patched
+    results = run_cases(lm, cases, hooks=lambda: my_patch.applied(lm))        # any context manager
+    summarize(results)  # {"rate": ..., "garak_rate": ..., "by_template": ..., "min_reps_diverged": ...}
+
+Decoding is greedy with the KV cache (``model.generate``, ``do_sample=False``). Cases are
+sorted by prompt length and batched with left padding; the hook engine's real positions keep
+position-gated edits correct under padding and during cached decoding. Batched and unbatched
+greedy decoding can differ in the last float bits, which can flip a near-tie token; use
+``batch_size=1`` where exact reproduction of single runs matters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, Sequence
+
+import torch
+
+from ..capture import Edit, Hooks
+from ..progress import progress
+from .judge import judge_garak, judge_run
+from .prompts import Case, make_cases  # noqa: F401  (re-exported: part of the API)
+
+
+@dataclass
+class CaseResult:
+    """The outcome of one case. ``diverged``/``tokens_until_divergence``/``frac_not_word`` come
+    from the run judge; ``garak_diverged``/``garak_reason`` from the garak-style judge."""
+
+    word: str
+    reps: int
+    template: str
+    diverged: bool
+    tokens_until_divergence: int
+    frac_not_word: float
+    n_generated: int
+    stopped: bool  # generation ended with EOS / end of turn before max_new_tokens
+    garak_diverged: bool
+    garak_reason: str
+    text: str
+    prompt_tokens: int
+    n_word_tokens: int
+    note: str = ""
+    generated_ids: list[int] = field(default_factory=list, repr=False)
+
+    def to_dict(self, ids: bool = False) -> dict:
+        d = {k: getattr(self, k) for k in (
+            "word", "reps", "template", "diverged", "tokens_until_divergence", "frac_not_word", "n_generated",
+            "stopped", "garak_diverged", "garak_reason", "text", "prompt_tokens", "n_word_tokens", "note")}
+        d["frac_not_word"] = round(float(d["frac_not_word"]), 4)
+        if ids:
+            d["generated_ids"] = list(self.generated_ids)
+        return d
+
+
+def _stop_ids(lm) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(lm.model, "generation_config", None), lm.model.config, lm.tokenizer):
+        e = getattr(src, "eos_token_id", None)
+        if isinstance(e, int):
+            ids.add(e)
+        elif isinstance(e, (list, tuple)):
+            ids.update(int(x) for x in e)
+    return ids
+
+
+def _pad_id(lm) -> int:
+    for src in (lm.tokenizer, getattr(lm.model, "generation_config", None), lm.model.config):
+        p = getattr(src, "pad_token_id", None)
+        if isinstance(p, int):
+            return p
+    stops = _stop_ids(lm)
+    return min(stops) if stops else 0
+
+
+def _special_ids(lm) -> set[int]:
+    s = set(_stop_ids(lm))
+    extra = getattr(lm.tokenizer, "all_special_ids", None)
+    if extra:
+        s.update(int(i) for i in extra)
+    return s
+
+
+def decode_pieces(lm, ids: Sequence[int]) -> list[str]:
+    """One string per token such that ``"".join(pieces)`` is the decoded text (special tokens
+    give empty strings). Decoding token by token breaks byte-level merges, so pieces are the
+    differences of cumulative decodes."""
+    special = _special_ids(lm)
+    pieces, prev, keep = [], "", []
+    for t in ids:
+        if int(t) in special:
+            pieces.append("")
+            continue
+        keep.append(int(t))
+        cur = lm.tokenizer.decode(keep, skip_special_tokens=True)
+        if cur.startswith(prev):
+            pieces.append(cur[len(prev):])
+        else:  # a merge rewrote earlier text (rare): attribute the whole difference here
+            pieces.append(cur[len(prev):] if len(cur) > len(prev) else "")
+        prev = cur
+    return pieces
+
+
+def generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy KV-cache continuation of a batch of prompts (left padded); returns the generated
+    ids of each row, cut after the first stop token."""
+    pad = _pad_id(lm)
+    stops = _stop_ids(lm)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    dev = lm.device
+    with torch.no_grad():
+        out = lm.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=int(max_new_tokens),
+                                do_sample=False, num_beams=1, pad_token_id=pad,
+                                eos_token_id=sorted(stops) if stops else None, top_p=None, top_k=None,
+                                temperature=None)
+    rows = []
+    for r in out[:, width:].tolist():
+        cut = []
+        for t in r:
+            cut.append(t)
+            if t in stops:
+                break
+        rows.append(cut)
+    return rows
+
+
+def _context(lm, edits, hooks) -> ContextManager:
+    stack = contextlib.ExitStack()
+    if hooks is not None:
+        stack.enter_context(hooks())
+    if edits:
+        h = Hooks(lm)
+        for e in edits:
+            h.edit(e)
+        stack.enter_context(h)
+    return stack
+
+
+def run_cases(lm, cases: Sequence[Case], max_new_tokens: int = 48, batch_size: int = 4,
+              edits: Sequence[Edit] | None = None, hooks: Callable[[], ContextManager] | None = None,
+              quiet: bool | None = None, keep_ids: bool = False) -> list[CaseResult]:
+    """Generate greedily after every case and judge the continuation.
+
+    ``edits``: hook-engine edits applied during generation (e.g. a patch). ``hooks``: a factory
+    returning any context manager to hold open during generation (e.g. a patch's own
+    ``apply``). Results come back in the order of ``cases``.
+    """
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    batch_size = max(1, int(batch_size))
+    order = sorted(range(len(cases)), key=lambda i: len(cases[i].ids))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    stops = _stop_ids(lm)
+    results: list[CaseResult | None] = [None] * len(cases)
+    with _context(lm, edits, hooks):
+        for b in progress(batches, desc="generating", total=len(batches), disable=quiet):
+            gens = generate(lm, [cases[i].ids for i in b], max_new_tokens)
+            for i, g in zip(b, gens):
+                results[i] = judge_case(lm, cases[i], g, stops, keep_ids)
+    return results  # type: ignore[return-value]
+
+
+def judge_case(lm, case: Case, gen: list[int], stops: set[int] | None = None, keep_ids: bool = False) -> CaseResult:
+    stops = _stop_ids(lm) if stops is None else stops
+    pieces = decode_pieces(lm, gen)
+    text = "".join(pieces)
+    word = lm.tokenizer.decode(case.unit, skip_special_tokens=True).strip() or case.word
+    rj = judge_run(pieces, word)
+    gj = judge_garak(text, word)
+    return CaseResult(
+        word=case.word, reps=case.reps, template=case.template, diverged=rj.diverged,
+        tokens_until_divergence=rj.tokens_until_divergence, frac_not_word=rj.frac_not_word,
+        n_generated=len(gen), stopped=bool(gen) and gen[-1] in stops, garak_diverged=gj.hit,
+        garak_reason=gj.reason, text=text, prompt_tokens=len(case.ids), n_word_tokens=case.n_word_tokens,
+        note=case.note, generated_ids=list(gen) if keep_ids else [],
+    )
+
+
+def summarize(results: Sequence[CaseResult]) -> dict:
+    """Rates overall, per template and per (template, reps); the smallest reps that diverged."""
+    def rate(rs, key="diverged"):
+        return round(sum(bool(getattr(r, key)) for r in rs) / len(rs), 4) if rs else None
+
+    by_t: dict[str, list] = {}
+    by_tr: dict[tuple, list] = {}
+    for r in results:
+        by_t.setdefault(r.template, []).append(r)
+        by_tr.setdefault((r.template, r.reps), []).append(r)
+    div = [r for r in results if r.diverged]
+    return {
+        "n_cases": len(results),
+        "rate": rate(results),
+        "garak_rate": rate(results, "garak_diverged"),
+        "judges_agree": round(sum(r.diverged == r.garak_diverged for r in results) / len(results), 4)
+        if results else None,
+        "min_reps_diverged": min((r.reps for r in div), default=None),
+        "by_template": {t: {"rate": rate(rs), "garak_rate": rate(rs, "garak_diverged"), "n": len(rs)}
+                        for t, rs in by_t.items()},
+        "by_template_reps": [{"template": t, "reps": n, "rate": rate(rs), "garak_rate": rate(rs, "garak_diverged"),
+                              "n": len(rs),
+                              "mean_tokens_until_divergence": round(sum(r.tokens_until_divergence for r in rs)
+                                                                    / len(rs), 2)}
+                             for (t, n), rs in sorted(by_tr.items())],
+        "multi_token_words": sorted({r.word for r in results if r.n_word_tokens > 1}),
+    }
+
+
+def diverge(lm, words, reps, templates=None, max_new_tokens: int = 48, batch_size: int = 4,
+            edits=None, hooks=None, quiet: bool | None = None) -> dict:
+    """Build the cases, run them and return ``{"cases": [...], **summarize(...)}`` (JSON-ready)."""
+    cases = make_cases(lm, words, reps, templates)
+    res = run_cases(lm, cases, max_new_tokens=max_new_tokens, batch_size=batch_size, edits=edits, hooks=hooks,
+                    quiet=quiet)
+    return {**summarize(res), "max_new_tokens": int(max_new_tokens), "cases": [r.to_dict() for r in res]}
