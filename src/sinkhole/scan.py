@@ -172,6 +172,7 @@ def run_scan(lm, options: dict, out: Path, resume: bool = False, log: Callable[[
     options = {**DEFAULT_OPTIONS, **options}
     steps = selected_steps(options)
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     partial_path = out / PARTIAL
     results, timings = _saved_state(out, lm, options, log) if resume else ({}, {})
     results = {k: v for k, v in results.items() if k in {s.name for s in steps}}

@@ -1,0 +1,219 @@
+"""The scan pipeline on a tiny random model: every step, determinism, Ctrl-C + --resume, failing
+steps, the CLI's options and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+import sinkhole.cli as cli
+import sinkhole.scan as scan
+from sinkhole.scan import PARTIAL, Context, run_scan, step
+from tiny import tiny_lm
+
+QUICK = {"seed": 0, "quick": True, "patch": False, "words": ["the", "poem"], "curve_words": ["the", "poem"],
+         "curve_reps": 40}
+
+
+@pytest.fixture
+def lm():
+    return tiny_lm("llama", n_layers=3)
+
+
+@pytest.fixture
+def steps_guard():
+    """Restore the step registry after a test adds steps."""
+    scan.load_steps()
+    saved = [dataclasses.replace(s) for s in scan.STEPS]
+    yield
+    scan.STEPS[:] = saved
+
+
+@pytest.fixture
+def few_steps(steps_guard):
+    """Only the foundation's three light steps (tests of the pipeline machinery stay fast however
+    many steps the other areas add)."""
+    scan.STEPS[:] = [s for s in scan.STEPS if s.name in ("model", "layer_norms", "norm_curves")]
+    assert len(scan.STEPS) == 3
+
+
+@pytest.fixture
+def tiny_cli(monkeypatch):
+    """Make the CLI load a tiny random model whatever MODEL says."""
+    monkeypatch.setattr(cli, "load_from_args", lambda args: tiny_lm("llama", n_layers=3))
+    monkeypatch.setenv("SINKHOLE_NO_PROGRESS", "1")
+
+
+def test_every_registered_step_runs_on_a_tiny_model(lm, tmp_path):
+    res = run_scan(lm, QUICK, tmp_path, log=lambda m: None)
+    doc = res["doc"]
+    assert not doc.get("errors"), doc.get("errors")
+    names = [s.name for s in scan.selected_steps(QUICK)]
+    assert doc["steps"] == names
+    assert set(doc["results"]) == set(names) - {"model"}
+    assert doc["model"]["name"] == "tiny-llama"
+    assert set(res["timings"]) == set(names)
+    assert all(t >= 0 for t in res["timings"].values())
+    assert doc["options"]["quick"] is True
+    assert doc["schema_version"] >= 1
+
+
+def test_ctrl_c_keeps_finished_steps_and_resume_continues(lm, tmp_path, few_steps):
+    calls = []
+
+    @step("zz_interrupt", "a step the user interrupts")
+    def _boom(ctx: Context) -> dict:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return {"seen_layer_norms": ctx.get("layer_norms") is not None}
+
+    with pytest.raises(KeyboardInterrupt):
+        run_scan(lm, QUICK, tmp_path, log=lambda m: None)
+    saved = json.loads((tmp_path / PARTIAL).read_text())
+    done = [s.name for s in scan.selected_steps(QUICK)][:-1]
+    assert sorted(saved["results"]) == sorted(done)  # every step before the interrupted one is kept
+    assert "zz_interrupt" not in saved["results"]
+
+    ran = []
+    for s in scan.STEPS:  # spy: which steps run on resume
+        fn = s.fn
+        s.fn = (lambda f, n: (lambda ctx: (ran.append(n), f(ctx))[1]))(fn, s.name)
+    logs = []
+    doc = run_scan(lm, QUICK, tmp_path, resume=True, log=logs.append)["doc"]
+    assert ran == ["zz_interrupt"]
+    assert doc["results"]["zz_interrupt"] == {"seen_layer_norms": True}
+    assert any("resuming" in m for m in logs)
+
+
+def test_resume_with_other_options_starts_over(lm, tmp_path, few_steps):
+    run_scan(lm, QUICK, tmp_path, log=lambda m: None)
+    from sinkhole.results import write_json
+
+    # a checkpoint from another model is not reused
+    write_json(tmp_path / PARTIAL, {"model": "other-model", "options": QUICK, "results": {"model": {}}, "timings": {}})
+    logs = []
+    run_scan(lm, QUICK, tmp_path, resume=True, log=logs.append)
+    assert any("starting over" in m for m in logs)
+
+
+def test_resume_of_a_finished_scan_reuses_its_results(lm, tmp_path, few_steps):
+    from sinkhole.results import write_json
+
+    doc = run_scan(lm, QUICK, tmp_path, log=lambda m: None)["doc"]
+    write_json(tmp_path / "results.json", doc)
+    for s in scan.STEPS:
+        s.fn = lambda ctx: pytest.fail("a finished step ran again")
+    again = run_scan(lm, QUICK, tmp_path, resume=True, log=lambda m: None)["doc"]
+    assert again == doc
+
+
+def test_a_failing_step_is_recorded_and_the_scan_goes_on(lm, tmp_path, few_steps, monkeypatch):
+    monkeypatch.delenv("SINKHOLE_DEBUG", raising=False)
+
+    @step("zz_broken", "a broken step")
+    def _broken(ctx):
+        raise ValueError("bad shape")
+
+    @step("zz_after", "a step after the broken one")
+    def _after(ctx):
+        return {"ok": 1}
+
+    doc = run_scan(lm, QUICK, tmp_path, log=lambda m: None)["doc"]
+    assert doc["errors"] == {"zz_broken": "ValueError: bad shape"}
+    assert doc["results"]["zz_after"] == {"ok": 1}
+    assert "zz_broken" not in doc["results"]
+    monkeypatch.setenv("SINKHOLE_DEBUG", "1")
+    with pytest.raises(ValueError):
+        run_scan(lm, QUICK, tmp_path / "debug", log=lambda m: None)
+
+
+def test_only_with_steps_need_their_option(lm, tmp_path, few_steps):
+    @step("zz_patchy", "runs only with --patch", only_with="patch")
+    def _p(ctx):
+        return {"ran": True}
+
+    assert "zz_patchy" not in run_scan(lm, QUICK, tmp_path / "a", log=lambda m: None)["doc"]["steps"]
+    doc = run_scan(lm, {**QUICK, "patch": True}, tmp_path / "b", log=lambda m: None)["doc"]
+    assert doc["results"]["zz_patchy"] == {"ran": True}
+
+
+def test_quick_is_visible_to_steps(lm, tmp_path, few_steps):
+    seen = {}
+
+    @step("zz_quick", "reads quick")
+    def _q(ctx):
+        seen["quick"], seen["opt"] = ctx.quick, ctx.options["quick"]
+        return {}
+
+    run_scan(lm, {k: v for k, v in QUICK.items() if k != "quick"}, tmp_path, log=lambda m: None)
+    assert seen == {"quick": False, "opt": False}  # default filled in
+
+
+def test_cli_scan_writes_everything_and_prints_timings(tiny_cli, tmp_path, capsys):
+    out = tmp_path / "scan"
+    rc = cli.main(["scan", "--quick", "--out", str(out), "--curve-reps", "30"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "step timings:" in err and "layer_norms" in err and "total" in err
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["options"]["quick"] is True and doc["options"]["curve_reps"] == 30
+    t = json.loads((out / "timings.json").read_text())
+    assert set(t["steps"]) == set(doc["steps"]) and t["total_s"] >= 0
+    html = (out / "report.html").read_text()
+    assert "<h1>" in html
+    figs = sorted(p.name for p in (out / "figures").iterdir())
+    assert figs and {p.rsplit(".", 1)[1] for p in figs} == {"png", "svg"}
+    for name in {p.rsplit(".", 1)[0] for p in figs}:
+        assert f'data-figure="{name}"' in html
+    assert not (out / PARTIAL).exists()
+    # same command, same seed: byte-identical results.json
+    rc = cli.main(["scan", "--quick", "--quiet", "--out", str(tmp_path / "again"), "--curve-reps", "30"])
+    assert rc == 0
+    assert (tmp_path / "again" / "results.json").read_bytes() == (out / "results.json").read_bytes()
+
+
+def test_cli_scan_resume_after_ctrl_c(tiny_cli, tmp_path, capsys, few_steps):
+    state = {"n": 0}
+
+    @step("zz_ctrl_c", "interrupted once")
+    def _c(ctx):
+        state["n"] += 1
+        if state["n"] == 1:
+            raise KeyboardInterrupt
+        return {"n": state["n"]}
+
+    out = tmp_path / "s"
+    rc = cli.main(["scan", "--quick", "--out", str(out), "--curve-reps", "30"])
+    err = capsys.readouterr().err
+    assert rc == 130 and "--resume" in err and "Traceback" not in err
+    assert (out / PARTIAL).exists() and not (out / "results.json").exists()
+    rc = cli.main(["scan", "--quick", "--out", str(out), "--curve-reps", "30", "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "resuming" in err
+    assert json.loads((out / "results.json").read_text())["results"]["zz_ctrl_c"] == {"n": 2}
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--curve-reps", "0"], "--curve-reps"),
+    (["--curve-reps", "100000"], "context"),
+    (["--words", " , "], "--words"),
+    (["--words", "a,,b"], "--words"),
+])
+def test_cli_scan_bad_input_is_one_line(tiny_cli, tmp_path, capsys, argv, needle):
+    out = tmp_path / "bad"
+    rc = cli.main(["scan", "--quick", "--out", str(out), *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0
+    assert err.startswith("sinkhole: error:") and needle in err and "\n" not in err
+    assert not (out / "results.json").exists() and not (out / "report.html").exists()
+
+
+def test_cli_scan_out_is_a_file(tiny_cli, tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert cli.main(["scan", "--out", str(f)]) != 0
+    assert "not a folder" in capsys.readouterr().err
