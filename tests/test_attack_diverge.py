@@ -1,0 +1,111 @@
+"""Divergence machinery on tiny random models (fast)."""
+
+import pytest
+import torch
+
+from sinkhole.attack.diverge import decode_pieces, generate, run_cases, summarize
+from sinkhole.attack.prompts import build_ids, make_cases, resolve_templates
+from sinkhole.capture import Edit
+from sinkhole.errors import SinkholeError
+
+
+def test_make_cases_templates_and_ids(tiny):
+    cases = make_cases(tiny, "poem,company", "3,5", ["raw", "repeat", "garak_this"])
+    assert len(cases) == 12
+    unit = tiny.word_ids("poem")
+    raw = [c for c in cases if c.template == "raw" and c.word == "poem" and c.reps == 5][0]
+    assert raw.ids == [tiny.bos_id] + unit * 5
+    rep = [c for c in cases if c.template == "repeat" and c.word == "poem" and c.reps == 3][0]
+    assert rep.ids[-3:] == unit * 3 and rep.ids[0] == tiny.bos_id
+
+
+def test_templates_without_chat_template(tiny):
+    assert "chat_user" not in resolve_templates(tiny, "all")
+    with pytest.raises(SinkholeError):
+        resolve_templates(tiny, ["chat_user"])
+    with pytest.raises(SinkholeError):
+        resolve_templates(tiny, ["nope"])
+
+
+def test_bad_input_errors(tiny):
+    with pytest.raises(SinkholeError):
+        make_cases(tiny, "poem", "0", ["raw"])
+    with pytest.raises(SinkholeError):
+        make_cases(tiny, "poem", "x", ["raw"])
+    with pytest.raises(SinkholeError):
+        make_cases(tiny, " , ", "3", ["raw"])
+    with pytest.raises(SinkholeError):  # longer than the tiny model's 512-token context
+        make_cases(tiny, "poem", "600", ["raw"])
+
+
+def test_run_cases_matches_unbatched_greedy(tiny):
+    cases = make_cases(tiny, "poem,a,company", "2,7", ["raw", "repeat"])
+    res = run_cases(tiny, cases, max_new_tokens=6, batch_size=4, keep_ids=True)
+    assert [(r.word, r.reps, r.template) for r in res] == [(c.word, c.reps, c.template) for c in cases]
+    for c, r in zip(cases, res):
+        ids = torch.tensor([c.ids])
+        with torch.no_grad():
+            ref = tiny.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                      pad_token_id=0, eos_token_id=2)[0, len(c.ids):].tolist()
+        if 2 in ref:
+            ref = ref[:ref.index(2) + 1]
+        assert r.generated_ids == ref
+        assert 0 <= r.tokens_until_divergence <= r.n_generated
+        assert r.diverged == (r.tokens_until_divergence < r.n_generated) or r.stopped
+
+
+def test_judge_on_tiny_generation_uses_decoded_word(tiny):
+    # force the model to emit the word's token: the run judge must then say "not diverged"
+    unit = tiny.word_ids("poem")
+    case = make_cases(tiny, "poem", "3", ["raw"])[0]
+
+    def force(x):
+        out = torch.full_like(x, -1e4)
+        out[..., unit[0]] = 1e4
+        return out
+
+    h = lambda: _LogitForce(tiny, force)  # noqa: E731
+    r = run_cases(tiny, [case], max_new_tokens=5, hooks=h)[0]
+    assert r.n_generated == 5 and not r.diverged and r.frac_not_word == 0.0
+
+
+class _LogitForce:
+    """Context manager replacing the LM head output (a test-only 'patch')."""
+
+    def __init__(self, lm, fn):
+        self.head, self.fn = lm.model.get_output_embeddings(), fn
+
+    def __enter__(self):
+        self.h = self.head.register_forward_hook(lambda m, a, o: self.fn(o))
+        return self
+
+    def __exit__(self, *e):
+        self.h.remove()
+
+
+def test_edits_change_generation_and_detach(tiny):
+    cases = make_cases(tiny, "poem,book", "4", ["raw"])
+    base = run_cases(tiny, cases, max_new_tokens=6, keep_ids=True)
+    e = Edit("resid_post", 2, None, "nonfirst", "scale", value=0.0)
+    patched = run_cases(tiny, cases, max_new_tokens=6, edits=[e], keep_ids=True)
+    assert [r.generated_ids for r in base] != [r.generated_ids for r in patched]
+    again = run_cases(tiny, cases, max_new_tokens=6, keep_ids=True)  # hooks were removed
+    assert [r.generated_ids for r in base] == [r.generated_ids for r in again]
+
+
+def test_summarize_and_decode_pieces(tiny):
+    ids = tiny.word_ids("poem") * 3
+    assert "".join(decode_pieces(tiny, ids)) == tiny.tokenizer.decode(ids)
+    cases = make_cases(tiny, "poem", "2,3", ["raw", "repeat"])
+    s = summarize(run_cases(tiny, cases, max_new_tokens=4))
+    assert s["n_cases"] == 4 and 0.0 <= s["rate"] <= 1.0
+    assert set(s["by_template"]) == {"raw", "repeat"}
+    assert len(s["by_template_reps"]) == 4
+
+
+def test_generate_left_padding_batch_equals_single(tiny):
+    a = build_ids(tiny, "poem", 2, "raw")
+    b = build_ids(tiny, "company", 9, "repeat")
+    both = generate(tiny, [a, b], 5)
+    assert both[0] == generate(tiny, [a], 5)[0]
+    assert both[1] == generate(tiny, [b], 5)[0]
