@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-COMMANDS = ["scan", "report", "models"]
+COMMANDS = ["scan", "report", "models", "diverge"]
 
 
 def add_model_args(p: argparse.ArgumentParser, model_optional: bool = True) -> None:
