@@ -1,0 +1,159 @@
+"""Determinism and interruption of ``sinkhole scan`` through the real CLI, in subprocesses, on a
+tiny model saved as a Hugging Face folder (every registered scan step runs on it with --quick).
+
+* the same command and seed give a byte-identical results.json (timings live in timings.json);
+* a scan interrupted by SIGINT or SIGKILL after some steps keeps them in DIR/.partial.json, and
+  ``--resume`` finishes it without redoing them, with a results.json byte-identical to an
+  uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_reliability_util import env, files_in, make_tiny_folder, read_json
+
+DRIVER = Path(__file__).with_name("test_reliability_driver.py")
+FOUNDATION = ["model", "layer_norms", "norm_curves"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return make_tiny_folder(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+def _args(model, out, *extra):
+    return [sys.executable, str(DRIVER), "scan", str(model), "--out", str(out), "--quick", "--seed", "3", *extra]
+
+
+def _scan(model, out, *extra, **env_extra):
+    p = subprocess.run(_args(model, out, *extra), capture_output=True, text=True, timeout=600, env=env(**env_extra))
+    assert "Traceback" not in p.stderr, p.stderr
+    return p
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_folder, tmp_path_factory):
+    """An uninterrupted scan: (results.json bytes, folder)."""
+    out = tmp_path_factory.mktemp("ref")
+    p = _scan(tiny_folder, out)
+    assert p.returncode == 0, p.stderr
+    return (out / "results.json").read_bytes(), out
+
+
+def test_scan_is_deterministic(tiny_folder, reference, tmp_path):
+    ref_bytes, ref_dir = reference
+    doc = read_json(ref_dir / "results.json")
+    assert doc["steps"][:4] == FOUNDATION + ["gate"]
+    assert "errors" not in doc, doc.get("errors")
+    p = _scan(tiny_folder, tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "results.json").read_bytes() == ref_bytes
+    # timings are kept out of results.json
+    assert "timings" not in ref_bytes.decode() and "_s\"" not in ref_bytes.decode()
+    assert read_json(tmp_path / "timings.json")["steps"].keys() >= set(FOUNDATION)
+    assert not (tmp_path / ".partial.json").exists()
+    # another seed is a different run: the seed is recorded in the results
+    assert doc["options"]["seed"] == 3
+
+
+def _interrupt(model, out, sig, tmp_path):
+    gate = tmp_path / f"gate-{sig}"
+    proc = subprocess.Popen(_args(model, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env(SINKHOLE_TEST_GATE=str(gate)))
+    t0 = time.time()
+    while not gate.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"scan ended before the gate: {proc.stderr.read()}")
+        if time.time() - t0 > 300:
+            proc.kill()
+            raise AssertionError("scan never reached the gate")
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_interrupted_scan_resumes_to_the_same_result(tiny_folder, reference, tmp_path, sig):
+    ref_bytes, _ = reference
+    out = tmp_path / "out"
+    code, err = _interrupt(tiny_folder, out, sig, tmp_path)
+    if sig == signal.SIGINT:
+        assert code == 130, err
+        assert "Traceback" not in err
+        assert "--resume" in err.strip().splitlines()[-1]
+    else:
+        assert code == -signal.SIGKILL
+    # the finished steps are checkpointed, no result files and no temporary files are left behind
+    partial = read_json(out / ".partial.json")
+    assert sorted(partial["results"]) == sorted(FOUNDATION)
+    assert files_in(out) == [".partial.json"], files_in(out)
+    # --resume keeps the finished steps (it does not rerun them) and completes the scan
+    p = _scan(tiny_folder, out, "--resume")
+    assert p.returncode == 0, p.stderr
+    assert "resuming: 3 finished step(s) kept" in p.stderr
+    assert "layer_norms: " not in p.stderr and "norm_curves: " not in p.stderr
+    assert (out / "results.json").read_bytes() == ref_bytes
+    assert read_json(out / "results.json")["results"]["gate"]["finished_before"] == sorted(FOUNDATION)
+    assert not (out / ".partial.json").exists()
+
+
+def test_resume_with_other_options_or_model_starts_over(tmp_path, monkeypatch):
+    """A checkpoint from other options or another model is not reused (it would mix two runs);
+    one with the same ones is. In-process, on the foundation's steps only."""
+    from sinkhole import scan as S
+    from tiny import tiny_lm
+
+    foundation = [s for s in S.load_steps() if s.name in FOUNDATION]
+    monkeypatch.setattr(S, "STEP_MODULES", [])
+    monkeypatch.setattr(S, "STEPS", foundation)
+
+    lm = tiny_lm("llama")
+    opts = {"seed": 0, "quick": True, "curve_words": ["the"], "curve_reps": 20, "words": ["the"]}
+    logs = []
+    first = S.run_scan(lm, opts, tmp_path, log=logs.append)["doc"]
+    # fake an interrupted scan: the checkpoint holds only its first two steps
+    partial = read_json(tmp_path / ".partial.json")
+    partial["results"] = {k: partial["results"][k] for k in ("model", "layer_norms")}
+    from sinkhole.results import write_json
+    write_json(tmp_path / ".partial.json", partial)
+    logs.clear()
+    again = S.run_scan(lm, opts, tmp_path, resume=True, log=logs.append)["doc"]
+    assert any("resuming: 2 finished step(s) kept" in m for m in logs), logs
+    assert again == first
+    logs.clear()
+    other = S.run_scan(lm, {**opts, "curve_reps": 30}, tmp_path, resume=True, log=logs.append)["doc"]
+    assert any("starting over" in m for m in logs), logs
+    assert len(other["results"]["norm_curves"]["curves"][0]["norm"]) == 30
+    logs.clear()
+    lm2 = tiny_lm("llama", seed=1)
+    lm2.name = "another-model"
+    S.run_scan(lm2, opts, tmp_path, resume=True, log=logs.append)
+    assert any("starting over" in m for m in logs), logs
+
+
+def test_partial_checkpoint_is_written_atomically(tiny_folder, tmp_path, monkeypatch):
+    """The checkpoint and result files go through write_atomic (temp file + rename): a crash in
+    the middle of a write leaves the previous file intact and no temporary file."""
+    from sinkhole import results as R
+    from sinkhole.errors import SinkholeError
+
+    target = tmp_path / "results.json"
+    R.write_json(target, {"a": 1})
+
+    def broken_fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(SinkholeError, match="No space left on device"):
+        R.write_json(target, {"a": 2})
+    assert read_json(target) == {"a": 1}
+    assert files_in(tmp_path) == ["results.json"]
