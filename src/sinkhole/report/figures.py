@@ -26,6 +26,11 @@ class Figure:
     def __init__(self, name: str, caption: str, fig):
         self.name = name
         self.caption = caption
+        # what the figure shows, for checks (every plot needs axis labels): one entry per visible axes
+        self.axes = [{"xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(), "title": ax.get_title(),
+                      "colorbar": hasattr(ax, "_colorbar") or ax.get_label() == "<colorbar>",
+                      "has_data": bool(ax.lines or ax.collections or ax.patches or ax.images or ax.texts)}
+                     for ax in fig.axes if ax.get_visible() and ax.axison]
         buf = io.StringIO()
         fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
         self.svg = buf.getvalue()
