@@ -290,6 +290,24 @@ def _pick_device(device: str | None) -> tuple[str | None, Any]:
     raise SinkholeError(f"unknown device '{device}'; use cpu, cuda, cuda:N, mps or auto")
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_safe_weights(folder: Path) -> None:
+    """Refuse folders whose weights exist only as pickle files (pytorch_model.bin and the like):
+    unpickling can run arbitrary code, and sinkhole loads safetensors or GGUF only."""
+    if any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelLoadError(
+            f"{folder} holds only pickle weights ({pickles[0]}); sinkhole loads safetensors or GGUF only "
+            "(unpickling can run code): convert it with save_pretrained(..., safe_serialization=True)"
+        )
+    raise ModelLoadError(f"{folder} has no *.safetensors weights; pass a folder saved with safe_serialization=True "
+                         "or a .gguf file")
+
+
 def _looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~")) and not spec.endswith(".gguf")
@@ -346,10 +364,12 @@ def load_model(
                                           attn_implementation=attn_implementation,
                                           trust_remote_code=trust_remote_code, progress=progress)
                     raise ModelLoadError(f"{path} has no config.json; pass a Hugging Face model folder or a .gguf file")
+                _check_safe_weights(path)
                 folder = path
                 name = path.name
             else:
-                raise ModelLoadError(f"{path} is neither a file nor a folder")
+                raise ModelLoadError(f"{path} is neither a file nor a folder; pass a model folder, a .gguf file, "
+                                     "an embedded name or a hub id")
             source = str(Path(folder).resolve())
         elif spec.lower().endswith(".gguf") or spec.startswith((".", "/", "~")) or not _looks_like_hub_id(spec):
             if spec.lower().endswith(".gguf") or os.sep in spec:
@@ -362,8 +382,9 @@ def load_model(
             folder = spec
             source = f"hub:{spec}"
             info.update(hub_id=spec)
+    # Weights come from safetensors (or GGUF, dequantized to safetensors): never from pickle files.
     kwargs: dict = dict(dtype=torch_dtype, attn_implementation=attn_implementation,
-                        trust_remote_code=trust_remote_code)
+                        trust_remote_code=trust_remote_code, use_safetensors=True)
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
