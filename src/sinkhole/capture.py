@@ -11,6 +11,8 @@ site            tensor                                                       sha
 ``mlp_out``     MLP branch's write into the residual stream                  (B, T, d_model)
 ``neurons``     MLP neuron activations (input of the output projection)      (B, T, d_mlp)
 ``attn_pattern`` attention weights (read only; needs eager attention)        (B, H, T, T_k)
+``attn_first``  attention weight on the real first token (read only; fused,  (B, H, T)
+                no T x T pattern built when no attn_pattern is read; see attn_first.py)
 =============== ============================================================ ==============
 
 Positions are *real* positions: position 0 is the first non-padding token of each row, even
@@ -31,6 +33,7 @@ import torch
 from .errors import NumericalError
 
 SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out", "neurons", "attn_pattern")
+READ_SITES = SITES + ("attn_first",)  # attn_first: read only, see attn_first.py
 
 
 class StopForward(Exception):
@@ -209,6 +212,7 @@ class Hooks:
         self._handles: list = []
         self._active = False
         self.pos: torch.Tensor | None = None
+        self._attn_undo: list = []
 
     # --- declaration ------------------------------------------------------------------------
     def read(self, site: str, layer: int, reduce: Callable | None = None, name: str | None = None,
@@ -222,8 +226,8 @@ class Hooks:
         return name
 
     def edit(self, e: Edit) -> None:
-        if e.site == "attn_pattern":
-            raise ValueError("attn_pattern can be read but not edited")
+        if e.site in ("attn_pattern", "attn_first"):
+            raise ValueError(f"{e.site} can be read but not edited")
         self._check_site(e.site, e.layer)
         self._edits.append(e)
         if self._active:
@@ -236,8 +240,8 @@ class Hooks:
             self._attach_stop()
 
     def _check_site(self, site: str, layer: int) -> None:
-        if site not in SITES:
-            raise ValueError(f"unknown site {site!r}; sites are {', '.join(SITES)}")
+        if site not in READ_SITES:
+            raise ValueError(f"unknown site {site!r}; sites are {', '.join(READ_SITES)}")
         n = self.adapter.n_layers
         if not (0 <= int(layer) < n):
             raise ValueError(f"layer {layer} is out of range: the model has layers 0..{n - 1}")
@@ -261,6 +265,7 @@ class Hooks:
                 self._attach_read(r)
             if self._stop is not None:
                 self._attach_stop()
+            self._switch_attention()
         except BaseException:  # __exit__ does not run when __enter__ fails: detach here
             self.remove()
             raise
@@ -274,7 +279,21 @@ class Hooks:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._attn_undo:
+            from .attn_first import switch_off
+
+            switch_off(self._attn_undo)
+            self._attn_undo = []
         self._active = False
+
+    def _switch_attention(self):
+        """attn_first reads without attn_pattern reads: fused attention, no T x T pattern."""
+        sites = {r.site for r in self._reads}
+        if "attn_first" in sites and "attn_pattern" not in sites:
+            from .attn_first import switch_on
+
+            mods = [self.adapter.attn(r.layer) for r in self._reads if r.site == "attn_first"]
+            self._attn_undo = switch_on(self.model, mods)
 
     def _track_positions(self, module, args, kwargs):
         self.pos = real_positions(args, kwargs)
@@ -302,6 +321,17 @@ class Hooks:
             self.cache[r.name] = val
 
     def _attach_read(self, r: _Read):
+        if r.site == "attn_first":
+            from .attn_first import first_column
+
+            def fhook(m, a, out):
+                w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+                if w is None:
+                    raise RuntimeError("attention weights are not available: load the model with "
+                                       "attn_implementation='eager'")
+                self._store(r, first_column(w, self.pos))
+            self._handles.append(self.adapter.attn(r.layer).register_forward_hook(fhook))
+            return
         site, mod = r.site, self.adapter.module_for(r.site, r.layer)
         if site == "neurons":
             h = mod.register_forward_pre_hook(lambda m, a: self._store(r, a[0]))

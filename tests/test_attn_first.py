@@ -1,0 +1,84 @@
+"""The attn_first site (fused attention, weight on the real first token) against eager patterns."""
+
+import pytest
+import torch
+
+from sinkhole import Hooks
+from sinkhole.attn_first import first_column
+
+
+def _pattern_and_first(lm, ids, **kw):
+    n = lm.adapter.n_layers
+    h = Hooks(lm)
+    for i in range(n):
+        h.read("attn_pattern", i)
+    h.read("resid_post", n - 1, name="out")
+    with torch.no_grad(), h:
+        h.forward(ids, use_cache=False, **kw)
+    g = Hooks(lm)
+    for i in range(n):
+        g.read("attn_first", i)
+    g.read("resid_post", n - 1, name="out")
+    with torch.no_grad(), g:
+        g.forward(ids, use_cache=False, **kw)
+    return h, g
+
+
+def test_attn_first_matches_eager_every_family(tiny_family):
+    lm = tiny_family
+    impl = lm.model.config._attn_implementation
+    ids = torch.randint(3, 60, (2, 11), generator=torch.Generator().manual_seed(1))
+    h, g = _pattern_and_first(lm, ids)
+    for i in range(lm.adapter.n_layers):
+        full = h.cache[f"attn_pattern.{i}"]
+        assert g.cache[f"attn_first.{i}"].shape == full.shape[:3]
+        torch.testing.assert_close(g.cache[f"attn_first.{i}"], full[..., 0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(g.cache["out"], h.cache["out"], atol=1e-4, rtol=1e-4)
+    assert lm.model.config._attn_implementation == impl  # restored on exit
+
+
+def test_attn_first_left_padding_uses_real_first_token(tiny):
+    ids = torch.randint(3, 60, (2, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :4] = 0
+    h, g = _pattern_and_first(tiny, ids, attention_mask=mask)
+    full = h.cache["attn_pattern.1"]
+    got = g.cache["attn_first.1"]
+    torch.testing.assert_close(got[0], full[0, :, :, 0])
+    torch.testing.assert_close(got[1, :, 4:], full[1, :, 4:, 4])  # real position 0 is column 4
+    # a query at real position 0 puts all its weight on itself
+    torch.testing.assert_close(got[1, :, 4], torch.ones_like(got[1, :, 4]))
+
+
+def test_attn_first_with_pattern_read_falls_back_to_full_weights(tiny):
+    ids = torch.randint(3, 60, (1, 8))
+    h = Hooks(tiny)
+    h.read("attn_pattern", 0)
+    h.read("attn_first", 0)
+    with torch.no_grad(), h:
+        h.forward(ids, use_cache=False)
+    torch.testing.assert_close(h.cache["attn_first.0"], first_column(h.cache["attn_pattern.0"], None))
+
+
+def test_attn_first_cannot_be_edited(tiny):
+    from sinkhole import Edit
+
+    with pytest.raises(ValueError, match="read but not edited"):
+        Hooks(tiny).edit(Edit("attn_first", 0))
+
+
+def test_attn_first_during_kv_cache_generation(tiny):
+    ids = torch.randint(3, 60, (1, 6))
+    h = Hooks(tiny)
+    h.read("attn_first", 1, accumulate=True)
+    with torch.no_grad(), h:
+        out = tiny.model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    steps = h.cache["attn_first.1"]
+    assert len(steps) == 3 and steps[0].shape[-1] == 6 and steps[1].shape[-1] == 1
+    g = Hooks(tiny)
+    g.read("attn_pattern", 1)
+    with torch.no_grad(), g:
+        g.forward(out[:, :-1], use_cache=False)
+    full = g.cache["attn_pattern.1"][..., 0]
+    torch.testing.assert_close(steps[1][..., 0], full[..., 6], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(steps[2][..., 0], full[..., 7], atol=1e-5, rtol=1e-4)
