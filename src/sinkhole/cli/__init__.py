@@ -44,10 +44,17 @@ def info(args, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors (no usage block); subcommand parsers inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"sinkhole: error: {' '.join(message.split())}; see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sinkhole",
         description="Find, explain and fix the repeated-token divergence of language models.",
     )
