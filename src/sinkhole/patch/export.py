@@ -128,3 +128,39 @@ def load_patched(path: str | os.PathLike, tokenizer=None, **load_kwargs):
     attach_patch(lm, patch)
     lm.info["patch"] = patch.describe()
     return lm
+
+
+def read_patch(path: str | os.PathLike) -> Patch:
+    """A patch from a patch JSON file or from a folder written by :func:`export_patched` (its
+    weights are then read back from the folder's model files)."""
+    path = Path(path)
+    if path.is_dir():
+        pj = path / "patch.json"
+        if not pj.exists():
+            raise SinkholeError(f"{path} has no patch.json; pass a patch file or a folder from 'sinkhole patch'")
+        try:
+            d = json.loads(pj.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise SinkholeError(f"{pj} is not valid JSON ({err})") from None
+        if d.pop("weights_in_model", False):
+            names = list(d.get("weights", []))
+            patch = Patch.from_dict(d, base=path)
+            patch.weights = _read_tensors(path, names) if names else None
+            return patch
+        return Patch.from_dict(d, base=path)
+    return Patch.load(path)
+
+
+def _read_tensors(folder: Path, names: list[str]) -> dict:
+    from safetensors import safe_open
+
+    want, got = set(names), {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                if k in want:
+                    got[k] = st.get_tensor(k)
+    missing = want - set(got)
+    if missing:
+        raise SinkholeError(f"the model files in {folder} lack the patch's weights {sorted(missing)[:3]}")
+    return got

@@ -1,0 +1,96 @@
+"""``sinkhole eval``: before/after comparison of a patch (held-out cases and text, harness tasks)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_parser(sub) -> None:
+    from . import add_common_args, add_model_args
+
+    p = sub.add_parser(
+        "eval", help="compare a model with and without a patch",
+        description="Measure a patch against the unpatched MODEL: divergence on held-out repeated-word cases (both "
+                    "judges), perplexity, top-1 agreement and mean KL on held-out text, attention on position 0 under "
+                    "long repetitions; with --tasks, the same comparison on lm-evaluation-harness tasks (needs "
+                    "'pip install lm-eval'; offline, only cached datasets or local task YAML files can run).")
+    add_model_args(p)
+    add_common_args(p)
+    p.add_argument("--patch", required=True, help="patch.json, or a folder written by 'sinkhole patch --out'")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval task names or local task YAML files/folders; 'local' writes and "
+                        "runs sinkhole's offline cloze task")
+    p.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
+    p.add_argument("--verify-words", default=None, help="held-out words (default: flower,table,ocean,silver,letter,forest)")
+    p.add_argument("--verify-reps", default=None, help="held-out repetition counts (default: 150,250)")
+    p.add_argument("--templates", default=None, help="prompt templates (default: repeat,chat_assistant)")
+    p.add_argument("--heldout-text", default="twelfth_night",
+                   help="held-out text: a shipped name (twelfth_night) or a .txt file (default twelfth_night)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generated tokens per case (default 32)")
+    p.add_argument("--no-divergence", action="store_true", help="skip the generation-based divergence check")
+    p.add_argument("--out", default=None, help="also write the comparison to this JSON file")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from ..attack.prompts import parse_int_list, parse_words
+    from ..errors import SinkholeError
+    from ..patch.export import read_patch
+    from ..patch.search import SearchConfig, verify_patch
+    from ..results import dumps, write_json
+    from . import info, load_from_args
+    from .cmd_patch import summary_markdown
+
+    if args.limit is not None and args.limit < 1:
+        raise SinkholeError("--limit must be a positive integer")
+    if args.max_new_tokens < 1:
+        raise SinkholeError("--max-new-tokens must be at least 1")
+    if args.out:
+        out = Path(args.out)
+        if out.is_dir() or not out.parent.exists():
+            raise SinkholeError(f"--out {out} must be a file path in an existing folder")
+    patch = read_patch(args.patch)
+    cfg = SearchConfig(max_new_tokens=args.max_new_tokens)
+    if args.verify_words:
+        cfg.verify_words = tuple(parse_words(args.verify_words))
+    if args.verify_reps:
+        cfg.verify_reps = tuple(parse_int_list(args.verify_reps, "--verify-reps"))
+    if args.templates:
+        cfg.templates = tuple(t.strip() for t in args.templates.split(",") if t.strip())
+    cfg.search_words, cfg.search_reps = (), ()  # eval has no search set
+    lm = load_from_args(args)
+    patch.validate(lm)
+    result: dict = {"model": lm.name, "patch": patch.describe()}
+    log = (lambda m: info(args, m))
+    if not args.no_divergence:
+        result["verification"] = verify_patch(lm, patch, cfg, heldout_text=args.heldout_text, log=log)
+    else:
+        from ..evaluate.metrics import heldout_texts, text_metrics
+
+        result["text"] = text_metrics(lm, patch, heldout_texts(args.heldout_text, n=24, n_words=64)).to_dict()
+    if args.tasks:
+        from ..evaluate.harness import compare_tasks, write_local_task
+
+        tasks = args.tasks
+        if "local" in [t.strip() for t in tasks.split(",")]:
+            tmp = write_local_task(Path(tempfile.mkdtemp(prefix="sinkhole-task-")))
+            tasks = ",".join(str(tmp) if t.strip() == "local" else t for t in tasks.split(","))
+        result["tasks"] = compare_tasks(lm, patch, tasks, limit=args.limit)
+    if args.out:
+        write_json(args.out, result)
+    if args.json:
+        sys.stdout.write(dumps(result))
+        return 0
+    if "verification" in result:
+        info(args, summary_markdown(result["verification"]))
+    elif "text" in result:
+        t = result["text"]
+        info(args, f"held-out text: ppl {t['ppl_before']:.3f} -> {t['ppl_after']:.3f} ({t['ppl_change_pct']:+.2f}%), "
+                   f"top-1 {t['top1_agreement']:.2%}, KL {t['mean_kl_nats']:.5f} nats/token")
+    for task, metrics in result.get("tasks", {}).items():
+        for m, v in metrics.items():
+            info(args, f"{task} {m}: {v['before']:.4f} -> {v['after']:.4f} ({v['change']:+.4f})")
+    return 0

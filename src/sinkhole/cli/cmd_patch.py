@@ -1,0 +1,156 @@
+"""``sinkhole patch``: find, verify and export a patch that stops repeated-token divergence."""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_parser(sub) -> None:
+    from . import add_common_args, add_model_args
+
+    p = sub.add_parser(
+        "patch", help="search, verify and export a patch that stops divergence",
+        description="Try the paper's patch (sink neurons clamped at non-first positions), then, while divergence "
+                    "remains, other candidates (neuron caps, MLP-output norm caps, targeted fine-tuning), measured on "
+                    "search words/repetitions; verify the chosen patch on disjoint held-out words/repetitions and "
+                    "held-out text; write DIR with the patched model (save_pretrained layout), patch.json and a "
+                    "before/after summary. Reload with sinkhole.load_patched(DIR).")
+    add_model_args(p)
+    add_common_args(p)
+    p.add_argument("--out", required=True, help="output folder for the patched model")
+    p.add_argument("--words", default=None, help="search words (default: poem,company,book,music)")
+    p.add_argument("--reps", default=None, help="search repetition counts (default: 100,300)")
+    p.add_argument("--verify-words", default=None, help="held-out words (default: flower,table,ocean,silver,letter,forest)")
+    p.add_argument("--verify-reps", default=None, help="held-out repetition counts (default: 150,250)")
+    p.add_argument("--templates", default=None, help="prompt templates (default: repeat,chat_assistant)")
+    p.add_argument("--families", default=None,
+                   help="candidate families in order (default: paper_clamp,paper_zero,detector_cap,norm_cap,"
+                        "finetune_mlp; also finetune_neurons)")
+    p.add_argument("--finetune-layers", default=None, help="layers whose MLPs the fine-tuning patch trains")
+    p.add_argument("--steps", type=int, default=40, help="fine-tuning steps (default 40)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generated tokens per case (default 32)")
+    p.add_argument("--ppl-budget", type=float, default=1.0, help="largest allowed perplexity increase in %% (default 1)")
+    p.add_argument("--neurons", type=int, default=4, help="sink neurons to patch (default 4)")
+    p.add_argument("--patch-file", default=None,
+                   help="skip the search: verify and export this patch.json instead")
+    p.add_argument("--quick", action="store_true", help="fewer cases and steps (a first look, tests)")
+    p.set_defaults(func=run)
+
+
+def _csv(text, cast=str):
+    return tuple(cast(x.strip()) for x in text.split(",") if x.strip()) if text else None
+
+
+def build_config(args):
+    from ..attack.prompts import parse_int_list, parse_words
+    from ..errors import SinkholeError
+    from ..patch.search import SearchConfig
+
+    cfg = SearchConfig()
+    if args.words:
+        cfg.search_words = tuple(parse_words(args.words))
+    if args.reps:
+        cfg.search_reps = tuple(parse_int_list(args.reps, "--reps"))
+    if args.verify_words:
+        cfg.verify_words = tuple(parse_words(args.verify_words))
+    if args.verify_reps:
+        cfg.verify_reps = tuple(parse_int_list(args.verify_reps, "--verify-reps"))
+    if args.templates:
+        cfg.templates = _csv(args.templates)
+    if args.families:
+        cfg.families = _csv(args.families)
+    if args.finetune_layers:
+        try:
+            cfg.finetune_layers = _csv(args.finetune_layers, int)
+        except ValueError:
+            raise SinkholeError("--finetune-layers must be comma-separated integers, e.g. 1,2") from None
+    for name, v, lo in (("--steps", args.steps, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                        ("--neurons", args.neurons, 1)):
+        if v < lo:
+            raise SinkholeError(f"{name} must be at least {lo}")
+    if args.ppl_budget < 0:
+        raise SinkholeError("--ppl-budget must be >= 0")
+    cfg.finetune_steps, cfg.max_new_tokens, cfg.n_neurons = args.steps, args.max_new_tokens, args.neurons
+    cfg.ppl_budget_pct = args.ppl_budget
+    if args.quick:
+        cfg.quick = True
+        cfg.search_words, cfg.search_reps = cfg.search_words[:2], cfg.search_reps[:1]
+        cfg.verify_words, cfg.verify_reps = cfg.verify_words[:2], cfg.verify_reps[:1]
+        cfg.finetune_steps = min(cfg.finetune_steps, 8)
+        cfg.max_new_tokens = min(cfg.max_new_tokens, 16)
+    cfg.check_disjoint()
+    from ..patch.search import candidates  # noqa: F401  (family names are checked during the search)
+
+    return cfg
+
+
+def summary_markdown(verification: dict, tried: list | None = None) -> str:
+    v = verification
+    b, a, t, s = v["divergence_before"], v["divergence_after"], v["text"], v["sink_attention"]
+    lines = ["| measure (held-out) | unpatched | patched |", "|---|---|---|",
+             f"| divergence rate, run judge | {b['rate_run']:.1%} | {a['rate_run']:.1%} |",
+             f"| divergence rate, garak judge | {b['rate_garak']:.1%} | {a['rate_garak']:.1%} |",
+             f"| mean tokens until divergence | {b['mean_tokens_until_divergence']:.1f} | "
+             f"{a['mean_tokens_until_divergence']:.1f} |",
+             f"| perplexity on {v['heldout_text']} | {t['ppl_before']:.3f} | {t['ppl_after']:.3f} "
+             f"({t['ppl_change_pct']:+.2f}%) |",
+             f"| top-1 agreement with unpatched | 100% | {t['top1_agreement']:.2%} |",
+             f"| mean KL to unpatched (nats/token) | 0 | {t['mean_kl_nats']:.5f} |",
+             f"| attention on position 0, {s['word']} x{s['reps']} (layers >= {s['mean_over_layers_from']}) | "
+             f"{s['mean_before']:.3f} | {s['mean_after']:.3f} (ordinary text: {s['mean_text_reference']:.3f}) |"]
+    tg = v.get("targets", {})
+    lines.append("")
+    lines.append("Targets: " + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in tg.items()))
+    if tried:
+        lines += ["", "| candidate | size | search divergence (run/garak) | train-text ppl change | top-1 | KL |",
+                  "|---|---|---|---|---|---|"]
+        for r in tried:
+            if "error" in r:
+                lines.append(f"| {r['family']} | – | error: {r['error']} | | | |")
+                continue
+            d, tt = r["search_divergence"], r["train_text"]
+            lines.append(f"| {r['family']}: {r['description']} | {r['size']:,} | {d['rate_run']:.0%} / "
+                         f"{d['rate_garak']:.0%} | {tt['ppl_change_pct']:+.2f}% | {tt['top1_agreement']:.2%} | "
+                         f"{tt['mean_kl_nats']:.4f} |")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from ..errors import SinkholeError
+    from ..patch import export_patched
+    from ..patch.export import read_patch
+    from ..patch.search import search_patch, verify_patch
+    from ..results import dumps, prepare_out_dir
+    from . import info, load_from_args
+
+    cfg = build_config(args)
+    patch_file = read_patch(args.patch_file) if args.patch_file else None
+    out = prepare_out_dir(args.out)
+    lm = load_from_args(args)
+    log = (lambda m: info(args, m))
+    tried = []
+    search = None
+    if patch_file is not None:
+        patch = patch_file
+        patch.validate(lm)
+    else:
+        res = search_patch(lm, cfg, log=log)
+        search, tried, patch = res.to_dict(), res.tried, res.patch
+        if patch is None:
+            if res.baseline_search.get("rate", 0) == 0:
+                raise SinkholeError("the model did not diverge on the search cases: nothing to patch (try more "
+                                    "--reps or other --words)", exit_code=1)
+            raise SinkholeError(f"no candidate stayed within the perplexity budget of {cfg.ppl_budget_pct}%; "
+                                "raise --ppl-budget or try other --families", exit_code=1)
+    verification = verify_patch(lm, patch, cfg, log=log)
+    summary = {"model": lm.metadata(), "patch": patch.to_dict(), "search": search, "verification": verification}
+    summary["model"].pop("gguf", None)
+    md = summary_markdown(verification, tried)
+    export_patched(lm, patch, out, summary=summary, summary_md=md)
+    if args.json:
+        sys.stdout.write(dumps(summary))
+    else:
+        info(args, md)
+        info(args, f"wrote {out} (patched model, patch.json, summary.json, SUMMARY.md); "
+                   f"reload with sinkhole.load_patched('{out}')")
+    return 0
