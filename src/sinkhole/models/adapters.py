@@ -118,16 +118,21 @@ class Adapter:
     def __init__(self, model: torch.nn.Module, spec: ArchSpec):
         self.model = model
         self.spec = spec
+        where = spec.layers
         try:
             self._layers = _get(model, spec.layers)
+            where = spec.embed
             self._embed = _get(model, spec.embed)
+            where = spec.final_norm
             self._norm = _get(model, spec.final_norm)
             for part in (spec.attn, spec.down, spec.mlp_out, spec.attn_out):
+                where = f"{spec.layers}.0.{part}"
                 _get(self._layers[0], part)
-        except (AttributeError, IndexError) as err:
+        except (AttributeError, IndexError, TypeError):
             raise UnsupportedArchitecture(
-                f"model of type {type(model).__name__} does not have the {spec.family} layout "
-                f"sinkhole expects ({err}); it may be a variant sinkhole does not support yet"
+                f"model of type {type(model).__name__} does not have the {spec.family} layout sinkhole expects "
+                f"(no module {where}, e.g. no MLP output projection); this variant is not supported yet: "
+                "'sinkhole models' lists the supported architectures"
             ) from None
 
     # --- structure -------------------------------------------------------------------------
