@@ -1,0 +1,174 @@
+"""Shared benchmark plumbing: machine description, child processes with peak RSS, FLOP counts.
+
+Every contender runs in its own child process (``python <script> --child ...``) so that its peak
+resident memory is its own: the parent reads it from ``os.wait4`` (``ru_maxrss`` of exactly that
+child). The child prints one JSON line (prefixed ``RESULT``) with its timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = Path(os.environ.get("SINKHOLE_BENCH_RESULTS") or ROOT / "benchmarks" / "results")
+MARK = "RESULT "
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+
+    info = {
+        "cpu_model": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "os": platform.platform(),
+    }
+    try:
+        import sinkhole
+
+        info["sinkhole"] = sinkhole.__version__
+    except ImportError:
+        pass
+    try:
+        info["git_commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                            capture_output=True, text=True).stdout.strip()
+    except OSError:
+        pass
+    try:
+        info["load_avg_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
+def run_child(argv: list[str], timeout: float = 1800, env: dict | None = None) -> dict:
+    """Run ``argv`` as a child process; return its RESULT json plus ``peak_rss_mib`` of exactly
+    that child (``ru_maxrss`` from ``os.wait4``) and ``process_wall_s``. A failed child gives
+    ``{"error": ...}``."""
+    import tempfile
+    import threading
+
+    full_env = dict(os.environ)
+    full_env.setdefault("HF_HUB_OFFLINE", "1")
+    full_env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+    if env:
+        full_env.update(env)
+    with tempfile.TemporaryFile("w+") as fout, tempfile.TemporaryFile("w+") as ferr:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=fout, stderr=ferr, env=full_env, text=True)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            _, status, ru = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        fout.seek(0)
+        ferr.seek(0)
+        out, err = fout.read(), ferr.read()
+    res: dict = {}
+    for line in out.splitlines():
+        if line.startswith(MARK):
+            res = json.loads(line[len(MARK):])
+    if proc.returncode != 0 or not res:
+        tail = (err or out).strip().splitlines()[-3:]
+        why = "killed (timeout or out of memory)" if proc.returncode < 0 else f"exit {proc.returncode}"
+        return {"error": f"{why}: " + " | ".join(tail), "argv": argv}
+    res["peak_rss_mib"] = ru.ru_maxrss / 1024  # KiB on Linux
+    res["process_wall_s"] = wall
+    return res
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (MiB), from /proc (VmHWM) or getrusage."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def emit(result: dict) -> None:
+    """Child side: print the result line the parent looks for."""
+    result.setdefault("peak_rss_mib", peak_rss_mib())
+    print(MARK + json.dumps(result), flush=True)
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+# --- FLOP counts ------------------------------------------------------------------------------
+def llama_layer_flops(T: int, d: int, n_heads: int, n_kv: int, head_dim: int, d_mlp: int,
+                      causal_only: bool = True) -> float:
+    """Multiply-add FLOPs (2 per MAC) of one Llama block on T tokens (batch 1, no KV cache).
+
+    Attention scores and the weighted sum count only the causal half (T(T+1)/2 query-key pairs)
+    when ``causal_only``; eager attention really computes the full T x T square."""
+    linear = 2 * T * (d * n_heads * head_dim + 2 * d * n_kv * head_dim + n_heads * head_dim * d + 3 * d * d_mlp)
+    pairs = T * (T + 1) / 2 if causal_only else T * T
+    attn = 2 * 2 * n_heads * head_dim * pairs
+    return float(linear + attn)
+
+
+def model_flops(cfg, T: int, n_layers: int | None = None, lm_head: bool = False, causal_only: bool = True) -> float:
+    n_layers = cfg.num_hidden_layers if n_layers is None else n_layers
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    f = n_layers * llama_layer_flops(T, cfg.hidden_size, cfg.num_attention_heads,
+                                     getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
+                                     head_dim, cfg.intermediate_size, causal_only)
+    if lm_head:
+        f += 2 * T * cfg.hidden_size * cfg.vocab_size
+    return f
+
+
+def save(name: str, payload: dict) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def python_for(venv: str | None) -> str:
+    return str(Path(venv) / "bin" / "python") if venv else sys.executable

@@ -1,0 +1,88 @@
+"""Run every benchmark in sequence, side by side on one machine, and write a summary.
+
+Order: matmul peak, core (norm curve + position-0 attention mass, all contenders interleaved),
+the 4,000-token memory run, model load, vocabulary sweep, circuit discovery and predictor
+benchmarks when their scripts exist, and the matmul peak again (the load drifts on a shared
+machine; both peaks are kept). Results: benchmarks/results/*.json and summary.md.
+
+Usage::
+
+    python benchmarks/run_all.py --threads 1 --tl-python /tmp/tlvenv/bin/python
+    python benchmarks/run_all.py --quick          # small sizes, a smoke test of the scripts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import RESULTS_DIR, machine, save  # noqa: E402
+
+
+def sh(argv: list[str], log) -> int:
+    t = time.time()
+    print("$ " + " ".join(argv), file=sys.stderr, flush=True)
+    rc = subprocess.call(argv)
+    log.append({"argv": argv, "rc": rc, "seconds": round(time.time() - t, 1)})
+    return rc
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tl-python", default=None)
+    p.add_argument("--reps", type=int, default=2000)
+    p.add_argument("--memory-reps", type=int, default=4000)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--skip", default="", help="comma list of: core,memory,load,sweep,circuit,predictor")
+    args = p.parse_args(argv)
+    py = sys.executable
+    th = ["--threads", str(args.threads)]
+    skip = set(args.skip.split(","))
+    if args.quick:
+        args.reps, args.memory_reps, args.rounds = 100, 200, 1
+    log: list = []
+    sh([py, str(HERE / "bench_peak.py"), *th, "--name", "peak_before"], log)
+    if "core" not in skip:
+        cmd = [py, str(HERE / "bench_core.py"), "--reps", str(args.reps), "--rounds", str(args.rounds),
+               "--repeats", "2", *th]
+        if args.tl_python:
+            cmd += ["--tl-python", args.tl_python]
+        else:
+            cmd += ["--contenders", "sinkhole,sinkhole_pattern,hf"]
+        sh(cmd, log)
+    if "memory" not in skip:
+        sh([py, str(HERE / "bench_core.py"), "--reps", str(args.memory_reps), "--rounds", "1", "--repeats", "1",
+            "--contenders", "sinkhole", "--name", f"memory_{args.memory_reps}", *th], log)
+    if "load" not in skip:
+        sh([py, str(HERE / "bench_load.py"), "--rounds", "1" if args.quick else "3",
+            "--first-rounds", "1" if args.quick else "2", *th], log)
+    if "sweep" not in skip:
+        sh([py, str(HERE / "bench_sweep.py"), *th] + (["--sample", "16", "--batch", "8", "--rounds", "1"] if args.quick else []),
+           log)
+    for name in ("circuit", "predictor"):
+        script = HERE / f"bench_{name}.py"
+        if name not in skip and script.exists():
+            sh([py, str(script)] + (["--quick"] if args.quick else []), log)
+    sh([py, str(HERE / "bench_peak.py"), *th, "--name", "peak_after"], log)
+    save("run_all", {"machine": machine(), "steps": log, "args": vars(args)})
+    from summarize import summarize
+
+    md = summarize(RESULTS_DIR)
+    (RESULTS_DIR / "summary.md").write_text(md)
+    print(md)
+    failed = [s for s in log if s["rc"] != 0]
+    if failed:
+        print(json.dumps(failed, indent=1), file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
