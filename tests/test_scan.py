@@ -189,6 +189,7 @@ def test_cli_scan_resume_after_ctrl_c(tiny_cli, tmp_path, capsys, few_steps):
     rc = cli.main(["scan", "--quick", "--out", str(out), "--curve-reps", "30"])
     err = capsys.readouterr().err
     assert rc == 130 and "--resume" in err and "Traceback" not in err
+    assert "during step 'zz_ctrl_c'" in err and "3 finished step(s) kept" in err
     assert (out / PARTIAL).exists() and not (out / "results.json").exists()
     rc = cli.main(["scan", "--quick", "--out", str(out), "--curve-reps", "30", "--resume"])
     err = capsys.readouterr().err

@@ -46,6 +46,14 @@ DEFAULT_OPTIONS: dict = {
 }
 
 
+class ScanInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a scan: ``step`` was running, ``done`` steps are saved in ``partial``."""
+
+    def __init__(self, step: str, done: list[str], partial: Path):
+        super().__init__(step)
+        self.step, self.done, self.partial = step, done, partial
+
+
 @dataclass
 class Context:
     lm: Any
@@ -188,7 +196,9 @@ def run_scan(lm, options: dict, out: Path, resume: bool = False, log: Callable[[
         log(f"[{i}/{len(todo)}] {s.name}: {s.title} ...")
         try:
             value = s.fn(ctx)
-        except (KeyboardInterrupt, SinkholeError):
+        except KeyboardInterrupt:
+            raise ScanInterrupted(s.name, list(results), partial_path) from None
+        except SinkholeError:
             raise
         except Exception as err:  # one broken step must not lose a long scan
             if os.environ.get("SINKHOLE_DEBUG"):

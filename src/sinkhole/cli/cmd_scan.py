@@ -62,7 +62,7 @@ def run(args) -> int:
 
     from ..report.html import write_report
     from ..results import dumps, prepare_out_dir, write_json
-    from ..scan import PARTIAL, run_scan
+    from ..scan import PARTIAL, ScanInterrupted, run_scan
     from . import info, load_from_args
 
     if args.curve_reps is not None and args.curve_reps <= 0:
@@ -75,7 +75,12 @@ def run(args) -> int:
     lm = load_from_args(args)
     t_load = round(time.perf_counter() - t0, 2)
     options = build_options(args, lm)
-    res = run_scan(lm, options, out, resume=args.resume, log=lambda m: info(args, m))
+    try:
+        res = run_scan(lm, options, out, resume=args.resume, log=lambda m: info(args, m))
+    except ScanInterrupted as stop:
+        print(f"sinkhole: interrupted during step '{stop.step}'; {len(stop.done)} finished step(s) kept in "
+              f"{stop.partial}; rerun the same command with --resume to continue", file=sys.stderr)
+        return 130
     doc = res["doc"]
     timings = res["timings"]
     write_json(out / "results.json", doc)
