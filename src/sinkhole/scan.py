@@ -90,6 +90,7 @@ STEPS: list[Step] = []
 # Modules that register steps, in pipeline order. Each appends to STEPS via @step.
 STEP_MODULES = [
     "sinkhole.scan_steps",
+    "sinkhole.circuit.steps",
 ]
 
 

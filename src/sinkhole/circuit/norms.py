@@ -110,3 +110,45 @@ def norm_curve(lm, word: str, n_reps: int, layer: int, typical_norm: float | Non
         first_token_norm=float(norms[0]),
         typical_norm=typical_norm,
     )
+
+
+REPEATS_RULE = ("repeats needed = the smallest number of repetitions n at which the hidden-state norm of the "
+                "n-th repetition's last token, at the given layer, reaches `frac` (default 0.5) of the first "
+                "token's norm at that layer in the same input; None when it never does within the tested run")
+
+
+def repeats_needed(curve: NormCurve, frac: float = 0.5) -> int | None:
+    """The first repetition count whose norm reaches ``frac`` of the first-token norm (see
+    ``REPEATS_RULE``); None if it never does within the curve."""
+    thr = frac * curve.first_token_norm
+    for n, v in zip(curve.reps, curve.norm):
+        if v >= thr:
+            return int(n)
+    return None
+
+
+def norm_curves(lm, words: list[str], n_reps: int, layers: list[int], typical: dict | None = None,
+                quiet: bool | None = None) -> list[NormCurve]:
+    """Norm curves of every word at several layers, one forward pass per word (stopped at the
+    deepest layer asked for; SDPA attention, since no pattern is read)."""
+    from .common import fast_attention
+
+    last = max(layers)
+    out = []
+    for word in progress(list(words), desc="norm curves", disable=quiet):
+        ids, start = repeat_ids(lm, word, n_reps, bos=lm.bos_id is not None)
+        k = len(lm.word_ids(word))
+        h = Hooks(lm)
+        for layer in layers:
+            h.read("resid_post", layer, reduce=_norm_reduce)
+        h.stop_after(last)
+        with torch.no_grad(), fast_attention(lm), h:
+            h.forward(torch.tensor([ids], device=lm.device), use_cache=False)
+        idx = torch.arange(start + k - 1, len(ids), k)
+        for layer in layers:
+            norms = h.cache[f"resid_post.{layer}"][0]
+            out.append(NormCurve(word=word, layer=layer, n_tokens_per_word=k,
+                                 reps=[int(i) for i in range(1, len(idx) + 1)],
+                                 norm=[float(v) for v in norms[idx]], first_token_norm=float(norms[0]),
+                                 typical_norm=(typical or {}).get(layer)))
+    return out

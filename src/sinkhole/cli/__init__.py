@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-COMMANDS = ["scan", "report", "models", "diverge", "patch", "eval"]
+COMMANDS = ["scan", "report", "models", "diverge", "patch", "eval", "circuit"]
 
 
 def add_model_args(p: argparse.ArgumentParser, model_optional: bool = True) -> None:
