@@ -96,6 +96,16 @@ def test_verdict_from_step_headlines(sections_guard):
     assert 'class="verdict unknown"' in none and "not measured" in none
 
 
+def test_verdict_from_known_shapes_without_headlines(sections_guard):
+    html, _ = H.render(_doc(divergence={"rate": 0.5, "n_cases": 4, "min_reps_diverged": 64},
+                            patch={"summary": "Patch (clamp): divergence 50% -> 0%.",
+                                   "verification": {"targets": {"all": True}}}))
+    v = re.search(r'<div class="verdict (\w+)">(.*?)</div>', html, re.S)
+    assert v.group(1) == "bad"
+    assert "50.0% of 4 repetition prompts diverged; the earliest at 64 repetitions" in v.group(2)
+    assert "Patch (clamp): divergence 50% -&gt; 0%." in v.group(2)
+
+
 def test_verdict_escapes_html(sections_guard):
     html, _ = H.render(_doc(divergence={"headline": "<script>alert(1)</script>", "status": "bad"}))
     assert "<script>alert(1)" not in html and "&lt;script&gt;" in html

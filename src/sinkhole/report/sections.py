@@ -6,46 +6,56 @@ from .figures import Figure, new
 from .html import esc, fmt, section, table
 
 
-def _headlines(doc: dict) -> list[tuple[str, str, str | None]]:
-    """(step, sentence, status) for every step result that carries a ``headline`` (plain text) and
-    optionally a ``status`` ("bad" = vulnerable / failed, "good" = safe / fixed, else neutral)."""
+def _fallback_line(name: str, r: dict) -> tuple[str, str | None] | None:
+    """A verdict line for known step shapes that carry no ``headline``."""
+    if name == "divergence" and r.get("rate") is not None:
+        rate = float(r["rate"])
+        where = r.get("min_reps_diverged")
+        n = r.get("n_cases", len(r.get("cases", []) or []))
+        return (f"{fmt(100 * rate, 3)}% of {fmt(n)} repetition prompts diverged"
+                + (f"; the earliest at {fmt(where)} repetitions" if where else "") + ".", "bad" if rate > 0 else "good")
+    if name == "patch" and isinstance(r.get("summary"), str):
+        met = ((r.get("verification") or {}).get("targets") or {}).get("all")
+        return r["summary"], ("good" if met else "bad") if met is not None else None
+    return None
+
+
+def verdict_lines(doc: dict) -> list[tuple[str, str, str | None]]:
+    """(step, sentence, status) in pipeline order, from every step result's ``headline`` (plain
+    text) and ``status`` ("bad" = vulnerable / not fixed, "good" = not vulnerable / fixed, else
+    neutral), or from the known shapes of ``divergence`` and ``patch`` results."""
     res = doc.get("results", {}) or {}
-    order = list(doc.get("steps") or []) + [k for k in res if k not in (doc.get("steps") or [])]
+    steps = list(doc.get("steps") or [])
     out = []
-    for name in order:
+    for name in steps + [k for k in res if k not in steps]:
         r = res.get(name)
-        if isinstance(r, dict) and isinstance(r.get("headline"), str) and r["headline"].strip():
-            out.append((name, r["headline"].strip(), r.get("status")))
+        if not isinstance(r, dict):
+            continue
+        if isinstance(r.get("headline"), str) and r["headline"].strip():
+            st = r.get("status")
+            out.append((name, r["headline"].strip(), st if st in ("bad", "good") else None))
+        else:
+            fb = _fallback_line(name, r)
+            if fb:
+                out.append((name, *fb))
     return out
 
 
 @section("verdict")
 def verdict(doc: dict):
-    """The top-line answer, from the steps' ``headline``/``status`` fields; falls back to the
-    divergence rate, the norm ratio and the patch summary when no step gives a headline."""
+    """The top-line answer: vulnerable or not (from the divergence steps' status), at how many
+    repetitions and the patch result (from their headlines), then the first-token norm."""
     res = doc.get("results", {}) or {}
-    heads = _headlines(doc)
-    statuses = [st for _, _, st in heads]
-    div = res.get("divergence") if isinstance(res.get("divergence"), dict) else None
-    lines = []
-    if heads:
-        lines = [esc(h) for _, h, _ in heads]
-    elif div and div.get("rate") is not None:
-        rate = float(div["rate"])
-        statuses.append("bad" if rate > 0 else "good")
-        where = div.get("min_reps_diverged")
-        n = div.get("n_cases", len(div.get("cases", []) or []))
-        lines.append(f"{fmt(100 * rate, 3)}% of {fmt(n)} repetition prompts diverged"
-                     + (f"; the earliest at {fmt(where)} repetitions" if where else "") + ".")
-    if "bad" in statuses:
+    heads = verdict_lines(doc)
+    # the patch's status says whether the fix worked, not whether the model is vulnerable
+    vuln = [st for name, _, st in heads if not name.startswith("patch")]
+    if "bad" in vuln:
         cls, head = "bad", "Vulnerable to repeated-token divergence"
-    elif "good" in statuses:
+    elif "good" in vuln:
         cls, head = "good", "Not vulnerable in the tested cases"
     else:
         cls, head = "unknown", "Divergence not measured in this scan"
-    patch = res.get("patch")
-    if not heads and isinstance(patch, dict) and patch.get("summary"):
-        lines.append(esc(patch["summary"]))
+    lines = [esc(h) for _, h, _ in heads]
     ln = res.get("layer_norms")
     if ln and ln.get("ratio"):
         r = [x if x is not None else 0 for x in ln["ratio"]]
