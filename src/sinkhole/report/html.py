@@ -201,6 +201,11 @@ def _section_error(name: str, err: Exception) -> str:
 def render(doc: dict, timings: dict | None = None) -> tuple[str, list[Figure]]:
     """Return (html, figures) for a results document. ``timings`` (from timings.json), when given,
     is shown in the footer."""
+    import json
+
+    from ..results import dumps
+
+    doc = json.loads(dumps(doc))  # exactly what results.json holds (sorted keys): the same page either way
     blocks, toc, figs, top = [], [], [], []
     for name, fn in load_sections():
         try:
