@@ -179,3 +179,25 @@ def test_cli_rejects_bad_input(capsys):
     assert main(["circuit", "--attn-reps", "a,b", "--quiet"]) == 2
     assert main(["circuit", "--frac", "2", "--quiet"]) == 2
     assert main(["circuit", "--words", "a,,b", "--quiet"]) == 2
+
+
+def test_scan_steps_and_report_sections_on_tiny(tmp_path):
+    from sinkhole.report.html import render
+    from sinkhole.scan import run_scan
+
+    lm = tiny_lm("llama")
+    _plant_sink(lm, 1)
+    opts = {"seed": 0, "curve_words": ["cat"], "curve_reps": 40, "words": ["cat"], "patch": False}
+    doc = run_scan(lm, opts, tmp_path, log=lambda m: None)["doc"]
+    res = doc["results"]
+    for key in ("circuit", "first_token_detector", "convergence", "attention_sinks", "norm_curves"):
+        assert key in res, key
+    assert doc["steps"].index("circuit") < doc["steps"].index("norm_curves")
+    assert res["norm_curves"]["layer"] == res["circuit"]["main_sink_layer"] == 1
+    assert res["circuit"]["sink_neurons"][0]["neuron"] == 7
+    page, figs = render(doc)
+    names = {f.name for f in figs}
+    for name in ("fig1_attention_maps", "fig3_sink_neuron_ablation", "fig4_first_token_detector",
+                 "fig5_layer0_convergence", "attention_mass_position0", "fig2_norm_vs_reps"):
+        assert name in names, name
+    assert "Sink circuit" in page and "Repetitions needed" in page

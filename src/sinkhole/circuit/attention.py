@@ -100,7 +100,7 @@ def _map(lm, ids: torch.Tensor, layers: list[int]) -> list[list[list[float]]]:
 def fig1_layers(lm, sink_layers: list[int], main: int) -> list[int]:
     L = lm.adapter.n_layers
     first = sink_layers[0] if sink_layers else main
-    cand = [first, min(main + 1, L - 1), (main + 1 + L) // 2, L - 1]
+    cand = [min(first, L - 1), min(main + 1, L - 1), min((main + 1 + L) // 2, L - 1), L - 1]
     out = []
     for c in cand:
         if c not in out:

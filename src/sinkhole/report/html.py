@@ -28,6 +28,7 @@ SECTIONS: list[tuple[str, Callable]] = []
 # Modules that register sections, in page order (each area owns one module).
 SECTION_MODULES = [
     "sinkhole.report.sections",
+    "sinkhole.report.sections_circuit",
 ]
 
 
