@@ -254,3 +254,45 @@ def test_subprocess_exit_codes_and_no_tracebacks(models, tmp_path):
     for o in ("o1", "o2", "o3", "o4"):
         assert _results(tmp_path / o) == []
     assert files_in(tmp_path / "c") == []
+
+
+# --- patch files -----------------------------------------------------------------------------
+def _patch_doc(**over):
+    d = {"format": "sinkhole-patch", "format_version": 1, "name": "t",
+         "model": {"family": "llama", "n_layers": 3, "d_model": 64, "d_mlp": 128},
+         "ops": [{"layer": 1, "mode": "zero", "neurons": [3, 4], "positions": "nonfirst"}]}
+    d.update(over)
+    return d
+
+
+PATCH_CASES = [
+    ("missing-file", None, ["not found"]),
+    ("not-json", "{oops", ["not valid JSON"]),
+    ("not-a-patch", json.dumps({"ops": []}), ["not a sinkhole patch file"]),
+    ("newer-format", json.dumps(_patch_doc(format_version=9)), ["newer", "upgrade"]),
+    ("wrong-layer-count", json.dumps(_patch_doc(model={"family": "llama", "n_layers": 30})),
+     ["n_layers=30", "n_layers=3"]),
+    ("wrong-model", json.dumps(_patch_doc(model={"family": "gemma", "n_layers": 3})), ["family=gemma"]),
+    ("layer-out-of-range", json.dumps(_patch_doc(model={}, ops=[{"layer": 7, "mode": "zero", "neurons": [1]}])),
+     ["layer 7 is out of range"]),
+    ("neuron-out-of-range", json.dumps(_patch_doc(ops=[{"layer": 1, "mode": "zero", "neurons": [3, 500]}])),
+     ["500", "outside 0..127"]),
+    ("unknown-mode", json.dumps(_patch_doc(ops=[{"layer": 1, "mode": "explode", "neurons": [3]}])),
+     ["mode 'explode' is unknown"]),
+    ("bad-op-field", json.dumps(_patch_doc(ops=[{"layer": 1, "mode": "zero", "colour": "red"}])),
+     ["invalid patch op"]),
+    ("values-mismatch", json.dumps(_patch_doc(ops=[{"layer": 1, "mode": "set", "neurons": [1, 2, 3],
+                                                    "values": [0.0, 1.0]}])), ["2 entries for 3 neurons"]),
+]
+
+
+@pytest.mark.parametrize("case", PATCH_CASES, ids=[c[0] for c in PATCH_CASES])
+def test_patch_file_bad_input(case, models, tmp_path, capsys):
+    name, content, needles = case
+    pf = tmp_path / "patch.json"
+    if content is not None:
+        pf.write_text(content)
+    out = tmp_path / "patched"
+    rc, so, se = _main(["patch", models["tiny"], "--patch-file", pf, "--out", out, "--quiet"], capsys)
+    _clean(rc, so, se, *needles)
+    assert files_in(out) == []
