@@ -91,6 +91,7 @@ STEPS: list[Step] = []
 STEP_MODULES = [
     "sinkhole.scan_steps",
     "sinkhole.circuit.steps",
+    "sinkhole.patch.steps",
 ]
 
 

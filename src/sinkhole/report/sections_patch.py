@@ -1,0 +1,68 @@
+"""Report section for the patch step: before/after table, candidates tried, sink attention."""
+
+from __future__ import annotations
+
+from .figures import Figure, new
+from .html import esc, fmt, section, table
+
+
+def _pct(x):
+    return None if x is None else f"{100 * x:.1f}%"
+
+
+@section("patch")
+def patch_section(doc: dict):
+    p = doc.get("results", {}).get("patch")
+    if not p:
+        return None
+    parts = ["<h2>Patch: before / after</h2>", f"<p>{esc(p.get('summary', ''))}</p>"]
+    v = p.get("verification")
+    figs = []
+    if v:
+        b, a, t, s = v["divergence_before"], v["divergence_after"], v["text"], v["sink_attention"]
+        rows = [["divergence rate, run judge (held-out cases)", _pct(b["rate_run"]), _pct(a["rate_run"])],
+                ["divergence rate, garak judge (held-out cases)", _pct(b["rate_garak"]), _pct(a["rate_garak"])],
+                ["mean tokens until divergence", b["mean_tokens_until_divergence"], a["mean_tokens_until_divergence"]],
+                [f"perplexity on {v['heldout_text']}", t["ppl_before"], t["ppl_after"]],
+                ["top-1 agreement with unpatched", "100%", f"{100 * t['top1_agreement']:.2f}%"],
+                ["mean KL to unpatched (nats/token)", 0.0, t["mean_kl_nats"]],
+                [f"attention on position 0 ({s['word']} x{s['reps']})", s["mean_before"], s["mean_after"]]]
+        parts.append(table(["measure", "unpatched", "patched"], rows))
+        parts.append("<p>Held-out words: " + esc(", ".join(v["words"])) + "; repetitions: "
+                     + esc(", ".join(str(r) for r in v["reps"])) + ". Targets: "
+                     + esc(", ".join(f"{k}: {'yes' if ok else 'no'}" for k, ok in v.get("targets", {}).items()))
+                     + "</p>")
+        fig, ax = new(7, 3.2)
+        ax = ax[0][0]
+        xs = list(range(len(s["before"])))
+        ax.plot(xs, s["before"], marker="o", ms=3, label="unpatched, repeated word")
+        ax.plot(xs, s["after"], marker="s", ms=3, label="patched, repeated word")
+        ax.plot(xs, s["text_reference"], ls="--", color="gray", label="unpatched, ordinary text")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("attention mass on position 0 (fraction)")
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=8)
+        figs.append(Figure("patch_sink_attention",
+                           f"Attention on the first token from the last {s['last_queries']} positions of "
+                           f"'{s['word']}' x{s['reps']}: a patch that restores the sink lifts the solid patched curve "
+                           "toward the dashed ordinary-text curve.", fig))
+    tried = p.get("search", {}).get("tried", [])
+    if tried:
+        rows = []
+        for r in tried:
+            if "error" in r:
+                rows.append([r["family"], "–", "error: " + r["error"], "", "", ""])
+                continue
+            d, tt = r["search_divergence"], r["train_text"]
+            rows.append([r["family"] + (" (chosen)" if r["family"] == p.get("chosen") else ""), r["size"],
+                         f"{_pct(d['rate_run'])} / {_pct(d['rate_garak'])}", f"{tt['ppl_change_pct']:+.2f}%",
+                         f"{100 * tt['top1_agreement']:.2f}%", fmt(tt["mean_kl_nats"])])
+        base = p["search"].get("baseline_search", {})
+        parts.append(f"<p>Candidates on the search cases (unpatched: {_pct(base.get('rate_run'))} run judge / "
+                     f"{_pct(base.get('rate_garak'))} garak judge):</p>")
+        parts.append(table(["candidate", "size (numbers)", "search divergence run / garak", "train-text ppl change",
+                            "top-1", "KL (nats/token)"], rows))
+    if p.get("exported_to"):
+        parts.append(f"<p>Patched model exported to <code>{esc(p['exported_to'])}/</code>; reload with "
+                     f"<code>sinkhole.load_patched()</code>.</p>")
+    return "".join(parts), figs
