@@ -140,6 +140,27 @@ def test_only_with_steps_need_their_option(lm, tmp_path, few_steps):
     assert doc["results"]["zz_patchy"] == {"ran": True}
 
 
+def test_resume_adds_patch_steps_to_a_finished_scan(lm, tmp_path, few_steps):
+    from sinkhole.results import write_json
+
+    ran = []
+
+    @step("zz_patch_only", "with --patch", only_with="patch")
+    def _p(ctx):
+        ran.append("zz_patch_only")
+        return {"sink_layer_seen": ctx.get("layer_norms") is not None}
+
+    doc = run_scan(lm, QUICK, tmp_path, log=lambda m: None)["doc"]
+    write_json(tmp_path / "results.json", doc)
+    for s in scan.STEPS:
+        if s.name != "zz_patch_only":
+            s.fn = lambda ctx: pytest.fail("a finished step ran again")
+    again = run_scan(lm, {**QUICK, "patch": True}, tmp_path, resume=True, log=lambda m: None)["doc"]
+    assert ran == ["zz_patch_only"]
+    assert again["results"]["zz_patch_only"] == {"sink_layer_seen": True}
+    assert again["options"]["patch"] is True and again["steps"][-1] == "zz_patch_only"
+
+
 def test_quick_is_visible_to_steps(lm, tmp_path, few_steps):
     seen = {}
 
