@@ -145,7 +145,7 @@ nav.toc{position:sticky;top:16px;align-self:start;max-height:calc(100vh - 32px);
 nav.toc h3{font-size:.8em;text-transform:uppercase;letter-spacing:.06em;color:var(--mut);margin:4px 0 6px}
 nav.toc ol{list-style:none;padding:0;margin:0} nav.toc li{margin:0}
 nav.toc a{display:block;padding:3px 8px;border-radius:4px;color:var(--ink);text-decoration:none}
-nav.toc a:hover{background:#e8eef9}
+nav.toc a:hover{background:#e8eef9} nav.toc a.here{background:#e3ebfb;font-weight:600}
 main{min-width:0}
 header h1{font-size:1.55em;margin:0 0 2px} .sub{color:var(--mut);font-size:.9em}
 h2{font-size:1.2em;margin:2px 0 8px} h3{font-size:1.02em;margin:14px 0 6px}
@@ -184,7 +184,12 @@ SCRIPT = """
 window.addEventListener('load',function(){var f=document.querySelectorAll('figure[data-figure]'),ok=0;
 for(var i=0;i<f.length;i++){var im=f[i].querySelector('img');
 if(im&&im.complete&&im.naturalWidth>0){ok++;}else{f[i].classList.add('broken');}}
-document.documentElement.setAttribute('data-figures-ok',ok+'/'+f.length);});
+document.documentElement.setAttribute('data-figures-ok',ok+'/'+f.length);
+var links={},secs=[];document.querySelectorAll('nav.toc a').forEach(function(a){var id=a.getAttribute('href').slice(1),
+s=document.getElementById(id);if(s){links[id]=a;secs.push(s);}});
+function mark(){var cur=null;for(var i=0;i<secs.length;i++){if(secs[i].getBoundingClientRect().top<120){cur=secs[i].id;}}
+for(var k in links){links[k].classList.toggle('here',k===cur);}}
+window.addEventListener('scroll',mark,{passive:true});mark();});
 """
 
 _H2 = re.compile(r"<h2(?:\s[^>]*)?>(.*?)</h2>", re.S)
