@@ -348,3 +348,53 @@ def test_float16_overflow_is_detected(tiny):
         run(tiny, IDS, reads=[("mlp_out", 1), ("resid_post", 2)], stop_after=2)
     res = run(tiny, IDS, reads=[("mlp_out", 1)], stop_after=2, check_finite=False)
     assert not torch.isfinite(res["mlp_out.1"]).all()
+
+
+# --- calling the base model directly, nesting --------------------------------------------------
+def test_direct_base_model_call_gets_its_own_positions(tiny_family):
+    """An analysis may call the module holding the blocks (model.model, transformer ...) without
+    the LM head; positions then come from that call, not from an earlier one."""
+    lm = tiny_family
+    base = lm.adapter.base_model
+    assert base is not None and base is not lm.model
+    ids, mask, a, b = _padded_batch()
+    e = Edit("resid_post", 0, positions="first", op="zero")
+    with Hooks(lm) as h:
+        h.edit(e)
+        h.read("resid_post", 0)
+        with torch.no_grad():
+            lm.model(input_ids=ids, attention_mask=mask, use_cache=False)  # left padded: pos has -1s
+            base(input_ids=torch.tensor([b]), use_cache=False)
+    assert h.pos.tolist() == [[0, 1, 2, 3, 4]]
+    r = h.cache["resid_post.0"]
+    assert r[0, 0].abs().max() == 0 and (r[0, 1:].abs().amax(-1) > 0).all()
+
+
+def test_nested_hooks_compose():
+    """A patch-like outer block of edits and an inner block of reads: the reads see the edits, and
+    leaving the inner block keeps the outer edits attached."""
+    lm = tiny_lm("llama")
+    e = Edit("neurons", 0, neurons=[1, 2], op="set", value=9.0, positions="nonfirst")
+    with Hooks(lm) as outer:
+        outer.edit(e)
+        with Hooks(lm) as inner:
+            inner.read("neurons", 0)
+            inner.stop_after(0)
+            with torch.no_grad():
+                inner.forward(IDS, use_cache=False)
+        got = inner.cache["neurons.0"]
+        assert (got[0, 1:, 1:3] == 9.0).all() and (got[0, 0, 1:3] != 9.0).all()
+        with torch.no_grad():
+            patched = lm.model(IDS, use_cache=False).logits
+    assert torch.equal(patched, run(lm, IDS, edits=[e])["logits"])
+    assert _attached_hooks(lm.model) == 0
+
+
+def test_edit_with_positions_of_another_call_fails_clearly():
+    lm = tiny_lm("llama")
+    h = Hooks(lm)
+    h.edit(Edit("resid_post", 0, op="zero", positions="first"))
+    with h:
+        h.pos = torch.zeros(1, 3, dtype=torch.long)  # stale positions, as from a call outside the hooks
+        with pytest.raises(RuntimeError, match="do not match"):
+            Edit("resid_post", 0, op="zero", positions="first").apply(torch.zeros(1, 8, 64), h.pos)

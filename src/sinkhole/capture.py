@@ -121,6 +121,9 @@ def position_mask(spec: PosSpec, pos: torch.Tensor | None, shape, device) -> tor
     """Boolean mask (B, T) of the real positions selected by ``spec``; None means all."""
     if pos is None:
         pos = torch.arange(shape[-1], device=device).expand(*shape)
+    elif tuple(pos.shape) != tuple(shape):
+        raise RuntimeError(f"the positions of this forward call ({tuple(pos.shape)}) do not match the edited "
+                           f"tensor ({tuple(shape)}); call the model (or its base model) inside the Hooks block")
     valid = pos >= 0
     if spec is None or (isinstance(spec, str) and spec == "all"):
         return valid
@@ -211,6 +214,7 @@ class Hooks:
         self._stop: int | None = None
         self._handles: list = []
         self._active = False
+        self._in_top = False
         self.pos: torch.Tensor | None = None
         self._attn_undo: list = []
 
@@ -258,7 +262,13 @@ class Hooks:
     def __enter__(self):
         self._active = True
         try:
-            self._handles.append(self.model.register_forward_pre_hook(self._track_positions, with_kwargs=True))
+            # Positions come from the outermost call: the top model's (logits) forward, or the base
+            # model (the module holding the blocks) when an analysis calls it directly.
+            self._handles.append(self.model.register_forward_pre_hook(self._track_top, with_kwargs=True))
+            self._handles.append(self.model.register_forward_hook(self._leave_top, always_call=True))
+            base = getattr(self.adapter, "base_model", None)
+            if base is not None and base is not self.model:
+                self._handles.append(base.register_forward_pre_hook(self._track_base, with_kwargs=True))
             for e in self._edits:  # edits first, so reads see edited values
                 self._attach_edit(e)
             for r in self._reads:
@@ -279,6 +289,7 @@ class Hooks:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._in_top = False
         if self._attn_undo:
             from .attn_first import switch_off
 
@@ -295,8 +306,16 @@ class Hooks:
             mods = [self.adapter.attn(r.layer) for r in self._reads if r.site == "attn_first"]
             self._attn_undo = switch_on(self.model, mods)
 
-    def _track_positions(self, module, args, kwargs):
+    def _track_top(self, module, args, kwargs):
+        self._in_top = True
         self.pos = real_positions(args, kwargs)
+
+    def _leave_top(self, module, args, out):
+        self._in_top = False
+
+    def _track_base(self, module, args, kwargs):
+        if not self._in_top:
+            self.pos = real_positions(args, kwargs)
 
     def _attach_stop(self):
         layer = self.adapter.layer(self._stop)

@@ -160,6 +160,15 @@ class Adapter:
     def final_norm(self) -> torch.nn.Module:
         return self._norm
 
+    @property
+    def base_model(self) -> torch.nn.Module | None:
+        """The module that holds the blocks and takes ``input_ids`` (e.g. ``model.model``)."""
+        parent = self.spec.layers.rsplit(".", 1)[0] if "." in self.spec.layers else ""
+        try:
+            return _get(self.model, parent) if parent else self.model
+        except AttributeError:
+            return None
+
     def layer(self, i: int) -> torch.nn.Module:
         return self._layers[i]
 
