@@ -15,6 +15,13 @@ import sys
 COMMANDS = ["scan", "report", "models", "diverge", "patch", "eval", "circuit"]
 
 
+# What Ctrl-C keeps, per command (commands without a checkpoint write their results at the end).
+INTERRUPT_HINTS = {
+    "scan": "finished steps are kept, rerun with --resume to continue",
+    "sweep": "finished batches are kept in the checkpoint, rerun the same command to continue",
+}
+
+
 def add_model_args(p: argparse.ArgumentParser, model_optional: bool = True) -> None:
     from ..models.loading import DEFAULT_MODEL, EMBEDDED
 
@@ -87,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sinkhole: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print("sinkhole: interrupted; finished steps are kept, rerun with --resume to continue", file=sys.stderr)
+        hint = INTERRUPT_HINTS.get(args.command, "no result was written")
+        print(f"sinkhole: interrupted; {hint}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
