@@ -17,7 +17,8 @@ from ..progress import progress
 from .attention import attention_sinks, fig1_layers
 from .convergence import convergence_curve, identity_check
 from .detector import first_token_detector
-from .neurons import ablation_effect, rank_and_filter, repetition_firing
+from .common import text_batch
+from .neurons import _norms_and_attention, ablation_effect, rank_and_filter, repetition_firing
 from .norms import REPEATS_RULE, norm_curves, repeats_needed
 from .sink_layers import find_sink_layers
 
@@ -42,9 +43,15 @@ class Circuit:
         return d
 
 
+MAIN_RULE = ("main sink layer = the candidate sink layer whose sink neurons (or, when no set collapses the norm, "
+             "its strongest candidate), zeroed at position 0 on ordinary text, lower the mean attention mass on "
+             "position 0 over all later layers the most; with one candidate (or no measurable effect) the "
+             "candidate with the largest first-token norm growth through its block")
+
+
 def discover(lm, k: int = 8, collapse: float = 0.5, min_gain: float = 0.1, n_texts: int = 8,
-             n_tokens: int = 24) -> Circuit:
-    """Sink layers and causally verified sink neurons (seconds on SmolLM2)."""
+             n_tokens: int = 24, attn_texts: int = 4, attn_tokens: int = 16) -> Circuit:
+    """Sink layers, causally verified sink neurons, and the main sink layer (seconds on SmolLM2)."""
     sl = find_sink_layers(lm, n_texts=n_texts, n_tokens=n_tokens)
     layers = sl.sink_layers or [sl.main_sink_layer]
     per_layer, flat = [], []
@@ -58,10 +65,30 @@ def discover(lm, k: int = 8, collapse: float = 0.5, min_gain: float = 0.1, n_tex
             flat.append({"layer": int(L), "neuron": int(j), "activation": c["activation"], "score": c["score"],
                          "norm_before": r.norm_before, "norm_after": c["norm_after"], "drop": c["drop"],
                          "joint_norm_after": joint, "joint_drop": 1 - joint / r.norm_before if joint else None})
+    # which layer makes the attention sink: ablate each layer's neurons, watch later attention
+    abl, effect = [], {}
+    n_layers = lm.adapter.n_layers
+    batch = text_batch(lm, n=attn_texts, n_tokens=attn_tokens, bos=lm.bos_id is not None)
+    control = _norms_and_attention(lm, batch, n_layers - 1)
+    for r in per_layer:
+        ns = r["selected"] or [r["cumulative"][0]["neurons"][0]]
+        e = ablation_effect(lm, r["layer"], ns, batch=batch, control=control)
+        d = e.to_dict()
+        d["verified"] = bool(r["selected"])
+        later = range(r["layer"] + 1, n_layers)
+        if len(later):
+            d["later_attn_before"] = sum(e.attn_to_first_before[i] for i in later) / len(later)
+            d["later_attn_after"] = sum(e.attn_to_first_after[i] for i in later) / len(later)
+            effect[r["layer"]] = d["later_attn_before"] - d["later_attn_after"]
+        abl.append(d)
     m = sl.main_sink_layer
-    return Circuit(model=getattr(lm, "name", "model"), sink_layers=list(sl.sink_layers), main_sink_layer=m,
-                   paper_sink_layer=sl.paper_layer, first_token_norm=sl.first_token_norm[m],
-                   typical_norm=sl.typical_norm[m], sink_neurons=flat, layers=sl.to_dict(), neurons=per_layer)
+    if len(layers) > 1 and effect and max(effect.values()) > 0.02:
+        m = max(effect, key=lambda i: effect[i])
+    c = Circuit(model=getattr(lm, "name", "model"), sink_layers=list(sl.sink_layers), main_sink_layer=int(m),
+                paper_sink_layer=sl.paper_layer, first_token_norm=sl.first_token_norm[m],
+                typical_norm=sl.typical_norm[m], sink_neurons=flat, layers=sl.to_dict(), neurons=per_layer)
+    c.extra = {"ablation": abl, "main_rule": MAIN_RULE}
+    return c
 
 
 def analyze(lm, words: list[str] = ("the", "poem"), n_reps: int = 1000, conv_words: list[str] | None = None,
@@ -74,11 +101,8 @@ def analyze(lm, words: list[str] = ("the", "poem"), n_reps: int = 1000, conv_wor
     layers = c.sink_layers or [c.main_sink_layer]
     steps = ["ablation", "firing", "detector", "convergence", "identity", "attention", "norm curves"]
     bar = progress(total=len(steps), desc="circuit", disable=quiet)
-    # 1. what each layer's joint ablation does downstream
-    abl = []
-    for r in c.neurons:
-        if r["selected"]:
-            abl.append(ablation_effect(lm, r["layer"], r["selected"]).to_dict())
+    # 1. what each layer's ablation does downstream (measured by discover)
+    abl = c.extra.get("ablation", [])
     bar.update(1)
     # 2. do the sink neurons fire on repetitions?
     firing = []
@@ -103,6 +127,7 @@ def analyze(lm, words: list[str] = ("the", "poem"), n_reps: int = 1000, conv_wor
     bar.update(1)
     bar.close()
     c.extra = {
+        **c.extra,
         "ablation": abl,
         "repetition_firing": firing,
         "first_token_detector": det,

@@ -138,34 +138,44 @@ def rank_and_filter(lm, layer: int, k: int = 8, collapse: float = 0.5, min_gain:
                         selected=list(sel), collapsed=bool(collapsed))
 
 
+def _norms_and_attention(lm, ids: torch.Tensor, last: int, edit: Edit | None = None):
+    """Per layer up to ``last``: mean first-token norm, mean typical norm and mean attention
+    mass on position 0 (over heads and queries > 0), with an optional edit."""
+    from ..capture import READ_SITES
+
+    site = "attn_first" if "attn_first" in READ_SITES else "attn_pattern"
+    h = Hooks(lm)
+    if edit is not None:
+        h.edit(edit)
+    for i in range(last + 1):
+        h.read("resid_post", i, reduce=norm_reduce)
+        if site == "attn_first":  # (B, H, T): weight on the first token, fused kernel
+            h.read(site, i, reduce=lambda x, p: x.detach().float()[:, :, 1:].mean().reshape(1), name=f"att.{i}")
+        else:
+            h.read(site, i, reduce=lambda x, p: x.detach().float()[:, :, 1:, 0].mean().reshape(1), name=f"att.{i}")
+    h.stop_after(last)
+    with torch.no_grad(), h:
+        h.forward(ids, use_cache=False)
+    c = h.cache
+    first = [float(c[f"resid_post.{i}"][:, 0].mean()) for i in range(last + 1)]
+    typ = [float(c[f"resid_post.{i}"][:, 1:].mean()) for i in range(last + 1)]
+    att = [float(c[f"att.{i}"][0]) for i in range(last + 1)]
+    return first, typ, att
+
+
 def ablation_effect(lm, layer: int, neurons: list[int], batch: torch.Tensor | None = None,
-                    last_layer: int | None = None, n_texts: int = 8, n_tokens: int = 24) -> AblationEffect:
+                    last_layer: int | None = None, n_texts: int = 8, n_tokens: int = 24,
+                    control: tuple | None = None) -> AblationEffect:
     """Zero ``neurons`` of ``layer`` at position 0 on ordinary text; per layer up to
     ``last_layer``, the first-token and typical norms and the attention mass on position 0,
-    before and after."""
+    before and after. ``control`` reuses an unedited pass (from ``_norms_and_attention`` on the
+    same batch and ``last_layer``)."""
     L = lm.adapter.n_layers
     last = L - 1 if last_layer is None else last_layer
     ids = batch if batch is not None else text_batch(lm, n=n_texts, n_tokens=n_tokens, bos=lm.bos_id is not None)
-
-    def one(edit: bool):
-        h = Hooks(lm)
-        if edit and neurons:
-            h.edit(Edit("neurons", layer, neurons=list(neurons), positions="first", op="zero"))
-        for i in range(last + 1):
-            h.read("resid_post", i, reduce=norm_reduce)
-            # mean over heads and over query positions > 0 of the weight on key 0
-            h.read("attn_pattern", i, reduce=lambda x, p: x.detach().float()[:, :, 1:, 0].mean().reshape(1))
-        h.stop_after(last)
-        with torch.no_grad(), h:
-            h.forward(ids, use_cache=False)
-        c = h.cache
-        first = [float(c[f"resid_post.{i}"][:, 0].mean()) for i in range(last + 1)]
-        typ = [float(c[f"resid_post.{i}"][:, 1:].mean()) for i in range(last + 1)]
-        att = [float(c[f"attn_pattern.{i}"][0]) for i in range(last + 1)]
-        return first, typ, att
-
-    fb, tb, ab = one(False)
-    fa, ta, aa = one(True)
+    fb, tb, ab = control if control is not None else _norms_and_attention(lm, ids, last)
+    edit = Edit("neurons", layer, neurons=list(neurons), positions="first", op="zero") if neurons else None
+    fa, ta, aa = _norms_and_attention(lm, ids, last, edit)
     return AblationEffect(layer=layer, neurons=[int(n) for n in neurons], first_norm_before=fb, first_norm_after=fa,
                           typical_norm_before=tb, typical_norm_after=ta, attn_to_first_before=ab,
                           attn_to_first_after=aa)

@@ -10,8 +10,9 @@ Two rules are reported side by side:
   (a) its MLP writes at least ``mlp_ratio`` (10) times more into position 0 than into a
   typical token, (b) the first token's residual norm grows at least ``growth`` (1.5) times
   through block L, and (c) after block L the first token's norm is at least ``resid_ratio``
-  (3) times the typical norm. Every such layer is a candidate; the **main sink layer** is the
-  candidate with the largest growth (where the massive activation appears).
+  (3) times the typical norm. Every such layer is a candidate. Here the provisional **main sink
+  layer** is the candidate with the largest growth; ``circuit.discover`` then picks the one whose
+  sink neurons make the attention sink (see ``circuit.MAIN_RULE``).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from .attention import attention_sinks, fig1_layers
 from .circuit import discover
 from .convergence import convergence_curve, identity_check
 from .detector import first_token_detector
-from .neurons import ablation_effect, repetition_firing
+from .neurons import repetition_firing
 from .norms import REPEATS_RULE, norm_curves, repeats_needed
 
 
@@ -27,7 +27,6 @@ def _circuit(ctx: Context) -> dict:
     c = discover(ctx.lm)
     d = c.to_dict()
     reps = int(ctx.options.get("curve_reps", 1000))
-    d["ablation"] = [ablation_effect(ctx.lm, r["layer"], r["selected"]).to_dict() for r in c.neurons if r["selected"]]
     d["repetition_firing"] = [repetition_firing(ctx.lm, r["layer"], r["selected"], w, reps).to_dict()
                               for r in c.neurons if r["selected"] for w in _words(ctx)]
     return d
