@@ -156,3 +156,51 @@ def test_partial_checkpoint_is_written_atomically(tiny_folder, tmp_path, monkeyp
         R.write_json(target, {"a": 2})
     assert read_json(target) == {"a": 1}
     assert files_in(tmp_path) == ["results.json"]
+
+
+# --- the vocabulary sweep: checkpoint after every batch, rerun to resume ---------------------
+def _sweep_args(model, ckpt, out):
+    return [sys.executable, str(DRIVER), "sweep", str(model), "--tokens", "40", "--max-reps", "32", "--batch-size",
+            "8", "--sink-layer", "1", "--checkpoint", str(ckpt), "--out", str(out), "--quiet"]
+
+
+def _needs_sweep():
+    from sinkhole.cli import COMMANDS
+
+    if "sweep" not in COMMANDS:
+        pytest.skip("sinkhole sweep is not registered")
+
+
+@pytest.fixture(scope="module")
+def sweep_reference(tiny_folder, tmp_path_factory):
+    _needs_sweep()
+    d = tmp_path_factory.mktemp("sweep-ref")
+    p = subprocess.run(_sweep_args(tiny_folder, d / "ckpt.json", d / "sweep.json"), capture_output=True, text=True,
+                       timeout=600, env=env())
+    assert p.returncode == 0, p.stderr
+    return (d / "sweep.json").read_bytes()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_interrupted_sweep_resumes_to_the_same_result(tiny_folder, sweep_reference, tmp_path, sig):
+    ckpt, out, gate = tmp_path / "ckpt.json", tmp_path / "sweep.json", tmp_path / "gate"
+    proc = subprocess.Popen(_sweep_args(tiny_folder, ckpt, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env(SINKHOLE_TEST_SWEEP_GATE=str(gate)))
+    t0 = time.time()
+    while not gate.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() - t0 < 300, "the sweep never checkpointed"
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "Traceback" not in err
+        assert "rerun the same command" in err.strip().splitlines()[-1]
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert len(read_json(ckpt)["records"]) == 8  # the first batch is kept
+    assert not out.exists()
+    p = subprocess.run(_sweep_args(tiny_folder, ckpt, out), capture_output=True, text=True, timeout=600, env=env())
+    assert p.returncode == 0, p.stderr
+    assert out.read_bytes() == sweep_reference
+    assert len(read_json(ckpt)["records"]) == 40
