@@ -258,3 +258,28 @@ def test_loading_does_not_change_the_environment(tiny_folder):
     before = dict(os.environ)
     load_model(str(tiny_folder), progress=False)
     assert dict(os.environ) == before
+
+
+def test_cache_publish_keeps_a_folder_another_process_published(tmp_path):
+    """Two processes dequantizing the same GGUF at once: the second keeps the first one's folder
+    (which may be loading) instead of deleting it, and leaves no temporary folder."""
+    target = tmp_path / "model-key"
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    (target / "model.safetensors").write_bytes(b"first")
+    tmp = tmp_path / ".tmp-1"
+    tmp.mkdir()
+    (tmp / "config.json").write_text("{}")
+    (tmp / "model.safetensors").write_bytes(b"second")
+    L._publish(tmp, target)
+    assert (target / "model.safetensors").read_bytes() == b"first" and not tmp.exists()
+    # a stale, incomplete folder is replaced
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "partial.bin").write_bytes(b"x")
+    tmp.mkdir()
+    (tmp / "config.json").write_text("{}")
+    (tmp / "model.safetensors").write_bytes(b"new")
+    L._publish(tmp, stale)
+    assert (stale / "model.safetensors").read_bytes() == b"new" and not (stale / "partial.bin").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model-key", "stale"]

