@@ -123,6 +123,7 @@ def analyze(lm, words: list[str] = ("the", "poem"), n_reps: int = 1000, conv_wor
     typical = {i: c.layers["typical_norm"][i] for i in layers}
     curves = norm_curves(lm, words, n_reps, layers, typical=typical, quiet=True)
     needed = [{"word": cv.word, "layer": cv.layer, "frac": frac, "repeats_needed": repeats_needed(cv, frac),
+               "repeats_needed_sustained": repeats_needed(cv, frac, window=32),
                "max_norm": max(cv.norm), "first_token_norm": cv.first_token_norm} for cv in curves]
     bar.update(1)
     bar.close()

@@ -114,15 +114,22 @@ def norm_curve(lm, word: str, n_reps: int, layer: int, typical_norm: float | Non
 
 REPEATS_RULE = ("repeats needed = the smallest number of repetitions n at which the hidden-state norm of the "
                 "n-th repetition's last token, at the given layer, reaches `frac` (default 0.5) of the first "
-                "token's norm at that layer in the same input; None when it never does within the tested run")
+                "token's norm at that layer in the same input; None when it never does within the tested run. "
+                "'sustained' = the smallest n from which the median norm of repetitions n..n+31 reaches it "
+                "(robust to isolated spikes)")
 
 
-def repeats_needed(curve: NormCurve, frac: float = 0.5) -> int | None:
+def repeats_needed(curve: NormCurve, frac: float = 0.5, window: int = 1) -> int | None:
     """The first repetition count whose norm reaches ``frac`` of the first-token norm (see
-    ``REPEATS_RULE``); None if it never does within the curve."""
+    ``REPEATS_RULE``); with ``window`` > 1, the first n where the median of the norms of
+    repetitions n..n+window-1 reaches it. None if it never does within the curve."""
     thr = frac * curve.first_token_norm
-    for n, v in zip(curve.reps, curve.norm):
-        if v >= thr:
+    norms = torch.tensor(curve.norm, dtype=torch.float64)
+    for i, n in enumerate(curve.reps):
+        seg = norms[i:i + window]
+        if len(seg) < min(window, len(norms)):
+            break
+        if float(seg.median() if window > 1 else seg[0]) >= thr:
             return int(n)
     return None
 

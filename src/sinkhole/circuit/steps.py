@@ -69,6 +69,7 @@ def _norm_curves(ctx: Context) -> dict:
         "curves": [c.to_dict() for c in curves if c.layer == main],
         "all_curves": [c.to_dict() for c in curves],
         "repeats_needed": [{"word": c.word, "layer": c.layer, "frac": frac, "repeats_needed": repeats_needed(c, frac),
+                            "repeats_needed_sustained": repeats_needed(c, frac, window=32),
                             "max_norm": max(c.norm), "first_token_norm": c.first_token_norm} for c in curves],
         "repeats_rule": REPEATS_RULE,
     }

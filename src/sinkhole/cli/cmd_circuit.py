@@ -109,6 +109,6 @@ def summary(c) -> str:
         lines.append(f"sink rate (Gu, eps {at['eps']}, T {at['T']}): text {at['sink_rate_text']:.2f}, "
                      f"repeated token {at['sink_rate_repeat']:.2f}")
         for r in ex["repeats_needed"]:
-            lines.append(f"repeats needed '{r['word']}' layer {r['layer']}: {r['repeats_needed']} "
+            lines.append(f"repeats needed '{r['word']}' layer {r['layer']}: {r['repeats_needed']} (sustained {r.get('repeats_needed_sustained')}) "
                          f"(max norm {r['max_norm']:.1f} vs first {r['first_token_norm']:.1f})")
     return "\n".join(lines)

@@ -172,7 +172,11 @@ def repeats_section(doc: dict):
     nc = _res(doc, "norm_curves")
     if not nc or not nc.get("repeats_needed"):
         return None
-    rows = [[r["word"], r["layer"], r["repeats_needed"] if r["repeats_needed"] is not None else "not reached",
+    def _n(v):
+        return v if v is not None else "not reached"
+
+    rows = [[r["word"], r["layer"], _n(r["repeats_needed"]), _n(r.get("repeats_needed_sustained")),
              fmt(r["max_norm"]), fmt(r["first_token_norm"])] for r in nc["repeats_needed"]]
     return ("<h2>Repetitions needed to induce a sink</h2><p>" + esc(nc.get("repeats_rule", "")) + ".</p>"
-            + table(["word", "layer", "repeats needed", "max norm of a repetition", "first-token norm"], rows)), []
+            + table(["word", "layer", "repeats needed (first crossing)", "repeats needed (sustained)",
+                     "max norm of a repetition", "first-token norm"], rows)), []
