@@ -296,3 +296,39 @@ def test_patch_file_bad_input(case, models, tmp_path, capsys):
     rc, so, se = _main(["patch", models["tiny"], "--patch-file", pf, "--out", out, "--quiet"], capsys)
     _clean(rc, so, se, *needles)
     assert files_in(out) == []
+
+
+# --- the other commands: circuit, sweep, eval, cluster ---------------------------------------
+OTHER_CASES = [
+    ("circuit-zero-reps", ["circuit", "{tiny}", "--reps", "0"], ["positive integer"]),
+    ("circuit-bad-frac", ["circuit", "{tiny}", "--frac", "2"], ["--frac must be in (0, 1]"]),
+    ("circuit-bad-attn-reps", ["circuit", "{tiny}", "--attn-reps", "16,x"], ["positive integers"]),
+    ("circuit-reps-beyond-context", ["circuit", "{tiny}", "--reps", "100000"], ["context of 512"]),
+    ("circuit-out-missing-folder", ["circuit", "{tiny}", "--out", "/no/such/dir/c.json"], ["existing folder"]),
+    ("sweep-zero-tokens", ["sweep", "{tiny}", "--tokens", "0", "--checkpoint", "{tmp}/s.json"], ["positive"]),
+    ("sweep-sink-layer-out-of-range", ["sweep", "{tiny}", "--sink-layer", "99", "--checkpoint", "{tmp}/s.json"],
+     ["--sink-layer must be in 0..2"]),
+    ("sweep-checkpoint-missing-folder", ["sweep", "{tiny}", "--checkpoint", "/no/such/dir/s.json"], ["does not exist"]),
+    ("sweep-checkpoint-other-settings", ["sweep", "{tiny}", "--sink-layer", "1", "--checkpoint", "{tmp}/old.json"],
+     ["other settings"]),
+    ("sweep-checkpoint-unreadable", ["sweep", "{tiny}", "--sink-layer", "1", "--checkpoint", "{tmp}/bad.json"],
+     ["unreadable"]),
+    ("eval-patch-missing", ["eval", "{tiny}", "--patch", "/no/such/patch.json"], ["not found"]),
+    ("cluster-size-too-small", ["cluster", "{tiny}", "--size", "1"], ["at least 2"]),
+]
+
+
+@pytest.mark.parametrize("case", OTHER_CASES, ids=[c[0] for c in OTHER_CASES])
+def test_other_commands_bad_input(case, models, tmp_path, capsys):
+    from sinkhole.cli import COMMANDS
+
+    name, argv, needles = case
+    if argv[0] not in COMMANDS:
+        pytest.skip(f"sinkhole {argv[0]} is not registered")
+    (tmp_path / "old.json").write_text(json.dumps({"config": {"model": "other", "max_reps": 7}, "records": []}))
+    (tmp_path / "bad.json").write_text("{truncated")
+    argv = [a.format(tiny=models["tiny"], tmp=tmp_path) for a in argv]
+    before = set(files_in(tmp_path))
+    rc, so, se = _main(argv + ["--quiet"], capsys)
+    _clean(rc, so, se, *needles)
+    assert set(files_in(tmp_path)) == before  # nothing written
