@@ -115,22 +115,21 @@ def norm_curve(lm, word: str, n_reps: int, layer: int, typical_norm: float | Non
 REPEATS_RULE = ("repeats needed = the smallest number of repetitions n at which the hidden-state norm of the "
                 "n-th repetition's last token, at the given layer, reaches `frac` (default 0.5) of the first "
                 "token's norm at that layer in the same input; None when it never does within the tested run. "
-                "'sustained' = the smallest n from which the median norm of repetitions n..n+31 reaches it "
-                "(robust to isolated spikes)")
+                "'sustained' = the smallest n >= 32 at which the median norm of the last 32 repetitions (n-31..n) "
+                "reaches it (robust to isolated spikes)")
 
 
 def repeats_needed(curve: NormCurve, frac: float = 0.5, window: int = 1) -> int | None:
     """The first repetition count whose norm reaches ``frac`` of the first-token norm (see
-    ``REPEATS_RULE``); with ``window`` > 1, the first n where the median of the norms of
-    repetitions n..n+window-1 reaches it. None if it never does within the curve."""
+    ``REPEATS_RULE``); with ``window`` > 1, the first n (>= window) where the median of the
+    norms of the last ``window`` repetitions reaches it. None if it never does within the curve."""
     thr = frac * curve.first_token_norm
     norms = torch.tensor(curve.norm, dtype=torch.float64)
-    for i, n in enumerate(curve.reps):
-        seg = norms[i:i + window]
-        if len(seg) < min(window, len(norms)):
-            break
-        if float(seg.median() if window > 1 else seg[0]) >= thr:
-            return int(n)
+    w = max(1, min(window, len(norms)))
+    for i in range(w - 1, len(norms)):
+        seg = norms[i - w + 1:i + 1]
+        if float(seg.median()) >= thr:
+            return int(curve.reps[i])
     return None
 
 
