@@ -29,6 +29,8 @@ Usage::
 
     python benchmarks/bench_core.py --reps 2000 --rounds 3 --tl-python /tmp/tlvenv/bin/python
     python benchmarks/bench_core.py --memory-only --reps 4000      # the 2 GiB target
+    python benchmarks/bench_core.py --contenders sinkhole_curve,hf_hidden,hf --baseline sinkhole_curve \
+        --name curve_2000                                          # the norm curve alone
 """
 
 from __future__ import annotations
@@ -148,7 +150,46 @@ def child_tl(args):
     return load_s, once, lambda T: model_flops(cfg, T, lm_head=True, causal_only=False)
 
 
-CHILDREN = {"sinkhole": child_sinkhole, "sinkhole_pattern": child_sinkhole_pattern, "hf": child_hf, "tl": child_tl}
+def child_sinkhole_curve(args):
+    """Only the norm curve, through the library call (``norm_curve``: stops after the layer)."""
+    import torch
+
+    from sinkhole import load_model
+    from sinkhole.circuit.norms import norm_curve
+
+    t0 = time.perf_counter()
+    lm = load_model("smollm2-135m-instruct")
+    load_s = time.perf_counter() - t0
+
+    def once():
+        with torch.no_grad():
+            c = norm_curve(lm, "the", args.reps, args.layer)
+        return torch.tensor([c.first_token_norm] + c.norm), None
+
+    return load_s, once, lambda T: model_flops(lm.model.config, T, n_layers=args.layer + 1, causal_only=False)
+
+
+def child_hf_hidden(args):
+    """Plain transformers, only ``output_hidden_states=True`` (what the norm curve alone needs)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    load_s = time.perf_counter() - t0
+
+    def once():
+        ids = _ids(args.reps)
+        with torch.no_grad():
+            out = model(ids, output_hidden_states=True)
+        return out.hidden_states[args.layer + 1][0].norm(dim=-1), None
+
+    return load_s, once, lambda T: model_flops(model.config, T, lm_head=True, causal_only=False)
+
+
+CHILDREN = {"sinkhole": child_sinkhole, "sinkhole_pattern": child_sinkhole_pattern, "hf": child_hf, "tl": child_tl,
+            "sinkhole_curve": child_sinkhole_curve, "hf_hidden": child_hf_hidden}
 
 
 def child_main(args):
@@ -172,7 +213,10 @@ def child_main(args):
         times.append(time.perf_counter() - t)
         del t
     if args.dump:
-        np.savez(args.dump, norms=norms.detach().float().numpy(), mass=mass.detach().float().numpy())
+        arrays = {"norms": norms.detach().float().numpy()}
+        if mass is not None:
+            arrays["mass"] = mass.detach().float().numpy()
+        np.savez(args.dump, **arrays)
     emit({"contender": args.child, "reps": args.reps, "tokens": args.reps + 1, "load_s": load_s,
           "times_s": times, "rss_start_mib": rss0, "rss_after_load_mib": rss_loaded,
           "torch_threads": torch.get_num_threads(), "flops": flops(args.reps + 1)})
@@ -189,20 +233,23 @@ def hf_output_bytes(cfg, T: int) -> int:
 def compare(dumps: dict) -> dict:
     import numpy as np
 
-    base = dumps.get("hf")
+    ref_name = "hf" if "hf" in dumps else "hf_hidden"
+    base = dumps.get(ref_name)
     if base is None:
         return {}
     ref = np.load(base)
     out = {}
     for name, path in dumps.items():
-        if name == "hf" or path is None:
+        if name == ref_name or path is None:
             continue
         d = np.load(path)
         out[name] = {
             "norm_max_rel_diff": float(np.max(np.abs(d["norms"] - ref["norms"]) / np.maximum(np.abs(ref["norms"]), 1e-6))),
-            "mass_max_abs_diff": float(np.max(np.abs(d["mass"] - ref["mass"]))),
         }
-    out["reference_mass_per_layer"] = [round(float(x), 4) for x in ref["mass"]]
+        if "mass" in d and "mass" in ref:
+            out[name]["mass_max_abs_diff"] = float(np.max(np.abs(d["mass"] - ref["mass"])))
+    if "mass" in ref:
+        out["reference_mass_per_layer"] = [round(float(x), 4) for x in ref["mass"]]
     return out
 
 
@@ -252,10 +299,11 @@ def parent(args):
             "gflops_executed": ok[0]["flops"] / 1e9,
             "gflop_per_s": ok[0]["flops"] / med / 1e9,
         }
-    if "sinkhole" in summary and "median_s" in summary["sinkhole"]:
-        s = summary["sinkhole"]
+    base = args.baseline
+    if base in summary and "median_s" in summary[base]:
+        s = summary[base]
         for c, v in summary.items():
-            if c != "sinkhole" and "median_s" in v:
+            if c != base and "median_s" in v:
                 v["time_ratio_vs_sinkhole"] = v["median_s"] / s["median_s"]
                 v["rss_ratio_vs_sinkhole"] = v["peak_rss_mib"] / s["peak_rss_mib"]
     from transformers import AutoConfig
@@ -265,7 +313,7 @@ def parent(args):
         "benchmark": "core: norm curve + attention mass on position 0 per layer",
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "machine": machine(),
-        "reps": args.reps, "tokens": args.reps + 1, "layer": args.layer, "rounds": args.rounds,
+        "baseline": args.baseline, "reps": args.reps, "tokens": args.reps + 1, "layer": args.layer, "rounds": args.rounds,
         "repeats_per_child": args.repeats, "threads": args.threads or "torch default",
         "summary": summary,
         "agreement_vs_hf": compare(dumps),
@@ -287,6 +335,7 @@ def main(argv=None):
     p.add_argument("--contenders", default="sinkhole,sinkhole_pattern,hf,tl")
     p.add_argument("--tl-python", default=None, help="python of a venv with transformer-lens 4")
     p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--baseline", default="sinkhole", help="contender the ratios are relative to")
     p.add_argument("--threads", type=int, default=0, help="torch threads in each child (0: torch's default)")
     p.add_argument("--name", default=None, help="results/<name>.json (default core_<reps>)")
     p.add_argument("--memory-only", action="store_true", help="only sinkhole, one round (memory target)")

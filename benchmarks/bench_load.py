@@ -35,10 +35,10 @@ def child(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     t_import = time.perf_counter() - t0
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     lm = load_model(args.model, progress=False)
-    load_s = time.perf_counter() - t1
-    emit({"model": args.model, "load_s": load_s, "import_s": t_import,
+    load_s, load_cpu_s = time.perf_counter() - t1, time.process_time() - c1
+    emit({"model": args.model, "load_s": load_s, "load_cpu_s": load_cpu_s, "import_s": t_import,
           "n_params": sum(p.numel() for p in lm.model.parameters())})
 
 
@@ -75,6 +75,7 @@ def main(argv=None):
                 "median_load_s": median([x["load_s"] for x in ok]),
                 "median_process_s": median([x["process_wall_s"] for x in ok]),
                 "median_import_s": median([x["import_s"] for x in ok]),
+                "median_load_cpu_s": median([x.get("load_cpu_s") for x in ok]),
                 "peak_rss_mib": median([x["peak_rss_mib"] for x in ok]),
                 "runs": rs,
             }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -25,10 +26,10 @@ sys.path.insert(0, str(HERE))
 from _common import RESULTS_DIR, machine, save  # noqa: E402
 
 
-def sh(argv: list[str], log) -> int:
+def sh(argv: list[str], log, env=None) -> int:
     t = time.time()
     print("$ " + " ".join(argv), file=sys.stderr, flush=True)
-    rc = subprocess.call(argv)
+    rc = subprocess.call(argv, env=env)
     log.append({"argv": argv, "rc": rc, "seconds": round(time.time() - t, 1)})
     return rc
 
@@ -41,7 +42,7 @@ def main(argv=None):
     p.add_argument("--memory-reps", type=int, default=4000)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--skip", default="", help="comma list of: core,memory,load,sweep,circuit,predictor")
+    p.add_argument("--skip", default="", help="comma list of: core,curve,memory,load,sweep,circuit,predictor")
     args = p.parse_args(argv)
     py = sys.executable
     th = ["--threads", str(args.threads)]
@@ -58,6 +59,10 @@ def main(argv=None):
         else:
             cmd += ["--contenders", "sinkhole,sinkhole_pattern,hf"]
         sh(cmd, log)
+    if "curve" not in skip:
+        sh([py, str(HERE / "bench_core.py"), "--reps", str(args.reps), "--rounds", str(args.rounds), "--repeats", "2",
+            "--contenders", "sinkhole_curve,hf_hidden,hf", "--baseline", "sinkhole_curve",
+            "--name", f"curve_{args.reps}", *th], log)
     if "memory" not in skip:
         sh([py, str(HERE / "bench_core.py"), "--reps", str(args.memory_reps), "--rounds", "1", "--repeats", "1",
             "--contenders", "sinkhole", "--name", f"memory_{args.memory_reps}", *th], log)
@@ -67,10 +72,22 @@ def main(argv=None):
     if "sweep" not in skip:
         sh([py, str(HERE / "bench_sweep.py"), *th] + (["--sample", "16", "--batch", "8", "--rounds", "1"] if args.quick else []),
            log)
-    for name in ("circuit", "predictor"):
+    for name in ("circuit", "predictor"):  # written by other helpers: pass only the flags they take
         script = HERE / f"bench_{name}.py"
-        if name not in skip and script.exists():
-            sh([py, str(script)] + (["--quick"] if args.quick else []), log)
+        if name in skip or not script.exists():
+            continue
+        helptext = subprocess.run([py, str(script), "--help"], capture_output=True, text=True).stdout
+        cmd = [py, str(script)]
+        if "--save" in helptext:
+            cmd += ["--save", name]
+        if "--threads" in helptext:
+            cmd += th
+        if args.quick and "--quick" in helptext:
+            cmd += ["--quick"]
+        elif args.quick and "--rounds" in helptext:
+            cmd += ["--rounds", "1"]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads)) if args.threads else None
+        sh(cmd, log, env=env)
     sh([py, str(HERE / "bench_peak.py"), *th, "--name", "peak_after"], log)
     save("run_all", {"machine": machine(), "steps": log, "args": vars(args)})
     from summarize import summarize

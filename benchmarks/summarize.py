@@ -44,6 +44,34 @@ def peak_gflops(d: Path):
     return (max(vals) if vals else None), vals
 
 
+def _core_table(core: dict, title: str, peak) -> list[str]:
+    out = [f"\n### {title}, {core['tokens']} tokens (`{core['command']}`)\n"]
+    out.append(f"Machine: {_machine_line(core['machine'])}. Threads per child: {core.get('threads')}. "
+               f"{core['rounds']} child processes per contender x {core['repeats_per_child']} timed passes; "
+               "median over all passes; ratios are relative to "
+               f"`{core.get('baseline', 'sinkhole')}`, measured side by side in this one run.\n")
+    out.append("| contender | median s | time vs base | peak RSS MiB | RSS vs base | GFLOP executed | GFLOP/s | "
+               "share of peak | max diff vs transformers (norm rel / mass abs) |")
+    out.append("|---|---|---|---|---|---|---|---|---|")
+    agree = core.get("agreement_vs_hf", {})
+    for c, v in core["summary"].items():
+        if "error" in v:
+            out.append(f"| {c} | failed: {v['error'][:80]} | | | | | | | |")
+            continue
+        a = agree.get(c)
+        if a:
+            diff = f"{a['norm_max_rel_diff']:.1e}" + (f" / {a['mass_max_abs_diff']:.1e}" if "mass_max_abs_diff" in a else "")
+        else:
+            diff = "reference" if c in ("hf", "hf_hidden") else "n/a"
+        share = v["gflop_per_s"] / peak if peak else None
+        out.append(f"| {c} | {_f(v['median_s'])} | {_f(v.get('time_ratio_vs_sinkhole', 1.0))}x | {_f(v['peak_rss_mib'])} | "
+                   f"{_f(v.get('rss_ratio_vs_sinkhole', 1.0))}x | {_f(v['gflops_executed'], 0)} | {_f(v['gflop_per_s'], 1)} | "
+                   f"{_f(100 * share, 0) + '%' if share else 'n/a'} | {diff} |")
+    out.append(f"\nWhat `output_attentions` + `output_hidden_states` return at this length (float32): "
+               f"{_f(core['hf_output_floor_gib'])} GiB.\n")
+    return out
+
+
 def summarize(d) -> str:
     d = Path(d)
     out = []
@@ -52,30 +80,10 @@ def summarize(d) -> str:
     if peak:
         out.append(f"Median GFLOP/s of the best matrix size, before and after the other runs: "
                    f"{', '.join(_f(p, 1) for p in peaks)}; the share-of-peak columns use the higher, {_f(peak, 1)} GFLOP/s.\n")
-    core = None
-    for p in sorted(d.glob("core_*.json")):
-        core = json.loads(p.read_text())
-    if core:
-        out.append(f"\n### 1. Norm curve + attention mass on position 0, {core['tokens']} tokens "
-                   f"(`{core['command']}`)\n")
-        out.append(f"Machine: {_machine_line(core['machine'])}. Threads per child: {core.get('threads')}. "
-                   f"{core['rounds']} child processes per contender x {core['repeats_per_child']} timed passes; "
-                   "median over all passes.\n")
-        out.append("| contender | median s | time vs sinkhole | peak RSS MiB | RSS vs sinkhole | GFLOP executed | GFLOP/s | share of peak | max diff vs hf (norm rel / mass abs) |")
-        out.append("|---|---|---|---|---|---|---|---|---|")
-        agree = core.get("agreement_vs_hf", {})
-        for c, v in core["summary"].items():
-            if "error" in v:
-                out.append(f"| {c} | failed: {v['error'][:80]} | | | | | | | |")
-                continue
-            a = agree.get(c)
-            diff = "reference" if c == "hf" else (f"{a['norm_max_rel_diff']:.1e} / {a['mass_max_abs_diff']:.1e}" if a else "n/a")
-            share = v["gflop_per_s"] / peak if peak else None
-            out.append(f"| {c} | {_f(v['median_s'])} | {_f(v.get('time_ratio_vs_sinkhole', 1.0))}x | {_f(v['peak_rss_mib'])} | "
-                       f"{_f(v.get('rss_ratio_vs_sinkhole', 1.0))}x | {_f(v['gflops_executed'], 0)} | {_f(v['gflop_per_s'], 1)} | "
-                       f"{_f(100 * share, 0) + '%' if share else 'n/a'} | {diff} |")
-        out.append(f"\nWhat `output_attentions` + `output_hidden_states` return at this length (float32): "
-                   f"{_f(core['hf_output_floor_gib'])} GiB.\n")
+    for pattern, title in (("core_*.json", "1. Norm curve + attention mass on position 0 at every layer"),
+                           ("curve_*.json", "1a. The norm curve alone (Figure 2)")):
+        for p in sorted(d.glob(pattern)):
+            out.extend(_core_table(json.loads(p.read_text()), title, peak))
     for p in sorted(d.glob("memory_*.json")):
         m = json.loads(p.read_text())
         s = m["summary"].get("sinkhole", {})
@@ -97,12 +105,13 @@ def summarize(d) -> str:
     load = _load(d, "load")
     if load:
         out.append(f"\n### 3. Model load (`{load['command']}`)\n")
-        out.append("| model | first load s (empty cache) | cached load s | cached: whole process s | peak RSS MiB (cached) | target |")
-        out.append("|---|---|---|---|---|---|")
+        out.append(f"Threads: {load.get('threads')}; load average at start {load['machine'].get('load_avg_at_start')}.\n")
+        out.append("| model | first load s (empty cache) | cached load s (wall) | cached load CPU s | cached: whole process s | peak RSS MiB (cached) | target (wall) |")
+        out.append("|---|---|---|---|---|---|---|")
         for model, r in load["results"].items():
             tgt = f"< {r['target_cached_s']} s: {'met' if r['target_met'] else 'missed'}" if "target_cached_s" in r else ""
             out.append(f"| {model} | {_f(r['first']['median_load_s'])} | {_f(r['cached']['median_load_s'])} | "
-                       f"{_f(r['cached']['median_process_s'])} | {_f(r['cached']['peak_rss_mib'])} | {tgt} |")
+                       f"{_f(r['cached'].get('median_load_cpu_s'))} | {_f(r['cached']['median_process_s'])} | {_f(r['cached']['peak_rss_mib'])} | {tgt} |")
     sw = _load(d, "sweep")
     if sw:
         r = sw["result"]
@@ -115,7 +124,13 @@ def summarize(d) -> str:
                    f"vocabulary ({r['smollm2_vocab']:,} tokens) at that rate: {_f(r['smollm2_whole_vocab_s'] / 60, 1)} min. "
                    f"Projection for a 7B Llama on one GPU: {_f(proj['projected_seconds'], 1)} s "
                    f"({proj['total_flops'] / 1e15:.2f} PFLOP); assumptions: {proj['assumptions']}.\n")
-    for name in ("circuit", "predictor"):
+    c = _load(d, "circuit")
+    if c and "discover_median_s" in c:
+        out.append(f"\n### 2. Circuit discovery after load (`{c['command']}`, bench_circuit.py)\n")
+        out.append(f"`discover()` median {_f(c['discover_median_s'])} s over {len(c['discover_s'])} runs "
+                   f"({', '.join(_f(x) for x in c['discover_s'])}); load {_f(c['load_s'])} s; found: {c['result']}. "
+                   f"Environment {c.get('env')}; load average at start {c['machine'].get('load_avg_at_start')}.\n")
+    for name in ("predictor",) if c and "discover_median_s" in c else ("circuit", "predictor"):
         r = _load(d, name)
         if r:
             out.append(f"\n### {name} (from bench_{name}.py)\n")
