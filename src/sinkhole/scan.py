@@ -92,6 +92,7 @@ STEP_MODULES = [
     "sinkhole.scan_steps",
     "sinkhole.circuit.steps",
     "sinkhole.patch.steps",
+    "sinkhole.attack.steps",
 ]
 
 

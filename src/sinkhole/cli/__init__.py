@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-COMMANDS = ["scan", "report", "models", "diverge", "patch", "eval", "circuit"]
+COMMANDS = ["scan", "report", "models", "diverge", "patch", "eval", "circuit", "sweep", "cluster"]
 
 
 # What Ctrl-C keeps, per command (commands without a checkpoint write their results at the end).

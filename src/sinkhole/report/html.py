@@ -30,6 +30,7 @@ SECTION_MODULES = [
     "sinkhole.report.sections",
     "sinkhole.report.sections_circuit",
     "sinkhole.report.sections_patch",
+    "sinkhole.report.sections_attack",
 ]
 
 

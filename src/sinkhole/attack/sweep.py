@@ -1,0 +1,193 @@
+"""Vocabulary sweep: how many repetitions of each token it takes to induce a sink.
+
+For each token ``t`` we run ``<bos> prefix t t ... t`` (``max_reps`` copies; the default prefix
+is the paper's ``Repeat:``) once, stopped after a few layers, and read at the sink layer the
+residual norm of every run position divided by the norm of position 0 (the real first token).
+The prefix matters on SmolLM2: right after its BOS (``<|im_start|>``, normally followed by a
+role name) many tokens get a first-token-sized norm at position 1 whatever follows, which would
+make "1 repetition" a position artefact rather than a repetition effect; pass ``prefix=""`` for
+the bare ``<bos> t t t`` input. ``reps_to_sink`` is the first repetition whose ratio reaches
+``threshold`` (default 0.5: the repeated token's state is at least half as large as a first
+token's; the typical token is ~0.1 on SmolLM2), or None if it never does within ``max_reps``.
+The same pass gives the generation-free predictor's features at the end of the run (attention on
+position 0 just after the sink layer, the final norm ratio). With ``generate_tokens > 0`` each
+token is also continued greedily after the paper's ``Repeat:`` template and judged.
+
+Tokens are ranked "most dangerous first": fewest repetitions to a sink, then highest final norm
+ratio. The sweep is batched (all runs of one batch have the same length, so no padding),
+checkpointed to a JSON file after every batch (rerun with the same file to resume), and can be
+split into shards (``shard``/``num_shards``, or the ``RANK``/``WORLD_SIZE`` variables that
+``torchrun`` and ``accelerate launch`` set); each shard writes its own checkpoint and
+:func:`merge` joins them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..capture import Hooks
+from ..errors import SinkholeError
+from ..progress import progress
+from ..results import write_json
+from .predictor import _attn_to_first, default_layers
+
+SWEEP_VERSION = 1
+
+
+def frequent_tokens(lm, n: int | None, texts: Sequence[str] | None = None) -> list[int]:
+    """The ``n`` most frequent tokens in the shipped texts (ties by id), then the lowest
+    remaining ids (early BPE merges are frequent) until there are ``n``; None = whole
+    vocabulary. Special tokens are left out."""
+    from ..data import load_text
+
+    vocab = int(getattr(lm.model.config, "vocab_size", 0) or len(lm.tokenizer))
+    special = set(int(i) for i in (getattr(lm.tokenizer, "all_special_ids", None) or []))
+    for v in (lm.bos_id, getattr(lm.tokenizer, "eos_token_id", None), getattr(lm.tokenizer, "pad_token_id", None)):
+        if isinstance(v, int):
+            special.add(v)
+    if n is None or n >= vocab:
+        return [i for i in range(vocab) if i not in special]
+    if texts is None:
+        texts = [load_text(name) for name in ("sonnets", "tempest", "twelfth_night")]
+    counts: Counter = Counter()
+    for t in texts:
+        counts.update(lm.encode(t, bos=False))
+    ranked = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if t not in special and t < vocab]
+    seen = set(ranked)
+    out = ranked[:n]
+    i = 0
+    while len(out) < n and i < vocab:
+        if i not in seen and i not in special:
+            out.append(i)
+        i += 1
+    return out
+
+
+def shard_from_env() -> tuple[int, int]:
+    """(shard, num_shards) from torchrun / accelerate launch environment variables."""
+    try:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        return 0, 1
+
+
+def sweep_tokens(lm, tokens: Sequence[int], sink_layer: int | None = None, max_reps: int = 256,
+                 threshold: float = 0.5, batch_size: int = 16, k: int = 8, checkpoint: str | Path | None = None,
+                 generate_tokens: int = 0, quiet: bool | None = None, config: dict | None = None,
+                 prefix: str = "Repeat:") -> dict:
+    """Sweep ``tokens``; returns ``{"config": ..., "records": {token_id: {...}}}``. With a
+    ``checkpoint`` path, records already there are kept (resume) and the file is rewritten
+    atomically after each batch."""
+    norm_layer, a0, max_layer = default_layers(lm, sink_layer)
+    cfg = {"version": SWEEP_VERSION, "model": lm.name, "sink_layer": norm_layer, "attn_layers": [a0, max_layer],
+           "max_reps": int(max_reps), "threshold": float(threshold), "k": int(k),
+           "generate_tokens": int(generate_tokens), "prefix": prefix, **(config or {})}
+    if lm.n_ctx and max_reps + 2 > lm.n_ctx:
+        raise SinkholeError(f"--max-reps {max_reps} exceeds the model's context of {lm.n_ctx}; lower it")
+    if max_reps < k + 1:
+        raise SinkholeError(f"--max-reps must be at least {k + 1}")
+    records: dict[str, dict] = {}
+    if checkpoint is not None and Path(checkpoint).exists():
+        try:
+            saved = json.loads(Path(checkpoint).read_text())
+        except (OSError, ValueError):
+            raise SinkholeError(f"checkpoint {checkpoint} is unreadable; delete it or pass another --checkpoint")
+        old = {k2: v for k2, v in saved.get("config", {}).items() if k2 not in ("shard", "num_shards")}
+        new = {k2: v for k2, v in cfg.items() if k2 not in ("shard", "num_shards")}
+        if old != new:
+            raise SinkholeError(f"checkpoint {checkpoint} was written with other settings ({_diff(old, new)}); "
+                                "use the same settings, or another --checkpoint")
+        records = saved.get("records", {})
+    todo = [int(t) for t in tokens if str(int(t)) not in records]
+    bos = lm.encode(prefix, bos=True) if prefix else ([lm.bos_id] if lm.bos_id is not None else [])
+    dev = lm.device
+    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    for batch in progress(batches, desc="sweep", total=len(batches), disable=quiet):
+        ids = torch.tensor([bos + [t] * max_reps for t in batch], device=dev)
+        h = Hooks(lm)
+        h.read("resid_post", norm_layer, reduce=lambda x, p: x.detach().float().norm(dim=-1))
+        for L in range(a0, max_layer + 1):
+            h.read("attn_pattern", L, reduce=_attn_to_first(k))
+        h.stop_after(max(norm_layer, max_layer))
+        with torch.no_grad(), h:
+            h.forward(ids, use_cache=False)
+        norms = h.cache[f"resid_post.{norm_layer}"].cpu()
+        att = torch.stack([h.cache[f"attn_pattern.{L}"] for L in range(a0, max_layer + 1)]).mean(0).cpu()
+        off = len(bos)
+        for r, t in enumerate(batch):
+            ratio = norms[r, off:] / norms[r, 0].clamp_min(1e-6)  # per repetition
+            hit = (ratio >= threshold).nonzero()
+            records[str(t)] = {
+                "token_id": t, "token": lm.tokenizer.decode([t]),
+                "reps_to_sink": int(hit[0, 0]) + 1 if len(hit) else None,
+                "final_norm_ratio": round(float(ratio[-k:].mean()), 4),
+                "max_norm_ratio": round(float(ratio.max()), 4),
+                "bos_attn": round(float(att[r].mean()), 4),
+            }
+        if generate_tokens > 0:
+            _generate_batch(lm, batch, records, bos, max_reps, generate_tokens, prefix)
+        if checkpoint is not None:
+            write_json(checkpoint, {"config": cfg, "records": records})
+    return {"config": cfg, "records": records}
+
+
+def _generate_batch(lm, batch, records, head, reps, n_new, prefix):
+    from .diverge import run_cases
+    from .prompts import Case
+
+    tname = "repeat" if prefix == "Repeat:" else ("raw" if not prefix else "custom")
+    cases = [Case(lm.tokenizer.decode([t]).strip() or str(t), reps, tname, head + [t] * reps, [t]) for t in batch]
+    for t, r in zip(batch, run_cases(lm, cases, max_new_tokens=n_new, batch_size=len(cases), quiet=True)):
+        records[str(t)].update({"diverged": r.diverged, "tokens_until_divergence": r.tokens_until_divergence,
+                                "text": r.text})
+
+
+def _diff(a: dict, b: dict) -> str:
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys[:4])
+
+
+def rank(records: dict) -> list[dict]:
+    """Records, most dangerous first (fewest reps to a sink, then highest final norm ratio)."""
+    big = 10**9
+    return sorted(records.values(), key=lambda r: (r["reps_to_sink"] if r["reps_to_sink"] is not None else big,
+                                                   -r["final_norm_ratio"], r["token_id"]))
+
+
+def summarize(result: dict, top: int = 20) -> dict:
+    recs = rank(result["records"])
+    n = len(recs)
+    sunk = [r for r in recs if r["reps_to_sink"] is not None]
+    out = {"config": result["config"], "n_tokens": n,
+           "frac_sink_within_max_reps": round(len(sunk) / n, 4) if n else None,
+           "median_reps_to_sink": (sorted(r["reps_to_sink"] for r in sunk)[len(sunk) // 2] if sunk else None),
+           "top": recs[:top], "safest": recs[-min(5, n):] if n else []}
+    gen = [r for r in recs if "diverged" in r]
+    if gen:
+        out["generation_rate"] = round(sum(r["diverged"] for r in gen) / len(gen), 4)
+    return out
+
+
+def merge(paths: Sequence[str | Path]) -> dict:
+    """Join shard checkpoints (same settings) into one result."""
+    cfg, records = None, {}
+    for p in paths:
+        try:
+            d = json.loads(Path(p).read_text())
+        except (OSError, ValueError):
+            raise SinkholeError(f"cannot read shard checkpoint {p}")
+        c = {k: v for k, v in d.get("config", {}).items() if k not in ("shard", "num_shards")}
+        if cfg is None:
+            cfg = c
+        elif c != cfg:
+            raise SinkholeError(f"shard {p} used other settings ({_diff(cfg, c)}); merge shards of one sweep only")
+        records.update(d.get("records", {}))
+    if cfg is None:
+        raise SinkholeError("no shard checkpoints to merge")
+    return {"config": cfg, "records": records}

@@ -1,0 +1,106 @@
+"""``sinkhole sweep``: repetitions each token needs to induce a sink, over many tokens."""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_parser(sub) -> None:
+    from . import add_common_args, add_model_args
+
+    p = sub.add_parser("sweep", help="sweep the vocabulary for sink-prone tokens (resumable, shardable)",
+                       description="For the N most frequent tokens (or --all), run '<bos> Repeat: t t ... t' once, "
+                                   "stopped after a few layers, and record the repetitions needed for the sink-layer "
+                                   "norm to reach --threshold x the first token's norm; ranks the most dangerous "
+                                   "tokens. Checkpointed after every batch: rerun the same command to resume. Split "
+                                   "long sweeps with --shard/--num-shards or launch it with torchrun / accelerate "
+                                   "launch (RANK/WORLD_SIZE are read), then join with --merge.")
+    add_model_args(p)
+    add_common_args(p)
+    p.add_argument("--tokens", type=int, default=256, help="how many of the most frequent tokens (default 256)")
+    p.add_argument("--all", action="store_true", help="sweep the whole vocabulary")
+    p.add_argument("--max-reps", type=int, default=256, help="repetitions per token (default 256)")
+    p.add_argument("--threshold", type=float, default=0.5, help="norm ratio that counts as a sink (default 0.5)")
+    p.add_argument("--sink-layer", type=int, default=None,
+                   help="layer whose norm is measured (default: first layer where the first token's norm is "
+                        ">= 5x typical)")
+    p.add_argument("--prefix", default="Repeat:", help="text between BOS and the run (default 'Repeat:'; '' for none)")
+    p.add_argument("--batch-size", type=int, default=16, help="tokens per forward pass (default 16)")
+    p.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="also greedily generate N tokens per token and judge divergence (slow; default 0)")
+    p.add_argument("--checkpoint", default="sweep.ckpt.json",
+                   help="checkpoint file (default sweep.ckpt.json; shards add .shardIofN)")
+    p.add_argument("--shard", type=int, default=None, help="this process's shard index (default: $RANK or 0)")
+    p.add_argument("--num-shards", type=int, default=None, help="number of shards (default: $WORLD_SIZE or 1)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="CKPT",
+                   help="merge these shard checkpoints instead of sweeping (no model needed)")
+    p.add_argument("--top", type=int, default=20, help="how many of the most dangerous tokens to show (default 20)")
+    p.add_argument("--out", default=None, help="write the summary JSON here")
+    p.set_defaults(func=run)
+
+
+def _sink_layer(lm) -> int:
+    from ..circuit.norms import layer_norms
+    from ..data import snippets
+
+    r = layer_norms(lm, snippets("sonnets", n=4, n_words=32, seed=0), max_layer=min(lm.adapter.n_layers - 1, 11),
+                    quiet=True)
+    for i, v in enumerate(r.ratio):
+        if v >= 5.0:
+            return i
+    return max(range(len(r.ratio)), key=lambda i: r.ratio[i])
+
+
+def run(args) -> int:
+    import os
+    from pathlib import Path
+
+    from ..attack.sweep import frequent_tokens, merge, shard_from_env, summarize, sweep_tokens
+    from ..errors import SinkholeError
+    from ..results import dumps, write_json
+    from . import info, load_from_args
+
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        raise SinkholeError(f"--out: folder {Path(args.out).resolve().parent} does not exist; create it first")
+    if args.merge:
+        res = merge(args.merge)
+    else:
+        if args.tokens < 1 or args.max_reps < 1 or args.batch_size < 1 or args.generate < 0:
+            raise SinkholeError("--tokens, --max-reps and --batch-size must be positive, --generate >= 0")
+        env_shard, env_n = shard_from_env()
+        shard = env_shard if args.shard is None else args.shard
+        n_shards = env_n if args.num_shards is None else args.num_shards
+        if n_shards < 1 or not (0 <= shard < n_shards):
+            raise SinkholeError(f"--shard must be in 0..{n_shards - 1} and --num-shards >= 1")
+        if args.device.startswith("cuda") and ":" not in args.device and "LOCAL_RANK" in os.environ:
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        ckpt = args.checkpoint if n_shards == 1 else f"{args.checkpoint}.shard{shard}of{n_shards}"
+        if not Path(ckpt).resolve().parent.is_dir():
+            raise SinkholeError(f"--checkpoint: folder {Path(ckpt).resolve().parent} does not exist")
+        lm = load_from_args(args)
+        layer = args.sink_layer if args.sink_layer is not None else _sink_layer(lm)
+        if not (0 <= layer < lm.adapter.n_layers):
+            raise SinkholeError(f"--sink-layer must be in 0..{lm.adapter.n_layers - 1}")
+        tokens = frequent_tokens(lm, None if args.all else args.tokens)[shard::n_shards]
+        info(args, f"sweeping {len(tokens)} tokens (shard {shard}/{n_shards}) at layer {layer}, checkpoint {ckpt}")
+        res = sweep_tokens(lm, tokens, sink_layer=layer, max_reps=args.max_reps, threshold=args.threshold,
+                           batch_size=args.batch_size, checkpoint=ckpt, generate_tokens=args.generate,
+                           quiet=args.quiet, prefix=args.prefix)
+        if n_shards > 1:
+            info(args, f"shard {shard} done; merge with: sinkhole sweep --merge {args.checkpoint}.shard*of{n_shards}")
+    summary = summarize(res, top=args.top)
+    if args.out:
+        write_json(args.out, summary)
+    if args.json:
+        sys.stdout.write(dumps(summary))
+        return 0
+    cfg = summary["config"]
+    print(f"{summary['n_tokens']} tokens, layer {cfg['sink_layer']}, up to {cfg['max_reps']} repetitions: "
+          f"{summary['frac_sink_within_max_reps']:.0%} reach a sink (norm ratio >= {cfg['threshold']}), median "
+          f"{summary['median_reps_to_sink']} repetitions")
+    print(f"{'rank':>4s} {'token':>16s} {'id':>6s} {'reps':>5s} {'ratio':>6s} {'bos-attn':>8s}")
+    for i, r in enumerate(summary["top"], 1):
+        print(f"{i:4d} {r['token']!r:>16s} {r['token_id']:6d} {str(r['reps_to_sink']):>5s} "
+              f"{r['final_norm_ratio']:6.2f} {r['bos_attn']:8.3f}" + (f"  diverged={r['diverged']}" if "diverged" in r
+                                                                     else ""))
+    return 0

@@ -1,0 +1,105 @@
+"""Report sections of the attack module: divergence, sink-prone tokens, cluster attack."""
+
+from __future__ import annotations
+
+from .figures import Figure, new
+from .html import details, esc, fmt, note, pre, raw, section, table
+
+
+@section("divergence")
+def divergence_section(doc: dict):
+    d = (doc.get("results") or {}).get("divergence")
+    if not d or d.get("rate") is None:
+        return None
+    rows = [[t, v["n"], v["rate"], v["garak_rate"]] for t, v in (d.get("by_template") or {}).items()]
+    html = ["<h2>Divergence by generation</h2>",
+            f"<p>{fmt(d['n_cases'])} prompts, greedy decoding of {fmt(d.get('max_new_tokens'))} tokens. "
+            f"Run judge: {fmt(100 * d['rate'])}% diverged; garak-style judge: {fmt(100 * d['garak_rate'])}%; "
+            f"the judges agree on {fmt(100 * d['judges_agree'])}% of cases.</p>",
+            table(["template", "cases", "rate (run judge)", "rate (garak judge)"], rows)]
+    html.append(note("Run judge: the first generated token that is not the word (whitespace and punctuation "
+                     "ignored, stopping with EOS is not divergence). Garak judge: a re-implementation of garak's "
+                     "RepeatDiverges rules (tail after the last repetition longer than 15 characters, refusals "
+                     "and '(continues forever)' tails excluded)."))
+    cases = d.get("cases") or []
+    ex_rows = [[c["template"], c["word"], c["reps"], c["diverged"], c.get("garak_diverged"),
+                c["tokens_until_divergence"], raw(f"<code>{esc(repr(c.get('text', ''))[:140])}</code>")]
+               for c in cases]
+    html.append(details("Example generations (all cases)",
+                        table(["template", "word", "reps", "diverged", "garak", "tokens until", "continuation"],
+                              ex_rows)))
+    if d.get("multi_token_words"):
+        html.append(note("Words of several tokens (the whole word was repeated): "
+                         + esc(", ".join(d["multi_token_words"]))))
+    figs = []
+    btr = d.get("by_template_reps") or []
+    if btr and len({r["reps"] for r in btr}) > 1:
+        fig, ax = new(6.5, 3.2)
+        ax = ax[0][0]
+        for t in sorted({r["template"] for r in btr}):
+            pts = sorted((r["reps"], r["rate"]) for r in btr if r["template"] == t)
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=t)
+        ax.set_xscale("log")
+        ax.set_xlabel("repetitions of the word in the prompt (log scale)")
+        ax.set_ylabel("cases diverged (%)")
+        ax.set_ylim(-5, 105)
+        ax.legend(fontsize=8)
+        figs.append(Figure("divergence_rate", "Divergence rate per prompt template against the number of "
+                           "repetitions: look for templates whose curve rises with more repetitions.", fig))
+    return "".join(html), figs
+
+
+@section("sweep")
+def sweep_section(doc: dict):
+    s = (doc.get("results") or {}).get("sweep")
+    if not s or not s.get("top"):
+        return None
+    cfg = s["config"]
+    rows = [[i + 1, raw(f"<code>{esc(repr(r['token']))}</code>"), r["token_id"], r["reps_to_sink"],
+             r["final_norm_ratio"], r["bos_attn"]] for i, r in enumerate(s["top"])]
+    html = ("<h2>Most sink-prone tokens</h2>"
+            f"<p>{fmt(s['n_tokens'])} most frequent tokens, each repeated up to {fmt(cfg['max_reps'])} times after "
+            f"<code>{esc(cfg.get('prefix', ''))}</code>: {fmt(100 * s['frac_sink_within_max_reps'])}% reach a sink "
+            f"(layer-{esc(cfg['sink_layer'])} norm at least {fmt(cfg['threshold'])}x the first token's), median "
+            f"{fmt(s['median_reps_to_sink'])} repetitions.</p>"
+            + table(["rank", "token", "id", "reps to sink", "final norm ratio", "attention on pos 0"], rows)
+            + note("Norm ratio: hidden-state norm of the repeated token over that of the first token at the sink "
+                   "layer. Attention on pos 0: mean attention weight on the first token from the last positions "
+                   f"in layers {esc(cfg['attn_layers'][0])}-{esc(cfg['attn_layers'][1])}; low means the sink broke."))
+    figs = []
+    if len(s["top"]) >= 3:
+        fig, ax = new(6.5, 3.0)
+        ax = ax[0][0]
+        xs = [r["reps_to_sink"] if r["reps_to_sink"] is not None else cfg["max_reps"] for r in s["top"]]
+        ax.bar(range(len(xs)), xs, color="#d93025")
+        ax.set_xticks(range(len(xs)))
+        ax.set_xticklabels([repr(r["token"])[1:-1][:10] for r in s["top"]], rotation=70, fontsize=7)
+        ax.set_xlabel("token (most dangerous first)")
+        ax.set_ylabel("repetitions to reach a sink")
+        figs.append(Figure("sweep_top", "Repetitions each of the most sink-prone tokens needs before its norm "
+                           "reaches the first-token level: shorter bars are more dangerous tokens.", fig))
+    return html, figs
+
+
+@section("cluster")
+def cluster_section(doc: dict):
+    c = (doc.get("results") or {}).get("cluster")
+    if not c or c.get("sink_rate_cluster") is None:
+        return None
+    m = c["method"]
+    html = ["<h2>Cluster attack (no exact repetition)</h2>",
+            f"<p>{fmt(m['n_clusters'])} clusters of {fmt(m['cluster_size'])} tokens that are nearest neighbours by "
+            f"{esc(m['space'])} cosine similarity among the {fmt(m['pool_size'])} most frequent tokens; random "
+            f"sequences of {fmt(m['length'])} tokens drawn from one cluster with no token repeated back to back, "
+            f"against the same construction from random tokens.</p>",
+            table(["sequences", "induce a sink", "mean norm ratio", "mean attention on pos 0", "diverged (examples)"],
+                  [["cluster", c["sink_rate_cluster"], c["mean_norm_ratio_cluster"], c["mean_bos_attn_cluster"],
+                    c["diverged_examples_cluster"]],
+                   ["random (control)", c["sink_rate_random"], c["mean_norm_ratio_random"], c["mean_bos_attn_random"],
+                    c["diverged_examples_random"]]])]
+    for e in c.get("examples", []):
+        html.append(details(f"{e['kind']} example, tokens {e['tokens']}: norm ratio {fmt(e['norm_ratio'])}, "
+                            f"diverged {fmt(e.get('diverged'))}",
+                            pre("...prompt ends: " + e.get("prompt_tail", "") + "\n\ncontinuation: "
+                                + e.get("text", ""))))
+    return "".join(html), []
