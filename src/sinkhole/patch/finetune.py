@@ -50,6 +50,8 @@ class FinetuneConfig:
     text_batch: int = 8
     min_reps: int = 16
     seed: int = 0
+    objective: str = "logits"  # "logits" (full model: KL + next-word CE) or "local" (see finetune_local)
+    anchor_reps: int = 4  # local objective: run tokens should look like the anchor_reps-th repetition
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -107,14 +109,16 @@ def _rep_examples(lm, cfg: FinetuneConfig):
         run_start = len(c.ids) - n_unit * c.reps if c.template in ("raw", "repeat", "chat_assistant") else None
         if run_start is None:
             continue  # garak/chat_user templates put the run inside quotes: no clean target
-        out.append((c.ids, run_start + n_unit * min(cfg.min_reps, c.reps - 1)))
+        out.append((c.ids, run_start + n_unit * min(cfg.min_reps, c.reps - 1), run_start, n_unit))
     if not out:
         raise SinkholeError("no usable repetition examples: use templates raw, repeat or chat_assistant")
     return out
 
 
 def finetune_patch(lm, cfg: FinetuneConfig | None = None, log=None) -> Patch:
-    """Train the chosen parameters (in a copy; ``lm`` is left unchanged) and return a weights patch."""
+    """Train the chosen parameters (``lm`` is left unchanged) and return a weights patch."""
+    if cfg is not None and cfg.objective == "local":
+        return finetune_local(lm, cfg, log)
     from ..data import snippets
     from ..evaluate.metrics import encode_batch, pad_left
     from ..progress import progress
@@ -159,7 +163,7 @@ def finetune_patch(lm, cfg: FinetuneConfig | None = None, log=None) -> Patch:
             r_ids, r_mask = pad_left(lm, rows)
             rl = model(input_ids=r_ids, attention_mask=r_mask, use_cache=False).logits.float()
             ce_terms = []
-            for bi, (row, start) in enumerate(batch):
+            for bi, (row, start, _, _) in enumerate(batch):
                 off = r_ids.shape[1] - len(row)
                 pos = torch.arange(off + start - 1, r_ids.shape[1] - 1, device=r_ids.device)
                 ce_terms.append(F.cross_entropy(rl[bi, pos], r_ids[bi, pos + 1]))
@@ -192,3 +196,98 @@ def finetune_patch(lm, cfg: FinetuneConfig | None = None, log=None) -> Patch:
                        f"{len(cfg.words)} training words",
                  meta={"family": "finetune", "config": cfg.to_dict(), "train_seconds": round(time.perf_counter() - t0, 1),
                        "history": history[-1:] if history else []})
+
+
+def _resid(lm, layer: int, ids, mask, grad: bool):
+    from ..capture import Hooks
+
+    h = Hooks(lm, check_finite=False)
+    h.read("resid_post", layer, reduce=(lambda x, pos: x) if grad else None)
+    h.stop_after(layer)
+    ctx = torch.enable_grad() if grad else torch.no_grad()
+    with ctx, h:
+        h.forward(ids, attention_mask=mask, use_cache=False)
+    return h.cache[f"resid_post.{layer}"]
+
+
+def finetune_local(lm, cfg: FinetuneConfig, log=None) -> Patch:
+    """The cheap, circuit-local objective: only the first ``max(layers) + 2`` blocks run.
+
+    At ``S = max(layers) + 1`` (the residual stream right after the trained layers):
+
+    * **keep**: ``||h_S - h_S^orig||^2 / typical^2`` on every token of ordinary text, the first
+      token included (so the normal attention sink keeps its value);
+    * **fix**: inside long runs of a training word, every token after ``min_reps`` repetitions
+      should look like the same run's ``anchor_reps``-th repetition in the original model
+      (``||h_S(j) - h_S^orig(anchor)||^2 / typical^2``): long repetitions are represented like
+      short ones instead of drifting toward the first-token state (the paper's Theorem 4.1).
+
+    Much cheaper than the full-model objective because the forward pass stops at ``S``.
+    """
+    from ..data import snippets
+    from ..evaluate.metrics import encode_batch, pad_left
+    from ..progress import progress
+
+    params, masks = _trainable(lm, cfg)
+    S = min(max(int(x) for x in (cfg.neurons or {}).keys() or cfg.layers) + 1, lm.adapter.n_layers - 1)
+    original = {k: p.detach().clone() for k, p in params.items()}
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    texts = snippets(cfg.text, n=cfg.n_texts, n_words=cfg.text_words, seed=cfg.seed + 11)
+    t_ids, t_mask = encode_batch(lm, texts, max_tokens=cfg.text_words * 2)
+    t_ref = _resid(lm, S, t_ids, t_mask, grad=False)
+    valid = t_mask > 0
+    typ2 = float(t_ref[valid].norm(dim=-1).median()) ** 2
+    examples = []
+    for ids, start, run_start, n_unit in _rep_examples(lm, cfg):
+        x = torch.as_tensor([ids], device=lm.device)
+        ref = _resid(lm, S, x, None, grad=False)[0]
+        # anchor: the last token of the anchor_reps-th repetition of the run
+        anchor = min(max(run_start + n_unit * cfg.anchor_reps - 1, 1), len(ids) - 1)
+        examples.append((ids, start, ref[anchor].detach()))
+    for p in params.values():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(list(params.values()), lr=cfg.lr)
+    t0 = time.perf_counter()
+    history = []
+    try:
+        for step in progress(range(cfg.steps), desc="fine-tune (local)", total=cfg.steps):
+            opt.zero_grad(set_to_none=True)
+            sel = rng.sample(range(len(texts)), min(cfg.text_batch, len(texts)))
+            h = _resid(lm, S, t_ids[sel], t_mask[sel], grad=True)
+            keep = ((h - t_ref[sel]) ** 2).sum(-1)[valid[sel]].mean() / typ2
+            batch = rng.sample(examples, min(cfg.rep_batch, len(examples)))
+            r_ids, r_mask = pad_left(lm, [b[0] for b in batch])
+            hr = _resid(lm, S, r_ids, r_mask, grad=True)
+            terms = []
+            for bi, (row, start, target) in enumerate(batch):
+                off = r_ids.shape[1] - len(row)
+                terms.append(((hr[bi, off + start:] - target) ** 2).sum(-1).mean() / typ2)
+            fix = torch.stack(terms).mean()
+            loss = cfg.keep_weight * keep + fix
+            loss.backward()
+            for k, p in params.items():
+                if masks[k] is not None and p.grad is not None:
+                    p.grad.mul_(masks[k])
+            opt.step()
+            with torch.no_grad():
+                for k, p in params.items():
+                    if masks[k] is not None:
+                        p.copy_(torch.where(masks[k], p, original[k]))
+            history.append({"step": step, "keep": keep.item(), "fix": fix.item()})
+            if log and (step % 10 == 0 or step == cfg.steps - 1):
+                log(f"  step {step}: keep {keep.item():.5f}, fix {fix.item():.4f}")
+        new = {k: p.detach().clone() for k, p in params.items()}
+    finally:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(original[k])
+                p.requires_grad_(False)
+                p.grad = None
+    what = (f"neurons {dict((int(k), list(v)) for k, v in cfg.neurons.items())}" if cfg.neurons
+            else f"MLPs of layers {list(cfg.layers)}")
+    return Patch(ops=[], name="finetune_local", model=model_signature(lm), weights=new,
+                 notes=f"fine-tuned {what} with the local objective at resid_post {S}: ordinary text unchanged, long "
+                       f"runs of {len(cfg.words)} training words represented like their {cfg.anchor_reps}th repetition",
+                 meta={"family": "finetune_local", "config": cfg.to_dict(), "stop_layer": S,
+                       "train_seconds": round(time.perf_counter() - t0, 1), "history": history[-1:]})

@@ -1,0 +1,135 @@
+"""Search / verify / fine-tune / scan step / report / CLI of the patch on tiny random models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sinkhole.errors import SinkholeError
+from sinkhole.evaluate.metrics import text_metrics
+from sinkhole.patch import Patch, PatchOp, apply_patch
+from sinkhole.patch.finetune import FinetuneConfig, finetune_patch
+from sinkhole.patch.search import SearchConfig, search_patch, targets, verify_patch
+
+CFG = dict(search_words=("a", "b"), search_reps=(8,), verify_words=("c", "d"), verify_reps=(12,), max_new_tokens=6,
+           finetune_steps=2, quick=True)
+
+
+def test_text_metrics_identity_and_change(tiny):
+    texts = ["one two three four five six seven", "a b c d e f g h i j"]
+    same = text_metrics(tiny, None, texts)
+    assert same.ppl_change_pct == 0 and same.top1_agreement == 1 and same.mean_kl_nats == 0
+    changed = text_metrics(tiny, Patch([PatchOp(1, "scale", None, values=5.0)]), texts)
+    assert changed.mean_kl_nats > 0 and changed.ppl_before == same.ppl_before
+    assert changed.n_tokens == same.n_tokens == sum(len(t.split()) for t in texts)
+
+
+def test_finetune_trains_only_chosen_params_and_keeps_model(tiny):
+    before = {k: v.detach().clone() for k, v in tiny.model.named_parameters()}
+    cfg = FinetuneConfig(layers=[1], words=("a", "b"), reps=(8, 12), templates=("raw",), steps=3, min_reps=2,
+                         n_texts=4, text_words=12, lr=1e-2)
+    p = finetune_patch(tiny, cfg)
+    assert set(p.weights) == {n for n, _ in tiny.adapter.mlp_parameters([1])}
+    assert all(torch.equal(before[k], v) for k, v in tiny.model.named_parameters())  # lm left unchanged
+    assert any(not torch.equal(before[k], w) for k, w in p.weights.items())
+    assert p.weights_only and p.kind == "weights"
+
+
+def test_finetune_neurons_changes_only_their_rows_and_columns(tiny):
+    cfg = FinetuneConfig(neurons={1: [5, 9]}, words=("a",), reps=(8,), templates=("raw",), steps=2, min_reps=2,
+                         n_texts=4, text_words=12, lr=1e-2)
+    p = finetune_patch(tiny, cfg)
+    params = dict(tiny.model.named_parameters())
+    down = "model.layers.1.mlp.down_proj.weight"
+    d = (p.weights[down] - params[down]).abs()
+    assert d[:, [5, 9]].sum() > 0
+    keep = [j for j in range(d.shape[1]) if j not in (5, 9)]
+    assert d[:, keep].sum() == 0
+    up = "model.layers.1.mlp.up_proj.weight"
+    du = (p.weights[up] - params[up]).abs().sum(-1)
+    assert du[[5, 9]].sum() > 0 and du[keep].sum() == 0
+
+
+def test_search_and_verify_on_tiny(tiny):
+    cfg = SearchConfig(**CFG)
+    res = search_patch(tiny, cfg, log=lambda m: None)
+    assert res.tried and all("search_divergence" in t or "error" in t for t in res.tried)
+    d = res.to_dict()
+    json.dumps(d)  # JSON-ready
+    if res.patch is not None:
+        v = verify_patch(tiny, res.patch, cfg, sink_reps=30, log=lambda m: None)
+        assert set(v["targets"]) >= {"divergence_le_tenth", "ppl_change_le_1pct", "top1_ge_98pct", "kl_le_0.005"}
+        assert len(v["sink_attention"]["before"]) == tiny.adapter.n_layers
+        assert all(0 <= x <= 1.0001 for x in v["sink_attention"]["before"])
+
+
+def test_disjoint_sets_enforced():
+    with pytest.raises(SinkholeError, match="disjoint"):
+        SearchConfig(search_words=("poem",), verify_words=("Poem",)).check_disjoint()
+    with pytest.raises(SinkholeError, match="disjoint"):
+        SearchConfig(search_reps=(100,), verify_reps=(100,)).check_disjoint()
+
+
+def test_targets_logic():
+    v = {"divergence_before": {"rate": 0.5}, "divergence_after": {"rate": 0.05},
+         "text": {"ppl_change_pct": 0.5, "top1_agreement": 0.99, "mean_kl_nats": 0.001}}
+    assert targets(v)["all"]
+    v["divergence_after"]["rate"] = 0.1
+    assert not targets(v)["all"] and not targets(v)["divergence_le_tenth"]
+
+
+def test_scan_step_and_report(tiny, tmp_path):
+    from sinkhole.patch import steps
+    from sinkhole.report.sections_patch import patch_section
+    from sinkhole.scan import Context
+
+    ctx = Context(lm=tiny, options={"quick": True, "patch": True, "patch_words": ["a", "b"]}, out=tmp_path)
+    out = steps._patch(ctx)
+    assert out["summary"].startswith("Patch")
+    json.dumps(out)
+    doc = {"results": {"patch": out}}
+    html, figs = patch_section(doc)
+    assert "Patch" in html
+    if out.get("verification"):
+        assert (tmp_path / "patched-model" / "patch.json").exists()
+        assert figs and figs[0].axes[0]["xlabel"] and figs[0].axes[0]["ylabel"]
+    assert patch_section({"results": {}}) is None
+
+
+def test_lm_eval_adapter_matches_direct_scores(tiny, tmp_path):
+    pytest.importorskip("lm_eval")
+    from sinkhole.evaluate.harness import compare_tasks, make_lm_class, write_local_task
+
+    class Req:
+        def __init__(self, *args):
+            self.args = args
+
+    model = make_lm_class()(tiny, None)
+    ctx, cont = "a b c", " d e"
+    (ll, _), = model.loglikelihood([Req(ctx, cont)])
+    ids = torch.tensor([[1] + tiny.tokenizer("a b c d e")["input_ids"]])
+    with torch.no_grad():
+        lp = torch.log_softmax(tiny.model(ids).logits.float(), -1)[0]
+    direct = float(lp[3, ids[0, 4]] + lp[4, ids[0, 5]])
+    assert abs(ll - direct) < 1e-4
+    patched = make_lm_class()(tiny, Patch([PatchOp(1, "scale", None, values=4.0)]))
+    (ll2, _), = patched.loglikelihood([Req(ctx, cont)])
+    assert abs(ll2 - ll) > 1e-4
+    folder = write_local_task(tmp_path / "task", n=6)
+    table = compare_tasks(tiny, Patch([PatchOp(1, "scale", None, values=4.0)]), str(folder), limit=6)
+    acc = table["sinkhole_cloze"]["acc"]
+    assert 0 <= acc["before"] <= 1 and 0 <= acc["after"] <= 1
+
+
+def test_cli_errors_are_one_line(capsys, tmp_path):
+    from sinkhole.cli import main
+
+    assert main(["patch", "--out", str(tmp_path / "o"), "--words", "x", "--verify-words", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "disjoint" in err and err.count("\n") == 1
+    assert main(["eval", "--patch", str(tmp_path / "none.json")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["patch", "--out", str(tmp_path / "o"), "--steps", "0"]) == 2
+    assert not (tmp_path / "o").exists()
