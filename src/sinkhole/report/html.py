@@ -30,7 +30,6 @@ SECTION_MODULES = [
     "sinkhole.report.sections",
     "sinkhole.report.sections_circuit",
     "sinkhole.report.sections_patch",
-    "sinkhole.report.sections_attack",
 ]
 
 
@@ -154,9 +153,9 @@ section{background:#fff;border:1px solid var(--line);border-radius:8px;padding:1
  scroll-margin-top:12px}
 .verdict{font-size:1.08em;padding:12px 16px;border-radius:8px;margin:14px 0;border:2px solid}
 .verdict.bad{background:#fdecea;border-color:#d93025} .verdict.good{background:#e6f4ea;border-color:#188038}
-.facts{display:grid;grid-template-columns:repeat(auto-fill,minmax(200px,1fr));gap:4px 14px;margin:6px 0}
+.facts{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:4px 12px;margin:6px 0;font-size:.9em}
 .facts div{display:flex;flex-direction:column;border-left:3px solid var(--line);padding:1px 8px}
-.facts span{color:var(--mut);font-size:.8em}.facts b{font-weight:600;overflow-wrap:anywhere}
+.facts span{color:var(--mut);font-size:.78em}.facts b{font-weight:600;overflow-wrap:anywhere;line-height:1.25}
 .verdict.unknown{background:#fff8e1;border-color:#f9ab00} .verdict ul{margin:6px 0 0 0;padding-left:20px}
 .errors{background:#fff4e5;border:1px solid #f9ab00;border-radius:8px;padding:8px 14px;margin:14px 0}
 .section-error{color:#a50e0e}

@@ -71,9 +71,11 @@ def model_section(doc: dict):
     m = doc.get("model")
     if not m:
         return None
-    keys = ["name", "hf_name", "family", "model_class", "n_layers", "d_model", "d_mlp", "n_heads", "vocab_size",
-            "n_ctx", "bos_id", "dtype", "n_params", "quantization", "device"]
-    cells = "".join(f"<div><span>{esc(k)}</span><b>{fmt(m[k])}</b></div>" for k in keys if k in m)
+    keys = [("name", "name"), ("hf_name", "weights"), ("family", "family"), ("model_class", "class"),
+            ("n_params", "parameters"), ("n_layers", "layers"), ("d_model", "d_model"), ("d_mlp", "d_mlp"),
+            ("n_heads", "heads"), ("vocab_size", "vocabulary"), ("n_ctx", "context (tokens)"), ("bos_id", "BOS id"),
+            ("dtype", "dtype"), ("quantization", "source quantization"), ("device", "device")]
+    cells = "".join(f"<div><span>{esc(label)}</span><b>{fmt(m[k])}</b></div>" for k, label in keys if k in m)
     return f"<h2>Model</h2><div class='facts'>{cells}</div>", []
 
 
