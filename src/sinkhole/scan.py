@@ -91,8 +91,8 @@ STEPS: list[Step] = []
 STEP_MODULES = [
     "sinkhole.scan_steps",
     "sinkhole.circuit.steps",
-    "sinkhole.patch.steps",
     "sinkhole.attack.steps",
+    "sinkhole.patch.steps",
 ]
 
 

@@ -29,6 +29,7 @@ SECTIONS: list[tuple[str, Callable]] = []
 SECTION_MODULES = [
     "sinkhole.report.sections",
     "sinkhole.report.sections_circuit",
+    "sinkhole.report.sections_attack",
     "sinkhole.report.sections_patch",
 ]
 
