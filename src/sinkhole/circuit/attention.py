@@ -55,31 +55,46 @@ class AttentionSinks:
 
 
 def _profile(lm, ids: torch.Tensor, label: str, run_start: int | None = None, eps: float = 0.3) -> AttentionProfile:
+    """Per-layer attention metrics of one input. When the run starts right after the first token
+    (or there is no run) only the weight on the first token is needed, read from the fused
+    ``attn_first`` site (no T x T pattern); otherwise the eager pattern, reduced in the hook."""
+    from ..capture import READ_SITES
+
     L = lm.adapter.n_layers
+    q0 = 1 if run_start is None else max(run_start, 1)
+    fused = "attn_first" in READ_SITES and run_start in (None, 0, 1)
     h = Hooks(lm)
 
-    def reduce(x, p):
+    def reduce_first(x, p):
+        a = x.detach().float()  # (B, H, T): weight on the first token
+        first = a[:, :, q0:].mean()
+        alpha = a.mean(-1).mean(0)  # (H,) Gu's alpha over all queries t >= 0
+        out = [first.reshape(1), alpha]
+        if run_start is not None:  # keys of the run = every key but the first (or all of them)
+            out.append((1.0 - first if run_start == 1 else torch.ones_like(first)).reshape(1))
+        return torch.cat(out)
+
+    def reduce_pattern(x, p):
         a = x.detach().float()  # (B, H, T, Tk)
         T = a.shape[-2]
-        q0 = 1 if run_start is None else max(run_start, 1)
         first = a[:, :, q0:, 0].mean()
-        alpha = a[:, :, :, 0].mean(-1).mean(0)  # (H,) Gu's alpha over all queries t >= 0
+        alpha = a[:, :, :, 0].mean(-1).mean(0)
         out = [first.reshape(1), alpha]
         if run_start is not None:
             tri = torch.ones(T, T, dtype=torch.bool, device=a.device).tril()
             keys = torch.zeros(T, dtype=torch.bool, device=a.device)
             keys[run_start:] = True
             m = (tri & keys[None, :])[q0:]  # (Tq, Tk)
-            run_mass = (a[:, :, q0:, :] * m).sum(-1).mean()
-            out.append(run_mass.reshape(1))
+            out.append((a[:, :, q0:, :] * m).sum(-1).mean().reshape(1))
         return torch.cat(out)
 
     for i in range(L):
-        h.read("attn_pattern", i, reduce=reduce)
+        h.read("attn_first" if fused else "attn_pattern", i, reduce=reduce_first if fused else reduce_pattern,
+               name=f"att.{i}")
     with torch.no_grad(), h:
         h.forward(ids, use_cache=False)
-    c = [h.cache[f"attn_pattern.{i}"] for i in range(L)]
-    H = (c[0].numel() - 1 - (1 if run_start is not None else 0))
+    c = [h.cache[f"att.{i}"] for i in range(L)]
+    H = c[0].numel() - 1 - (1 if run_start is not None else 0)
     alphas = torch.stack([v[1:1 + H] for v in c])
     return AttentionProfile(label=label, n_tokens=int(ids.shape[1]), layers=list(range(L)),
                             mass_first=[float(v[0]) for v in c],

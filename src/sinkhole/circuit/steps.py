@@ -49,7 +49,8 @@ def _convergence(ctx: Context) -> dict:
 def _attention(ctx: Context) -> dict:
     sink_layers = ctx.get("circuit", "sink_layers") or []
     main = main_sink_layer(ctx)
-    reps = [n for n in (16, 64, 256) if n <= int(ctx.options.get("curve_reps", 1000))] or [16]
+    counts = (16, 64) if ctx.options.get("quick") else (16, 64, 256)
+    reps = [n for n in counts if n <= int(ctx.options.get("curve_reps", 1000))] or [16]
     return attention_sinks(ctx.lm, words=_words(ctx)[:1], reps=reps,
                            map_layers=fig1_layers(ctx.lm, sink_layers, main)).to_dict()
 
