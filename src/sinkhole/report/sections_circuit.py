@@ -47,7 +47,7 @@ def circuit_section(doc: dict):
         ax1.set_xlabel("layer (0-based)")
         ax1.set_ylabel("first-token hidden-state norm (log)")
         ax2.set_xlabel("layer (0-based)")
-        ax2.set_ylabel("attention mass on position 0 (mean over heads, queries > 0)")
+        ax2.set_ylabel("attention mass on position 0")
         ax1.legend(fontsize=7)
         ax2.legend(fontsize=7)
         figs.append(Figure("fig3_sink_neuron_ablation",
