@@ -48,6 +48,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--first-rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--name", default="load", help="results/<name>.json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -87,7 +88,7 @@ def main(argv=None):
         out[model] = rows
     payload = {"benchmark": "model load", "command": " ".join(["python"] + sys.argv), "machine": machine(),
                "threads": args.threads or "torch default", "results": out}
-    print(save("load", payload))
+    print(save(args.name, payload))
 
 
 if __name__ == "__main__":

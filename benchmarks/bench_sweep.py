@@ -1,14 +1,15 @@
 """Benchmark 5: vocabulary sweep throughput of a generation-free sink score, and projections.
 
-The score of a candidate token t: the residual-stream norm at the sink layer at the last of n
-repetitions of t (``[BOS] t t ... t``), the pass stopped after the sink layer, the norm reduced
-in the hook, candidates batched. Measured: candidate tokens per second on a sample of the
+Times the library's ``sinkhole.attack.sweep.sweep_tokens`` (no generation): for each candidate
+token t one batched pass over ``<bos> Repeat: t t ... t`` (n repetitions), stopped a few layers
+after the sink layer, the norm at the sink layer and the attention on position 0 reduced in the
+hooks, giving the repetitions needed to reach a sink. Measured: candidate tokens per second on a sample of the
 SmolLM2 vocabulary; the whole-vocabulary time is that rate applied to 49,152 tokens (measured
 rate, extrapolated count). The 7B line is a projection from FLOP counts (assumptions printed).
 
 Usage::
 
-    python benchmarks/bench_sweep.py --n-reps 64 --batch 32 --sample 256
+    python benchmarks/bench_sweep.py --n-reps 256 --batch 16 --sample 128
 """
 
 from __future__ import annotations
@@ -31,66 +32,57 @@ GPU_PEAK_FLOPS, GPU_MFU = 989e12, 0.40
 def child(args):
     import torch
 
-    from sinkhole import Hooks, load_model
+    from sinkhole import load_model
+    from sinkhole.attack.predictor import default_layers
+    from sinkhole.attack.sweep import sweep_tokens
 
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = load_model("smollm2-135m-instruct", progress=False)
     vocab = lm.model.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    cand = torch.randperm(vocab, generator=g)[: args.sample]
-
-    def score(tokens: torch.Tensor) -> torch.Tensor:
-        ids = torch.cat([torch.full((len(tokens), 1), lm.bos_id), tokens[:, None].expand(-1, args.n_reps)], 1)
-        h = Hooks(lm)
-        h.read("resid_post", args.layer, reduce=lambda x, pos: x[:, -1].float().norm(dim=-1))
-        h.stop_after(args.layer)
-        with torch.no_grad(), h:
-            h.forward(ids, use_cache=False)
-        return h.cache[f"resid_post.{args.layer}"]
-
-    score(cand[:2])  # warm-up
-    batch_times = []
-    scores = []
+    cand = [int(t) for t in torch.randperm(vocab, generator=g)[: args.sample]]
+    sink = None if args.layer < 0 else args.layer
+    sweep_tokens(lm, cand[:2], sink_layer=sink, max_reps=16, batch_size=2, quiet=True)  # warm-up
     t0 = time.perf_counter()
-    for i in range(0, len(cand), args.batch):
-        t = time.perf_counter()
-        scores.append(score(cand[i:i + args.batch]))
-        batch_times.append(time.perf_counter() - t)
+    res = sweep_tokens(lm, cand, sink_layer=sink, max_reps=args.n_reps, batch_size=args.batch, quiet=True)
     total = time.perf_counter() - t0
-    s = torch.cat(scores)
+    norm_layer, a0, max_layer = default_layers(lm, sink)
+    n_blocks = max(norm_layer, max_layer) + 1
+    T = len(lm.encode("Repeat:", bos=True)) + args.n_reps
     cfg = lm.model.config
-    T = args.n_reps + 1
-    flops_per_cand = (args.layer + 1) * llama_layer_flops(T, cfg.hidden_size, cfg.num_attention_heads,
-                                                          cfg.num_key_value_heads, cfg.head_dim,
-                                                          cfg.intermediate_size, causal_only=False)
+    flops_per_cand = n_blocks * llama_layer_flops(T, cfg.hidden_size, cfg.num_attention_heads,
+                                                  cfg.num_key_value_heads, cfg.head_dim,
+                                                  cfg.intermediate_size, causal_only=False)
+    reps = [r["reps_to_sink"] for r in res["records"].values()]
     emit({"tokens_scored": len(cand), "seconds": total, "tokens_per_s": len(cand) / total,
-          "batch_times_s": batch_times, "vocab": vocab, "flops_per_candidate": flops_per_cand,
-          "score_min": float(s.min()), "score_median": float(s.median()), "score_max": float(s.max()),
+          "vocab": vocab, "flops_per_candidate": flops_per_cand, "blocks_run": n_blocks, "seq_len": T,
+          "sink_layer": norm_layer, "n_reaching_sink": sum(r is not None for r in reps),
           "torch_threads": torch.get_num_threads()})
 
 
 def project_7b(n_reps: int) -> dict:
     m = LLAMA7B
     T = n_reps + 1
-    per_cand = (m["sink_layer"] + 1) * llama_layer_flops(T, m["d"], m["n_heads"], m["n_kv"], m["head_dim"], m["d_mlp"])
+    blocks = m["sink_layer"] + 5  # sweep_tokens' default_layers: stop 4 layers after the sink layer
+    per_cand = blocks * llama_layer_flops(T + 3, m["d"], m["n_heads"], m["n_kv"], m["head_dim"], m["d_mlp"])
     total = per_cand * m["vocab"]
     secs = total / (GPU_PEAK_FLOPS * GPU_MFU)
     return {
         "flops_per_candidate": per_cand, "total_flops": total, "projected_seconds": secs,
-        "assumptions": (f"Llama-2-7B shapes (d=4096, d_mlp=11008, 32 heads, vocab 32,000), forward stopped after "
-                        f"the sink layer (layer {m['sink_layer']}, so {m['sink_layer'] + 1} blocks), {n_reps} repetitions "
-                        f"+ BOS per candidate, causal attention FLOPs, one H100 at {GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s "
+        "assumptions": (f"Llama-2-7B shapes (d=4096, d_mlp=11008, 32 heads, vocab 32,000), forward stopped "
+                        f"4 layers after the sink layer (layer {m['sink_layer']}, so {blocks} blocks, as sweep_tokens does), "
+                        f"{n_reps} repetitions + '<s> Repeat:' per candidate, causal attention FLOPs, one H100 at {GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s "
                         f"bf16 x {GPU_MFU:.0%} utilization; embedding lookup, norms and the host side ignored"),
     }
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n-reps", type=int, default=64)
-    p.add_argument("--layer", type=int, default=11, help="sink layer (SmolLM2: 11)")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--sample", type=int, default=256, help="candidate tokens timed")
+    p.add_argument("--n-reps", type=int, default=256, help="max_reps of sweep_tokens (its default)")
+    p.add_argument("--layer", type=int, default=-1, help="sink layer (-1: sweep_tokens' default)")
+    p.add_argument("--batch", type=int, default=16, help="batch_size of sweep_tokens (its default)")
+    p.add_argument("--sample", type=int, default=128, help="candidate tokens timed")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--peak-gflops", type=float, default=None, help="machine peak for the share-of-peak column")
@@ -111,7 +103,8 @@ def main(argv=None):
     vocab = ok[0]["vocab"]
     gflops = rate * ok[0]["flops_per_candidate"] / 1e9
     res = {
-        "n_reps": args.n_reps, "layer": args.layer, "batch": args.batch, "sample": args.sample,
+        "n_reps": args.n_reps, "layer": ok[0]["sink_layer"], "blocks_run": ok[0]["blocks_run"],
+        "seq_len": ok[0]["seq_len"], "batch": args.batch, "sample": args.sample,
         "tokens_per_s": rate, "gflop_per_s": gflops,
         "smollm2_whole_vocab_s": vocab / rate, "smollm2_vocab": vocab,
         "llama7b_projection": project_7b(args.n_reps), "runs": runs,

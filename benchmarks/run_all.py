@@ -8,7 +8,7 @@ machine; both peaks are kept). Results: benchmarks/results/*.json and summary.md
 Usage::
 
     python benchmarks/run_all.py --threads 1 --tl-python /tmp/tlvenv/bin/python
-    python benchmarks/run_all.py --quick          # small sizes, a smoke test of the scripts
+    SINKHOLE_BENCH_RESULTS=/tmp/quick python benchmarks/run_all.py --quick   # smoke test, small sizes
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def main(argv=None):
         sh([py, str(HERE / "bench_load.py"), "--rounds", "1" if args.quick else "3",
             "--first-rounds", "1" if args.quick else "2", *th], log)
     if "sweep" not in skip:
-        sh([py, str(HERE / "bench_sweep.py"), *th] + (["--sample", "16", "--batch", "8", "--rounds", "1"] if args.quick else []),
+        sh([py, str(HERE / "bench_sweep.py"), *th] + (["--sample", "16", "--batch", "8", "--n-reps", "32", "--rounds", "1"] if args.quick else []),
            log)
     for name in ("circuit", "predictor"):  # written by other helpers: pass only the flags they take
         script = HERE / f"bench_{name}.py"

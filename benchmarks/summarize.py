@@ -102,8 +102,8 @@ def summarize(d) -> str:
         s = old["summary"]["sinkhole"]
         out.append(f"Before `attn_first` (full eager patterns reduced in the hook) the same run peaked at "
                    f"{_f(s['peak_rss_mib'])} MiB.\n")
-    load = _load(d, "load")
-    if load:
+    for lp in sorted(d.glob("load*.json")):
+        load = json.loads(lp.read_text())
         out.append(f"\n### 3. Model load (`{load['command']}`)\n")
         out.append(f"Threads: {load.get('threads')}; load average at start {load['machine'].get('load_avg_at_start')}.\n")
         out.append("| model | first load s (empty cache) | cached load s (wall) | cached load CPU s | cached: whole process s | peak RSS MiB (cached) | target (wall) |")
@@ -118,8 +118,9 @@ def summarize(d) -> str:
         proj = r["llama7b_projection"]
         share = r["gflop_per_s"] / peak if peak else None
         out.append(f"\n### 5. Vocabulary sweep (`{sw['command']}`)\n")
-        out.append(f"Sink score = norm after layer {r['layer']} at the last of {r['n_reps']} repetitions, batch "
-                   f"{r['batch']}, {r['sample']} sampled tokens: **{_f(r['tokens_per_s'], 1)} candidate tokens/s** "
+        out.append(f"`sweep_tokens` (no generation; sink layer {r['layer']}, pass stopped after {r.get('blocks_run')} "
+                   f"blocks, {r['n_reps']} repetitions, {r.get('seq_len')} tokens per run, batch {r['batch']}), "
+                   f"{r['sample']} randomly sampled vocabulary tokens: **{_f(r['tokens_per_s'], 1)} candidate tokens/s** "
                    f"({_f(r['gflop_per_s'], 1)} GFLOP/s{f', {100 * share:.0f}% of peak' if share else ''}). Whole SmolLM2 "
                    f"vocabulary ({r['smollm2_vocab']:,} tokens) at that rate: {_f(r['smollm2_whole_vocab_s'] / 60, 1)} min. "
                    f"Projection for a 7B Llama on one GPU: {_f(proj['projected_seconds'], 1)} s "
