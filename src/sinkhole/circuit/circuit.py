@@ -11,14 +11,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-import torch
-
 from ..progress import progress
 from .attention import attention_sinks, fig1_layers
 from .convergence import convergence_curve, identity_check
 from .detector import first_token_detector
 from .common import text_batch
-from .neurons import _norms_and_attention, ablation_effect, rank_and_filter, repetition_firing
+from .neurons import _norms_and_attention, ablation_effect, rank_and_filter, repetition_firing_layers
 from .norms import REPEATS_RULE, norm_curves, repeats_needed
 from .sink_layers import find_sink_layers
 
@@ -106,10 +104,10 @@ def analyze(lm, words: list[str] = ("the", "poem"), n_reps: int = 1000, conv_wor
     bar.update(1)
     # 2. do the sink neurons fire on repetitions?
     firing = []
-    for r in c.neurons:
-        if r["selected"]:
-            for w in words:
-                firing.append(repetition_firing(lm, r["layer"], r["selected"], w, n_reps).to_dict())
+    sel = {r["layer"]: r["selected"] for r in c.neurons if r["selected"]}
+    if sel:
+        for w in words:
+            firing.extend(f.to_dict() for f in repetition_firing_layers(lm, sel, w, n_reps))
     bar.update(1)
     det = first_token_detector(lm).to_dict()
     bar.update(1)

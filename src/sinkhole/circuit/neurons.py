@@ -18,7 +18,7 @@ the ablation does downstream and whether the neurons also fire on long repetitio
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -184,27 +184,39 @@ def ablation_effect(lm, layer: int, neurons: list[int], batch: torch.Tensor | No
 def repetition_firing(lm, layer: int, neurons: list[int], word: str = "the", n_reps: int = 1000,
                       fire_frac: float = 0.5, n_samples: int = 64, top: int = 5) -> RepetitionFiring:
     """Activations of ``neurons`` at ``layer`` on ``BOS w w ... w`` (one pass, stopped at the layer)."""
+    return repetition_firing_layers(lm, {layer: neurons}, word, n_reps, fire_frac, n_samples, top)[0]
+
+
+def repetition_firing_layers(lm, neurons_by_layer: dict[int, list[int]], word: str = "the", n_reps: int = 1000,
+                             fire_frac: float = 0.5, n_samples: int = 64, top: int = 5) -> list[RepetitionFiring]:
+    """``repetition_firing`` for several layers from one forward pass (stopped at the deepest)."""
     ids, start = repeat_ids(lm, word, n_reps, bos=lm.bos_id is not None)
     kw = len(lm.word_ids(word))
+    layers = sorted(neurons_by_layer)
     h = Hooks(lm)
-    h.read("neurons", layer, reduce=lambda x, p: x.detach().float()[0])
-    h.stop_after(layer)
+    for layer in layers:
+        h.read("neurons", layer, reduce=lambda x, p: x.detach().float()[0])
+    h.stop_after(layers[-1])
     with torch.no_grad(), fast_attention(lm), h:
         h.forward(torch.tensor([ids], device=lm.device), use_cache=False)
-    acts = h.cache[f"neurons.{layer}"]  # (T, d_mlp)
-    last_tok = torch.arange(start + kw - 1, len(ids), kw, device=acts.device)  # last token of each repetition
-    a0 = acts[0]
-    fires_at, max_ratio, series = [], [], []
     idx = sorted(set(int(round(float(x))) for x in torch.logspace(0, torch.log10(torch.tensor(float(n_reps))), n_samples)))
-    for j in neurons:
-        ref = float(a0[j])
-        r = acts[last_tok, j] / ref if ref != 0 else torch.zeros(len(last_tok))
-        hit = (r >= fire_frac).nonzero()
-        fires_at.append(int(hit[0]) + 1 if len(hit) else None)
-        max_ratio.append(float(r.max()) if len(r) else 0.0)
-        series.append([float(acts[last_tok[n - 1], j]) for n in idx])
-    score = acts[last_tok[-1]].abs() * _w_norm(lm, layer)
-    return RepetitionFiring(word=word, layer=layer, n_reps=n_reps, neurons=[int(j) for j in neurons],
-                            first_activation=[float(a0[j]) for j in neurons], reps=idx, activation=series,
-                            fires_at=fires_at, max_ratio=max_ratio,
-                            repeat_top=[int(j) for j in score.topk(min(top, score.numel())).indices])
+    out = []
+    for layer in layers:
+        neurons = neurons_by_layer[layer]
+        acts = h.cache[f"neurons.{layer}"]  # (T, d_mlp)
+        last_tok = torch.arange(start + kw - 1, len(ids), kw, device=acts.device)  # last token of each repetition
+        a0 = acts[0]
+        fires_at, max_ratio, series = [], [], []
+        for j in neurons:
+            ref = float(a0[j])
+            r = acts[last_tok, j] / ref if ref != 0 else torch.zeros(len(last_tok))
+            hit = (r >= fire_frac).nonzero()
+            fires_at.append(int(hit[0]) + 1 if len(hit) else None)
+            max_ratio.append(float(r.max()) if len(r) else 0.0)
+            series.append([float(acts[last_tok[n - 1], j]) for n in idx])
+        score = acts[last_tok[-1]].abs() * _w_norm(lm, layer)
+        out.append(RepetitionFiring(word=word, layer=layer, n_reps=n_reps, neurons=[int(j) for j in neurons],
+                                    first_activation=[float(a0[j]) for j in neurons], reps=idx, activation=series,
+                                    fires_at=fires_at, max_ratio=max_ratio,
+                                    repeat_top=[int(j) for j in score.topk(min(top, score.numel())).indices]))
+    return out

@@ -14,7 +14,7 @@ from .attention import attention_sinks, fig1_layers
 from .circuit import discover
 from .convergence import convergence_curve, identity_check
 from .detector import first_token_detector
-from .neurons import repetition_firing
+from .neurons import repetition_firing_layers
 from .norms import REPEATS_RULE, norm_curves, repeats_needed
 
 
@@ -27,8 +27,11 @@ def _circuit(ctx: Context) -> dict:
     c = discover(ctx.lm)
     d = c.to_dict()
     reps = int(ctx.options.get("curve_reps", 1000))
-    d["repetition_firing"] = [repetition_firing(ctx.lm, r["layer"], r["selected"], w, reps).to_dict()
-                              for r in c.neurons if r["selected"] for w in _words(ctx)]
+    sel = {r["layer"]: r["selected"] for r in c.neurons if r["selected"]}
+    d["repetition_firing"] = []
+    if sel:
+        for w in _words(ctx):
+            d["repetition_firing"] += [f.to_dict() for f in repetition_firing_layers(ctx.lm, sel, w, reps)]
     return d
 
 
