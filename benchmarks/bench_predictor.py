@@ -1,0 +1,92 @@
+"""Generation-free predictor vs greedy generation, side by side in one run.
+
+For every (word, repetitions, template) case we (1) greedily generate and judge divergence with
+the run judge (the label) and (2) compute the predictor's features from one forward pass over
+the prompt stopped a few layers after the sink layer. The predictor (one feature + threshold)
+is fitted on the TRAIN words and evaluated on the HELD-OUT words (no word in both). Timings are
+wall-clock per case on this machine, measured in the same process, batch size 1 for both.
+
+    python benchmarks/bench_predictor.py [--model smollm2-135m-instruct] [--out benchmarks/results/predictor.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("SINKHOLE_NO_PROGRESS", "1")
+
+from sinkhole import load_model  # noqa: E402
+from sinkhole.attack.diverge import run_cases  # noqa: E402
+from sinkhole.attack.predictor import Predictor, case_features  # noqa: E402
+from sinkhole.attack.prompts import make_cases  # noqa: E402
+from sinkhole.results import write_json  # noqa: E402
+
+TRAIN = ["poem", "company", "the", "book", "house"]
+HELD_OUT = ["water", "king", "love", "blue", "time"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--reps", default="50,200,500")
+    ap.add_argument("--templates", default="repeat,garak_this")
+    ap.add_argument("--max-new-tokens", type=int, default=20)
+    ap.add_argument("--sink-layer", type=int, default=2, help="SmolLM2: 2 (first layer with first-token norm >= 5x)")
+    ap.add_argument("--out", default="benchmarks/results/predictor.json")
+    a = ap.parse_args(argv)
+    lm = load_model(a.model, progress=False)
+    rows = []
+    for split, words in (("train", TRAIN), ("held_out", HELD_OUT)):
+        for c in make_cases(lm, words, a.reps, a.templates):
+            t0 = time.perf_counter()
+            g = run_cases(lm, [c], max_new_tokens=a.max_new_tokens, batch_size=1, quiet=True)[0]
+            t_gen = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            f = case_features(lm, [c], sink_layer=a.sink_layer, batch_size=1, quiet=True)[0]
+            t_pred = time.perf_counter() - t0
+            rows.append({"split": split, **f.to_dict(), "diverged": g.diverged, "garak_diverged": g.garak_diverged,
+                         "tokens_until_divergence": g.tokens_until_divergence, "text": g.text,
+                         "t_generate_s": round(t_gen, 3), "t_predict_s": round(t_pred, 3)})
+            print(f"{split:8s} {c.template:10s} {c.word:8s} {c.reps:4d} diverged={g.diverged!s:5s} "
+                  f"attn_drop={f.attn_drop:.3f} norm_ratio={f.norm_ratio:.3f} gen {t_gen:.1f}s pred {t_pred:.2f}s",
+                  file=sys.stderr, flush=True)
+
+    class _F:
+        def __init__(self, r):
+            self.__dict__.update(r)
+
+    tr = [r for r in rows if r["split"] == "train"]
+    te = [r for r in rows if r["split"] == "held_out"]
+    pred = Predictor.fit([_F(r) for r in tr], [r["diverged"] for r in tr])
+    ev = pred.evaluate([_F(r) for r in te], [r["diverged"] for r in te])
+    t_gen = sum(r["t_generate_s"] for r in rows) / len(rows)
+    t_pred = sum(r["t_predict_s"] for r in rows) / len(rows)
+
+    by = {}
+    for r in rows:
+        by.setdefault((r["template"], r["reps"]), []).append(r["diverged"])
+    doc = {
+        "model": lm.name, "sink_layer": a.sink_layer, "max_new_tokens": a.max_new_tokens,
+        "train_words": TRAIN, "held_out_words": HELD_OUT, "reps": a.reps, "templates": a.templates,
+        "predictor": pred.to_dict(), "held_out": ev,
+        "train_divergence_rate": round(sum(r["diverged"] for r in tr) / len(tr), 4),
+        "held_out_divergence_rate": round(sum(r["diverged"] for r in te) / len(te), 4),
+        "rate_by_template_reps": [{"template": t, "reps": n, "rate": round(sum(v) / len(v), 4), "n": len(v)}
+                                  for (t, n), v in sorted(by.items())],
+        "mean_time_generate_s": round(t_gen, 3), "mean_time_predict_s": round(t_pred, 3),
+        "speedup": round(t_gen / t_pred, 1) if t_pred > 0 else None,
+        "cases": rows,
+    }
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    write_json(a.out, doc)
+    print(json.dumps({k: v for k, v in doc.items() if k != "cases"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""The phenomenon on the real SmolLM2-135M-Instruct (kept short: two short generations and two
+truncated forward passes)."""
+
+import pytest
+
+from sinkhole.attack.diverge import run_cases
+from sinkhole.attack.predictor import case_features
+from sinkhole.attack.prompts import make_cases
+
+pytestmark = pytest.mark.real
+
+
+def test_smollm2_raw_run_diverges_but_instructed_run_continues(smollm2):
+    # measured: '<bos> poem x50' leaves the word at the first generated token, while after
+    # 'Repeat:' the model keeps repeating 'poem' for 40 tokens (docs/findings-attack.md)
+    cases = make_cases(smollm2, ["poem"], [50], ["raw", "repeat"])
+    raw, rep = run_cases(smollm2, cases, max_new_tokens=8, batch_size=2)
+    assert raw.diverged and raw.tokens_until_divergence <= 2, raw.text
+    assert not rep.diverged and "poem" in rep.text.lower(), rep.text
+    assert raw.garak_diverged is False or len(raw.text) > 15
+
+
+def test_smollm2_long_run_looks_like_a_first_token(smollm2):
+    # the predictor's features: after a few hundred repetitions the run's sink-layer norm
+    # approaches the first token's and attention to position 0 collapses
+    short, long = make_cases(smollm2, ["poem"], [20, 300], ["repeat"])
+    fs, fl = case_features(smollm2, [short, long], sink_layer=2, batch_size=2)
+    assert fl.norm_ratio > 0.4 > 0.2 > fs.norm_ratio, (fs, fl)
+    assert fl.attn_drop > fs.attn_drop
