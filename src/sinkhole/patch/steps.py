@@ -22,6 +22,9 @@ def _patch(ctx: Context) -> dict:
     words = ctx.options.get("patch_words")
     if words:
         cfg.search_words = tuple(words)
+    fams = ctx.options.get("patch_families")
+    if fams:
+        cfg.families = tuple(fams)
     if ctx.quick:
         cfg.quick = True
         cfg.search_words, cfg.search_reps = cfg.search_words[:2], cfg.search_reps[:1]
@@ -36,7 +39,7 @@ def _patch(ctx: Context) -> dict:
         out["summary"] = ("Patch: the model did not diverge on the search cases; nothing to patch." if not base else
                           "Patch: no candidate stayed within the perplexity budget.")
         return out
-    v = verify_patch(ctx.lm, res.patch, cfg, log=lambda m: None)
+    v = verify_patch(ctx.lm, res.patch, cfg, sink_reps=120 if ctx.quick else 400, log=lambda m: None)
     out["patch"] = res.patch.to_dict()
     out["verification"] = {**v, "divergence_before": _trim_cases(v["divergence_before"]),
                            "divergence_after": _trim_cases(v["divergence_after"])}

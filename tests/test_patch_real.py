@@ -1,0 +1,57 @@
+"""The patch on the real SmolLM2-135M-Instruct: export/reload exactness and fewer divergences.
+
+Budget: about 120 s on 2 CPU cores (a short local fine-tune, one export, 2 x 4 generations).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sinkhole.attack.prompts import make_cases
+from sinkhole.evaluate.divergence import divergence
+from sinkhole.patch import export_patched, load_patched
+from sinkhole.patch.finetune import FinetuneConfig, finetune_patch
+
+pytestmark = pytest.mark.real
+
+HELD_OUT = ["flower", "ocean"]  # never used for training
+TRAIN = ("poem", "company", "book", "music", "house", "water", "time", "light")
+
+
+@pytest.fixture(scope="module")
+def fixed(smollm2, tmp_path_factory):
+    cfg = FinetuneConfig(layers=[1, 2], words=TRAIN, reps=(64, 100), objective="local", steps=12, lr=1e-3,
+                         keep_weight=10.0, rep_batch=4, text_batch=8, n_texts=16)
+    patch = finetune_patch(smollm2, cfg)
+    out = export_patched(smollm2, patch, tmp_path_factory.mktemp("patched") / "smollm2-fixed")
+    return patch, out
+
+
+def test_export_reloads_exactly(smollm2, fixed):
+    from transformers import AutoModelForCausalLM
+
+    from sinkhole.patch import apply_patch
+
+    patch, out = fixed
+    ids = torch.tensor([smollm2.encode("Shall I compare thee to a summer's day?"),
+                        smollm2.encode("poem " * 9)[:11]])
+    with torch.no_grad(), apply_patch(smollm2, patch):
+        mem = smollm2.model(ids).logits
+    re = load_patched(out)
+    with torch.no_grad():
+        got = re.model(ids).logits
+    assert (got - mem).abs().max() <= 1e-5
+    plain = AutoModelForCausalLM.from_pretrained(str(out))  # weights-only form: no sinkhole needed
+    with torch.no_grad():
+        assert (plain(ids).logits - mem).abs().max() <= 1e-4
+
+
+def test_exported_patch_reduces_heldout_divergence(smollm2, fixed):
+    _, out = fixed
+    cases = make_cases(smollm2, HELD_OUT, [250], ["repeat", "chat_assistant"])
+    before = divergence(smollm2, cases, None, max_new_tokens=32, batch_size=4)
+    re = load_patched(out)
+    after = divergence(re, cases, None, max_new_tokens=32, batch_size=4)
+    assert before.rate_run > 0, "the held-out cases must diverge unpatched for this test to mean anything"
+    assert after.rate_run < before.rate_run
