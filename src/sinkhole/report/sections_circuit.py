@@ -177,6 +177,28 @@ def repeats_section(doc: dict):
 
     rows = [[r["word"], r["layer"], _n(r["repeats_needed"]), _n(r.get("repeats_needed_sustained")),
              fmt(r["max_norm"]), fmt(r["first_token_norm"])] for r in nc["repeats_needed"]]
+    figs = []
+    curves = nc.get("all_curves") or []
+    layers = sorted({c["layer"] for c in curves})
+    if len(layers) > 1:
+        import math
+
+        fig, axes = new(3.4 * len(layers), 3.2, ncols=len(layers))
+        for k, layer in enumerate(layers):
+            ax = axes[0][k]
+            cs = [c for c in curves if c["layer"] == layer]
+            for c in cs:
+                ax.plot(c["reps"], [math.log(max(v, 1e-9)) for v in c["norm"]], lw=1, label=f"'{c['word']}'")
+            ax.axhline(math.log(max(cs[0]["first_token_norm"], 1e-9)), color="#d93025", ls="--", label="first token")
+            if cs[0].get("typical_norm"):
+                ax.axhline(math.log(cs[0]["typical_norm"]), color="#5f6368", ls=":", label="typical")
+            ax.set_title(f"layer {layer}", fontsize=9)
+            ax.set_xlabel("number of repetitions")
+            ax.set_ylabel("ln ‖hidden state‖")
+        axes[0][0].legend(fontsize=7)
+        figs.append(Figure("fig2_norm_vs_reps_all_sink_layers",
+                           "Figure 2 at every candidate sink layer: look for the layers where a repeated word climbs "
+                           "to the first-token line and the ones where it never does.", fig))
     return ("<h2>Repetitions needed to induce a sink</h2><p>" + esc(nc.get("repeats_rule", "")) + ".</p>"
             + table(["word", "layer", "repeats needed (first crossing)", "repeats needed (sustained)",
-                     "max norm of a repetition", "first-token norm"], rows)), []
+                     "max norm of a repetition", "first-token norm"], rows)), figs
