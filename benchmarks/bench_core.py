@@ -151,11 +151,12 @@ def child_tl(args):
 
 
 def child_sinkhole_curve(args):
-    """Only the norm curve, through the library call (``norm_curve``: stops after the layer)."""
+    """Only the norm curve, through the library call (``norm_curves``, what the circuit analysis
+    uses: stops after the layer, SDPA attention since no pattern is read)."""
     import torch
 
     from sinkhole import load_model
-    from sinkhole.circuit.norms import norm_curve
+    from sinkhole.circuit.norms import norm_curves
 
     t0 = time.perf_counter()
     lm = load_model("smollm2-135m-instruct")
@@ -163,10 +164,10 @@ def child_sinkhole_curve(args):
 
     def once():
         with torch.no_grad():
-            c = norm_curve(lm, "the", args.reps, args.layer)
+            c = norm_curves(lm, ["the"], args.reps, [args.layer], quiet=True)[0]
         return torch.tensor([c.first_token_norm] + c.norm), None
 
-    return load_s, once, lambda T: model_flops(lm.model.config, T, n_layers=args.layer + 1, causal_only=False)
+    return load_s, once, lambda T: model_flops(lm.model.config, T, n_layers=args.layer + 1, causal_only=True)
 
 
 def child_hf_hidden(args):

@@ -97,7 +97,9 @@ def norm_curve(lm, word: str, n_reps: int, layer: int, typical_norm: float | Non
     h = Hooks(lm)
     h.read("resid_post", layer, reduce=_norm_reduce)
     h.stop_after(layer)
-    with torch.no_grad(), h:
+    from .common import fast_attention
+
+    with torch.no_grad(), fast_attention(lm), h:  # no pattern is read: SDPA, ~3x faster on long runs
         h.forward(torch.tensor([ids], device=lm.device), use_cache=False)
     norms = h.cache[f"resid_post.{layer}"][0]
     idx = torch.arange(start + k - 1, len(ids), k)
