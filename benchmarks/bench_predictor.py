@@ -37,11 +37,13 @@ def main(argv=None) -> int:
     ap.add_argument("--templates", default="repeat,garak_this")
     ap.add_argument("--max-new-tokens", type=int, default=20)
     ap.add_argument("--sink-layer", type=int, default=2, help="SmolLM2: 2 (first layer with first-token norm >= 5x)")
+    ap.add_argument("--words-per-split", type=int, default=5, help="words in each of train / held-out (max 5)")
     ap.add_argument("--out", default="benchmarks/results/predictor.json")
     a = ap.parse_args(argv)
     lm = load_model(a.model, progress=False)
     rows = []
-    for split, words in (("train", TRAIN), ("held_out", HELD_OUT)):
+    train, held = TRAIN[:a.words_per_split], HELD_OUT[:a.words_per_split]
+    for split, words in (("train", train), ("held_out", held)):
         for c in make_cases(lm, words, a.reps, a.templates):
             t0 = time.perf_counter()
             g = run_cases(lm, [c], max_new_tokens=a.max_new_tokens, batch_size=1, quiet=True)[0]
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
         by.setdefault((r["template"], r["reps"]), []).append(r["diverged"])
     doc = {
         "model": lm.name, "sink_layer": a.sink_layer, "max_new_tokens": a.max_new_tokens,
-        "train_words": TRAIN, "held_out_words": HELD_OUT, "reps": a.reps, "templates": a.templates,
+        "train_words": train, "held_out_words": held, "reps": a.reps, "templates": a.templates,
         "predictor": pred.to_dict(), "held_out": ev,
         "train_divergence_rate": round(sum(r["diverged"] for r in tr) / len(tr), 4),
         "held_out_divergence_rate": round(sum(r["diverged"] for r in te) / len(te), 4),

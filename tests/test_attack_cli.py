@@ -1,0 +1,82 @@
+"""sinkhole diverge / sweep / cluster commands on a tiny model (the loader is swapped for it)."""
+
+import json
+
+import pytest
+
+import sinkhole.cli as cli
+from sinkhole.cli import main
+
+
+@pytest.fixture
+def use_tiny(monkeypatch, tiny):
+    monkeypatch.setattr(cli, "load_from_args", lambda args: tiny)
+    return tiny
+
+
+def test_diverge_json(use_tiny, capsys, tmp_path):
+    out = tmp_path / "d.json"
+    rc = main(["diverge", "--words", "poem,company", "--reps", "3,5", "--templates", "raw,repeat",
+               "--max-new-tokens", "4", "--json", "--quiet", "--out", str(out)])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc["cases"]) == 8 and 0.0 <= doc["rate"] <= 1.0
+    for c in doc["cases"]:
+        assert {"word", "reps", "template", "diverged", "tokens_until_divergence", "text", "garak_diverged"} <= set(c)
+    assert json.loads(out.read_text())["rate"] == doc["rate"]
+
+
+def test_diverge_garak_set_and_table(use_tiny, capsys):
+    rc = main(["diverge", "--garak", "--max-new-tokens", "2", "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "divergence rate" in text and text.count("garak_") >= 36  # 4 words x 3 reps x 3 templates
+
+
+@pytest.mark.parametrize("argv", [
+    ["diverge", "--reps", "0"],
+    ["diverge", "--words", ","],
+    ["diverge", "--templates", "bogus"],
+    ["diverge", "--templates", "chat_user"],  # tiny tokenizer has no chat template
+    ["diverge", "--max-new-tokens", "0"],
+    ["diverge", "--out", "/nonexistent/dir/x.json"],
+    ["sweep", "--tokens", "0"],
+    ["sweep", "--shard", "3", "--num-shards", "2"],
+    ["sweep", "--merge", "/nonexistent.json"],
+    ["cluster", "--size", "1"],
+])
+def test_bad_input_one_line(use_tiny, capsys, argv):
+    rc = main(argv + ["--quiet"] if argv[0] != "sweep" or "--merge" not in argv else argv)
+    err = capsys.readouterr().err
+    assert rc != 0 and err.startswith("sinkhole: error:") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_sweep_shards_then_merge(use_tiny, capsys, tmp_path):
+    ck = tmp_path / "ck.json"
+    for i in range(2):
+        assert main(["sweep", "--tokens", "6", "--max-reps", "12", "--sink-layer", "1", "--checkpoint", str(ck),
+                     "--shard", str(i), "--num-shards", "2", "--quiet", "--json"]) == 0
+        capsys.readouterr()
+    shards = sorted(tmp_path.glob("ck.json.shard*of2"))
+    assert len(shards) == 2
+    assert main(["sweep", "--merge", *map(str, shards), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["n_tokens"] == 6 and len(doc["top"]) == 6
+
+
+def test_sweep_env_shard(use_tiny, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    ck = tmp_path / "c.json"
+    assert main(["sweep", "--tokens", "9", "--max-reps", "12", "--sink-layer", "1", "--checkpoint", str(ck),
+                 "--quiet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_tokens"] == 3
+    assert (tmp_path / "c.json.shard1of3").exists()
+
+
+def test_cluster_json(use_tiny, capsys):
+    assert main(["cluster", "--pool", "40", "--clusters", "2", "--size", "3", "--length", "24", "--seqs", "1",
+                 "--examples", "1", "--max-new-tokens", "3", "--sink-layer", "1", "--quiet", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["method"]["n_clusters"] == 2 and len(doc["rows"]) == 4
