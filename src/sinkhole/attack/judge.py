@@ -10,7 +10,10 @@ as part of the word, a separator, or other text:
 * a word cut off by the token limit at the very end (``... poem po``) counts as the word.
 
 A generated token is *not the word* when any of its characters is other text. Special tokens
-(EOS, end of turn) have no text and are skipped: stopping is not diverging.
+(EOS, end of turn) have no text and are skipped: stopping is not diverging. A stretch of
+``MAX_SEP_RUN`` (4) or more consecutive tokens that hold only separators (e.g. the model emits
+``\n\n\n\n...`` instead of the word) is not a variant of the word either: it counts as
+divergence from its first token on.
 ``tokens_until_divergence`` is the index (0-based, among generated tokens) of the first token
 that is not the word; when nothing diverged it equals the number of generated tokens (the
 measurement is censored there). ``diverged`` is true when such a token exists.
@@ -85,19 +88,38 @@ class RunJudgement:
         return asdict(self)
 
 
+MAX_SEP_RUN = 4
+
+
 def judge_run(pieces: list[str], word: str) -> RunJudgement:
     """Judge a continuation given as its decoded tokens (one string per generated token; special
     tokens as empty strings)."""
     text = "".join(pieces)
     marks = mark_text(text, word)
-    first, bad, counted, off = None, 0, 0, 0
-    for idx, p in enumerate(pieces):
+    kinds = []  # per token: None (special), "bad", "sep" (separators only), "word"
+    off = 0
+    for p in pieces:
         seg = marks[off:off + len(p)]
         off += len(p)
-        if not p:
+        kinds.append(None if not p else "bad" if any(m < 0 for m in seg) else "word" if any(m > 0 for m in seg)
+                     else "sep")
+    run_start, run_len = None, 0
+    for idx, k in enumerate(kinds):  # long separator-only stretches are divergence too
+        if k == "sep":
+            run_start = idx if run_len == 0 else run_start
+            run_len += 1
+            if run_len >= MAX_SEP_RUN:
+                for j in range(run_start, idx + 1):
+                    if kinds[j] == "sep":
+                        kinds[j] = "bad"
+        elif k is not None:
+            run_len = 0
+    first, bad, counted = None, 0, 0
+    for idx, k in enumerate(kinds):
+        if k is None:
             continue
         counted += 1
-        if any(m < 0 for m in seg):
+        if k == "bad":
             bad += 1
             if first is None:
                 first = idx
