@@ -15,7 +15,13 @@ import pytest
 import torch
 
 from sinkhole.cli import main
-from test_reliability_util import files_in, make_tiny_folder
+from test_reliability_util import files_in, make_tiny_folder, one_thread
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (see test_reliability_util.env)."""
+    yield from one_thread()
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +65,7 @@ def models(tmp_path_factory):
 
     try:
         with open(_resolve_embedded("smollm2-135m-instruct"), "rb") as f:
-            (root / "truncated.gguf").write_bytes(f.read(2_000_000))
+            (root / "truncated.gguf").write_bytes(f.read(65536))  # a download cut short
         m["truncated_gguf"] = root / "truncated.gguf"
     except Exception:  # embedded model not installed: the truncated case is skipped
         m["truncated_gguf"] = None

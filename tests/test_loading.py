@@ -14,7 +14,13 @@ import torch
 import sinkhole.models.loading as L
 from sinkhole import load_model
 from sinkhole.errors import ModelLoadError, SinkholeError, UnsupportedArchitecture
-from test_reliability_util import files_in, make_tiny_folder
+from test_reliability_util import files_in, make_tiny_folder, one_thread
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (see test_reliability_util.env)."""
+    yield from one_thread()
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "sinkhole"
 

@@ -42,8 +42,10 @@ def make_tiny_folder(path: Path, family: str = "llama", n_layers: int = 3, seed:
 
 def env(**extra) -> dict:
     e = dict(os.environ)
+    # one thread: the tiny models gain nothing from more, and on a loaded 2-core machine OpenMP
+    # threads spinning against other processes make them ~100x slower
     e.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", SINKHOLE_NO_PROGRESS="1",
-             PYTHONUNBUFFERED="1")
+             PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     e.pop("SINKHOLE_DEBUG", None)
     e.update(extra)
     return e
@@ -77,3 +79,15 @@ def files_in(folder: Path) -> list[str]:
 
 def read_json(p: Path) -> dict:
     return json.loads(Path(p).read_text(encoding="utf-8"))
+
+
+def one_thread():
+    """Fixture body: run a test with one torch thread and restore the previous count after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
