@@ -1,0 +1,54 @@
+"""Trustworthy outputs: with --json, stdout is exactly one JSON document (logs and progress go
+to stderr), and it equals the file the command wrote."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sinkhole.cli import main
+from test_reliability_util import make_tiny_folder, one_thread
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    yield from one_thread()
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return make_tiny_folder(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+def _run(argv, capsys):
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_scan_json_stdout_is_the_results_file(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "o"
+    rc, so, se = _run(["scan", tiny_folder, "--quick", "--curve-reps", "20", "--json", "--out", out], capsys)
+    assert rc in (0, 1), se  # 1: a step failed (recorded in results.json 'errors'), still a valid document
+    assert so == (out / "results.json").read_text()
+    doc = json.loads(so)
+    assert doc["schema_version"] == 1 and doc["model"]["name"] == "tiny-llama"
+    assert "[1/" in se  # the step log went to stderr
+
+
+def test_diverge_json_stdout(tiny_folder, tmp_path, capsys):
+    f = tmp_path / "d.json"
+    rc, so, se = _run(["diverge", tiny_folder, "--words", "poem", "--reps", "4", "--templates", "raw",
+                       "--max-new-tokens", "3", "--json", "--out", f], capsys)
+    assert rc == 0, se
+    doc = json.loads(so)
+    assert doc == json.loads(f.read_text())
+    assert doc["n_cases"] == 1 and len(doc["cases"]) == 1
+
+
+def test_models_json_stdout(capsys):
+    rc, so, se = _run(["models", "--json"], capsys)
+    assert rc == 0
+    doc = json.loads(so)
+    assert "llama" in doc["architectures"] and doc["embedded"][0]["name"] == "smollm2-135m-instruct"
