@@ -102,6 +102,12 @@ def summarize(d) -> str:
         s = old["summary"]["sinkhole"]
         out.append(f"Before `attn_first` (full eager patterns reduced in the hook) the same run peaked at "
                    f"{_f(s['peak_rss_mib'])} MiB.\n")
+    c = _load(d, "circuit")
+    if c and "discover_median_s" in c:
+        out.append(f"\n### 2. Circuit discovery after load (`{c['command']}`, bench_circuit.py)\n")
+        out.append(f"`discover()` median {_f(c['discover_median_s'])} s over {len(c['discover_s'])} runs "
+                   f"({', '.join(_f(x) for x in c['discover_s'])}); load {_f(c['load_s'])} s; found: {c['result']}. "
+                   f"Environment {c.get('env')}; load average at start {c['machine'].get('load_avg_at_start')}.\n")
     for lp in sorted(d.glob("load*.json")):
         load = json.loads(lp.read_text())
         out.append(f"\n### 3. Model load (`{load['command']}`)\n")
@@ -125,12 +131,6 @@ def summarize(d) -> str:
                    f"vocabulary ({r['smollm2_vocab']:,} tokens) at that rate: {_f(r['smollm2_whole_vocab_s'] / 60, 1)} min. "
                    f"Projection for a 7B Llama on one GPU: {_f(proj['projected_seconds'], 1)} s "
                    f"({proj['total_flops'] / 1e15:.2f} PFLOP); assumptions: {proj['assumptions']}.\n")
-    c = _load(d, "circuit")
-    if c and "discover_median_s" in c:
-        out.append(f"\n### 2. Circuit discovery after load (`{c['command']}`, bench_circuit.py)\n")
-        out.append(f"`discover()` median {_f(c['discover_median_s'])} s over {len(c['discover_s'])} runs "
-                   f"({', '.join(_f(x) for x in c['discover_s'])}); load {_f(c['load_s'])} s; found: {c['result']}. "
-                   f"Environment {c.get('env')}; load average at start {c['machine'].get('load_avg_at_start')}.\n")
     for name in ("predictor",) if c and "discover_median_s" in c else ("circuit", "predictor"):
         r = _load(d, name)
         if r:
