@@ -55,6 +55,11 @@ def models(tmp_path_factory):
             (pick / f.name).write_bytes(f.read_bytes())
     torch.save({"w": torch.zeros(2)}, pick / "pytorch_model.bin")
     m["pickled"] = pick
+    foo = make_tiny_folder(root / "foobar")  # a model type transformers does not know
+    cfg = json.loads((foo / "config.json").read_text())
+    cfg.update(model_type="foobar", architectures=["FoobarForCausalLM"])
+    (foo / "config.json").write_text(json.dumps(cfg))
+    m["foobar"] = foo
     (root / "text.gguf").write_text("this is not a model\n")
     m["text_gguf"] = root / "text.gguf"
     (root / "empty.gguf").write_bytes(b"")
@@ -113,6 +118,9 @@ SCAN_CASES = [
     ("hub-id-offline", lambda m, o: ["scan", "nobody/not-a-cached-model", "--out", o], ["HF_HUB_OFFLINE"]),
     ("unsupported-architecture", lambda m, o: ["scan", m["bloom"], "--out", o],
      ["unsupported architecture 'bloom'", "llama"]),
+    ("model-type-unknown-to-transformers", lambda m, o: ["scan", m["foobar"], "--out", o],
+     ["does not know the model type 'foobar'", "upgrade transformers"]),
+    ("bad-cuda-index", lambda m, o: ["scan", m["tiny"], "--device", "cuda:x", "--out", o], ["cuda:N"]),
     ("pickle-only-weights", lambda m, o: ["scan", m["pickled"], "--out", o], ["pickle", "safetensors"]),
     ("empty-word-list", lambda m, o: ["scan", m["tiny"], "--words", "", "--out", o], ["--words is empty"]),
     ("only-commas", lambda m, o: ["scan", m["tiny"], "--words", " , ", "--out", o], ["--words is empty"]),

@@ -289,3 +289,35 @@ def test_cache_publish_keeps_a_folder_another_process_published(tmp_path):
     L._publish(tmp, stale)
     assert (stale / "model.safetensors").read_bytes() == b"new" and not (stale / "partial.bin").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model-key", "stale"]
+
+
+def test_bad_devices(tiny_folder, monkeypatch):
+    with pytest.raises(SinkholeError, match="cuda or cuda:N"):
+        load_model(str(tiny_folder), device="cuda:x", progress=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(SinkholeError, match=r"has 2 GPU\(s\) \(cuda:0\.\.cuda:1\)"):
+        load_model(str(tiny_folder), device="cuda:5", progress=False)
+
+
+@pytest.mark.parametrize("damage,needles", [
+    ("model_type", ["does not know the model type 'foobar'", "upgrade transformers", "--trust-remote-code"]),
+    ("config_json", ["complete Hugging Face model", "config.json"]),
+    ("no_tokenizer", ["complete Hugging Face model", "tokenizer files"]),
+])
+def test_damaged_folders(tmp_path, damage, needles):
+    d = make_tiny_folder(tmp_path / "m")
+    if damage == "model_type":
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(model_type="foobar", architectures=["FoobarForCausalLM"])
+        (d / "config.json").write_text(json.dumps(cfg))
+    elif damage == "config_json":
+        (d / "config.json").write_text("{not json")
+    else:
+        for f in d.glob("*token*"):
+            f.unlink()
+    with pytest.raises(ModelLoadError) as ei:
+        load_model(str(d), progress=False)
+    msg = _one_line(ei.value)
+    for n in needles:
+        assert n in msg, (n, msg)

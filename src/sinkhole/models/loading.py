@@ -299,8 +299,14 @@ def _pick_device(device: str | None) -> tuple[str | None, Any]:
             raise SinkholeError("--device auto needs accelerate; run: pip install accelerate") from None
         return None, "auto"
     if device.startswith("cuda"):
+        index = device[len("cuda"):]
+        if index and not (index.startswith(":") and index[1:].isdigit()):
+            raise SinkholeError(f"unknown device '{device}'; use cuda or cuda:N with N a GPU index")
         if not torch.cuda.is_available():
             raise SinkholeError(f"--device {device} was requested but no CUDA GPU is available; use --device cpu")
+        if index and int(index[1:]) >= torch.cuda.device_count():
+            raise SinkholeError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s) "
+                                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
         return device, None
     if device == "mps":
         if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
@@ -422,8 +428,20 @@ def load_model(
                 + "; check the id and network, or download it and pass the local folder"
             ) from None
         if "does not recognize this architecture" in msg or "model type" in msg:
-            raise ModelLoadError(f"transformers cannot load {spec}: {msg}") from None
-        raise ModelLoadError(f"could not load model from {spec}: {msg}") from None
+            import re
+
+            import transformers
+
+            m = re.search(r"model type `([^`]+)`", msg)
+            kind = f"model type '{m.group(1)}'" if m else "model type"
+            raise ModelLoadError(
+                f"transformers {transformers.__version__} does not know the {kind} of {spec}; upgrade transformers, "
+                "or pass --trust-remote-code if the model ships its own code and you trust it"
+            ) from None
+        raise ModelLoadError(
+            f"could not load model from {spec}: {msg[:160]}; check that it holds a complete Hugging Face model "
+            "(config.json, tokenizer files, *.safetensors)"
+        ) from None
     if getattr(model.config, "model_type", "") == "gemma3" and hasattr(model, "language_model"):
         raise ModelLoadError("multimodal Gemma-3 checkpoints are not supported; use the text-only model")
     model.eval()
