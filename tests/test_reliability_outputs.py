@@ -52,3 +52,28 @@ def test_models_json_stdout(capsys):
     assert rc == 0
     doc = json.loads(so)
     assert "llama" in doc["architectures"] and doc["embedded"][0]["name"] == "smollm2-135m-instruct"
+
+
+def test_result_files_are_written_atomically():
+    """Static check over src/sinkhole: files are written through results.write_atomic/write_json
+    (temporary file, fsync, rename) or into a temporary folder that is renamed into place. Direct
+    writes are allowed only where listed here, with the reason."""
+    import re
+    from pathlib import Path
+
+    allowed = {
+        "results.py": "write_atomic itself",
+        "models/loading.py": "writes inside a temporary cache folder, renamed into place by _publish",
+        "evaluate/harness.py": "scratch task files for lm-eval in a temporary folder, not results",
+    }
+    src = Path(__file__).resolve().parents[1] / "src" / "sinkhole"
+    direct = re.compile(r"\.write_text\(|\.write_bytes\(|\bopen\([^)]*[\"'][wax]b?\+?[\"']|savefig\((?!buf|pbuf)")
+    offenders = []
+    for py in sorted(src.rglob("*.py")):
+        rel = py.relative_to(src).as_posix()
+        if rel in allowed:
+            continue
+        for i, line in enumerate(py.read_text(encoding="utf-8").splitlines(), 1):
+            if direct.search(line) and not line.lstrip().startswith("#"):
+                offenders.append(f"{rel}:{i}: {line.strip()}")
+    assert offenders == [], "non-atomic writes (use sinkhole.results.write_atomic):\n" + "\n".join(offenders)
