@@ -79,8 +79,10 @@ def build_config(args):
         cfg.finetune_steps = min(cfg.finetune_steps, 8)
         cfg.max_new_tokens = min(cfg.max_new_tokens, 16)
     cfg.check_disjoint()
-    from ..patch.search import candidates  # noqa: F401  (family names are checked during the search)
-
+    known = ("paper_clamp", "paper_zero", "detector_cap", "norm_cap", "finetune_mlp", "finetune_neurons")
+    bad = [f for f in cfg.families if f not in known]
+    if bad:
+        raise SinkholeError(f"unknown candidate family {bad[0]!r}; use {', '.join(known)}")
     return cfg
 
 

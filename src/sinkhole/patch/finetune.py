@@ -70,7 +70,6 @@ def _trainable(lm, cfg: FinetuneConfig) -> tuple[dict, dict]:
             idx = torch.as_tensor([int(n) for n in neurons], dtype=torch.long)
             for name, p in ad.mlp_parameters([layer]):
                 m = torch.zeros_like(p, dtype=torch.bool)
-                w_out = ad.w_out(layer)
                 if p is ad.down_proj(layer).weight:
                     if ad.spec.conv1d:
                         m[idx, :] = True
@@ -84,7 +83,6 @@ def _trainable(lm, cfg: FinetuneConfig) -> tuple[dict, dict]:
                     m[idx] = True
                 else:
                     continue
-                del w_out
                 params[name], masks[name] = p, m
     else:
         for layer in cfg.layers:
