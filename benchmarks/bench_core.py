@@ -61,13 +61,13 @@ def _ids(reps: int):
     return torch.tensor([[1] + [WORD_ID] * reps])
 
 
-def child_sinkhole(args, site: str = "attn_first"):
+def child_sinkhole(args, site: str = "attn_first", dtype: str = "float32"):
     import torch
 
     from sinkhole import Hooks, load_model
 
     t0 = time.perf_counter()
-    lm = load_model("smollm2-135m-instruct")
+    lm = load_model("smollm2-135m-instruct", dtype=dtype)
     load_s = time.perf_counter() - t0
     n = lm.adapter.n_layers
 
@@ -94,6 +94,11 @@ def child_sinkhole(args, site: str = "attn_first"):
 
     # attn_first runs the fused kernel, which skips the masked half of the attention square
     return load_s, once, lambda T: model_flops(lm.model.config, T, causal_only=site == "attn_first")
+
+
+def child_sinkhole_bf16(args):
+    """The sinkhole path in bfloat16 (a different precision: compare its numbers before using it)."""
+    return child_sinkhole(args, dtype="bfloat16")
 
 
 def child_sinkhole_pattern(args):
@@ -190,7 +195,7 @@ def child_hf_hidden(args):
 
 
 CHILDREN = {"sinkhole": child_sinkhole, "sinkhole_pattern": child_sinkhole_pattern, "hf": child_hf, "tl": child_tl,
-            "sinkhole_curve": child_sinkhole_curve, "hf_hidden": child_hf_hidden}
+            "sinkhole_curve": child_sinkhole_curve, "hf_hidden": child_hf_hidden, "sinkhole_bf16": child_sinkhole_bf16}
 
 
 def child_main(args):
@@ -234,8 +239,8 @@ def hf_output_bytes(cfg, T: int) -> int:
 def compare(dumps: dict) -> dict:
     import numpy as np
 
-    ref_name = "hf" if "hf" in dumps else "hf_hidden"
-    base = dumps.get(ref_name)
+    ref_name = next((n for n in ("hf", "hf_hidden", "sinkhole") if n in dumps), None)
+    base = dumps.get(ref_name) if ref_name else None
     if base is None:
         return {}
     ref = np.load(base)
@@ -318,6 +323,7 @@ def parent(args):
         "repeats_per_child": args.repeats, "threads": args.threads or "torch default",
         "summary": summary,
         "agreement_vs_hf": compare(dumps),
+        "agreement_reference": next((n for n in ("hf", "hf_hidden", "sinkhole") if n in dumps), None),
         "hf_output_floor_gib": hf_output_bytes(cfg, args.reps + 1) / 2**30,
         "runs": runs,
     }

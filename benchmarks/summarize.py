@@ -51,7 +51,7 @@ def _core_table(core: dict, title: str, peak) -> list[str]:
                "median over all passes; ratios are relative to "
                f"`{core.get('baseline', 'sinkhole')}`, measured side by side in this one run.\n")
     out.append("| contender | median s | time vs base | peak RSS MiB | RSS vs base | GFLOP executed | GFLOP/s | "
-               "share of peak | max diff vs transformers (norm rel / mass abs) |")
+               f"share of peak | max diff vs {core.get('agreement_reference') or 'hf'} (norm rel / mass abs) |")
     out.append("|---|---|---|---|---|---|---|---|---|")
     agree = core.get("agreement_vs_hf", {})
     for c, v in core["summary"].items():
@@ -62,7 +62,7 @@ def _core_table(core: dict, title: str, peak) -> list[str]:
         if a:
             diff = f"{a['norm_max_rel_diff']:.1e}" + (f" / {a['mass_max_abs_diff']:.1e}" if "mass_max_abs_diff" in a else "")
         else:
-            diff = "reference" if c in ("hf", "hf_hidden") else "n/a"
+            diff = "reference" if c == (core.get("agreement_reference") or "hf") else "n/a"
         share = v["gflop_per_s"] / peak if peak else None
         out.append(f"| {c} | {_f(v['median_s'])} | {_f(v.get('time_ratio_vs_sinkhole', 1.0))}x | {_f(v['peak_rss_mib'])} | "
                    f"{_f(v.get('rss_ratio_vs_sinkhole', 1.0))}x | {_f(v['gflops_executed'], 0)} | {_f(v['gflop_per_s'], 1)} | "
@@ -81,7 +81,8 @@ def summarize(d) -> str:
         out.append(f"Median GFLOP/s of the best matrix size, before and after the other runs: "
                    f"{', '.join(_f(p, 1) for p in peaks)}; the share-of-peak columns use the higher, {_f(peak, 1)} GFLOP/s.\n")
     for pattern, title in (("core_*.json", "1. Norm curve + attention mass on position 0 at every layer"),
-                           ("curve_*.json", "1a. The norm curve alone (Figure 2)")):
+                           ("curve_*.json", "1a. The norm curve alone (Figure 2)"),
+                           ("bf16_*.json", "1c. The sinkhole path in bfloat16 against float32")):
         for p in sorted(d.glob(pattern)):
             out.extend(_core_table(json.loads(p.read_text()), title, peak))
     for p in sorted(d.glob("memory_*.json")):
@@ -96,7 +97,7 @@ def summarize(d) -> str:
                    f"loading; {_f(s['median_s'])} s per pass, {_f(s['gflop_per_s'], 1)} GFLOP/s"
                    f"{f' ({100 * share:.0f}% of peak)' if share else ''}. Plain transformers would have to return "
                    f"{_f(m['hf_output_floor_gib'])} GiB of attention weights and hidden states alone (computed from the "
-                   f"shapes, not run: it does not fit beside the other jobs on this 24 GiB machine).\n")
+                   f"shapes, not run" + (": it does not fit beside the other jobs on this 24 GiB machine" if m['hf_output_floor_gib'] > 8 else "") + ").\n")
     old = _load(d, "mem4000_eager")
     if old and "sinkhole" in old.get("summary", {}):
         s = old["summary"]["sinkhole"]
