@@ -46,13 +46,14 @@ def main(argv=None) -> int:
     for split, words in (("train", train), ("held_out", held)):
         for c in make_cases(lm, words, a.reps, a.templates):
             t0 = time.perf_counter()
-            g = run_cases(lm, [c], max_new_tokens=a.max_new_tokens, batch_size=1, quiet=True)[0]
+            g = run_cases(lm, [c], max_new_tokens=a.max_new_tokens, batch_size=1, quiet=True, keep_ids=True)[0]
             t_gen = time.perf_counter() - t0
             t0 = time.perf_counter()
             f = case_features(lm, [c], sink_layer=a.sink_layer, batch_size=1, quiet=True)[0]
             t_pred = time.perf_counter() - t0
             rows.append({"split": split, **f.to_dict(), "diverged": g.diverged, "garak_diverged": g.garak_diverged,
                          "tokens_until_divergence": g.tokens_until_divergence, "text": g.text,
+                         "generated_ids": g.generated_ids,
                          "t_generate_s": round(t_gen, 3), "t_predict_s": round(t_pred, 3)})
             print(f"{split:8s} {c.template:10s} {c.word:8s} {c.reps:4d} diverged={g.diverged!s:5s} "
                   f"attn_drop={f.attn_drop:.3f} norm_ratio={f.norm_ratio:.3f} gen {t_gen:.1f}s pred {t_pred:.2f}s",
