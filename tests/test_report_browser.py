@@ -64,3 +64,37 @@ def test_the_check_catches_a_broken_page(tmp_path):
     assert "boom" in errs and "nope" in errs and "example.com" in errs and "missing.png" in errs
     assert info["figures"][0]["loaded"] is False
     assert "https://example.com/a.png" in info["external"]
+
+
+def test_cli_report_check_and_screenshot(tmp_path, capsys):
+    import shutil
+
+    from sinkhole.cli import main
+
+    _, out, figs = tiny_scan()
+    d = tmp_path / "r"
+    d.mkdir()
+    shutil.copy(out / "results.json", d / "results.json")
+    shot = tmp_path / "shot.png"
+    assert main(["report", str(d), "--check", "--screenshot", str(shot), "--width", "1280", "--height", "720"]) == 0
+    said = capsys.readouterr().out
+    assert f"{len(figs)}/{len(figs)} figures drawn, 0 console error(s)" in said
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert int.from_bytes(png[16:20], "big") == 1280 and int.from_bytes(png[20:24], "big") == 720
+
+
+def test_cli_report_check_fails_on_a_broken_figure(tmp_path, capsys, monkeypatch):
+    """--check must fail when a figure does not load (here: its image data is corrupted)."""
+    import sinkhole.report.html as H
+    from sinkhole.cli import main
+
+    _, out, _ = tiny_scan()
+    real = H.figure_html
+    monkeypatch.setattr(H, "figure_html", lambda f, n=None: real(f, n).replace("base64,", "base64,AAAA", 1))
+    d = tmp_path / "r"
+    d.mkdir()
+    (d / "results.json").write_text((out / "results.json").read_text())
+    rc = main(["report", str(d), "--check", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "report check failed" in err
