@@ -66,13 +66,17 @@ def export_patched(lm, patch: Patch, out: str | os.PathLike, summary: dict | Non
     try:
         if patch.weights:
             old = _swap_weights(lm, patch.weights)
+        from ..models.loading import _quiet_hf
+
         try:
-            lm.model.save_pretrained(tmp, safe_serialization=True)
+            with _quiet_hf():
+                lm.model.save_pretrained(tmp, safe_serialization=True)
         finally:
             if old:
                 _swap_weights(lm, old)
         if hasattr(lm.tokenizer, "save_pretrained"):
-            lm.tokenizer.save_pretrained(tmp)
+            with _quiet_hf():
+                lm.tokenizer.save_pretrained(tmp)
         d = patch.to_dict()
         d["weights_in_model"] = bool(patch.weights)
         write_atomic(tmp / "patch.json", dumps(d))
