@@ -268,7 +268,10 @@ def render(doc: dict, timings: dict | None = None) -> tuple[str, list[Figure]]:
     timing_html = ""
     if timings and timings.get("steps"):
         timing_html = ("<details><summary>Scan timings</summary>"
-                       + table(["step", "seconds"], [[k, float(v)] for k, v in timings["steps"].items()]
+                       + table(["step", "seconds"], [[k, float(timings["steps"][k])] for k in
+                                                     sorted(timings["steps"], key=lambda k: (
+                                                         doc.get("steps", []).index(k) if k in doc.get("steps", [])
+                                                         else 10**6, k))]
                                + ([["load model", float(timings["load_model_s"])]] if "load_model_s" in timings else [])
                                + [["total", float(timings.get("total_s", sum(timings["steps"].values())))]])
                        + "</details>")
