@@ -21,7 +21,7 @@ TRAIN = ("poem", "company", "book", "music", "house", "water", "time", "light")
 
 @pytest.fixture(scope="module")
 def fixed(smollm2, tmp_path_factory):
-    cfg = FinetuneConfig(layers=[1, 2], words=TRAIN, reps=(64, 100), objective="local", steps=12, lr=3e-4,
+    cfg = FinetuneConfig(layers=[1, 2], words=TRAIN, reps=(64, 100), objective="local", steps=12, lr=1e-3,
                          keep_weight=10.0, rep_batch=4, text_batch=8, n_texts=16)
     patch = finetune_patch(smollm2, cfg)
     out = export_patched(smollm2, patch, tmp_path_factory.mktemp("patched") / "smollm2-fixed")
@@ -49,8 +49,8 @@ def test_export_reloads_exactly(smollm2, fixed):
         assert (plain(ids).logits - mem).abs().max() <= 1e-5
 
 
-@pytest.mark.xfail(reason="no patch found so far reduces SmolLM2's held-out divergence within the text budget "
-                          "(docs/findings-patch.md); this test turns green when the fine-tuning patch does", strict=False)
+@pytest.mark.xfail(reason="a 30-step local fine-tune stopped all held-out divergence (docs/findings-patch.md); this "
+                          "12-step CI-sized one was not measured yet", strict=False)
 def test_exported_patch_reduces_heldout_divergence(smollm2, fixed):
     _, out = fixed
     cases = make_cases(smollm2, HELD_OUT, [150], ["repeat"])
