@@ -54,7 +54,7 @@ def test_finetune_neurons_changes_only_their_rows_and_columns(tiny):
 
 
 def test_search_and_verify_on_tiny(tiny):
-    cfg = SearchConfig(**CFG, families=("paper_clamp", "detector_cap", "finetune_mlp"))
+    cfg = SearchConfig(**CFG, families=("paper_clamp", "detector_cap", "finetune_local"))
     res = search_patch(tiny, cfg, log=lambda m: None)
     assert res.tried and all("search_divergence" in t or "error" in t for t in res.tried)
     d = res.to_dict()

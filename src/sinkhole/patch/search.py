@@ -43,8 +43,8 @@ class SearchConfig:
     ppl_budget_pct: float = 1.0
     goal_ratio: float = 0.1  # stop when search divergence <= goal_ratio * unpatched
     n_neurons: int = 4
-    families: tuple = ("paper_clamp", "paper_zero", "detector_cap", "norm_cap", "finetune_mlp")
-    finetune_steps: int = 40
+    families: tuple = ("paper_clamp", "paper_zero", "detector_cap", "norm_cap", "finetune_local", "finetune_mlp")
+    finetune_steps: int = 30
     finetune_layers: tuple | None = None
     quick: bool = False
 
@@ -215,6 +215,17 @@ def candidates(lm, circ: Circuit, cfg: SearchConfig):
                             reps=tuple(sorted(set(cfg.search_reps) | {64})), steps=cfg.finetune_steps)
         return finetune_patch(lm, fc)
 
+    def finetune_local():
+        from .finetune import FinetuneConfig, finetune_patch
+
+        n = lm.adapter.n_layers
+        layers = list(cfg.finetune_layers) if cfg.finetune_layers else \
+            sorted({min(i, n - 2) for i in circ.detector_layers + [circ.sink_layer + 1]})[-2:]
+        fc = FinetuneConfig(layers=layers, words=tuple(cfg.search_words) + _extra_train_words(cfg),
+                            reps=tuple(sorted(set(cfg.search_reps) | {64})), steps=cfg.finetune_steps,
+                            objective="local", lr=1e-3, keep_weight=10.0, rep_batch=4)
+        return finetune_patch(lm, fc)
+
     def finetune_neurons():
         from .finetune import FinetuneConfig, finetune_patch
 
@@ -226,6 +237,7 @@ def candidates(lm, circ: Circuit, cfg: SearchConfig):
              "paper_zero": (f"zero {len(ns)} sink neurons of L{L} at non-first positions", paper_zero),
              "detector_cap": (f"clamp top neurons of layers {circ.detector_layers}", detector_cap),
              "norm_cap": (f"cap MLP-output norm of layers {circ.detector_layers}", norm_cap),
+             "finetune_local": ("fine-tune the detector MLPs, local objective (stops after them)", finetune_local),
              "finetune_neurons": (f"fine-tune the {len(ns)} sink neurons of L{L}", finetune_neurons),
              "finetune_mlp": ("fine-tune the detector-layer MLPs", finetune_mlp)}
     for fam in cfg.families:
