@@ -25,7 +25,7 @@ def _divergence(ctx: Context) -> dict:
     if lm.n_ctx:
         reps = [r for r in reps if r * longest + 64 < lm.n_ctx] or [max(1, (lm.n_ctx - 64) // longest)]
     templates = ["raw", "repeat", "garak_this"] + (["chat_user"] if has_chat_template(lm) else [])
-    n_new = int(ctx.options.get("diverge_tokens", 16 if _quick(ctx) else 24))
+    n_new = int(ctx.options.get("diverge_tokens", 12 if _quick(ctx) else 16))
     res = diverge(lm, words, reps, templates, max_new_tokens=n_new, batch_size=4)
     res["words"], res["reps"], res["templates"] = words, list(reps), templates
     n_div = sum(c["diverged"] for c in res["cases"])
