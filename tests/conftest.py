@@ -34,3 +34,13 @@ def smollm2():
 
     torch.manual_seed(0)
     return load_model("smollm2-135m-instruct", progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """Tiny models run on one torch thread (threading only adds overhead at that size, and
+    oversubscribed cores make it dramatically slower); real-model tests keep all cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(n if request.node.get_closest_marker("real") else 1)
+    yield
+    torch.set_num_threads(n)
