@@ -31,7 +31,7 @@ import torch
 from ..capture import Hooks
 from ..progress import progress
 from .judge import _is_sep
-from .predictor import _attn_to_first, default_layers
+from .predictor import default_layers, sink_probe
 
 
 def token_features(lm, tokens: Sequence[int], space: str = "layer0", batch_size: int = 256) -> torch.Tensor:
@@ -86,15 +86,7 @@ def sink_scores(lm, seqs: Sequence[list[int]], prefix_ids: list[int], sink_layer
     out = []
     for s in range(0, len(seqs), batch_size):
         ids = torch.tensor([prefix_ids + list(q) for q in seqs[s:s + batch_size]], device=lm.device)
-        h = Hooks(lm)
-        h.read("resid_post", norm_layer, reduce=lambda x, p: x.detach().float().norm(dim=-1))
-        for L in range(a0, max_layer + 1):
-            h.read("attn_pattern", L, reduce=_attn_to_first(k))
-        h.stop_after(max(norm_layer, max_layer))
-        with torch.no_grad(), h:
-            h.forward(ids, use_cache=False)
-        norms = h.cache[f"resid_post.{norm_layer}"].cpu()
-        att = torch.stack([h.cache[f"attn_pattern.{L}"] for L in range(a0, max_layer + 1)]).mean(0).cpu()
+        norms, att = sink_probe(lm, ids, norm_layer, a0, max_layer, k)
         for r in range(ids.shape[0]):
             out.append({"norm_ratio": round(float(norms[r, -k:].mean() / norms[r, 0].clamp_min(1e-6)), 4),
                         "bos_attn": round(float(att[r].mean()), 4)})

@@ -73,13 +73,29 @@ def default_layers(lm, sink_layer: int | None = None) -> tuple[int, int, int]:
     return s, first_attn, min(n - 1, first_attn + 3)
 
 
+def sink_probe(lm, ids: torch.Tensor, norm_layer: int, a0: int, max_layer: int, k: int,
+               attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One truncated forward pass: the residual norm at ``norm_layer`` for every position (B, T)
+    and the attention on the first real token from the last ``k`` positions, averaged over
+    layers ``a0..max_layer`` and heads (B, k). Both on the CPU."""
+    h = Hooks(lm)
+    for L in range(a0, max_layer + 1):
+        h.read("attn_pattern", L, reduce=_attn_to_first(k))
+    h.read("resid_post", norm_layer, reduce=_norms)
+    h.stop_after(max(max_layer, norm_layer))
+    kw = {} if attention_mask is None else {"attention_mask": attention_mask.to(lm.device)}
+    with torch.no_grad(), h:
+        h.forward(ids.to(lm.device), use_cache=False, **kw)
+    att = torch.stack([h.cache[f"attn_pattern.{L}"] for L in range(a0, max_layer + 1)]).mean(0)
+    return h.cache[f"resid_post.{norm_layer}"].cpu(), att.cpu()
+
+
 def case_features(lm, cases: Sequence[Case], sink_layer: int | None = None, k: int = 8, batch_size: int = 4,
                   quiet: bool | None = None) -> list[CaseFeatures]:
     """Features of every case from one truncated forward pass per batch (left padded)."""
     norm_layer, a0, max_layer = default_layers(lm, sink_layer)
     order = sorted(range(len(cases)), key=lambda i: len(cases[i].ids))
     out: list[CaseFeatures | None] = [None] * len(cases)
-    dev = lm.device
     for s in progress(range(0, len(order), batch_size), desc="predictor", total=(len(order) + batch_size - 1)
                       // max(batch_size, 1), disable=quiet):
         idx = order[s:s + batch_size]
@@ -90,15 +106,7 @@ def case_features(lm, cases: Sequence[Case], sink_layer: int | None = None, k: i
             p = cases[i].ids
             ids[r, width - len(p):] = torch.as_tensor(p)
             mask[r, width - len(p):] = 1
-        h = Hooks(lm)
-        for L in range(a0, max_layer + 1):
-            h.read("attn_pattern", L, reduce=_attn_to_first(k))
-        h.read("resid_post", norm_layer, reduce=_norms)
-        h.stop_after(max(max_layer, norm_layer))
-        with torch.no_grad(), h:
-            h.forward(ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
-        att = torch.stack([h.cache[f"attn_pattern.{L}"] for L in range(a0, max_layer + 1)]).mean(0)  # (B, k)
-        norms = h.cache[f"resid_post.{norm_layer}"]
+        norms, att = sink_probe(lm, ids, norm_layer, a0, max_layer, k, attention_mask=mask)
         for r, i in enumerate(idx):
             c = cases[i]
             pad = width - len(c.ids)

@@ -31,11 +31,10 @@ from typing import Sequence
 
 import torch
 
-from ..capture import Hooks
 from ..errors import SinkholeError
 from ..progress import progress
 from ..results import write_json
-from .predictor import _attn_to_first, default_layers
+from .predictor import default_layers, sink_probe
 
 SWEEP_VERSION = 1
 
@@ -110,15 +109,7 @@ def sweep_tokens(lm, tokens: Sequence[int], sink_layer: int | None = None, max_r
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     for batch in progress(batches, desc="sweep", total=len(batches), disable=quiet):
         ids = torch.tensor([bos + [t] * max_reps for t in batch], device=dev)
-        h = Hooks(lm)
-        h.read("resid_post", norm_layer, reduce=lambda x, p: x.detach().float().norm(dim=-1))
-        for L in range(a0, max_layer + 1):
-            h.read("attn_pattern", L, reduce=_attn_to_first(k))
-        h.stop_after(max(norm_layer, max_layer))
-        with torch.no_grad(), h:
-            h.forward(ids, use_cache=False)
-        norms = h.cache[f"resid_post.{norm_layer}"].cpu()
-        att = torch.stack([h.cache[f"attn_pattern.{L}"] for L in range(a0, max_layer + 1)]).mean(0).cpu()
+        norms, att = sink_probe(lm, ids, norm_layer, a0, max_layer, k)
         off = len(bos)
         for r, t in enumerate(batch):
             ratio = norms[r, off:] / norms[r, 0].clamp_min(1e-6)  # per repetition
