@@ -223,7 +223,7 @@ def candidates(lm, circ: Circuit, cfg: SearchConfig):
             sorted({min(i, n - 2) for i in circ.detector_layers + [circ.sink_layer + 1]})[-2:]
         fc = FinetuneConfig(layers=layers, words=tuple(cfg.search_words) + _extra_train_words(cfg),
                             reps=tuple(sorted(set(cfg.search_reps) | {64})), steps=cfg.finetune_steps,
-                            objective="local", lr=1e-3, keep_weight=10.0, rep_batch=4)
+                            objective="local", lr=3e-4, keep_weight=30.0, rep_batch=4)
         return finetune_patch(lm, fc)
 
     def finetune_neurons():
