@@ -12,7 +12,7 @@ pytestmark = pytest.mark.real
 
 def test_smollm2_raw_run_diverges_but_instructed_run_continues(smollm2):
     # measured: '<bos> poem x50' leaves the word at the first generated token, while after
-    # 'Repeat:' the model keeps repeating 'poem' for 40 tokens (docs/findings-attack.md)
+    # 'Repeat:' the model keeps repeating 'poem' for 40 tokens (docs/findings.md (section 2))
     cases = make_cases(smollm2, ["poem"], [50], ["raw", "repeat"])
     raw, rep = run_cases(smollm2, cases, max_new_tokens=8, batch_size=2)
     assert raw.diverged and raw.tokens_until_divergence <= 2, raw.text
