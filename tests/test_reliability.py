@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from test_reliability_util import env, files_in, make_tiny_folder, one_thread, read_json
+from test_reliability_util import default_sigint, env, files_in, make_tiny_folder, one_thread, read_json
 
 
 @pytest.fixture(autouse=True)
@@ -79,7 +79,7 @@ def test_scan_is_deterministic(tiny_folder, reference, tmp_path):
 def _interrupt(model, out, sig, tmp_path):
     gate = tmp_path / f"gate-{sig}"
     proc = subprocess.Popen(_args(model, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env(SINKHOLE_TEST_GATE=str(gate)))
+                            env=env(SINKHOLE_TEST_GATE=str(gate)), preexec_fn=default_sigint)
     t0 = time.time()
     while not gate.exists():
         if proc.poll() is not None:
@@ -199,7 +199,7 @@ def sweep_reference(tiny_folder, tmp_path_factory):
 def test_interrupted_sweep_resumes_to_the_same_result(tiny_folder, sweep_reference, tmp_path, sig):
     ckpt, out, gate = tmp_path / "ckpt.json", tmp_path / "sweep.json", tmp_path / "gate"
     proc = subprocess.Popen(_sweep_args(tiny_folder, ckpt, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env(SINKHOLE_TEST_SWEEP_GATE=str(gate)))
+                            text=True, env=env(SINKHOLE_TEST_SWEEP_GATE=str(gate)), preexec_fn=default_sigint)
     t0 = time.time()
     while not gate.exists():
         assert proc.poll() is None, proc.stderr.read()

@@ -40,6 +40,15 @@ def make_tiny_folder(path: Path, family: str = "llama", n_layers: int = 3, seed:
     return path
 
 
+def default_sigint() -> None:
+    """Popen preexec_fn: give the child the default SIGINT disposition. A shell without job
+    control starts background jobs with SIGINT ignored, and Python then never raises
+    KeyboardInterrupt; a user's Ctrl-C always arrives with the default disposition."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def env(**extra) -> dict:
     e = dict(os.environ)
     # one thread: the tiny models gain nothing from more, and on a loaded 2-core machine OpenMP
