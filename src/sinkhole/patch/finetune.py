@@ -113,6 +113,28 @@ def _rep_examples(lm, cfg: FinetuneConfig):
     return out
 
 
+def _masked_step(opt, params: dict, masks: dict, original: dict) -> None:
+    """One optimizer step that moves only the unmasked entries of each parameter (Adam's
+    momentum could otherwise leak into masked entries, so they are reset afterwards)."""
+    for k, p in params.items():
+        if masks[k] is not None and p.grad is not None:
+            p.grad.mul_(masks[k])
+    opt.step()
+    with torch.no_grad():
+        for k, p in params.items():
+            if masks[k] is not None:
+                p.copy_(torch.where(masks[k], p, original[k]))
+
+
+def _restore(params: dict, original: dict) -> None:
+    """Put the model's own weights back (the trained ones live only in the returned patch)."""
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(original[k])
+            p.requires_grad_(False)
+            p.grad = None
+
+
 def finetune_patch(lm, cfg: FinetuneConfig | None = None, log=None) -> Patch:
     """Train the chosen parameters (``lm`` is left unchanged) and return a weights patch."""
     if cfg is not None and cfg.objective == "local":
@@ -168,24 +190,13 @@ def finetune_patch(lm, cfg: FinetuneConfig | None = None, log=None) -> Patch:
             ce = torch.stack(ce_terms).mean()
             loss = cfg.keep_weight * kl + ce
             loss.backward()
-            for k, p in params.items():
-                if masks[k] is not None and p.grad is not None:
-                    p.grad.mul_(masks[k])
-            opt.step()
-            with torch.no_grad():  # Adam moves masked entries through momentum only if grads leak
-                for k, p in params.items():
-                    if masks[k] is not None:
-                        p.copy_(torch.where(masks[k], p, original[k]))
+            _masked_step(opt, params, masks, original)
             history.append({"step": step, "kl": kl.item(), "repeat_ce": ce.item(), "loss": loss.item()})
             if log and (step % 10 == 0 or step == cfg.steps - 1):
                 log(f"  step {step}: keep KL {kl.item():.4f}, repeat CE {ce.item():.3f}")
         new = {k: p.detach().clone() for k, p in params.items()}
     finally:
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(original[k])
-                p.requires_grad_(False)
-                p.grad = None
+        _restore(params, original)
         model.train(was_training)
     what = (f"neurons {dict((int(k), list(v)) for k, v in cfg.neurons.items())}" if cfg.neurons
             else f"MLPs of layers {list(cfg.layers)}")
@@ -264,24 +275,13 @@ def finetune_local(lm, cfg: FinetuneConfig, log=None) -> Patch:
             fix = torch.stack(terms).mean()
             loss = cfg.keep_weight * keep + fix
             loss.backward()
-            for k, p in params.items():
-                if masks[k] is not None and p.grad is not None:
-                    p.grad.mul_(masks[k])
-            opt.step()
-            with torch.no_grad():
-                for k, p in params.items():
-                    if masks[k] is not None:
-                        p.copy_(torch.where(masks[k], p, original[k]))
+            _masked_step(opt, params, masks, original)
             history.append({"step": step, "keep": keep.item(), "fix": fix.item()})
             if log and (step % 10 == 0 or step == cfg.steps - 1):
                 log(f"  step {step}: keep {keep.item():.5f}, fix {fix.item():.4f}")
         new = {k: p.detach().clone() for k, p in params.items()}
     finally:
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(original[k])
-                p.requires_grad_(False)
-                p.grad = None
+        _restore(params, original)
     what = (f"neurons {dict((int(k), list(v)) for k, v in cfg.neurons.items())}" if cfg.neurons
             else f"MLPs of layers {list(cfg.layers)}")
     return Patch(ops=[], name="finetune_local", model=model_signature(lm), weights=new,
