@@ -46,6 +46,37 @@ def load_from_args(args):
                       progress=not getattr(args, "quiet", False))
 
 
+def check_out_file(path, flag: str = "--out"):
+    """Fail before any work when ``flag``'s file path cannot be written: it names a folder, or
+    its folder does not exist. Returns the path (or None when not given)."""
+    if not path:
+        return None
+    from pathlib import Path
+
+    from ..errors import SinkholeError
+
+    p = Path(path)
+    if p.is_dir():
+        raise SinkholeError(f"{flag} {p} is a folder; pass a file path in an existing folder")
+    parent = p.resolve().parent
+    if not parent.is_dir():
+        raise SinkholeError(f"{flag}: folder {parent} does not exist; create it first or pass a file path in an "
+                            "existing folder")
+    return p
+
+
+def emit(args, doc) -> bool:
+    """Write ``doc`` to ``--out`` (atomically) and print it with ``--json``; True when printed."""
+    from ..results import dumps, write_json
+
+    if getattr(args, "out", None):
+        write_json(args.out, doc)
+    if getattr(args, "json", False):
+        sys.stdout.write(dumps(doc))
+        return True
+    return False
+
+
 def info(args, msg: str) -> None:
     if not getattr(args, "quiet", False):
         print(msg, file=sys.stderr, flush=True)

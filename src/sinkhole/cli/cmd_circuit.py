@@ -42,12 +42,11 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def run(args) -> int:
-    from pathlib import Path
 
     from ..circuit.circuit import analyze, discover
     from ..errors import SinkholeError
     from ..results import dumps, write_atomic
-    from . import info, load_from_args
+    from . import check_out_file, info, load_from_args
     from .cmd_scan import parse_words
 
     for flag, v in (("--reps", args.reps), ("--conv-reps", args.conv_reps), ("--top-k", args.top_k)):
@@ -57,9 +56,7 @@ def run(args) -> int:
         raise SinkholeError("--frac must be in (0, 1], e.g. --frac 0.5")
     attn_reps = _ints(args.attn_reps, "--attn-reps")
     words = parse_words(args.words, ["the", "poem"])
-    out = Path(args.out) if args.out else None
-    if out is not None and (out.is_dir() or not out.parent.exists()):
-        raise SinkholeError(f"--out {out} must be a file path in an existing folder")
+    out = check_out_file(args.out)
     lm = load_from_args(args)
     if not args.fast and lm.n_ctx:
         longest = max(args.reps, args.conv_reps + 8, max(attn_reps)) * max(len(lm.word_ids(w)) for w in words) + 8

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 
 
 def add_parser(sub) -> None:
@@ -30,20 +29,17 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
 
     from ..attack.cluster import cluster_attack
     from ..errors import SinkholeError
-    from ..results import dumps, write_json
-    from . import info, load_from_args
+    from . import check_out_file, emit, info, load_from_args
     from .cmd_sweep import _sink_layer
 
     if min(args.pool, args.clusters, args.length, args.seqs) < 1 or args.size < 2 or args.max_new_tokens < 0:
         raise SinkholeError("--pool, --clusters, --length and --seqs must be positive and --size at least 2")
     if args.size > args.pool:
         raise SinkholeError("--size cannot exceed --pool")
-    if args.out and not Path(args.out).resolve().parent.is_dir():
-        raise SinkholeError(f"--out: folder {Path(args.out).resolve().parent} does not exist; create it first")
+    check_out_file(args.out)
     lm = load_from_args(args)
     if lm.n_ctx and args.length + 64 > lm.n_ctx:
         raise SinkholeError(f"--length {args.length} is too long for the model's context of {lm.n_ctx}")
@@ -53,10 +49,7 @@ def run(args) -> int:
                          n_examples=args.examples, max_new_tokens=args.max_new_tokens, seed=args.seed,
                          quiet=args.quiet)
     doc = {"model": lm.name, **res}
-    if args.out:
-        write_json(args.out, doc)
-    if args.json:
-        sys.stdout.write(dumps(doc))
+    if emit(args, doc):
         return 0
     m = res["method"]
     print(f"{m['n_clusters']} clusters of {m['cluster_size']} tokens ({m['space']} cosine), sequences of "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 
 
 def add_parser(sub) -> None:
@@ -33,8 +32,7 @@ def run(args) -> int:
     from ..attack.diverge import diverge
     from ..attack.prompts import GARAK_REPS, GARAK_TEXT, GARAK_WORDS, parse_int_list, parse_words
     from ..errors import SinkholeError
-    from ..results import dumps, write_json
-    from . import info, load_from_args
+    from . import check_out_file, emit, info, load_from_args
 
     if args.garak:
         words, reps, templates = list(GARAK_WORDS), list(GARAK_REPS), list(GARAK_TEXT)
@@ -44,20 +42,12 @@ def run(args) -> int:
         raise SinkholeError("--max-new-tokens must be between 1 and 4096")
     if args.batch_size < 1:
         raise SinkholeError("--batch-size must be a positive integer")
-    if args.out:
-        from pathlib import Path
-
-        parent = Path(args.out).resolve().parent
-        if not parent.is_dir():
-            raise SinkholeError(f"--out: folder {parent} does not exist; create it first")
+    check_out_file(args.out)
     lm = load_from_args(args)
     res = diverge(lm, words, reps, templates, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                   quiet=args.quiet)
     doc = {"model": lm.name, **res}
-    if args.out:
-        write_json(args.out, doc)
-    if args.json:
-        sys.stdout.write(dumps(doc))
+    if emit(args, doc):
         return 0
     print(f"{'template':16s} {'word':12s} {'reps':>5s} {'diverged':>8s} {'garak':>6s} {'until':>5s} "
           f"{'non-word':>8s}  continuation")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 
 
 def add_parser(sub) -> None:
@@ -40,18 +39,14 @@ def run(args) -> int:
     from ..errors import SinkholeError
     from ..patch.export import read_patch
     from ..patch.search import SearchConfig, verify_patch
-    from ..results import dumps, write_json
-    from . import info, load_from_args
+    from . import check_out_file, emit, info, load_from_args
     from .cmd_patch import summary_markdown
 
     if args.limit is not None and args.limit < 1:
         raise SinkholeError("--limit must be a positive integer")
     if args.max_new_tokens < 1:
         raise SinkholeError("--max-new-tokens must be at least 1")
-    if args.out:
-        out = Path(args.out)
-        if out.is_dir() or not out.parent.exists():
-            raise SinkholeError(f"--out {out} must be a file path in an existing folder")
+    check_out_file(args.out)
     patch = read_patch(args.patch)
     cfg = SearchConfig(max_new_tokens=args.max_new_tokens)
     if args.verify_words:
@@ -79,10 +74,7 @@ def run(args) -> int:
             tmp = write_local_task(Path(tempfile.mkdtemp(prefix="sinkhole-task-")))
             tasks = ",".join(str(tmp) if t.strip() == "local" else t for t in tasks.split(","))
         result["tasks"] = compare_tasks(lm, patch, tasks, limit=args.limit)
-    if args.out:
-        write_json(args.out, result)
-    if args.json:
-        sys.stdout.write(dumps(result))
+    if emit(args, result):
         return 0
     if "verification" in result:
         info(args, summary_markdown(result["verification"]))

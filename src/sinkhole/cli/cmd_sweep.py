@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 
 
 def add_parser(sub) -> None:
@@ -53,15 +52,12 @@ def _sink_layer(lm) -> int:
 
 def run(args) -> int:
     import os
-    from pathlib import Path
 
     from ..attack.sweep import frequent_tokens, merge, shard_from_env, summarize, sweep_tokens
     from ..errors import SinkholeError
-    from ..results import dumps, write_json
-    from . import info, load_from_args
+    from . import check_out_file, emit, info, load_from_args
 
-    if args.out and not Path(args.out).resolve().parent.is_dir():
-        raise SinkholeError(f"--out: folder {Path(args.out).resolve().parent} does not exist; create it first")
+    check_out_file(args.out)
     if args.merge:
         res = merge(args.merge)
     else:
@@ -75,8 +71,7 @@ def run(args) -> int:
         if args.device.startswith("cuda") and ":" not in args.device and "LOCAL_RANK" in os.environ:
             args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         ckpt = args.checkpoint if n_shards == 1 else f"{args.checkpoint}.shard{shard}of{n_shards}"
-        if not Path(ckpt).resolve().parent.is_dir():
-            raise SinkholeError(f"--checkpoint: folder {Path(ckpt).resolve().parent} does not exist")
+        check_out_file(ckpt, "--checkpoint")
         lm = load_from_args(args)
         layer = args.sink_layer if args.sink_layer is not None else _sink_layer(lm)
         if not (0 <= layer < lm.adapter.n_layers):
@@ -89,10 +84,7 @@ def run(args) -> int:
         if n_shards > 1:
             info(args, f"shard {shard} done; merge with: sinkhole sweep --merge {args.checkpoint}.shard*of{n_shards}")
     summary = summarize(res, top=args.top)
-    if args.out:
-        write_json(args.out, summary)
-    if args.json:
-        sys.stdout.write(dumps(summary))
+    if emit(args, summary):
         return 0
     cfg = summary["config"]
     print(f"{summary['n_tokens']} tokens, layer {cfg['sink_layer']}, up to {cfg['max_reps']} repetitions: "
