@@ -86,17 +86,25 @@ def prepare_out_dir(out: str | os.PathLike) -> Path:
     return out
 
 
-def load_results(path: str | os.PathLike) -> dict:
-    """Read a ``results.json`` (or a folder holding one) and check its schema version."""
+def read_json_file(path: str | os.PathLike, default_name: str, missing: str, invalid: str) -> tuple[Path, Any]:
+    """Read a JSON file (``default_name`` inside ``path`` when it is a folder); a missing or
+    unparsable file raises SinkholeError with ``missing`` / ``invalid`` (formatted with
+    ``path`` and ``err``)."""
     p = Path(path)
     if p.is_dir():
-        p = p / "results.json"
+        p = p / default_name
     if not p.exists():
-        raise SinkholeError(f"{p} not found; run 'sinkhole scan --out DIR' first")
+        raise SinkholeError(missing.format(path=p))
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        return p, json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SinkholeError(f"{p} is not valid JSON ({err}); rerun 'sinkhole scan' to regenerate it") from None
+        raise SinkholeError(invalid.format(path=p, err=err)) from None
+
+
+def load_results(path: str | os.PathLike) -> dict:
+    """Read a ``results.json`` (or a folder holding one) and check its schema version."""
+    p, data = read_json_file(path, "results.json", missing="{path} not found; run 'sinkhole scan --out DIR' first",
+                             invalid="{path} is not valid JSON ({err}); rerun 'sinkhole scan' to regenerate it")
     if not isinstance(data, dict) or "schema_version" not in data:
         raise SinkholeError(f"{p} has no schema_version; it was not written by sinkhole scan")
     v = data["schema_version"]

@@ -31,7 +31,6 @@ forward passes, KV-cache decoding and left-padded batches alike.
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,15 +224,11 @@ class Patch:
 
     @classmethod
     def load(cls, path: str | Path) -> "Patch":
-        path = Path(path)
-        if path.is_dir():
-            path = path / "patch.json"
-        if not path.exists():
-            raise SinkholeError(f"patch file {path} not found; pass the patch.json written by 'sinkhole patch'")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise SinkholeError(f"patch file {path} is not valid JSON ({err})") from None
+        from ..results import read_json_file
+
+        path, d = read_json_file(path, "patch.json",
+                                 missing="patch file {path} not found; pass the patch.json written by 'sinkhole patch'",
+                                 invalid="patch file {path} is not valid JSON ({err})")
         return cls.from_dict(d, base=path.parent)
 
     # --- checks -----------------------------------------------------------------------------
