@@ -123,3 +123,33 @@ def test_case_features_batched_equals_single(tiny):
         assert abs(a.attn_drop - b.attn_drop) < 1e-4
         assert abs(a.norm_ratio - b.norm_ratio) < 1e-3
         assert 0.0 <= a.attn_drop <= 1.0
+
+
+def test_sink_probe_attention_equals_full_patterns_with_left_padding(tiny):
+    """The probe reads the fused attn_first site; it must equal the weight on each row's first real
+    token taken from full eager patterns."""
+    import torch
+
+    from sinkhole.attack.predictor import sink_probe
+    from sinkhole.capture import Hooks
+
+    rows = [[5, 9, 9, 9, 9, 9, 9, 9, 9, 9], [5, 7, 7, 7, 7, 7]]
+    w = max(map(len, rows))
+    ids = torch.zeros((2, w), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, w - len(r):] = torch.as_tensor(r)
+        mask[i, w - len(r):] = 1
+    k = 3
+    _, att = sink_probe(tiny, ids, 0, 1, 2, k, attention_mask=mask)
+    h = Hooks(tiny)
+    for L in (1, 2):
+        h.read("attn_pattern", L)
+    h.stop_after(2)
+    with torch.no_grad(), h:
+        h.forward(ids, attention_mask=mask, use_cache=False)
+    want = torch.stack([torch.stack([h.cache[f"attn_pattern.{L}"][i, :, -k:, w - len(r)].mean(0)
+                                     for i, r in enumerate(rows)]) for L in (1, 2)]).mean(0)
+    assert att.shape == (2, k)
+    assert torch.allclose(att, want.float(), atol=1e-5)
+    assert (att > 0).all()

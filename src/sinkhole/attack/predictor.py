@@ -32,16 +32,9 @@ from .prompts import Case
 FEATURES = ("attn_drop", "norm_ratio", "norm_growth")
 
 
-def _pads(pos: torch.Tensor) -> torch.Tensor:
-    return (pos < 0).sum(-1)
-
-
 def _attn_to_first(k: int):
-    def reduce(w: torch.Tensor, pos):  # w: (B, H, T, Tk)
-        b = w.shape[0]
-        pads = _pads(pos) if pos is not None else torch.zeros(b, dtype=torch.long)
-        cols = torch.stack([w[i, :, -k:, int(pads[i])] for i in range(b)])  # (B, H, k)
-        return cols.float().mean(1).detach()  # (B, k)
+    def reduce(w: torch.Tensor, pos):  # w: (B, H, T), weight on each row's real first token
+        return w[:, :, -k:].float().mean(1).detach()  # (B, k)
     return reduce
 
 
@@ -80,13 +73,13 @@ def sink_probe(lm, ids: torch.Tensor, norm_layer: int, a0: int, max_layer: int, 
     layers ``a0..max_layer`` and heads (B, k). Both on the CPU."""
     h = Hooks(lm)
     for L in range(a0, max_layer + 1):
-        h.read("attn_pattern", L, reduce=_attn_to_first(k))
+        h.read("attn_first", L, reduce=_attn_to_first(k))
     h.read("resid_post", norm_layer, reduce=_norms)
     h.stop_after(max(max_layer, norm_layer))
     kw = {} if attention_mask is None else {"attention_mask": attention_mask.to(lm.device)}
     with torch.no_grad(), h:
         h.forward(ids.to(lm.device), use_cache=False, **kw)
-    att = torch.stack([h.cache[f"attn_pattern.{L}"] for L in range(a0, max_layer + 1)]).mean(0)
+    att = torch.stack([h.cache[f"attn_first.{L}"] for L in range(a0, max_layer + 1)]).mean(0)
     return h.cache[f"resid_post.{norm_layer}"].cpu(), att.cpu()
 
 
