@@ -26,8 +26,8 @@ from sinkhole.attack.predictor import Predictor, case_features  # noqa: E402
 from sinkhole.attack.prompts import make_cases  # noqa: E402
 from sinkhole.results import write_json  # noqa: E402
 
-TRAIN = ["poem", "company", "the", "book", "house"]
-HELD_OUT = ["water", "king", "love", "blue", "time"]
+TRAIN = ["poem", "company", "the", "book", "house", "music", "paper", "green", "stone", "city"]
+HELD_OUT = ["water", "king", "love", "blue", "time", "flower", "table", "ocean", "silver", "letter"]
 
 
 def main(argv=None) -> int:
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("--templates", default="repeat,garak_this")
     ap.add_argument("--max-new-tokens", type=int, default=20)
     ap.add_argument("--sink-layer", type=int, default=2, help="SmolLM2: 2 (first layer with first-token norm >= 5x)")
-    ap.add_argument("--words-per-split", type=int, default=5, help="words in each of train / held-out (max 5)")
+    ap.add_argument("--words-per-split", type=int, default=5, help="words in each of train / held-out (max 10)")
     ap.add_argument("--out", default="benchmarks/results/predictor.json")
     a = ap.parse_args(argv)
     lm = load_model(a.model, progress=False)

@@ -53,6 +53,32 @@ def test_finetune_neurons_changes_only_their_rows_and_columns(tiny):
     assert du[[5, 9]].sum() > 0 and du[keep].sum() == 0
 
 
+def test_corpus_training_words_never_include_excluded_words():
+    from sinkhole.patch.finetune import corpus_words
+
+    cfg = FinetuneConfig(words=("poem", "ocean"), corpus_words=40, exclude_words=("ocean", "The", "and"))
+    ws = cfg.train_words()
+    assert ws[0] == "poem" and len(ws) == 41 and len(set(ws)) == 41
+    assert not {"ocean", "the", "and"} & {w.lower() for w in ws}
+    assert corpus_words("tempest", 5) == corpus_words("tempest", 5)  # deterministic
+    assert all(w.isalpha() and w.islower() and len(w) >= 3 for w in corpus_words("tempest", 50))
+
+
+def test_local_finetune_stop_layer_and_example_cap(tiny):
+    base = dict(layers=[0], words=("a", "b", "c"), reps=(8, 12), templates=("raw",), steps=1, min_reps=2,
+                n_texts=4, text_words=12, objective="local")
+    p = finetune_patch(tiny, FinetuneConfig(**base, stop_layer=2, max_examples=2))
+    assert p.meta["stop_layer"] == 2
+    from sinkhole.patch.finetune import _rep_examples
+
+    assert len(_rep_examples(tiny, FinetuneConfig(**base))) == 6
+    assert len(_rep_examples(tiny, FinetuneConfig(**base, max_examples=2))) == 2
+    with pytest.raises(SinkholeError, match="stop_layer"):
+        finetune_patch(tiny, FinetuneConfig(**{**base, "layers": [2]}, stop_layer=1))
+    with pytest.raises(SinkholeError, match="objective"):
+        finetune_patch(tiny, FinetuneConfig(**{**base, "objective": "nope"}))
+
+
 def test_search_and_verify_on_tiny(tiny):
     cfg = SearchConfig(**CFG, families=("paper_clamp", "detector_cap", "finetune_local"))
     res = search_patch(tiny, cfg, log=lambda m: None)

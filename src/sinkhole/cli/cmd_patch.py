@@ -25,9 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--templates", default=None, help="prompt templates (default: repeat,chat_assistant)")
     p.add_argument("--families", default=None,
                    help="candidate families in order (default: paper_clamp,paper_zero,detector_cap,norm_cap,"
-                        "finetune_local,finetune_mlp; also finetune_neurons)")
+                        "finetune_neurons,finetune_local; also finetune_mlp, the full-model objective, slow on CPU)")
     p.add_argument("--finetune-layers", default=None, help="layers whose MLPs the fine-tuning patch trains")
-    p.add_argument("--steps", type=int, default=30, help="fine-tuning steps (default 30)")
+    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps (default 200)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="generated tokens per case (default 32)")
     p.add_argument("--ppl-budget", type=float, default=1.0, help="largest allowed perplexity increase in %% (default 1)")
     p.add_argument("--neurons", type=int, default=4, help="sink neurons to patch (default 4)")

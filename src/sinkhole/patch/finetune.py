@@ -20,6 +20,7 @@ from the verification set (the search checks this). CPU-feasible: a few dozen Ad
 from __future__ import annotations
 
 import random
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -52,11 +53,35 @@ class FinetuneConfig:
     seed: int = 0
     objective: str = "logits"  # "logits" (full model: KL + next-word CE) or "local" (see finetune_local)
     anchor_reps: int = 4  # local objective: run tokens should look like the anchor_reps-th repetition
+    corpus_words: int = 0  # add this many frequent words of the training text to ``words`` (0: none)
+    exclude_words: tuple = ()  # never train on these (the held-out / tuning words)
+    max_examples: int = 0  # cap on the repetition examples (sampled with the seed); 0: all
+    stop_layer: int | None = None  # local objective: compare resid_post here (default: last trained layer + 1)
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         d["words"], d["reps"], d["templates"] = list(self.words), list(self.reps), list(self.templates)
+        d["exclude_words"] = list(self.exclude_words)
         return d
+
+    def train_words(self) -> list[str]:
+        """``words`` plus ``corpus_words`` frequent words of ``text``, minus ``exclude_words``."""
+        excl = {w.lower() for w in self.exclude_words}
+        out = [w for w in self.words if w.lower() not in excl]
+        if self.corpus_words > 0:
+            out += corpus_words(self.text, self.corpus_words, exclude=excl | {w.lower() for w in out})
+        return out
+
+
+def corpus_words(text: str, n: int, exclude=frozenset()) -> list[str]:
+    """The ``n`` most frequent lowercase alphabetic words (3+ letters) of a shipped text."""
+    from collections import Counter
+
+    from ..data import words
+
+    counts = Counter(w.lower() for w in (re.sub(r"[^A-Za-z]", "", x) for x in words(text))
+                     if len(w) >= 3 and w.islower())
+    return [w for w, _ in counts.most_common() if w not in exclude][:n]
 
 
 def _trainable(lm, cfg: FinetuneConfig) -> tuple[dict, dict]:
@@ -100,7 +125,9 @@ def _rep_examples(lm, cfg: FinetuneConfig):
     from ..attack.prompts import CHAT_TEMPLATES, has_chat_template, make_cases
 
     templates = [t for t in (cfg.templates or ("raw",)) if t not in CHAT_TEMPLATES or has_chat_template(lm)]
-    cases = make_cases(lm, list(cfg.words), list(cfg.reps), templates or ["raw"])
+    cases = make_cases(lm, cfg.train_words(), list(cfg.reps), templates or ["raw"])
+    if cfg.max_examples and len(cases) > cfg.max_examples:
+        cases = random.Random(cfg.seed + 7).sample(cases, cfg.max_examples)
     out = []
     for c in cases:
         n_unit = len(c.unit)
@@ -136,14 +163,25 @@ def _restore(params: dict, original: dict) -> None:
 
 
 def finetune_patch(lm, cfg: FinetuneConfig | None = None, log=None) -> Patch:
-    """Train the chosen parameters (``lm`` is left unchanged) and return a weights patch."""
-    if cfg is not None and cfg.objective == "local":
-        return finetune_local(lm, cfg, log)
+    """Train the chosen parameters (``lm`` is left unchanged) and return a weights patch.
+
+    Training runs with PyTorch SDPA attention when the model can switch (no pattern is read;
+    about 2x faster than eager on long runs); the previous kernel is restored afterwards."""
+    from ..circuit.common import fast_attention
+
+    cfg = cfg or FinetuneConfig()
+    if cfg.objective not in ("local", "logits"):
+        raise SinkholeError(f"unknown fine-tuning objective {cfg.objective!r}; use 'local' or 'logits'")
+    with fast_attention(lm):
+        return (finetune_local if cfg.objective == "local" else _finetune_logits)(lm, cfg, log)
+
+
+def _finetune_logits(lm, cfg: FinetuneConfig, log=None) -> Patch:
+    """The full-model objective: KL to the original on text + next-word CE inside runs."""
     from ..data import snippets
     from ..evaluate.metrics import encode_batch, pad_left
     from ..progress import progress
 
-    cfg = cfg or FinetuneConfig()
     model = lm.model
     params, masks = _trainable(lm, cfg)
     original = {k: p.detach().clone() for k, p in params.items()}
@@ -202,7 +240,7 @@ def finetune_patch(lm, cfg: FinetuneConfig | None = None, log=None) -> Patch:
             else f"MLPs of layers {list(cfg.layers)}")
     return Patch(ops=[], name="finetune", model=model_signature(lm), weights=new,
                  notes=f"fine-tuned {what}: KL to the original on '{cfg.text}' text + next-word CE in runs of "
-                       f"{len(cfg.words)} training words",
+                       f"{len(cfg.train_words())} training words",
                  meta={"family": "finetune", "config": cfg.to_dict(), "train_seconds": round(time.perf_counter() - t0, 1),
                        "history": history[-1:] if history else []})
 
@@ -238,7 +276,10 @@ def finetune_local(lm, cfg: FinetuneConfig, log=None) -> Patch:
     from ..progress import progress
 
     params, masks = _trainable(lm, cfg)
-    S = min(max(int(x) for x in (cfg.neurons or {}).keys() or cfg.layers) + 1, lm.adapter.n_layers - 1)
+    last = max(int(x) for x in (cfg.neurons or {}).keys() or cfg.layers)
+    S = min(last + 1 if cfg.stop_layer is None else int(cfg.stop_layer), lm.adapter.n_layers - 1)
+    if S < last:
+        raise SinkholeError(f"stop_layer {S} is before the last trained layer {last}")
     original = {k: p.detach().clone() for k, p in params.items()}
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -286,6 +327,6 @@ def finetune_local(lm, cfg: FinetuneConfig, log=None) -> Patch:
             else f"MLPs of layers {list(cfg.layers)}")
     return Patch(ops=[], name="finetune_local", model=model_signature(lm), weights=new,
                  notes=f"fine-tuned {what} with the local objective at resid_post {S}: ordinary text unchanged, long "
-                       f"runs of {len(cfg.words)} training words represented like their {cfg.anchor_reps}th repetition",
+                       f"runs of {len(cfg.train_words())} training words represented like their {cfg.anchor_reps}th repetition",
                  meta={"family": "finetune_local", "config": cfg.to_dict(), "stop_layer": S,
                        "train_seconds": round(time.perf_counter() - t0, 1), "history": history[-1:]})

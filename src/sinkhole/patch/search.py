@@ -43,8 +43,9 @@ class SearchConfig:
     ppl_budget_pct: float = 1.0
     goal_ratio: float = 0.1  # stop when search divergence <= goal_ratio * unpatched
     n_neurons: int = 4
-    families: tuple = ("paper_clamp", "paper_zero", "detector_cap", "norm_cap", "finetune_local", "finetune_mlp")
-    finetune_steps: int = 30
+    families: tuple = ("paper_clamp", "paper_zero", "detector_cap", "norm_cap", "finetune_neurons", "finetune_local")
+    finetune_steps: int = 200
+    finetune_neurons: int = 128  # finetune_neurons: first-token neurons per detector layer
     finetune_layers: tuple | None = None
     quick: bool = False
 
@@ -208,43 +209,68 @@ def candidates(lm, circ: Circuit, cfg: SearchConfig):
                      "positions of the detector layers", {"family": "norm_cap", "caps": typ})
 
     def finetune_mlp():
-        from .finetune import FinetuneConfig, finetune_patch
+        from .finetune import finetune_patch
 
         layers = list(cfg.finetune_layers) if cfg.finetune_layers else circ.detector_layers[:2]
-        fc = FinetuneConfig(layers=layers, words=tuple(cfg.search_words) + _extra_train_words(cfg),
-                            reps=tuple(sorted(set(cfg.search_reps) | {64})), steps=cfg.finetune_steps)
-        return finetune_patch(lm, fc)
+        return finetune_patch(lm, _ft_config(lm, circ, cfg, layers, objective="logits", keep_weight=20.0,
+                                             rep_batch=2, n_texts=32, max_examples=120))
 
     def finetune_local():
-        from .finetune import FinetuneConfig, finetune_patch
+        from .finetune import finetune_patch
 
-        n = lm.adapter.n_layers
-        layers = list(cfg.finetune_layers) if cfg.finetune_layers else \
-            sorted({min(i, n - 2) for i in circ.detector_layers + [circ.sink_layer + 1]})[-2:]
-        fc = FinetuneConfig(layers=layers, words=tuple(cfg.search_words) + _extra_train_words(cfg),
-                            reps=tuple(sorted(set(cfg.search_reps) | {64})), steps=cfg.finetune_steps,
-                            objective="local", lr=3e-4, keep_weight=30.0, rep_batch=4)
-        return finetune_patch(lm, fc)
+        return finetune_patch(lm, _ft_config(lm, circ, cfg, _local_layers(lm, circ, cfg)))
 
     def finetune_neurons():
-        from .finetune import FinetuneConfig, finetune_patch
+        from .finetune import finetune_patch
 
-        fc = FinetuneConfig(neurons={L: ns}, words=tuple(cfg.search_words) + _extra_train_words(cfg),
-                            reps=tuple(sorted(set(cfg.search_reps) | {64})), steps=cfg.finetune_steps)
-        return finetune_patch(lm, fc)
+        layers = _local_layers(lm, circ, cfg)
+        neurons = {i: [n["neuron"] for n in rank_sink_neurons(lm, i, cfg.finetune_neurons)] for i in layers}
+        return finetune_patch(lm, _ft_config(lm, circ, cfg, layers, neurons=neurons, lr=1e-3))
 
     table = {"paper_clamp": (f"clamp {len(ns)} sink neurons of L{L} at non-first positions", paper_clamp),
              "paper_zero": (f"zero {len(ns)} sink neurons of L{L} at non-first positions", paper_zero),
              "detector_cap": (f"clamp top neurons of layers {circ.detector_layers}", detector_cap),
              "norm_cap": (f"cap MLP-output norm of layers {circ.detector_layers}", norm_cap),
              "finetune_local": ("fine-tune the detector MLPs, local objective (stops after them)", finetune_local),
-             "finetune_neurons": (f"fine-tune the {len(ns)} sink neurons of L{L}", finetune_neurons),
+             "finetune_neurons": (f"fine-tune the top {cfg.finetune_neurons} first-token neurons of the "
+                                  "detector layers, local objective", finetune_neurons),
              "finetune_mlp": ("fine-tune the detector-layer MLPs", finetune_mlp)}
     for fam in cfg.families:
         if fam not in table:
             raise SinkholeError(f"unknown candidate family {fam!r}; use {', '.join(table)}")
         desc, fn = table[fam]
         yield fam, desc, fn
+
+
+def _local_layers(lm, circ: Circuit, cfg: SearchConfig) -> list[int]:
+    """The layers the local fine-tune trains: the two first-token-detector layers (or --finetune-layers)."""
+    if cfg.finetune_layers:
+        return [int(x) for x in cfg.finetune_layers]
+    n = lm.adapter.n_layers
+    return sorted({min(i, n - 2) for i in circ.detector_layers + [circ.sink_layer + 1]})[-2:]
+
+
+def massive_layer(circ: Circuit) -> int:
+    """The layer where the first token's norm is the largest multiple of the typical norm."""
+    return int(max(range(len(circ.ratios)), key=lambda i: circ.ratios[i])) if circ.ratios else circ.sink_layer
+
+
+def _ft_config(lm, circ: Circuit, cfg: SearchConfig, layers: list[int], **kw):
+    """The measured fine-tuning setting (docs/findings.md, section 3): many training words from the
+    training text (never a held-out word), repetition counts around and beyond the search ones, the
+    local comparison just before the massive-activation layer, a strong keep weight on 96 snippets."""
+    from .finetune import FinetuneConfig
+
+    stop = max(max(layers) + 1, massive_layer(circ) - 1)
+    base = {"layers": list(layers), "words": tuple(cfg.search_words) + _extra_train_words(cfg),
+            "exclude_words": tuple(cfg.verify_words), "corpus_words": 150, "max_examples": 300,
+            "reps": tuple(sorted(set(cfg.search_reps) | {64, 500} - set(cfg.verify_reps))),
+            "steps": cfg.finetune_steps, "objective": "local", "lr": 3e-4, "keep_weight": 100.0, "rep_batch": 4,
+            "n_texts": 96, "stop_layer": min(stop, lm.adapter.n_layers - 1)}
+    base.update(kw)
+    if cfg.quick:
+        base.update(corpus_words=20, max_examples=24, n_texts=16)
+    return FinetuneConfig(**base)
 
 
 def _extra_train_words(cfg: SearchConfig) -> tuple:
