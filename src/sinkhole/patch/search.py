@@ -212,20 +212,20 @@ def candidates(lm, circ: Circuit, cfg: SearchConfig):
         from .finetune import finetune_patch
 
         layers = list(cfg.finetune_layers) if cfg.finetune_layers else circ.detector_layers[:2]
-        return finetune_patch(lm, _ft_config(lm, circ, cfg, layers, objective="logits", keep_weight=20.0,
+        return finetune_patch(lm, finetune_config(lm, circ, cfg, layers, objective="logits", keep_weight=20.0,
                                              rep_batch=2, n_texts=32, max_examples=120))
 
     def finetune_local():
         from .finetune import finetune_patch
 
-        return finetune_patch(lm, _ft_config(lm, circ, cfg, _local_layers(lm, circ, cfg)))
+        return finetune_patch(lm, finetune_config(lm, circ, cfg, _local_layers(lm, circ, cfg)))
 
     def finetune_neurons():
         from .finetune import finetune_patch
 
         layers = _local_layers(lm, circ, cfg)
         neurons = {i: [n["neuron"] for n in rank_sink_neurons(lm, i, cfg.finetune_neurons)] for i in layers}
-        return finetune_patch(lm, _ft_config(lm, circ, cfg, layers, neurons=neurons, lr=1e-3))
+        return finetune_patch(lm, finetune_config(lm, circ, cfg, layers, neurons=neurons, lr=1e-3))
 
     table = {"paper_clamp": (f"clamp {len(ns)} sink neurons of L{L} at non-first positions", paper_clamp),
              "paper_zero": (f"zero {len(ns)} sink neurons of L{L} at non-first positions", paper_zero),
@@ -255,7 +255,7 @@ def massive_layer(circ: Circuit) -> int:
     return int(max(range(len(circ.ratios)), key=lambda i: circ.ratios[i])) if circ.ratios else circ.sink_layer
 
 
-def _ft_config(lm, circ: Circuit, cfg: SearchConfig, layers: list[int], **kw):
+def finetune_config(lm, circ: Circuit, cfg: SearchConfig, layers: list[int], **kw):
     """The measured fine-tuning setting (docs/findings.md, section 3): many training words from the
     training text (never a held-out word), repetition counts around and beyond the search ones, the
     local comparison just before the massive-activation layer, a strong keep weight on 96 snippets."""
