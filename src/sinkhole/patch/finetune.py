@@ -14,7 +14,9 @@ The loss has two parts:
   into the broken-sink state. Only run positions after ``min_reps`` repetitions count.
 
 ``loss = keep_weight * keep + repeat``. Training words and repetition counts must be disjoint
-from the verification set (the search checks this). CPU-feasible: a few dozen Adam steps.
+from the verification set (the search checks this; ``exclude_words`` also removes them from the
+``corpus_words`` frequent words of the training text). CPU-feasible: a few hundred Adam steps of the
+local objective take minutes.
 """
 
 from __future__ import annotations
@@ -258,9 +260,10 @@ def _resid(lm, layer: int, ids, mask, grad: bool):
 
 
 def finetune_local(lm, cfg: FinetuneConfig, log=None) -> Patch:
-    """The cheap, circuit-local objective: only the first ``max(layers) + 2`` blocks run.
+    """The cheap, circuit-local objective: only the blocks up to ``S`` run.
 
-    At ``S = max(layers) + 1`` (the residual stream right after the trained layers):
+    ``S`` is ``cfg.stop_layer`` when given (the search uses the layer before the massive-activation
+    layer), else ``max(layers) + 1`` (the residual stream right after the trained layers). At ``S``:
 
     * **keep**: ``||h_S - h_S^orig||^2 / typical^2`` on every token of ordinary text, the first
       token included (so the normal attention sink keeps its value);
