@@ -51,6 +51,9 @@ def test_finetune_neurons_changes_only_their_rows_and_columns(tiny):
     up = "model.layers.1.mlp.up_proj.weight"
     du = (p.weights[up] - params[up]).abs().sum(-1)
     assert du[[5, 9]].sum() > 0 and du[keep].sum() == 0
+    d_model = tiny.adapter.d_model
+    assert p.n_numbers() == 3 * 2 * d_model  # gate and up rows, down columns of 2 neurons
+    assert f"{3 * 2 * d_model:,} of" in p.describe()
 
 
 def test_corpus_training_words_never_include_excluded_words():
@@ -77,6 +80,53 @@ def test_local_finetune_stop_layer_and_example_cap(tiny):
         finetune_patch(tiny, FinetuneConfig(**{**base, "layers": [2]}, stop_layer=1))
     with pytest.raises(SinkholeError, match="objective"):
         finetune_patch(tiny, FinetuneConfig(**{**base, "objective": "nope"}))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_head_inputs_rebuild_the_original_logits(family):
+    from sinkhole.evaluate.metrics import encode_batch
+    from sinkhole.patch.finetune import _head_inputs, _head_logits
+    from tiny import tiny_lm
+
+    lm = tiny_lm(family)
+    ids, mask = encode_batch(lm, ["one two three four five", "a b c"], max_tokens=16)
+    with torch.no_grad():
+        want = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        got = _head_logits(lm, _head_inputs(lm, ids, mask, batch=1))
+    assert torch.allclose(got[mask > 0], want[mask > 0], atol=1e-5)
+
+
+def test_local_finetune_keep_at_logits(tiny):
+    base = dict(layers=[0], words=("a", "b"), reps=(8,), templates=("raw",), steps=3, min_reps=2, n_texts=4,
+                text_words=12, objective="local", stop_layer=1, lr=1e-2)
+    before = {k: v.detach().clone() for k, v in tiny.model.named_parameters()}
+    p = finetune_patch(tiny, FinetuneConfig(**base, keep_at="logits"))
+    assert "next-token KL" in p.notes and p.meta["config"]["keep_at"] == "logits"
+    assert all(torch.equal(before[k], v) for k, v in tiny.model.named_parameters())
+    assert any(not torch.equal(before[k], w) for k, w in p.weights.items())
+    first = finetune_patch(tiny, FinetuneConfig(**{**base, "steps": 1}, keep_at="logits"))
+    assert first.meta["history"][0]["keep"] == pytest.approx(0, abs=1e-6)  # KL to itself before any step
+    with pytest.raises(SinkholeError, match="keep_at"):
+        finetune_patch(tiny, FinetuneConfig(**base, keep_at="nowhere"))
+
+
+def test_search_skips_a_candidate_equal_to_an_earlier_one(tiny, monkeypatch):
+    import sinkhole.evaluate.divergence as dv
+
+    class Div:  # every patch leaves half the cases diverging: the search tries every family
+        rate = rate_run = rate_garak = 0.5
+        n_cases = 2
+
+        def to_dict(self):
+            return {"rate": 0.5, "rate_run": 0.5, "rate_garak": 0.5, "n_cases": 2}
+
+    monkeypatch.setattr(dv, "divergence", lambda *a, **k: Div())
+    cfg = SearchConfig(**CFG, families=("paper_clamp", "paper_clamp", "detector_cap"), n_neurons=2, cap_neurons=3)
+    res = search_patch(tiny, cfg, log=lambda m: None)
+    fams = [(t["family"], "skipped" in t) for t in res.tried]
+    assert fams == [("paper_clamp", False), ("paper_clamp", True), ("detector_cap", False)]
+    assert res.tried[1]["skipped"] == "same patch as paper_clamp"
+    assert sum(len(op["neurons"]) for op in res.tried[2]["ops"]) == 3 * len(res.circuit["detector_layers"])
 
 
 def test_search_and_verify_on_tiny(tiny):

@@ -47,7 +47,7 @@ def layer_norms(lm, texts: list[str] | None = None, max_layer: int | None = None
         h.stop_after(n_layers - 1)
         with torch.no_grad(), h:
             h.forward(ids, use_cache=False)
-        norms = torch.stack([h.cache[f"resid_post.{i}"][0] for i in range(n_layers)]).double()  # (L, T)
+        norms = torch.stack([h.cache[f"resid_post.{i}"][0] for i in range(n_layers)]).double().cpu()  # (L, T)
         first += norms[:, 0]
         rest_sum += norms[:, 1:].sum(1)
         rest_sq += (norms[:, 1:] ** 2).sum(1)

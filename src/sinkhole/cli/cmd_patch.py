@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
                    help="candidate families in order (default: paper_clamp,paper_zero,detector_cap,norm_cap,"
                         "finetune_neurons,finetune_local; also finetune_mlp, the full-model objective, slow on CPU)")
     p.add_argument("--finetune-layers", default=None, help="layers whose MLPs the fine-tuning patch trains")
-    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps (default 200)")
+    p.add_argument("--steps", type=int, default=400, help="fine-tuning steps (default 400)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="generated tokens per case (default 32)")
     p.add_argument("--ppl-budget", type=float, default=1.0, help="largest allowed perplexity increase in %% (default 1)")
     p.add_argument("--neurons", type=int, default=4, help="sink neurons to patch (default 4)")
@@ -108,8 +108,8 @@ def summary_markdown(verification: dict, tried: list | None = None) -> str:
         lines += ["", "| candidate | size | search divergence (run/garak) | train-text ppl change | top-1 | KL |",
                   "|---|---|---|---|---|---|"]
         for r in tried:
-            if "error" in r:
-                lines.append(f"| {r['family']} | – | error: {r['error']} | | | |")
+            if "error" in r or "skipped" in r:
+                lines.append(f"| {r['family']} | – | {r.get('skipped') or 'error: ' + r['error']} | | | |")
                 continue
             d, tt = r["search_divergence"], r["train_text"]
             lines.append(f"| {r['family']}: {r['description']} | {r['size']:,} | {d['rate_run']:.0%} / "

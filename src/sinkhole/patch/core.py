@@ -147,14 +147,17 @@ class Patch:
         parts = [op.describe() for op in self.ops]
         if self.weights:
             n = sum(int(t.numel()) for t in self.weights.values())
-            parts.append(f"new weights for {len(self.weights)} tensor(s) ({n:,} numbers)")
+            trained = self.meta.get("trained_numbers")
+            parts.append(f"new weights for {len(self.weights)} tensor(s) ("
+                         + (f"{trained:,} of {n:,} numbers trained)" if trained and trained < n else f"{n:,} numbers)"))
         return "; ".join(parts) if parts else "empty patch (no change)"
 
     def n_numbers(self) -> int:
-        """Size of the patch: neurons edited plus weights replaced."""
+        """Size of the patch: neurons edited plus weights changed (the trained entries where the
+        fine-tune masked the rest, else every number of the replaced tensors)."""
         n = sum(len(op.neurons) if op.neurons is not None else 1 for op in self.ops)
         if self.weights:
-            n += sum(int(t.numel()) for t in self.weights.values())
+            n += int(self.meta.get("trained_numbers") or sum(int(t.numel()) for t in self.weights.values()))
         return n
 
     def to_dict(self) -> dict:

@@ -59,6 +59,7 @@ class FinetuneConfig:
     exclude_words: tuple = ()  # never train on these (the held-out / tuning words)
     max_examples: int = 0  # cap on the repetition examples (sampled with the seed); 0: all
     stop_layer: int | None = None  # local objective: compare resid_post here (default: last trained layer + 1)
+    keep_at: str = "stop"  # local objective's keep term: "stop" (resid_post at stop_layer) or "logits" (KL)
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -140,6 +141,10 @@ def _rep_examples(lm, cfg: FinetuneConfig):
     if not out:
         raise SinkholeError("no usable repetition examples: use templates raw, repeat or chat_assistant")
     return out
+
+
+def _n_trained(params: dict, masks: dict) -> int:
+    return sum(int(masks[k].sum()) if masks[k] is not None else int(p.numel()) for k, p in params.items())
 
 
 def _masked_step(opt, params: dict, masks: dict, original: dict) -> None:
@@ -243,7 +248,8 @@ def _finetune_logits(lm, cfg: FinetuneConfig, log=None) -> Patch:
     return Patch(ops=[], name="finetune", model=model_signature(lm), weights=new,
                  notes=f"fine-tuned {what}: KL to the original on '{cfg.text}' text + next-word CE in runs of "
                        f"{len(cfg.train_words())} training words",
-                 meta={"family": "finetune", "config": cfg.to_dict(), "train_seconds": round(time.perf_counter() - t0, 1),
+                 meta={"family": "finetune", "config": cfg.to_dict(), "trained_numbers": _n_trained(params, masks),
+                       "train_seconds": round(time.perf_counter() - t0, 1),
                        "history": history[-1:] if history else []})
 
 
@@ -259,6 +265,28 @@ def _resid(lm, layer: int, ids, mask, grad: bool):
     return h.cache[f"resid_post.{layer}"]
 
 
+def _head_inputs(lm, ids, mask, batch: int = 8) -> torch.Tensor:
+    """What the output embedding sees on ``ids`` (the final-norm hidden states), so the original
+    model's logits can be rebuilt per batch instead of stored for the whole vocabulary."""
+    head = lm.model.get_output_embeddings()
+    got: list = []
+    hook = head.register_forward_hook(lambda m, a, out: got.append(a[0].detach()))
+    try:
+        with torch.no_grad():
+            for i in range(0, ids.shape[0], batch):
+                lm.model(input_ids=ids[i:i + batch], attention_mask=mask[i:i + batch], use_cache=False)
+    finally:
+        hook.remove()
+    return torch.cat(got)
+
+
+def _head_logits(lm, h: torch.Tensor) -> torch.Tensor:
+    """Logits from final hidden states, with the model's final soft-capping where it has one."""
+    lg = lm.model.get_output_embeddings()(h).float()
+    cap = getattr(lm.model.config, "final_logit_softcapping", None)
+    return torch.tanh(lg / cap) * cap if cap else lg
+
+
 def finetune_local(lm, cfg: FinetuneConfig, log=None) -> Patch:
     """The cheap, circuit-local objective: only the blocks up to ``S`` run.
 
@@ -272,7 +300,11 @@ def finetune_local(lm, cfg: FinetuneConfig, log=None) -> Patch:
       (``||h_S(j) - h_S^orig(anchor)||^2 / typical^2``): long repetitions are represented like
       short ones instead of drifting toward the first-token state (the paper's Theorem 4.1).
 
-    Much cheaper than the full-model objective because the forward pass stops at ``S``.
+    With ``keep_at="logits"`` the keep term is instead the KL from the original model's next-token
+    distribution on the ordinary text (a full forward of the short text batch; the runs still stop
+    at ``S``), which is what top-1 agreement and KL on held-out text measure.
+
+    Much cheaper than the full-model objective because the long runs' forward passes stop at ``S``.
     """
     from ..data import snippets
     from ..evaluate.metrics import encode_batch, pad_left
@@ -288,9 +320,12 @@ def finetune_local(lm, cfg: FinetuneConfig, log=None) -> Patch:
     torch.manual_seed(cfg.seed)
     texts = snippets(cfg.text, n=cfg.n_texts, n_words=cfg.text_words, seed=cfg.seed + 11)
     t_ids, t_mask = encode_batch(lm, texts, max_tokens=cfg.text_words * 2)
+    if cfg.keep_at not in ("stop", "logits"):
+        raise SinkholeError(f"unknown keep_at {cfg.keep_at!r}; use 'stop' or 'logits'")
     t_ref = _resid(lm, S, t_ids, t_mask, grad=False)
     valid = t_mask > 0
     typ2 = float(t_ref[valid].norm(dim=-1).median()) ** 2
+    t_head = _head_inputs(lm, t_ids, t_mask) if cfg.keep_at == "logits" else None
     examples = []
     for ids, start, run_start, n_unit in _rep_examples(lm, cfg):
         x = torch.as_tensor([ids], device=lm.device)
@@ -307,8 +342,15 @@ def finetune_local(lm, cfg: FinetuneConfig, log=None) -> Patch:
         for step in progress(range(cfg.steps), desc="fine-tune (local)", total=cfg.steps):
             opt.zero_grad(set_to_none=True)
             sel = rng.sample(range(len(texts)), min(cfg.text_batch, len(texts)))
-            h = _resid(lm, S, t_ids[sel], t_mask[sel], grad=True)
-            keep = ((h - t_ref[sel]) ** 2).sum(-1)[valid[sel]].mean() / typ2
+            if t_head is None:
+                h = _resid(lm, S, t_ids[sel], t_mask[sel], grad=True)
+                keep = ((h - t_ref[sel]) ** 2).sum(-1)[valid[sel]].mean() / typ2
+            else:
+                lp = F.log_softmax(lm.model(input_ids=t_ids[sel], attention_mask=t_mask[sel], use_cache=False)
+                                   .logits.float(), -1)
+                with torch.no_grad():
+                    lt = F.log_softmax(_head_logits(lm, t_head[sel]), -1)
+                keep = (lt.exp() * (lt - lp)).sum(-1)[valid[sel]].mean()
             batch = rng.sample(examples, min(cfg.rep_batch, len(examples)))
             r_ids, r_mask = pad_left(lm, [b[0] for b in batch])
             hr = _resid(lm, S, r_ids, r_mask, grad=True)
@@ -329,7 +371,9 @@ def finetune_local(lm, cfg: FinetuneConfig, log=None) -> Patch:
     what = (f"neurons {dict((int(k), list(v)) for k, v in cfg.neurons.items())}" if cfg.neurons
             else f"MLPs of layers {list(cfg.layers)}")
     return Patch(ops=[], name="finetune_local", model=model_signature(lm), weights=new,
-                 notes=f"fine-tuned {what} with the local objective at resid_post {S}: ordinary text unchanged, long "
+                 notes=f"fine-tuned {what} with the local objective at resid_post {S}: ordinary text unchanged "
+                       f"({'next-token KL' if t_head is not None else f'resid_post {S}'}), long "
                        f"runs of {len(cfg.train_words())} training words represented like their {cfg.anchor_reps}th repetition",
                  meta={"family": "finetune_local", "config": cfg.to_dict(), "stop_layer": S,
+                       "trained_numbers": _n_trained(params, masks),
                        "train_seconds": round(time.perf_counter() - t0, 1), "history": history[-1:]})

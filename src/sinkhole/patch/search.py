@@ -44,8 +44,9 @@ class SearchConfig:
     goal_ratio: float = 0.1  # stop when search divergence <= goal_ratio * unpatched
     n_neurons: int = 4
     families: tuple = ("paper_clamp", "paper_zero", "detector_cap", "norm_cap", "finetune_neurons", "finetune_local")
-    finetune_steps: int = 200
+    finetune_steps: int = 400
     finetune_neurons: int = 128  # finetune_neurons: first-token neurons per detector layer
+    cap_neurons: int = 32  # detector_cap: first-token neurons clamped per detector layer
     finetune_layers: tuple | None = None
     quick: bool = False
 
@@ -196,7 +197,7 @@ def candidates(lm, circ: Circuit, cfg: SearchConfig):
     def detector_cap():
         ops = []
         for layer in circ.detector_layers:
-            top = [n["neuron"] for n in rank_sink_neurons(lm, layer, cfg.n_neurons)]
+            top = [n["neuron"] for n in rank_sink_neurons(lm, layer, max(cfg.cap_neurons, cfg.n_neurons))]
             lv = neuron_levels(lm, layer, top)
             ops.append(PatchOp(layer, "clamp", top, lo=lv["p0.1"], hi=lv["p99.9"]))
         return Patch(ops, "detector_cap", sig, "top first-token neurons of the detector layers clamped to their "
@@ -225,11 +226,12 @@ def candidates(lm, circ: Circuit, cfg: SearchConfig):
 
         layers = _local_layers(lm, circ, cfg)
         neurons = {i: [n["neuron"] for n in rank_sink_neurons(lm, i, cfg.finetune_neurons)] for i in layers}
-        return finetune_patch(lm, finetune_config(lm, circ, cfg, layers, neurons=neurons, lr=1e-3))
+        return finetune_patch(lm, finetune_config(lm, circ, cfg, layers, neurons=neurons, lr=1e-3, keep_weight=200.0))
 
     table = {"paper_clamp": (f"clamp {len(ns)} sink neurons of L{L} at non-first positions", paper_clamp),
              "paper_zero": (f"zero {len(ns)} sink neurons of L{L} at non-first positions", paper_zero),
-             "detector_cap": (f"clamp top neurons of layers {circ.detector_layers}", detector_cap),
+             "detector_cap": (f"clamp the top {max(cfg.cap_neurons, cfg.n_neurons)} first-token neurons of layers "
+                              f"{circ.detector_layers}", detector_cap),
              "norm_cap": (f"cap MLP-output norm of layers {circ.detector_layers}", norm_cap),
              "finetune_local": ("fine-tune the detector MLPs, local objective (stops after them)", finetune_local),
              "finetune_neurons": (f"fine-tune the top {cfg.finetune_neurons} first-token neurons of the "
@@ -338,13 +340,19 @@ def search_patch(lm, cfg: SearchConfig | None = None, circuit: dict | None = Non
         except SinkholeError as err:
             res.tried.append({"family": fam, "description": desc, "error": str(err)})
             continue
+        same = next((r["family"] for r in res.tried if r.get("ops") == patch.to_dict()["ops"] and patch.ops
+                     and not patch.weights), None)
+        if same:
+            log(f"  -> the same patch as {same}: skipped")
+            res.tried.append({"family": fam, "description": desc, "skipped": f"same patch as {same}"})
+            continue
         div = divergence(lm, cases, patch, cfg.max_new_tokens, progress_desc=f"search cases, {fam}")
         tm = text_metrics(lm, patch, train_text)
         ok_budget = tm.ppl_change_pct <= cfg.ppl_budget_pct
         goal = div.rate <= cfg.goal_ratio * base.rate
         row = {"family": fam, "description": patch.describe(), "size": patch.n_numbers(),
                "search_divergence": _short(div), "train_text": tm.to_dict(), "within_budget": ok_budget,
-               "meets_goal": goal and ok_budget}
+               "meets_goal": goal and ok_budget, "ops": patch.to_dict()["ops"]}
         res.tried.append(row)
         log(f"  -> divergence run {div.rate_run:.0%} / garak {div.rate_garak:.0%}; train-text ppl "
             f"{tm.ppl_change_pct:+.2f}%, top-1 {tm.top1_agreement:.1%}, KL {tm.mean_kl_nats:.4f}")

@@ -50,8 +50,8 @@ def patch_section(doc: dict):
     if tried:
         rows = []
         for r in tried:
-            if "error" in r:
-                rows.append([r["family"], "–", "error: " + r["error"], "", "", ""])
+            if "error" in r or "skipped" in r:
+                rows.append([r["family"], "–", r.get("skipped") or "error: " + r["error"], "", "", ""])
                 continue
             d, tt = r["search_divergence"], r["train_text"]
             rows.append([r["family"] + (" (chosen)" if r["family"] == p.get("chosen") else ""), r["size"],
