@@ -205,3 +205,13 @@ def test_scan_steps_and_report_sections_on_tiny(tmp_path):
                  "fig5_layer0_convergence", "attention_mass_position0", "fig2_norm_vs_reps"):
         assert name in names, name
     assert "Sink circuit" in page and "Repetitions needed" in page
+
+
+def test_first_layer_over_rule():
+    from sinkhole.circuit.common import first_layer_over
+
+    assert first_layer_over([1.0, 6.0, 30.0]) == 1  # first layer at or over 5
+    assert first_layer_over([1.0, 2.0, 3.0, 2.5]) == 2  # none over 5: the largest
+    assert first_layer_over([None, 2.0, None]) == 1  # missing ratios count as 0
+    assert first_layer_over([], default=7) == 7
+    assert first_layer_over([1.0, 6.0, 30.0], float("inf")) == 2  # the massive-activation layer

@@ -122,11 +122,9 @@ def main_sink_layer(ctx: Context) -> int:
     layer = ctx.get("circuit", "main_sink_layer")
     if layer is not None:
         return int(layer)
-    ratio = ctx.get("layer_norms", "ratio") or []
-    for i, r in enumerate(ratio):
-        if r is not None and r >= 5.0:
-            return i
-    return int(max(range(len(ratio)), key=lambda i: ratio[i] or 0)) if ratio else 1
+    from .circuit.common import first_layer_over
+
+    return first_layer_over(ctx.get("layer_norms", "ratio") or [])
 
 
 def _resume_key(options: dict) -> dict:

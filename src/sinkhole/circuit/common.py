@@ -14,6 +14,16 @@ def norm_reduce(x: torch.Tensor, pos) -> torch.Tensor:
     return x.detach().float().norm(dim=-1)
 
 
+def first_layer_over(ratios, threshold: float = 5.0, default: int = 1) -> int:
+    """The first layer whose first-token/typical norm ratio reaches ``threshold``, else the layer
+    with the largest ratio (``None`` entries count as 0), else ``default`` when there are none."""
+    vals = [0.0 if r is None else float(r) for r in ratios]
+    for i, r in enumerate(vals):
+        if r >= threshold:
+            return i
+    return int(max(range(len(vals)), key=vals.__getitem__)) if vals else default
+
+
 def to_float(x) -> float:
     return float(x)
 

@@ -44,10 +44,9 @@ def _sink_layer(lm) -> int:
 
     r = layer_norms(lm, snippets("sonnets", n=4, n_words=32, seed=0), max_layer=min(lm.adapter.n_layers - 1, 11),
                     quiet=True)
-    for i, v in enumerate(r.ratio):
-        if v >= 5.0:
-            return i
-    return max(range(len(r.ratio)), key=lambda i: r.ratio[i])
+    from ..circuit.common import first_layer_over
+
+    return first_layer_over(r.ratio)
 
 
 def run(args) -> int:

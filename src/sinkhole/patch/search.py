@@ -87,10 +87,9 @@ def find_sink_layer(lm, ratio: float = 5.0) -> tuple[int, list[float]]:
     """First layer whose first-token norm is >= ``ratio`` x typical, and the per-layer ratios."""
     first, typ = first_token_norms(lm)
     ratios = [f / max(t, 1e-6) for f, t in zip(first, typ)]
-    for i, r in enumerate(ratios):
-        if r >= ratio:
-            return i, ratios
-    return int(max(range(len(ratios)), key=lambda i: ratios[i])), ratios
+    from ..circuit.common import first_layer_over
+
+    return first_layer_over(ratios, ratio), ratios
 
 
 def rank_sink_neurons(lm, layer: int, k: int = 8) -> list[dict]:
@@ -254,7 +253,9 @@ def _local_layers(lm, circ: Circuit, cfg: SearchConfig) -> list[int]:
 
 def massive_layer(circ: Circuit) -> int:
     """The layer where the first token's norm is the largest multiple of the typical norm."""
-    return int(max(range(len(circ.ratios)), key=lambda i: circ.ratios[i])) if circ.ratios else circ.sink_layer
+    from ..circuit.common import first_layer_over
+
+    return first_layer_over(circ.ratios, float("inf"), circ.sink_layer)
 
 
 def finetune_config(lm, circ: Circuit, cfg: SearchConfig, layers: list[int], **kw):
