@@ -9,7 +9,7 @@ import torch
 
 from sinkhole.errors import SinkholeError
 from sinkhole.evaluate.metrics import text_metrics
-from sinkhole.patch import Patch, PatchOp, apply_patch
+from sinkhole.patch import Patch, PatchOp
 from sinkhole.patch.finetune import FinetuneConfig, finetune_patch
 from sinkhole.patch.search import SearchConfig, search_patch, targets, verify_patch
 
