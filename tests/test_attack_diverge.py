@@ -109,3 +109,42 @@ def test_generate_left_padding_batch_equals_single(tiny):
     both = generate(tiny, [a, b], 5)
     assert both[0] == generate(tiny, [a], 5)[0]
     assert both[1] == generate(tiny, [b], 5)[0]
+
+
+def test_greedy_check_equals_generation(tiny_family):
+    from sinkhole.attack.predictor import greedy_check
+
+    lm = tiny_family  # every supported family
+    cases = make_cases(lm, ["a", "b", "c d"], [3, 9], ["raw", "repeat"])
+    checks = greedy_check(lm, cases, max_new_tokens=8, quiet=True)
+    gens = run_cases(lm, cases, max_new_tokens=8, batch_size=1, quiet=True, keep_ids=True)
+    for c, k, g in zip(cases, checks, gens):
+        assert k.generated_ids == g.generated_ids[:len(k.generated_ids)]  # exactly the greedy tokens
+        assert k.diverged == g.diverged
+        if k.diverged:
+            assert k.tokens_until_divergence == g.tokens_until_divergence
+        cont = [c.unit[j % len(c.unit)] for j in range(8)]
+        miss = [j for j, (a, b) in enumerate(zip(g.generated_ids, cont)) if a != b]
+        if miss and miss[0] < len(k.generated_ids):
+            assert k.leaves_at == miss[0]
+        assert 1 <= k.passes <= 8
+
+
+def test_greedy_check_one_pass_for_a_repeating_model_and_bad_templates(tiny):
+    from sinkhole.attack.predictor import greedy_check
+
+    cases = make_cases(tiny, ["a"], [5], ["raw"])
+    unit = cases[0].unit[0]
+
+    def favour(mod, args, out):  # the model always predicts the word's token: greedy decoding repeats it
+        out = out.clone()
+        out[..., unit] += 1e4
+        return out
+
+    tiny.model.get_output_embeddings().register_forward_hook(favour)
+    k = greedy_check(tiny, cases, max_new_tokens=5, quiet=True)[0]
+    g = run_cases(tiny, cases, max_new_tokens=5, batch_size=1, quiet=True)[0]
+    assert k.leaves_at is None and not k.diverged and not g.diverged
+    assert k.passes == 1 and k.generated_ids == [unit] * 5
+    with pytest.raises(SinkholeError, match="end with the run"):
+        greedy_check(tiny, make_cases(tiny, ["a"], [5], ["garak_this"]), 4)

@@ -20,6 +20,7 @@ with accuracy and AUC (``evaluate``). Attention patterns are reduced inside the 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -189,3 +190,116 @@ def _best_threshold(scores, labels):
             best = (c, bal)
     if best is not None:
         yield best
+
+
+# ------------------------------------------------------------------------------------------
+# The exact check: greedy decoding verified against a repetition draft (no token-by-token decoding)
+RUN_AT_END = ("raw", "repeat", "chat_assistant")
+
+
+@dataclass
+class GreedyCheck:
+    """The greedy continuation of one case, found by verifying drafts of the run.
+
+    ``leaves_at``: index of the first generated token that is not the run's next token (``None``:
+    the run continues for all ``n_checked`` tokens); ``diverged`` / ``tokens_until_divergence``: the
+    run judge's verdict on the exact greedy tokens, decided as soon as it is certain; ``passes``: the
+    forward passes used (one per departure from the draft, plus one); ``generated_ids``: the greedy
+    tokens up to the point where the verdict was certain."""
+
+    word: str
+    reps: int
+    template: str
+    n_checked: int
+    leaves_at: int | None
+    diverged: bool
+    tokens_until_divergence: int
+    passes: int
+    generated_ids: list[int] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _draft(gen: list[int], unit: list[int], n: int) -> list[int]:
+    """The next ``n`` tokens if the model goes on repeating: continue the unit's cycle after a
+    word token, restart it after anything else."""
+    k = len(unit)
+    p = 0
+    if gen:
+        last = gen[-1]
+        p = (unit.index(last) + 1) % k if last in unit else 0
+    return [unit[(p + j) % k] for j in range(n)]
+
+
+def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | None = None) -> list[GreedyCheck]:
+    """Greedy decoding of ``max_new_tokens`` tokens after each prompt, judged, without decoding token
+    by token: the model reads the prompt plus a *draft* (the run continued) in one pass, and every
+    draft token that equals that position's argmax is exactly what greedy decoding would produce.
+    At the first mismatch the argmax is the true next token; it is kept, the KV cache is cut back
+    to the accepted tokens, and a new draft is verified from there. The run judge decides after each
+    pass and the check stops once divergence is certain. Passes = departures from the draft + 1, so
+    a model that keeps repeating needs one pass where ``generate`` needs ``max_new_tokens`` steps.
+
+    Only prompts that end with the run (templates ``raw``, ``repeat``, ``chat_assistant``) are
+    drafted this way. The tokens equal ``run_cases``' greedy tokens up to floating-point near-ties
+    between multi-token and one-token cached passes (test: tiny models of every family)."""
+    from ..circuit.common import fast_attention
+    from ..errors import SinkholeError
+    from .diverge import _stop_ids, decode_pieces
+    from .judge import judge_run
+
+    bad = sorted({c.template for c in cases if c.template not in RUN_AT_END})
+    if bad:
+        raise SinkholeError(f"greedy_check needs prompts that end with the run; templates {bad} do not "
+                            f"(use {', '.join(RUN_AT_END)})")
+    n = int(max_new_tokens)
+    if n < 1:
+        raise SinkholeError("greedy_check needs max_new_tokens >= 1")
+    stops = _stop_ids(lm)
+    model = lm.model
+    # transformers >= 5.2x names the KV cache argument ``cache`` (``past_key_values`` before)
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = []
+    with fast_attention(lm), torch.no_grad():
+        for c in progress(cases, desc="greedy check", disable=quiet):
+            word = lm.tokenizer.decode(c.unit, skip_special_tokens=True).strip() or c.word
+            seq, fed, gen, past, passes = list(c.ids), 0, [], None, 0
+            leaves, verdict, stopped = None, None, False
+            while len(gen) < n and not stopped:
+                draft = _draft(gen, list(c.unit), n - len(gen))
+                inp = seq[fed:] + draft
+                res = model(input_ids=torch.tensor([inp], device=lm.device), use_cache=True, **{cache_kw: past})
+                past, passes = getattr(res, "cache", None) or res.past_key_values, passes + 1
+                base = len(seq) - fed - 1  # logits[base + j] predict draft[j]
+                pred = res.logits[0, base:base + len(draft) + 1].argmax(-1).tolist()
+                i = 0
+                while i < len(draft) and pred[i] == draft[i]:
+                    i += 1
+                new = draft[:i] + [pred[i]]
+                new = new[:n - len(gen)]
+                if leaves is None:
+                    run = _draft([], list(c.unit), len(gen) + len(new))
+                    miss = [j for j, t in enumerate(gen + new) if t != run[j]]
+                    leaves = miss[0] if miss else None
+                for j, t in enumerate(new):
+                    if t in stops:  # generation ends here: stopping is not diverging
+                        new, stopped = new[:j], True
+                        break
+                gen += new
+                drop = len(seq) + len(draft) - (len(seq) + i)  # cached tokens past the accepted draft
+                if drop:
+                    past.crop(-drop)  # negative: remove that many (every transformers version reads it so)
+                seq += draft[:i]
+                fed = len(seq)
+                seq += new[i:]  # the mismatching (true) token, fed with the next draft
+                verdict = judge_run(decode_pieces(lm, gen), word)
+                if verdict.diverged:
+                    break
+            if verdict is None:
+                verdict = judge_run([], word)
+            if leaves is not None and leaves >= len(gen) and not verdict.diverged:
+                leaves = None
+            out.append(GreedyCheck(c.word, c.reps, c.template, n, leaves, verdict.diverged,
+                                   verdict.tokens_until_divergence if verdict.diverged else len(gen), passes, gen))
+    return out

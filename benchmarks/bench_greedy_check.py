@@ -1,0 +1,99 @@
+"""Benchmark 4, the exact alternative: ``greedy_check`` (draft-verified greedy decoding) against generation.
+
+1. Agreement: every case of a saved ``bench_predictor.py`` result (with its generated ids and run-judge
+   labels) is checked with ``sinkhole.attack.predictor.greedy_check``; reported: label agreement, whether the
+   tokens equal the saved greedy tokens, forward passes per case.
+2. Speed, side by side in one process on a stratified subset (every repetition count equally often), each case
+   timed with ``run_cases`` (generation + judge, batch 1), ``greedy_check`` and the sink probe (``case_features``),
+   for ``--rounds`` rounds; means per case and ratios.
+3. The cascade: trust the probe where it predicts divergence (it had no false positive in the saved run), run the
+   exact check elsewhere; its cost per case is computed from the measured per-case times of step 1 and step 2.
+
+Usage::
+
+    python benchmarks/bench_greedy_check.py benchmarks/results/predictor_48_large.json --name predictor_exact_check
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("SINKHOLE_NO_PROGRESS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, save  # noqa: E402
+
+
+def main(argv=None):
+    from sinkhole import load_model
+    from sinkhole.attack.diverge import run_cases
+    from sinkhole.attack.predictor import case_features, greedy_check
+    from sinkhole.attack.prompts import make_cases
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("result")
+    ap.add_argument("--subset", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--name", default="")
+    a = ap.parse_args(argv)
+    d = json.loads(Path(a.result).read_text())
+    C, N = d["cases"], d["max_new_tokens"]
+    lm = load_model(d.get("model") or "smollm2-135m-instruct", progress=False)
+    cases = [make_cases(lm, [c["word"]], [c["reps"]], [c["template"]])[0] for c in C]
+    greedy_check(lm, cases[:1], N, quiet=True)  # warm-up
+    checks, t_check = [], []
+    for c in cases:
+        t = time.perf_counter()
+        checks.append(greedy_check(lm, [c], N, quiet=True)[0])
+        t_check.append(time.perf_counter() - t)
+    agree = [k.diverged == c["diverged"] for k, c in zip(checks, C)]
+    same = [k.generated_ids == c["generated_ids"][:len(k.generated_ids)] for k, c in zip(checks, C)]
+    held = [i for i, c in enumerate(C) if c["split"] == "held_out"]
+    n_reps = len({c["reps"] for c in C})
+    idx = [n_reps * j + (j % n_reps) for j in range(a.subset) if n_reps * j + (j % n_reps) < len(C)]
+    rows = []
+    run_cases(lm, cases[:1], max_new_tokens=4, batch_size=1, quiet=True)
+    for r in range(a.rounds):
+        for i in idx:
+            c = cases[i]
+            t = time.perf_counter()
+            g = run_cases(lm, [c], max_new_tokens=N, batch_size=1, quiet=True)[0]
+            tg = time.perf_counter() - t
+            t = time.perf_counter()
+            k = greedy_check(lm, [c], N, quiet=True)[0]
+            tk = time.perf_counter() - t
+            t = time.perf_counter()
+            case_features(lm, [c], sink_layer=d.get("sink_layer"), batch_size=1, quiet=True)
+            tp = time.perf_counter() - t
+            rows.append({"word": c.word, "reps": c.reps, "round": r, "t_generate_s": tg, "t_check_s": tk,
+                         "t_probe_s": tp, "agree": g.diverged == k.diverged, "passes": k.passes})
+    tg = statistics.mean(x["t_generate_s"] for x in rows)
+    tk = statistics.mean(x["t_check_s"] for x in rows)
+    tp = statistics.mean(x["t_probe_s"] for x in rows)
+    pr = d["predictor"]
+    neg = [i for i, c in enumerate(C) if not pr["sign"] * c[pr["feature"]] > pr["sign"] * pr["threshold"]]
+    false_pos = sum(1 for i, c in enumerate(C) if i not in neg and not c["diverged"])
+    cascade_s = tp + sum(t_check[i] for i in neg) / len(C)
+    doc = {"machine": machine(), "source": a.result, "n_cases": len(C), "max_new_tokens": N,
+           "agreement": sum(agree) / len(C), "agreement_held_out": sum(agree[i] for i in held) / max(len(held), 1),
+           "same_tokens_as_generation": sum(same) / len(C),
+           "mean_passes": statistics.mean(k.passes for k in checks), "max_passes": max(k.passes for k in checks),
+           "timing_subset": {"n_cases": len(idx), "rounds": a.rounds, "mean_generate_s": tg, "mean_check_s": tk,
+                             "mean_probe_s": tp, "speedup_check": tg / tk, "speedup_probe": tg / tp,
+                             "agreement_in_timing_runs": sum(x["agree"] for x in rows) / len(rows)},
+           "cascade": {"probe_negatives": len(neg), "probe_false_positives": false_pos,
+                       "agreement": (len(C) - false_pos) / len(C), "mean_s_per_case": cascade_s,
+                       "speedup": tg / cascade_s,
+                       "how": "probe time (timing subset) + the exact check's measured time on the probe's negatives"},
+           "rows": rows, "checks": [{**k.to_dict(), "t_s": t} for k, t in zip(checks, t_check)]}
+    print(json.dumps({k: v for k, v in doc.items() if k not in ("rows", "checks", "machine")}, indent=1))
+    if a.name:
+        print("saved", save(a.name, doc))
+
+
+if __name__ == "__main__":
+    main()
