@@ -269,10 +269,14 @@ def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | N
             while len(gen) < n and not stopped:
                 draft = _draft(gen, list(c.unit), n - len(gen))
                 inp = seq[fed:] + draft
-                res = model(input_ids=torch.tensor([inp], device=lm.device), use_cache=True, **{cache_kw: past})
+                kw = {"input_ids": torch.tensor([inp], device=lm.device), "use_cache": True, cache_kw: past}
+                keep = len(draft) + 1  # logits of the positions that predict the draft (and one more) only
+                try:
+                    res = model(**kw, logits_to_keep=keep)
+                except TypeError:  # a signature without logits_to_keep
+                    res = model(**kw)
                 past, passes = getattr(res, "cache", None) or res.past_key_values, passes + 1
-                base = len(seq) - fed - 1  # logits[base + j] predict draft[j]
-                pred = res.logits[0, base:base + len(draft) + 1].argmax(-1).tolist()
+                pred = res.logits[0, -keep:].argmax(-1).tolist()  # pred[j] is the argmax where draft[j] stands
                 i = 0
                 while i < len(draft) and pred[i] == draft[i]:
                     i += 1
