@@ -27,3 +27,15 @@ def test_smollm2_long_run_looks_like_a_first_token(smollm2):
     fs, fl = case_features(smollm2, [short, long], sink_layer=2, batch_size=2)
     assert fl.norm_ratio > 0.4 > 0.2 > fs.norm_ratio, (fs, fl)
     assert fl.attn_drop > fs.attn_drop
+
+
+def test_smollm2_greedy_check_equals_generation(smollm2):
+    # measured on 80 cases (docs/benchmarks.md, item 4): the draft-verified check gives the generated tokens
+    from sinkhole.attack.predictor import greedy_check
+
+    cases = make_cases(smollm2, ["poem", "ocean"], [30, 150], ["repeat"])
+    checks = greedy_check(smollm2, cases, max_new_tokens=24, quiet=True)
+    gens = run_cases(smollm2, cases, max_new_tokens=24, batch_size=1, quiet=True, keep_ids=True)
+    for k, g in zip(checks, gens):
+        assert k.generated_ids == g.generated_ids[:len(k.generated_ids)], (k, g.text)
+        assert k.diverged == g.diverged and k.passes <= 24
