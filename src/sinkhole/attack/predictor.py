@@ -264,10 +264,10 @@ def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | N
     with fast_attention(lm), torch.no_grad():
         for c in progress(cases, desc="greedy check", disable=quiet):
             word = lm.tokenizer.decode(c.unit, skip_special_tokens=True).strip() or c.word
-            seq, fed, gen, past, passes = list(c.ids), 0, [], None, 0
-            leaves, verdict, stopped = None, None, False
+            unit = list(c.unit)
+            seq, fed, gen, past, passes, stopped = list(c.ids), 0, [], None, 0, False
             while len(gen) < n and not stopped:
-                draft = _draft(gen, list(c.unit), n - len(gen))
+                draft = _draft(gen, unit, n - len(gen))
                 inp = seq[fed:] + draft
                 kw = {"input_ids": torch.tensor([inp], device=lm.device), "use_cache": True, cache_kw: past}
                 keep = len(draft) + 1  # logits of the positions that predict the draft (and one more) only
@@ -282,28 +282,21 @@ def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | N
                     i += 1
                 new = draft[:i] + [pred[i]]
                 new = new[:n - len(gen)]
-                if leaves is None:
-                    run = _draft([], list(c.unit), len(gen) + len(new))
-                    miss = [j for j, t in enumerate(gen + new) if t != run[j]]
-                    leaves = miss[0] if miss else None
                 for j, t in enumerate(new):
                     if t in stops:  # generation ends here: stopping is not diverging
                         new, stopped = new[:j], True
                         break
                 gen += new
-                drop = len(seq) + len(draft) - (len(seq) + i)  # cached tokens past the accepted draft
-                if drop:
-                    past.crop(-drop)  # negative: remove that many (every transformers version reads it so)
+                if i < len(draft):  # cut the cache back to the prompt and the accepted draft tokens
+                    past.crop(i - len(draft))  # negative: remove that many (every transformers version reads it so)
                 seq += draft[:i]
                 fed = len(seq)
                 seq += new[i:]  # the mismatching (true) token, fed with the next draft
                 verdict = judge_run(decode_pieces(lm, gen), word)
                 if verdict.diverged:
                     break
-            if verdict is None:
-                verdict = judge_run([], word)
-            if leaves is not None and leaves >= len(gen) and not verdict.diverged:
-                leaves = None
+            run = _draft([], unit, len(gen))
+            leaves = next((j for j, t in enumerate(gen) if t != run[j]), None)
             out.append(GreedyCheck(c.word, c.reps, c.template, n, leaves, verdict.diverged,
                                    verdict.tokens_until_divergence if verdict.diverged else len(gen), passes, gen))
     return out

@@ -64,6 +64,11 @@ def pad_left(lm, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.to(lm.device), mask.to(lm.device)
 
 
+def token_kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(P_ref || P) per position, in nats, from log-probabilities over the last dimension."""
+    return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+
+
 @dataclass
 class TextMetrics:
     n_tokens: int
@@ -105,7 +110,7 @@ def text_metrics(lm, patch, texts: list[str] | None = None, batch_size: int = 8,
         lpb, lpa = F.log_softmax(lb, -1), F.log_softmax(la, -1)
         nb = -lpb.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
         na = -lpa.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-        kl = (lpb.exp() * (lpb - lpa)).sum(-1)
+        kl = token_kl(lpb, lpa)
         nll_b += float(nb[valid].sum())
         nll_a += float(na[valid].sum())
         kl_sum += float(kl[valid].sum())

@@ -186,7 +186,7 @@ def finetune_patch(lm, cfg: FinetuneConfig | None = None, log=None) -> Patch:
 def _finetune_logits(lm, cfg: FinetuneConfig, log=None) -> Patch:
     """The full-model objective: KL to the original on text + next-word CE inside runs."""
     from ..data import snippets
-    from ..evaluate.metrics import encode_batch, pad_left
+    from ..evaluate.metrics import encode_batch, pad_left, token_kl
     from ..progress import progress
 
     model = lm.model
@@ -221,7 +221,7 @@ def _finetune_logits(lm, cfg: FinetuneConfig, log=None) -> Patch:
             lp = F.log_softmax(lg, -1)
             lt = teacher[sel].float()
             valid = mask > 0
-            kl = (lt.exp() * (lt - lp)).sum(-1)[valid].mean()
+            kl = token_kl(lt, lp)[valid].mean()
             # repeat: next word token inside long runs of training words
             batch = rng.sample(examples, min(cfg.rep_batch, len(examples)))
             rows = [b[0] for b in batch]
@@ -307,9 +307,11 @@ def finetune_local(lm, cfg: FinetuneConfig, log=None) -> Patch:
     Much cheaper than the full-model objective because the long runs' forward passes stop at ``S``.
     """
     from ..data import snippets
-    from ..evaluate.metrics import encode_batch, pad_left
+    from ..evaluate.metrics import encode_batch, pad_left, token_kl
     from ..progress import progress
 
+    if cfg.keep_at not in ("stop", "logits"):
+        raise SinkholeError(f"unknown keep_at {cfg.keep_at!r}; use 'stop' or 'logits'")
     params, masks = _trainable(lm, cfg)
     last = max(int(x) for x in (cfg.neurons or {}).keys() or cfg.layers)
     S = min(last + 1 if cfg.stop_layer is None else int(cfg.stop_layer), lm.adapter.n_layers - 1)
@@ -320,8 +322,6 @@ def finetune_local(lm, cfg: FinetuneConfig, log=None) -> Patch:
     torch.manual_seed(cfg.seed)
     texts = snippets(cfg.text, n=cfg.n_texts, n_words=cfg.text_words, seed=cfg.seed + 11)
     t_ids, t_mask = encode_batch(lm, texts, max_tokens=cfg.text_words * 2)
-    if cfg.keep_at not in ("stop", "logits"):
-        raise SinkholeError(f"unknown keep_at {cfg.keep_at!r}; use 'stop' or 'logits'")
     t_ref = _resid(lm, S, t_ids, t_mask, grad=False)
     valid = t_mask > 0
     typ2 = float(t_ref[valid].norm(dim=-1).median()) ** 2
@@ -350,7 +350,7 @@ def finetune_local(lm, cfg: FinetuneConfig, log=None) -> Patch:
                                    .logits.float(), -1)
                 with torch.no_grad():
                     lt = F.log_softmax(_head_logits(lm, t_head[sel]), -1)
-                keep = (lt.exp() * (lt - lp)).sum(-1)[valid[sel]].mean()
+                keep = token_kl(lt, lp)[valid[sel]].mean()
             batch = rng.sample(examples, min(cfg.rep_batch, len(examples)))
             r_ids, r_mask = pad_left(lm, [b[0] for b in batch])
             hr = _resid(lm, S, r_ids, r_mask, grad=True)

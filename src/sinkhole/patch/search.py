@@ -341,8 +341,8 @@ def search_patch(lm, cfg: SearchConfig | None = None, circuit: dict | None = Non
         except SinkholeError as err:
             res.tried.append({"family": fam, "description": desc, "error": str(err)})
             continue
-        same = next((r["family"] for r in res.tried if r.get("ops") == patch.to_dict()["ops"] and patch.ops
-                     and not patch.weights), None)
+        ops = [op.to_dict() for op in patch.ops]
+        same = next((r["family"] for r in res.tried if ops and not patch.weights and r.get("ops") == ops), None)
         if same:
             log(f"  -> the same patch as {same}: skipped")
             res.tried.append({"family": fam, "description": desc, "skipped": f"same patch as {same}"})
@@ -353,7 +353,7 @@ def search_patch(lm, cfg: SearchConfig | None = None, circuit: dict | None = Non
         goal = div.rate <= cfg.goal_ratio * base.rate
         row = {"family": fam, "description": patch.describe(), "size": patch.n_numbers(),
                "search_divergence": _short(div), "train_text": tm.to_dict(), "within_budget": ok_budget,
-               "meets_goal": goal and ok_budget, "ops": patch.to_dict()["ops"]}
+               "meets_goal": goal and ok_budget, "ops": ops}
         res.tried.append(row)
         log(f"  -> divergence run {div.rate_run:.0%} / garak {div.rate_garak:.0%}; train-text ppl "
             f"{tm.ppl_change_pct:+.2f}%, top-1 {tm.top1_agreement:.1%}, KL {tm.mean_kl_nats:.4f}")
