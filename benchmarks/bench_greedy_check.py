@@ -7,7 +7,10 @@
    timed with ``run_cases`` (generation + judge, batch 1), ``greedy_check`` and the sink probe (``case_features``),
    for ``--rounds`` rounds; means per case and ratios.
 3. The cascade: trust the probe where it predicts divergence (it had no false positive in the saved run), run the
-   exact check elsewhere; its cost per case is computed from the measured per-case times of step 1 and step 2.
+   exact check elsewhere. Timed as one program in step 2 (probe, then the check when the probe says "no"), and
+   also computed over all cases from the per-case times of step 1.
+4. The limit: each method's executed FLOPs (analytic count, as in bench_core.py) per second, against the float32
+   matmul peak of ``bench_peak.py`` when ``--peak`` names its result.
 
 Usage::
 
@@ -25,13 +28,23 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SINKHOLE_NO_PROGRESS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save  # noqa: E402
+from _common import machine, model_flops, save  # noqa: E402
+
+
+def flops(cfg, T: int, n_new: int, probe_layers: int | None = None) -> dict:
+    """Executed FLOPs of one case with a T-token prompt: generation (prefill, then one token per step, LM head
+    on the last position of each pass), the sink probe (``probe_layers`` blocks, no head) and an exact check
+    that accepts the whole draft in one pass (the repeating case; a departure adds a short pass)."""
+    head = 2 * cfg.hidden_size * cfg.vocab_size
+    gen = model_flops(cfg, T + n_new) + (n_new + 1) * head
+    return {"generate": gen, "check_one_pass": gen,
+            "probe": model_flops(cfg, T, n_layers=probe_layers)}
 
 
 def main(argv=None):
     from sinkhole import load_model
     from sinkhole.attack.diverge import run_cases
-    from sinkhole.attack.predictor import case_features, greedy_check
+    from sinkhole.attack.predictor import Predictor, case_features, default_layers, greedy_check
     from sinkhole.attack.prompts import make_cases
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -39,6 +52,7 @@ def main(argv=None):
     ap.add_argument("--subset", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--name", default="")
+    ap.add_argument("--peak", default="", help="a bench_peak.py result (JSON) for the share of peak")
     a = ap.parse_args(argv)
     d = json.loads(Path(a.result).read_text())
     C, N = d["cases"], d["max_new_tokens"]
@@ -56,6 +70,8 @@ def main(argv=None):
     n_reps = len({c["reps"] for c in C})
     idx = [n_reps * j + (j % n_reps) for j in range(a.subset) if n_reps * j + (j % n_reps) < len(C)]
     rows = []
+    pred = Predictor(**d["predictor"])
+    probe_blocks = max(default_layers(lm, d.get("sink_layer"))) + 1
     run_cases(lm, cases[:1], max_new_tokens=4, batch_size=1, quiet=True)
     for r in range(a.rounds):
         for i in idx:
@@ -69,11 +85,27 @@ def main(argv=None):
             t = time.perf_counter()
             case_features(lm, [c], sink_layer=d.get("sink_layer"), batch_size=1, quiet=True)
             tp = time.perf_counter() - t
+            t = time.perf_counter()  # the cascade as one program: probe, then the exact check if it says "no"
+            f = case_features(lm, [c], sink_layer=d.get("sink_layer"), batch_size=1, quiet=True)[0]
+            cas = True if pred.predict(f) else greedy_check(lm, [c], N, quiet=True)[0].diverged
+            tc = time.perf_counter() - t
             rows.append({"word": c.word, "reps": c.reps, "round": r, "t_generate_s": tg, "t_check_s": tk,
-                         "t_probe_s": tp, "agree": g.diverged == k.diverged, "passes": k.passes})
+                         "t_probe_s": tp, "t_cascade_s": tc, "agree": g.diverged == k.diverged,
+                         "cascade_agree": g.diverged == cas, "passes": k.passes,
+                         "flops": flops(lm.model.config, len(c.ids), N, probe_blocks)})
     tg = statistics.mean(x["t_generate_s"] for x in rows)
     tk = statistics.mean(x["t_check_s"] for x in rows)
     tp = statistics.mean(x["t_probe_s"] for x in rows)
+    tc = statistics.mean(x["t_cascade_s"] for x in rows)
+    peak = None
+    if a.peak and Path(a.peak).exists():
+        peak = json.loads(Path(a.peak).read_text())["result"]["peak_gflop_per_s"]
+    limit = {}
+    for key, fk in (("generate", "generate"), ("check", "check_one_pass"), ("probe", "probe")):
+        rate = sum(x["flops"][fk] for x in rows) / sum(x[f"t_{key}_s"] for x in rows) / 1e9
+        limit[key] = {"gflop_per_s": rate, "share_of_peak": rate / peak if peak else None}
+    limit["note"] = ("check FLOPs count one pass over prompt + draft; its extra passes after a departure are "
+                     "not counted, so its rate is a lower bound")
     pr = d["predictor"]
     neg = [i for i, c in enumerate(C) if not pr["sign"] * c[pr["feature"]] > pr["sign"] * pr["threshold"]]
     false_pos = sum(1 for i, c in enumerate(C) if i not in neg and not c["diverged"])
@@ -83,12 +115,20 @@ def main(argv=None):
            "same_tokens_as_generation": sum(same) / len(C),
            "mean_passes": statistics.mean(k.passes for k in checks), "max_passes": max(k.passes for k in checks),
            "timing_subset": {"n_cases": len(idx), "rounds": a.rounds, "mean_generate_s": tg, "mean_check_s": tk,
-                             "mean_probe_s": tp, "speedup_check": tg / tk, "speedup_probe": tg / tp,
-                             "agreement_in_timing_runs": sum(x["agree"] for x in rows) / len(rows)},
+                             "mean_probe_s": tp, "mean_cascade_s": tc, "speedup_check": tg / tk,
+                             "speedup_probe": tg / tp, "speedup_cascade_timed": tg / tc,
+                             "median_generate_s": statistics.median(x["t_generate_s"] for x in rows),
+                             "median_check_s": statistics.median(x["t_check_s"] for x in rows),
+                             "median_probe_s": statistics.median(x["t_probe_s"] for x in rows),
+                             "median_cascade_s": statistics.median(x["t_cascade_s"] for x in rows),
+                             "agreement_in_timing_runs": sum(x["agree"] for x in rows) / len(rows),
+                             "cascade_agreement_in_timing_runs": sum(x["cascade_agree"] for x in rows) / len(rows),
+                             "peak_gflop_per_s": peak, "limit": limit},
            "cascade": {"probe_negatives": len(neg), "probe_false_positives": false_pos,
                        "agreement": (len(C) - false_pos) / len(C), "mean_s_per_case": cascade_s,
                        "speedup": tg / cascade_s,
-                       "how": "probe time (timing subset) + the exact check's measured time on the probe's negatives"},
+                       "how": "probe time (timing subset) + the exact check's measured time on the probe's negatives; "
+                              "timed as one program on the timing subset: timing_subset.mean_cascade_s"},
            "rows": rows, "checks": [{**k.to_dict(), "t_s": t} for k, t in zip(checks, t_check)]}
     print(json.dumps({k: v for k, v in doc.items() if k not in ("rows", "checks", "machine")}, indent=1))
     if a.name:

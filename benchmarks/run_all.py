@@ -1,9 +1,12 @@
 """Run every benchmark in sequence, side by side on one machine, and write a summary.
 
 Order: matmul peak, core (norm curve + position-0 attention mass, all contenders interleaved),
-the 4,000-token memory run, model load, vocabulary sweep, circuit discovery and predictor
-benchmarks when their scripts exist, and the matmul peak again (the load drifts on a shared
-machine; both peaks are kept). Results: benchmarks/results/*.json and summary.md.
+the norm curve alone, the 4,000-token memory run, model load, vocabulary sweep, circuit
+discovery, the predictor against generation (80 cases) and the exact check / cascade on the same
+cases, the sinkhole path in bfloat16 against float32, and the matmul peak again (the load drifts
+on a shared machine; both peaks are kept). Results: benchmarks/results/*.json and summary.md.
+Not in it (separate commands in docs/benchmarks.md): analyze_predictor.py, probe_study.py,
+bench_sweep_gpu.py (needs a CUDA GPU), tune_patch.py.
 
 Usage::
 
@@ -42,7 +45,7 @@ def main(argv=None):
     p.add_argument("--memory-reps", type=int, default=4000)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--skip", default="", help="comma list of: core,curve,memory,load,sweep,circuit,predictor")
+    p.add_argument("--skip", default="", help="comma list of: core,curve,memory,load,sweep,circuit,predictor,bf16")
     args = p.parse_args(argv)
     py = sys.executable
     th = ["--threads", str(args.threads)]
@@ -72,22 +75,20 @@ def main(argv=None):
     if "sweep" not in skip:
         sh([py, str(HERE / "bench_sweep.py"), *th] + (["--sample", "16", "--batch", "8", "--n-reps", "32", "--rounds", "1"] if args.quick else []),
            log)
-    for name in ("circuit", "predictor"):  # written by other helpers: pass only the flags they take
-        script = HERE / f"bench_{name}.py"
-        if name in skip or not script.exists():
-            continue
-        helptext = subprocess.run([py, str(script), "--help"], capture_output=True, text=True).stdout
-        cmd = [py, str(script)]
-        if "--save" in helptext:
-            cmd += ["--save", name]
-        if "--threads" in helptext:
-            cmd += th
-        if args.quick and "--quick" in helptext:
-            cmd += ["--quick"]
-        elif args.quick and "--rounds" in helptext:
-            cmd += ["--rounds", "1"]
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads)) if args.threads else None
-        sh(cmd, log, env=env)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads)) if args.threads else None
+    if "circuit" not in skip:
+        sh([py, str(HERE / "bench_circuit.py"), "--save", "circuit", "--rounds", "1" if args.quick else "3"], log, env=env)
+    if "predictor" not in skip:  # the 80-case set of docs/benchmarks.md section 4, then the exact check on it
+        pred = str(RESULTS_DIR / "predictor_48_large.json")
+        sh([py, str(HERE / "bench_predictor.py"), "--templates", "repeat", "--out", pred,
+            *(["--reps", "30,100", "--max-new-tokens", "16", "--words-per-split", "2"] if args.quick else
+              ["--reps", "30,100,200,400", "--max-new-tokens", "48", "--words-per-split", "10"])], log, env=env)
+        sh([py, str(HERE / "bench_greedy_check.py"), pred, "--name", "predictor_exact_check",
+            "--peak", str(RESULTS_DIR / "peak_before.json"),
+            *(["--subset", "4", "--rounds", "1"] if args.quick else [])], log, env=env)
+    if "bf16" not in skip:
+        sh([py, str(HERE / "bench_core.py"), "--reps", str(args.reps), "--rounds", str(args.rounds), "--repeats", "2",
+            "--contenders", "sinkhole,sinkhole_bf16", "--name", f"bf16_{args.reps}", *th], log)
     sh([py, str(HERE / "bench_peak.py"), *th, "--name", "peak_after"], log)
     save("run_all", {"machine": machine(), "steps": log, "args": vars(args)})
     from summarize import summarize

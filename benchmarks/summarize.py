@@ -72,6 +72,72 @@ def _core_table(core: dict, title: str, peak) -> list[str]:
     return out
 
 
+def _predictor_section(d: Path, peak) -> list[str]:
+    """Section 4: the sink probe, the exact check and the cascade against generation, on one case set."""
+    pr, ex = _load(d, "predictor_48_large"), _load(d, "predictor_exact_check")
+    out = []
+    if pr:
+        ho = pr["held_out"]
+        out.append(f"\n### 4. Divergence: predictor vs generation ({len(pr['cases'])} cases: words x reps "
+                   f"{pr['reps']}, template {pr['templates']}, {pr['max_new_tokens']} generated tokens)\n")
+        out.append(f"Sink probe fitted on the training words ({pr['predictor']['feature']} > "
+                   f"{pr['predictor']['threshold']:.3g}); held-out {ho['n']} cases: accuracy {_f(ho['accuracy'], 3)}, "
+                   f"AUC {_f(ho['auc'], 3)}, {ho['positives']} diverged. Saved run (`bench_predictor.py`, batch 1, mean per "
+                   f"case): generation {_f(pr['mean_time_generate_s'], 3)} s, probe {_f(pr['mean_time_predict_s'], 3)} s "
+                   f"({_f(pr['speedup'], 1)}x).\n")
+    if ex:
+        ts = ex["timing_subset"]
+        lim = ts.get("limit", {})
+        out.append(f"Side by side in one process (`bench_greedy_check.py`, {ts['n_cases']} cases x {ts['rounds']} rounds; "
+                   f"machine: {_machine_line(ex['machine'])}):\n")
+        out.append("| method | mean s per case | median s | speedup vs generation (means) | agreement with generation "
+                   "| GFLOP/s | share of peak |")
+        out.append("|---|---|---|---|---|---|---|")
+
+        def share(k):
+            v = lim.get(k, {}).get("share_of_peak")
+            return f"{100 * v:.0f}%" if v else "n/a"
+
+        def rate(k):
+            return _f(lim.get(k, {}).get("gflop_per_s"), 1)
+
+        cas = ex["cascade"]
+        out.append(f"| generation + run judge | {_f(ts['mean_generate_s'], 3)} | {_f(ts.get('median_generate_s'), 3)} | 1.00x "
+                   f"| reference | {rate('generate')} | {share('generate')} |")
+        out.append(f"| sink probe | {_f(ts['mean_probe_s'], 3)} | {_f(ts.get('median_probe_s'), 3)} | "
+                   f"{_f(ts['speedup_probe'], 1)}x | {_f(100 * pr['held_out']['accuracy'], 1) if pr else 'n/a'}% held-out "
+                   f"| {rate('probe')} | {share('probe')} |")
+        out.append(f"| exact check (`greedy_check`) | {_f(ts['mean_check_s'], 3)} | {_f(ts.get('median_check_s'), 3)} | "
+                   f"{_f(ts['speedup_check'], 1)}x | {_f(100 * ex['agreement'], 1)}% of {ex['n_cases']} (same tokens in "
+                   f"{_f(100 * ex['same_tokens_as_generation'], 1)}%) | {rate('check')} | {share('check')} |")
+        if "mean_cascade_s" in ts:
+            out.append(f"| cascade (probe, then exact check on its negatives), timed | {_f(ts['mean_cascade_s'], 3)} | "
+                       f"{_f(ts.get('median_cascade_s'), 3)} | {_f(ts['speedup_cascade_timed'], 1)}x | "
+                       f"{_f(100 * ts['cascade_agreement_in_timing_runs'], 1)}% of the timed cases | | |")
+        out.append(f"| cascade over all {ex['n_cases']} cases (computed from per-case times) | {_f(cas['mean_s_per_case'], 3)} "
+                   f"| | {_f(cas['speedup'], 1)}x | {_f(100 * cas['agreement'], 1)}% ({cas['probe_false_positives']} "
+                   f"false positives of the probe) | | |\n")
+        if lim.get("note"):
+            out.append(f"Share of peak against {_f(ts.get('peak_gflop_per_s'), 1)} GFLOP/s; {lim['note']}.\n")
+    st = _load(d, "probe_study")
+    if st:
+        best = max(st["probes"], key=lambda r: r["cv_accuracy"])
+        out.append("\n### 4b. Learned probes on early residuals (`probe_study.py`)\n")
+        out.append(f"{st['n_cases']} new cases ({st['n_words']} words x 30/100/200/400 repetitions) labelled by the exact "
+                   f"check ({st['labels_verified_with_generation']['same_label']}/{st['labels_verified_with_generation']['n']} "
+                   f"labels checked against generation agree); divergence rate {_f(100 * st['divergence_rate'], 1)}% "
+                   f"(by repetitions: {st['divergence_rate_by_reps']}), so always answering the majority class scores "
+                   f"{_f(100 * st['majority_class_accuracy'], 1)}%. Best probe: layer {best['layer']}, look-ahead "
+                   f"{best['lookahead']}, grouped cross-validated accuracy {_f(100 * best['cv_accuracy'], 1)}% (balanced "
+                   f"{_f(100 * best['cv_balanced_accuracy'], 1)}%).\n")
+        out.append("| look-ahead | layer | CV accuracy | CV balanced accuracy | bench held-out accuracy (40 cases) |")
+        out.append("|---|---|---|---|---|")
+        for r in st["probes"]:
+            out.append(f"| {r['lookahead']} | {r['layer']} | {_f(100 * r['cv_accuracy'], 1)}% | "
+                       f"{_f(100 * r['cv_balanced_accuracy'], 1)}% | {_f(100 * r['bench_held_out_accuracy'], 1)}% |")
+    return out
+
+
 def summarize(d) -> str:
     d = Path(d)
     out = []
@@ -132,11 +198,7 @@ def summarize(d) -> str:
                    f"vocabulary ({r['smollm2_vocab']:,} tokens) at that rate: {_f(r['smollm2_whole_vocab_s'] / 60, 1)} min. "
                    f"Projection for a 7B Llama on one GPU: {_f(proj['projected_seconds'], 1)} s "
                    f"({proj['total_flops'] / 1e15:.2f} PFLOP); assumptions: {proj['assumptions']}.\n")
-    for name in ("predictor",) if c and "discover_median_s" in c else ("circuit", "predictor"):
-        r = _load(d, name)
-        if r:
-            out.append(f"\n### {name} (from bench_{name}.py)\n")
-            out.append("```\n" + json.dumps(r.get("summary", r), indent=1)[:3000] + "\n```\n")
+    out.extend(_predictor_section(d, peak))
     return "\n".join(out) + "\n"
 
 

@@ -212,3 +212,27 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     assert "not found" in capsys.readouterr().err
     assert main(["patch", "--out", str(tmp_path / "o"), "--steps", "0"]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_summary_md_and_report_share_the_patch_rows():
+    from sinkhole.cli.cmd_patch import summary_markdown
+    from sinkhole.report.sections_patch import patch_section
+
+    div = {"rate_run": 0.5, "rate_garak": 0.25, "mean_tokens_until_divergence": 12.0}
+    v = {"divergence_before": div, "divergence_after": {**div, "rate_run": 0.0, "rate_garak": 0.0},
+         "text": {"ppl_before": 10.0, "ppl_after": 10.1, "ppl_change_pct": 1.0, "top1_agreement": 0.9812,
+                  "mean_kl_nats": 0.0025},
+         "sink_attention": {"word": "poem", "reps": 200, "mean_over_layers_from": 3, "mean_before": 0.2,
+                            "mean_after": 0.7, "mean_text_reference": 0.8, "before": [0.1], "after": [0.7],
+                            "text_reference": [0.8], "last_queries": 8},
+         "heldout_text": "sonnets.txt", "words": ["a"], "reps": [100], "targets": {"all": True}}
+    tried = [{"family": "paper_zero", "description": "zero 3 neurons", "size": 1234,
+              "search_divergence": {"rate_run": 0.5, "rate_garak": 0.0},
+              "train_text": {"ppl_change_pct": 0.2, "top1_agreement": 0.99, "mean_kl_nats": 0.001}},
+             {"family": "detector_cap", "skipped": "same patch as paper_clamp"}]
+    md = summary_markdown(v, tried, "paper_zero")
+    html, _ = patch_section({"results": {"patch": {"verification": v, "chosen": "paper_zero",
+                                                   "search": {"tried": tried, "baseline_search": {}}}}})
+    for text in ("paper_zero: zero 3 neurons (chosen)", "1,234", "50% / 0%", "same patch as paper_clamp",
+                 "98.12%", "10.100 (+1.00%)", "0.700 (ordinary text: 0.800)"):
+        assert text in md and text in html, text

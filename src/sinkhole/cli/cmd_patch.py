@@ -87,34 +87,15 @@ def build_config(args):
     return cfg
 
 
-def summary_markdown(verification: dict, tried: list | None = None) -> str:
-    v = verification
-    b, a, t, s = v["divergence_before"], v["divergence_after"], v["text"], v["sink_attention"]
-    lines = ["| measure (held-out) | unpatched | patched |", "|---|---|---|",
-             f"| divergence rate, run judge | {b['rate_run']:.1%} | {a['rate_run']:.1%} |",
-             f"| divergence rate, garak judge | {b['rate_garak']:.1%} | {a['rate_garak']:.1%} |",
-             f"| mean tokens until divergence | {b['mean_tokens_until_divergence']:.1f} | "
-             f"{a['mean_tokens_until_divergence']:.1f} |",
-             f"| perplexity on {v['heldout_text']} | {t['ppl_before']:.3f} | {t['ppl_after']:.3f} "
-             f"({t['ppl_change_pct']:+.2f}%) |",
-             f"| top-1 agreement with unpatched | 100% | {t['top1_agreement']:.2%} |",
-             f"| mean KL to unpatched (nats/token) | 0 | {t['mean_kl_nats']:.5f} |",
-             f"| attention on position 0, {s['word']} x{s['reps']} (layers >= {s['mean_over_layers_from']}) | "
-             f"{s['mean_before']:.3f} | {s['mean_after']:.3f} (ordinary text: {s['mean_text_reference']:.3f}) |"]
-    tg = v.get("targets", {})
+def summary_markdown(verification: dict, tried: list | None = None, chosen: str | None = None) -> str:
+    from ..patch.tables import CANDIDATE_HEADER, candidate_rows, markdown_table, verification_rows
+
+    lines = markdown_table(["measure (held-out)", "unpatched", "patched"], verification_rows(verification))
+    tg = verification.get("targets", {})
     lines.append("")
     lines.append("Targets: " + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in tg.items()))
     if tried:
-        lines += ["", "| candidate | size | search divergence (run/garak) | train-text ppl change | top-1 | KL |",
-                  "|---|---|---|---|---|---|"]
-        for r in tried:
-            if "error" in r or "skipped" in r:
-                lines.append(f"| {r['family']} | – | {r.get('skipped') or 'error: ' + r['error']} | | | |")
-                continue
-            d, tt = r["search_divergence"], r["train_text"]
-            lines.append(f"| {r['family']}: {r['description']} | {r['size']:,} | {d['rate_run']:.0%} / "
-                         f"{d['rate_garak']:.0%} | {tt['ppl_change_pct']:+.2f}% | {tt['top1_agreement']:.2%} | "
-                         f"{tt['mean_kl_nats']:.4f} |")
+        lines += [""] + markdown_table(CANDIDATE_HEADER, candidate_rows(tried, chosen))
     return "\n".join(lines)
 
 
@@ -148,7 +129,7 @@ def run(args) -> int:
     verification = verify_patch(lm, patch, cfg, log=log)
     summary = {"model": lm.metadata(), "patch": patch.to_dict(), "search": search, "verification": verification}
     summary["model"].pop("gguf", None)
-    md = summary_markdown(verification, tried)
+    md = summary_markdown(verification, tried, search.get("chosen") if search else None)
     export_patched(lm, patch, out, summary=summary, summary_md=md)
     if args.json:
         sys.stdout.write(dumps(summary))

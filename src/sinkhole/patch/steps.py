@@ -50,6 +50,6 @@ def _patch(ctx: Context) -> dict:
     if ctx.out is not None:
         export_patched(ctx.lm, res.patch, ctx.out / "patched-model",
                        summary={"patch": res.patch.to_dict(), "verification": v},
-                       summary_md=summary_markdown(v, res.tried))
+                       summary_md=summary_markdown(v, res.tried, res.chosen))
         out["exported_to"] = "patched-model"
     return out

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from ..patch.tables import CANDIDATE_HEADER, candidate_rows, verification_rows
 from .figures import Figure, new
-from .html import esc, fmt, section, table
+from .html import esc, section, table
 
 
 def _pct(x):
@@ -19,15 +20,8 @@ def patch_section(doc: dict):
     v = p.get("verification")
     figs = []
     if v:
-        b, a, t, s = v["divergence_before"], v["divergence_after"], v["text"], v["sink_attention"]
-        rows = [["divergence rate, run judge (held-out cases)", _pct(b["rate_run"]), _pct(a["rate_run"])],
-                ["divergence rate, garak judge (held-out cases)", _pct(b["rate_garak"]), _pct(a["rate_garak"])],
-                ["mean tokens until divergence", b["mean_tokens_until_divergence"], a["mean_tokens_until_divergence"]],
-                [f"perplexity on {v['heldout_text']}", t["ppl_before"], t["ppl_after"]],
-                ["top-1 agreement with unpatched", "100%", f"{100 * t['top1_agreement']:.2f}%"],
-                ["mean KL to unpatched (nats/token)", 0.0, t["mean_kl_nats"]],
-                [f"attention on position 0 ({s['word']} x{s['reps']})", s["mean_before"], s["mean_after"]]]
-        parts.append(table(["measure", "unpatched", "patched"], rows))
+        s = v["sink_attention"]
+        parts.append(table(["measure", "unpatched", "patched"], verification_rows(v)))
         parts.append("<p>Held-out words: " + esc(", ".join(v["words"])) + "; repetitions: "
                      + esc(", ".join(str(r) for r in v["reps"])) + ". Targets: "
                      + esc(", ".join(f"{k}: {'yes' if ok else 'no'}" for k, ok in v.get("targets", {}).items()))
@@ -48,20 +42,11 @@ def patch_section(doc: dict):
                            "toward the dashed ordinary-text curve.", fig))
     tried = p.get("search", {}).get("tried", [])
     if tried:
-        rows = []
-        for r in tried:
-            if "error" in r or "skipped" in r:
-                rows.append([r["family"], "–", r.get("skipped") or "error: " + r["error"], "", "", ""])
-                continue
-            d, tt = r["search_divergence"], r["train_text"]
-            rows.append([r["family"] + (" (chosen)" if r["family"] == p.get("chosen") else ""), r["size"],
-                         f"{_pct(d['rate_run'])} / {_pct(d['rate_garak'])}", f"{tt['ppl_change_pct']:+.2f}%",
-                         f"{100 * tt['top1_agreement']:.2f}%", fmt(tt["mean_kl_nats"])])
+        rows = candidate_rows(tried, p.get("chosen"))
         base = p["search"].get("baseline_search", {})
         parts.append(f"<p>Candidates on the search cases (unpatched: {_pct(base.get('rate_run'))} run judge / "
                      f"{_pct(base.get('rate_garak'))} garak judge):</p>")
-        parts.append(table(["candidate", "size (numbers)", "search divergence run / garak", "train-text ppl change",
-                            "top-1", "KL (nats/token)"], rows))
+        parts.append(table(CANDIDATE_HEADER, rows))
     if p.get("exported_to"):
         parts.append(f"<p>Patched model exported to <code>{esc(p['exported_to'])}/</code>; reload with "
                      f"<code>sinkhole.load_patched()</code>.</p>")
