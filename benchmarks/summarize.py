@@ -163,7 +163,7 @@ def summarize(d) -> str:
                    f"loading; {_f(s['median_s'])} s per pass, {_f(s['gflop_per_s'], 1)} GFLOP/s"
                    f"{f' ({100 * share:.0f}% of peak)' if share else ''}. Plain transformers would have to return "
                    f"{_f(m['hf_output_floor_gib'])} GiB of attention weights and hidden states alone (computed from the "
-                   f"shapes, not run" + (": it does not fit beside the other jobs on this 24 GiB machine" if m['hf_output_floor_gib'] > 8 else "") + ").\n")
+                   f"shapes, not run), against {_f(m['machine'].get('ram_gib'))} GiB of RAM on this machine.\n")
     old = _load(d, "mem4000_eager")
     if old and "sinkhole" in old.get("summary", {}):
         s = old["summary"]["sinkhole"]

@@ -33,7 +33,28 @@ def test_diverge_garak_set_and_table(use_tiny, capsys):
     assert "divergence rate" in text and text.count("garak_") >= 36  # 4 words x 3 reps x 3 templates
 
 
+def test_diverge_exact_matches_generation(use_tiny, capsys):
+    argv = ["diverge", "--words", "poem,company", "--reps", "3,5", "--max-new-tokens", "6", "--json", "--quiet"]
+    assert main(argv + ["--templates", "raw,repeat"]) == 0
+    gen = json.loads(capsys.readouterr().out)
+    assert main(argv + ["--exact"]) == 0  # default templates: only those that end with the run are drafted
+    exact = json.loads(capsys.readouterr().out)
+    assert exact["method"] == "exact_check" and {c["template"] for c in exact["cases"]} == {"raw", "repeat"}
+    key = lambda c: (c["word"], c["reps"], c["template"])  # noqa: E731
+    by = {key(c): c for c in gen["cases"]}
+    assert len(exact["cases"]) == len(by) == 8
+    for c in exact["cases"]:
+        g = by[key(c)]
+        assert c["diverged"] == g["diverged"]
+        if c["diverged"]:
+            assert c["tokens_until_divergence"] == g["tokens_until_divergence"]
+        else:  # the whole continuation was checked: the same text
+            assert c["text"] == g["text"] and 1 <= c["passes"] <= 6
+
+
 @pytest.mark.parametrize("argv", [
+    ["diverge", "--exact", "--templates", "garak_this"],
+    ["diverge", "--exact", "--garak"],
     ["diverge", "--reps", "0"],
     ["diverge", "--words", ","],
     ["diverge", "--templates", "bogus"],
