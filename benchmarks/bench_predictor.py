@@ -26,6 +26,9 @@ from sinkhole.attack.predictor import Predictor, case_features  # noqa: E402
 from sinkhole.attack.prompts import make_cases  # noqa: E402
 from sinkhole.results import write_json  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine  # noqa: E402
+
 TRAIN = ["poem", "company", "the", "book", "house", "music", "paper", "green", "stone", "city"]
 HELD_OUT = ["water", "king", "love", "blue", "time", "flower", "table", "ocean", "silver", "letter"]
 
@@ -74,6 +77,7 @@ def main(argv=None) -> int:
     for r in rows:
         by.setdefault((r["template"], r["reps"]), []).append(r["diverged"])
     doc = {
+        "machine": machine(), "command": "python " + " ".join(sys.argv),
         "model": lm.name, "sink_layer": a.sink_layer, "max_new_tokens": a.max_new_tokens,
         "train_words": train, "held_out_words": held, "reps": a.reps, "templates": a.templates,
         "predictor": pred.to_dict(), "held_out": ev,

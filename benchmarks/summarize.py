@@ -63,7 +63,7 @@ def _core_table(core: dict, title: str, peak) -> list[str]:
             diff = f"{a['norm_max_rel_diff']:.1e}" + (f" / {a['mass_max_abs_diff']:.1e}" if "mass_max_abs_diff" in a else "")
         else:
             diff = "reference" if c == (core.get("agreement_reference") or "hf") else "n/a"
-        share = v["gflop_per_s"] / peak if peak else None
+        share = v["gflop_per_s"] / peak if peak and "bf16" not in c else None  # the peak is a float32 rate
         out.append(f"| {c} | {_f(v['median_s'])} | {_f(v.get('time_ratio_vs_sinkhole', 1.0))}x | {_f(v['peak_rss_mib'])} | "
                    f"{_f(v.get('rss_ratio_vs_sinkhole', 1.0))}x | {_f(v['gflops_executed'], 0)} | {_f(v['gflop_per_s'], 1)} | "
                    f"{_f(100 * share, 0) + '%' if share else 'n/a'} | {diff} |")
@@ -174,11 +174,11 @@ def summarize(d) -> str:
         out.append(f"\n### 2. Circuit discovery after load (`{c['command']}`, bench_circuit.py)\n")
         out.append(f"`discover()` median {_f(c['discover_median_s'])} s over {len(c['discover_s'])} runs "
                    f"({', '.join(_f(x) for x in c['discover_s'])}); load {_f(c['load_s'])} s; found: {c['result']}. "
-                   f"Environment {c.get('env')}; load average at start {c['machine'].get('load_avg_at_start')}.\n")
+                   f"Environment {c.get('env')}. Machine: {_machine_line(c['machine'])}.\n")
     for lp in sorted(d.glob("load*.json")):
         load = json.loads(lp.read_text())
         out.append(f"\n### 3. Model load (`{load['command']}`)\n")
-        out.append(f"Threads: {load.get('threads')}; load average at start {load['machine'].get('load_avg_at_start')}.\n")
+        out.append(f"Machine: {_machine_line(load['machine'])}. Threads: {load.get('threads')}.\n")
         out.append("| model | first load s (empty cache) | cached load s (wall) | cached load CPU s | cached: whole process s | peak RSS MiB (cached) | target (wall) |")
         out.append("|---|---|---|---|---|---|---|")
         for model, r in load["results"].items():
@@ -197,7 +197,8 @@ def summarize(d) -> str:
                    f"({_f(r['gflop_per_s'], 1)} GFLOP/s{f', {100 * share:.0f}% of peak' if share else ''}). Whole SmolLM2 "
                    f"vocabulary ({r['smollm2_vocab']:,} tokens) at that rate: {_f(r['smollm2_whole_vocab_s'] / 60, 1)} min. "
                    f"Projection for a 7B Llama on one GPU: {_f(proj['projected_seconds'], 1)} s "
-                   f"({proj['total_flops'] / 1e15:.2f} PFLOP); assumptions: {proj['assumptions']}.\n")
+                   f"({proj['total_flops'] / 1e15:.2f} PFLOP); assumptions: {proj['assumptions']}. "
+                   f"Machine: {_machine_line(sw['machine'])}.\n")
     out.extend(_predictor_section(d, peak))
     return "\n".join(out) + "\n"
 
