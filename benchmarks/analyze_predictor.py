@@ -23,11 +23,11 @@ import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import save  # noqa: E402
 
-FEATURES = ("attn_drop", "norm_ratio", "norm_growth")
 
 
 def _oracle(cases, feature):
@@ -95,14 +95,16 @@ def main(argv=None):
     ap.add_argument("--name", default="", help="save the summary as benchmarks/results/NAME.json")
     a = ap.parse_args(argv)
     doc = json.loads(Path(a.result).read_text())
+    from sinkhole.attack.predictor import FEATURES, Predictor
+
     C = doc["cases"]
-    pr = doc["predictor"]
+    pr = Predictor(**doc["predictor"])
     train = [c for c in C if c["split"] == "train"]
     test = [c for c in C if c["split"] == "held_out"]
     summary = {"source": a.result, "errors": []}
-    print(f"predictor: {pr['feature']} sign {pr['sign']} threshold {pr['threshold']:.4f}")
+    print(f"predictor: {pr.feature} sign {pr.sign} threshold {pr.threshold:.4f}")
     for c in test:
-        pred = pr["sign"] * c[pr["feature"]] > pr["sign"] * pr["threshold"]
+        pred = pr.predict(SimpleNamespace(**c))
         if pred != c["diverged"]:
             e = {"word": c["word"], "reps": c["reps"], "diverged": c["diverged"], "predicted": pred,
                  **{f: round(c[f], 3) for f in FEATURES}, "tokens_until_divergence": c["tokens_until_divergence"],

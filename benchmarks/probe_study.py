@@ -84,6 +84,7 @@ def residual_features(lm, cases, layers: list[int], lookahead: int):
 def probe_scores(Xa, ya, ga, Xb_tr, yb_tr, Xb_te, yb_te, cs=(0.01, 0.03, 0.1, 0.3, 1.0)):
     import numpy as np
     from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
     from sklearn.model_selection import GroupKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -95,9 +96,9 @@ def probe_scores(Xa, ya, ga, Xb_tr, yb_tr, Xb_te, yb_te, cs=(0.01, 0.03, 0.1, 0.
     for C in cs:
         pred = cross_val_predict(model(C), Xa, ya, groups=ga, cv=GroupKFold(min(5, len(set(ga.tolist())))))
         acc = float((pred == ya).mean())
-        bal = 0.5 * (float(pred[ya].mean()) + float((~pred[~ya]).mean()))
+        bal = balanced_accuracy_score(ya, pred)
         if best is None or acc > best["cv_accuracy"]:
-            best = {"C": C, "cv_accuracy": round(acc, 4), "cv_balanced_accuracy": round(bal, 4)}
+            best = {"C": C, "cv_accuracy": round(acc, 4), "cv_balanced_accuracy": round(float(bal), 4)}
     m = model(best["C"]).fit(np.vstack([Xa, Xb_tr]), np.concatenate([ya, yb_tr]))
     best["bench_held_out_accuracy"] = round(float((m.predict(Xb_te) == yb_te).mean()), 4)
     return best
@@ -127,7 +128,7 @@ def main(argv=None):
     words = study_words(lm, a.words, set(TRAIN) | set(HELD_OUT), Path(a.text_dir))
     cases = make_cases(lm, words, [30, 100, 200, 400], ["repeat"])
     t = time.perf_counter()
-    checks = [greedy_check(lm, [c], N, quiet=True)[0] for c in cases]
+    checks = greedy_check(lm, cases, N, quiet=True)
     t_label = time.perf_counter() - t
     ya = np.array([k.diverged for k in checks])
     ga = np.array([c.word for c in cases])
