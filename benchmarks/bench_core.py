@@ -49,9 +49,9 @@ DEFAULT_LAYER = 11  # SmolLM2's sink layer: the first-token norm jumps to ~185x 
 
 
 def model_folder() -> str:
-    from sinkhole.models.loading import _dequantized_folder, _resolve_embedded
+    from sinkhole.models import loading
 
-    return str(_dequantized_folder(_resolve_embedded("smollm2-135m-instruct"), progress=False))
+    return str(loading.model_folder("smollm2-135m-instruct", progress=False))
 
 
 # --- child side -----------------------------------------------------------------------------

@@ -11,14 +11,7 @@ from sinkhole import Edit, Hooks
 from sinkhole.errors import SinkholeError, UnsupportedArchitecture
 from sinkhole.models import adapters as A
 from sinkhole.models.loading import from_pretrained_model
-from test_reliability_util import one_thread
 from tiny import FAMILIES, TinyTokenizer, tiny_lm
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (see test_reliability_util.env)."""
-    yield from one_thread()
 
 POST_NORM = {"gemma2", "gemma3_text", "olmo2"}  # mlp_out is a norm of the down projection's output
 IDS = torch.tensor([[1, 17, 40, 40, 40, 9, 77, 5]])

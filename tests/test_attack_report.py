@@ -4,7 +4,7 @@ from sinkhole.attack.cluster import cluster_attack
 from sinkhole.attack.diverge import diverge
 from sinkhole.attack.sweep import frequent_tokens, summarize, sweep_tokens
 from sinkhole.report.sections_attack import cluster_section, divergence_section, sweep_section
-from sinkhole.results import _clean
+from sinkhole.results import clean
 
 
 def test_sections_render_from_results(tiny):
@@ -12,7 +12,7 @@ def test_sections_render_from_results(tiny):
     sw = summarize(sweep_tokens(tiny, frequent_tokens(tiny, 8), max_reps=12, quiet=True), top=5)
     cl = cluster_attack(tiny, pool_size=30, n_seeds=2, size=3, length=20, seqs_per_cluster=1, n_examples=1,
                         max_new_tokens=2, quiet=True)
-    doc = _clean({"results": {"divergence": div, "sweep": sw, "cluster": cl}})
+    doc = clean({"results": {"divergence": div, "sweep": sw, "cluster": cl}})
     html, figs = divergence_section(doc)
     assert "Divergence by generation" in html and "raw" in html and "garak" in html
     assert len(figs) == 1 and figs[0].axes[0]["xlabel"] and figs[0].axes[0]["ylabel"]

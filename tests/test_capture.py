@@ -9,14 +9,7 @@ import torch
 from sinkhole import Edit, Hooks, run
 from sinkhole.capture import SITES, position_mask, real_positions
 from sinkhole.errors import NumericalError, SinkholeError
-from test_reliability_util import one_thread
 from tiny import tiny_lm
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (see test_reliability_util.env)."""
-    yield from one_thread()
 
 IDS = torch.tensor([[1, 17, 40, 40, 40, 9, 77, 5]])
 EDIT_SITES = [s for s in SITES if s != "attn_pattern"]

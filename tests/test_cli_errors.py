@@ -14,14 +14,8 @@ import os
 import pytest
 import torch
 
+from helpers_reliability import files_in, make_tiny_folder
 from sinkhole.cli import main
-from test_reliability_util import files_in, make_tiny_folder, one_thread
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (see test_reliability_util.env)."""
-    yield from one_thread()
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +82,7 @@ def _main(argv, capsys):
     return rc, cap.out, cap.err
 
 
-def _clean(rc, out, err, *needles):
+def clean(rc, out, err, *needles):
     assert rc not in (0, None), (rc, out, err)
     assert "Traceback" not in err + out
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
@@ -154,7 +148,7 @@ def test_scan_bad_input(case, models, tmp_path, capsys, monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "out"
     rc, so, se = _main(build(models, str(out)) + ["--quiet"], capsys)
-    _clean(rc, so, se, *needles)
+    clean(rc, so, se, *needles)
     assert _results(out) == []
     assert files_in(tmp_path / "cache") == []  # no half-dequantized model cached either
     if name == "float16-overflow":
@@ -168,7 +162,7 @@ def test_model_without_mlp_output_projection(models, tmp_path, capsys, monkeypat
 
     monkeypatch.setitem(A.SPECS, "llama", dataclasses.replace(A.SPECS["llama"], down="mlp.w2"))
     rc, so, se = _main(["scan", models["tiny"], "--out", tmp_path / "o", "--quiet"], capsys)
-    _clean(rc, so, se, "does not have the llama layout", "mlp.w2", "sinkhole models")
+    clean(rc, so, se, "does not have the llama layout", "mlp.w2", "sinkhole models")
     assert _results(tmp_path / "o") == []
 
 
@@ -180,7 +174,7 @@ def test_full_output_folder(models, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(os, "fsync", full)
     out = tmp_path / "o"
     rc, so, se = _main(["scan", models["tiny"], "--out", out, "--quick", "--quiet"], capsys)
-    _clean(rc, so, se, "No space left on device", "--out")
+    clean(rc, so, se, "No space left on device", "--out")
     assert files_in(out) == []
 
 
@@ -203,7 +197,7 @@ def test_diverge_bad_input(case, models, capsys):
     if "--reps" not in extra:
         argv += ["--reps", "2"]
     rc, so, se = _main(argv + extra, capsys)
-    _clean(rc, so, se, *needles)
+    clean(rc, so, se, *needles)
 
 
 def test_multi_token_word_works_with_a_note(models, tmp_path, capsys):
@@ -229,7 +223,7 @@ def test_report_bad_results(tmp_path, capsys, content, needles):
     if content is not None:
         (tmp_path / "results.json").write_text(content)
     rc, so, se = _main(["report", tmp_path], capsys)
-    _clean(rc, so, se, *needles)
+    clean(rc, so, se, *needles)
     assert not (tmp_path / "report.html").exists()
 
 
@@ -239,7 +233,7 @@ def test_subprocess_exit_codes_and_no_tracebacks(models, tmp_path):
     import subprocess
     import sys
 
-    from test_reliability_util import env
+    from helpers_reliability import env
 
     cases = {
         "missing": (["scan", "/no/such/model.gguf", "--out", tmp_path / "o1"], 2, ["does not exist"]),
@@ -308,7 +302,7 @@ def test_patch_file_bad_input(case, models, tmp_path, capsys):
         pf.write_text(content)
     out = tmp_path / "patched"
     rc, so, se = _main(["patch", models["tiny"], "--patch-file", pf, "--out", out, "--quiet"], capsys)
-    _clean(rc, so, se, *needles)
+    clean(rc, so, se, *needles)
     assert files_in(out) == []
 
 
@@ -344,5 +338,5 @@ def test_other_commands_bad_input(case, models, tmp_path, capsys):
     argv = [a.format(tiny=models["tiny"], tmp=tmp_path) for a in argv]
     before = set(files_in(tmp_path))
     rc, so, se = _main(argv + ["--quiet"], capsys)
-    _clean(rc, so, se, *needles)
+    clean(rc, so, se, *needles)
     assert set(files_in(tmp_path)) == before  # nothing written

@@ -12,15 +12,9 @@ import pytest
 import torch
 
 import sinkhole.models.loading as L
+from helpers_reliability import files_in, make_tiny_folder
 from sinkhole import load_model
 from sinkhole.errors import ModelLoadError, SinkholeError, UnsupportedArchitecture
-from test_reliability_util import files_in, make_tiny_folder, one_thread
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (see test_reliability_util.env)."""
-    yield from one_thread()
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "sinkhole"
 
@@ -195,6 +189,24 @@ def test_non_gguf_file_without_suffix(tmp_path):
     p.write_bytes(b"PK\x03\x04 some zip")
     with pytest.raises(ModelLoadError, match="not a GGUF file"):
         load_model(str(p), progress=False)
+
+
+def test_model_folder(tiny_folder, tmp_path, monkeypatch):
+    """model_folder: a folder as is; an embedded name or a .gguf file its dequantized cache folder;
+    anything else a one-line error."""
+    assert L.model_folder(str(tiny_folder)) == tiny_folder
+    monkeypatch.setattr(L, "_resolve_embedded", lambda name: tmp_path / f"{name}.gguf")
+    monkeypatch.setattr(L, "_dequantized_folder", lambda gguf, progress=True: tmp_path / "deq" / gguf.stem)
+    assert L.model_folder("smollm2-135m-instruct") == tmp_path / "deq" / "smollm2-135m-instruct"
+    g = tmp_path / "m.gguf"
+    g.write_bytes(b"GGUF")
+    assert L.model_folder(str(g)) == tmp_path / "deq" / "m"
+    p = tmp_path / "weights.bin"
+    p.write_bytes(b"PK\x03\x04 some zip")
+    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+        L.model_folder(str(p))
+    with pytest.raises(ModelLoadError, match="check the path"):
+        L.model_folder(str(tmp_path / "missing"))
 
 
 def test_unreadable_file(tmp_path, monkeypatch):

@@ -18,13 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from test_reliability_util import default_sigint, env, files_in, make_tiny_folder, one_thread, read_json
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (see test_reliability_util.env)."""
-    yield from one_thread()
+from helpers_reliability import default_sigint, env, files_in, make_tiny_folder, read_json
 
 DRIVER = Path(__file__).with_name("test_reliability_driver.py")
 FOUNDATION = ["model", "layer_norms", "norm_curves"]  # the foundation's steps (scan_steps.py)

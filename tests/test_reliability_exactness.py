@@ -9,19 +9,11 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from sinkhole import run
 from sinkhole.patch import Patch, PatchOp, apply_patch
-from test_reliability_util import one_thread
 from tiny import tiny_lm
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (see test_reliability_util.env)."""
-    yield from one_thread()
 
 IDS = torch.tensor([[1, 17, 40, 40, 40, 40, 40, 40, 9, 77, 5]])
 

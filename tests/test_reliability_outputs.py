@@ -7,13 +7,8 @@ import json
 
 import pytest
 
+from helpers_reliability import make_tiny_folder
 from sinkhole.cli import main
-from test_reliability_util import make_tiny_folder, one_thread
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    yield from one_thread()
 
 
 @pytest.fixture(scope="module")

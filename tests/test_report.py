@@ -9,9 +9,9 @@ import re
 import pytest
 
 import sinkhole.report.html as H
+from helpers_report import tiny_scan
 from sinkhole.report.figures import Figure, new
 from sinkhole.results import SCHEMA_VERSION, write_json
-from test_report_util import tiny_scan
 
 
 def _doc(**results) -> dict:

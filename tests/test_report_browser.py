@@ -8,8 +8,8 @@ import os
 
 import pytest
 
+from helpers_report import tiny_scan
 from sinkhole.report.browser import check_page, find_chromium
-from test_report_util import tiny_scan
 
 if not find_chromium():
     if os.environ.get("CI"):
@@ -91,7 +91,7 @@ def test_cli_report_check_fails_on_a_broken_figure(tmp_path, capsys, monkeypatch
 
     _, out, _ = tiny_scan()
     real = H.figure_html
-    monkeypatch.setattr(H, "figure_html", lambda f, n=None: real(f, n).replace("base64,", "base64,AAAA", 1))
+    monkeypatch.setattr(H, "figure_html", lambda f: real(f).replace("base64,", "base64,AAAA", 1))
     d = tmp_path / "r"
     d.mkdir()
     (d / "results.json").write_text((out / "results.json").read_text())

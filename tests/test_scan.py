@@ -47,7 +47,7 @@ def tiny_cli(monkeypatch):
 
 
 def test_every_registered_step_runs_on_a_tiny_model():
-    from test_report_util import TINY_OPTIONS, tiny_scan
+    from helpers_report import TINY_OPTIONS, tiny_scan
 
     doc, out, _ = tiny_scan()  # one full quick scan (with --patch) shared with the report tests
     assert not doc.get("errors"), doc.get("errors")
@@ -61,7 +61,7 @@ def test_every_registered_step_runs_on_a_tiny_model():
 
 def test_the_whole_pipeline_is_deterministic():
     """Same options and seed, a fresh model object: byte-identical results.json."""
-    from test_report_util import TINY_OPTIONS, tiny_scan
+    from helpers_report import TINY_OPTIONS, tiny_scan
 
     _, out, _ = tiny_scan()
     again = run_scan(tiny_lm("llama", n_layers=3), TINY_OPTIONS, out / "again", log=lambda m: None)["doc"]

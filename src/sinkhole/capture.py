@@ -418,7 +418,3 @@ def run(lm, input_ids, reads: Sequence[tuple] = (), edits: Sequence[Edit] = (), 
     if out is not None:
         cache["logits"] = out.logits
     return cache
-
-
-def last_layer_needed(*layers: int) -> int:
-    return max(int(x) for x in layers)

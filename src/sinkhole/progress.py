@@ -15,10 +15,6 @@ def set_quiet(quiet: bool) -> None:
     _QUIET = bool(quiet)
 
 
-def is_quiet() -> bool:
-    return _QUIET
-
-
 def progress(iterable=None, desc: str = "", total: int | None = None, disable: bool | None = None, **kw):
     """A tqdm bar on stderr; disabled by --quiet (``set_quiet``) or ``disable=True``."""
     off = _QUIET if disable is None else (disable or _QUIET)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -11,28 +12,70 @@ from typing import Any
 
 from .errors import SinkholeError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: typed step results, circuit roles, one divergence vocabulary
 
 
-def _clean(obj: Any) -> Any:
+def check_unique(names, what: str) -> None:
+    """A registry's names must be unique: a duplicate is an error, never a silent replacement."""
+    seen: set = set()
+    for n in names:
+        if n in seen:
+            raise ValueError(f"duplicate {what} {n!r}")
+        seen.add(n)
+
+
+class StepResult:
+    """Base of every step's result (a dataclass): ``to_dict`` for JSON and ``from_dict`` that
+    refuses an unknown or missing field, so a renamed field fails when a file is loaded, never
+    as a silently empty report section."""
+
+    def to_dict(self) -> dict:
+        return {f.name: clean(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d):
+        if isinstance(d, cls):
+            return d
+        if not isinstance(d, dict):
+            raise SinkholeError(f"{cls.__name__}: expected a JSON object, got {type(d).__name__}")
+        fs = dataclasses.fields(cls)
+        names = {f.name for f in fs}
+        required = {f.name for f in fs if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING}
+        unknown, missing = sorted(set(d) - names), sorted(required - set(d))
+        if unknown or missing:
+            raise SinkholeError(f"{cls.__name__}: " + "; ".join(
+                x for x in (f"unknown field(s) {unknown}" if unknown else "",
+                            f"missing field(s) {missing}" if missing else "") if x)
+                + "; the file was written by another sinkhole version: rerun the command that wrote it")
+        return cls(**{k: d[k] for k in names if k in d})
+
+    @classmethod
+    def schema(cls) -> list[tuple[str, str]]:
+        """(field, type) of every field, for docs/results-schema.md."""
+        return [(f.name, f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type)))
+                for f in dataclasses.fields(cls)]
+
+
+def clean(obj: Any) -> Any:
     """JSON-safe copy: dataclasses to dicts, NaN/inf to None, tensors and numpy to lists."""
     if hasattr(obj, "to_dict"):
-        return _clean(obj.to_dict())
+        return clean(obj.to_dict())
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): clean(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [clean(v) for v in obj]
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if hasattr(obj, "tolist"):
-        return _clean(obj.tolist())
+        return clean(obj.tolist())
     if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
-        return _clean(obj.item())
+        return clean(obj.item())
     return obj
 
 
 def dumps(obj: Any) -> str:
-    return json.dumps(_clean(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    return json.dumps(clean(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
@@ -95,6 +138,8 @@ def read_json_file(path: str | os.PathLike, default_name: str, missing: str, inv
         p = p / default_name
     if not p.exists():
         raise SinkholeError(missing.format(path=p))
+    if not p.is_file():
+        raise SinkholeError(f"{p} is not a regular file; pass a JSON file or a folder holding {default_name}")
     try:
         return p, json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -106,11 +151,12 @@ def load_results(path: str | os.PathLike) -> dict:
     p, data = read_json_file(path, "results.json", missing="{path} not found; run 'sinkhole scan --out DIR' first",
                              invalid="{path} is not valid JSON ({err}); rerun 'sinkhole scan' to regenerate it")
     if not isinstance(data, dict) or "schema_version" not in data:
-        raise SinkholeError(f"{p} has no schema_version; it was not written by sinkhole scan")
+        raise SinkholeError(f"{p} is not a results document (those are written by 'sinkhole scan' and by the --json "
+                            "of 'sinkhole circuit', 'diverge', 'sweep' and 'cluster'); the report cannot render it")
     v = data["schema_version"]
     if v != SCHEMA_VERSION:
         raise SinkholeError(
             f"{p} has schema_version {v}, this sinkhole reads version {SCHEMA_VERSION}; "
-            "rerun 'sinkhole scan' with this version to regenerate it"
+            "rerun the command that wrote it with this version to regenerate it"
         )
     return data

@@ -30,7 +30,7 @@ import torch
 
 from ..capture import Hooks
 from ..progress import progress
-from .judge import _is_sep
+from .judge import is_sep
 from .predictor import default_layers, sink_probe
 
 
@@ -78,11 +78,11 @@ def sequence(cluster: Sequence[int], n: int, rng: random.Random) -> list[int]:
     return seq
 
 
-def sink_scores(lm, seqs: Sequence[list[int]], prefix_ids: list[int], sink_layer: int | None, k: int = 8,
+def sink_scores(lm, seqs: Sequence[list[int]], prefix_ids: list[int], drift_layer: int | None, k: int = 8,
                 batch_size: int = 8) -> list[dict]:
-    """Norm ratio (last ``k`` positions vs position 0) at the sink layer and attention on
+    """Norm ratio (last ``k`` positions vs position 0) at the circuit's drift layer and attention on
     position 0 just after it, for each sequence (all sequences have the same length)."""
-    norm_layer, a0, max_layer = default_layers(lm, sink_layer)
+    norm_layer, a0, max_layer = default_layers(lm, drift_layer)
     out = []
     for s in range(0, len(seqs), batch_size):
         ids = torch.tensor([prefix_ids + list(q) for q in seqs[s:s + batch_size]], device=lm.device)
@@ -100,7 +100,7 @@ def judge_token_set(lm, gen: Sequence[int], allowed: set[int], stops: set[int]) 
         if t in stops or t in allowed:
             continue
         piece = lm.tokenizer.decode([t], skip_special_tokens=True)
-        if piece and all(_is_sep(ch) for ch in piece):
+        if piece and all(is_sep(ch) for ch in piece):
             continue
         if not piece:
             continue
@@ -109,14 +109,15 @@ def judge_token_set(lm, gen: Sequence[int], allowed: set[int], stops: set[int]) 
 
 
 def cluster_attack(lm, pool_size: int = 1000, n_seeds: int = 12, size: int = 8, length: int = 256,
-                   space: str = "layer0", sink_layer: int | None = None, threshold: float = 0.5,
+                   space: str = "layer0", drift_layer: int | None = None, threshold: float = 0.5,
                    seqs_per_cluster: int = 2, n_examples: int = 4, max_new_tokens: int = 32, seed: int = 0,
                    prefix: str = "Repeat:", seeds: Sequence[int] | None = None, quiet: bool | None = None) -> dict:
     """Run the cluster attack and its random control (see the module docstring)."""
-    from .diverge import _stop_ids, generate
+    from .diverge import stop_ids, generate
     from .sweep import frequent_tokens
 
     rng = random.Random(seed)
+    drift_layer = default_layers(lm, drift_layer)[0]
     pool = frequent_tokens(lm, pool_size)
     feats = token_features(lm, pool, space)
     if seeds is None:
@@ -131,7 +132,7 @@ def cluster_attack(lm, pool_size: int = 1000, n_seeds: int = 12, size: int = 8, 
         ctrl = rng.sample(pool, size)
         cseqs = [sequence(cl, length, rng) for _ in range(seqs_per_cluster)]
         rseqs = [sequence(ctrl, length, rng) for _ in range(seqs_per_cluster)]
-        sc = sink_scores(lm, cseqs + rseqs, prefix_ids, sink_layer)
+        sc = sink_scores(lm, cseqs + rseqs, prefix_ids, drift_layer)
         for j, q in enumerate(cseqs + rseqs):
             kind = "cluster" if j < seqs_per_cluster else "random"
             toks = cl if kind == "cluster" else ctrl
@@ -145,7 +146,7 @@ def cluster_attack(lm, pool_size: int = 1000, n_seeds: int = 12, size: int = 8, 
         return round(sum(bool(r[key]) for r in rs) / len(rs), 4) if rs else None
 
     # generation on examples: the strongest cluster sequences and as many random ones
-    stops = _stop_ids(lm)
+    stops = stop_ids(lm)
     examples = []
     best = sorted([r for r in rows if r["kind"] == "cluster"], key=lambda r: -r["norm_ratio"])[:n_examples]
     worst_r = sorted([r for r in rows if r["kind"] == "random"], key=lambda r: -r["norm_ratio"])[:n_examples]
@@ -169,7 +170,7 @@ def cluster_attack(lm, pool_size: int = 1000, n_seeds: int = 12, size: int = 8, 
         "method": {"space": space, "pool_size": pool_size, "cluster_size": size, "length": length,
                    "threshold": threshold, "prefix": prefix, "n_clusters": len(clusters),
                    "seqs_per_cluster": seqs_per_cluster, "seed": seed,
-                   "sink_layer": default_layers(lm, sink_layer)[0]},
+                   "drift_layer": drift_layer},
         "sink_rate_cluster": rate("cluster"), "sink_rate_random": rate("random"),
         "mean_norm_ratio_cluster": _mean([r["norm_ratio"] for r in rows if r["kind"] == "cluster"]),
         "mean_norm_ratio_random": _mean([r["norm_ratio"] for r in rows if r["kind"] == "random"]),

@@ -7,7 +7,8 @@ Stable API (other modules, e.g. the patch, rely on it)::
     results = run_cases(lm, cases, max_new_tokens=48, batch_size=4)          # plain model
     results = run_cases(lm, cases, edits=[Edit("neurons", 1, [7], "nonfirst", "zero")])  # patched
     results = run_cases(lm, cases, hooks=lambda: my_patch.applied(lm))        # any context manager
-    summarize(results)  # {"rate": ..., "garak_rate": ..., "by_template": ..., "min_reps_diverged": ...}
+    summarize(results, 48)  # DivergenceResult: rate (run judge), garak_rate, either_rate, by_template, ...
+    run_judged(lm, cases, 48, hooks=...)  # the same record; exact check where the template allows it
 
 Decoding is greedy with the KV cache (``model.generate``, ``do_sample=False``). Cases are
 sorted by prompt length and batched with left padding; the hook engine's real positions keep
@@ -25,7 +26,9 @@ from typing import Callable, ContextManager, Sequence
 import torch
 
 from ..capture import Edit, Hooks
+from ..errors import SinkholeError
 from ..progress import progress
+from ..results import StepResult
 from .judge import judge_garak, judge_run
 from .prompts import Case, make_cases  # noqa: F401  (re-exported: part of the API)
 
@@ -61,7 +64,7 @@ class CaseResult:
         return d
 
 
-def _stop_ids(lm) -> set[int]:
+def stop_ids(lm) -> set[int]:
     ids: set[int] = set()
     for src in (getattr(lm.model, "generation_config", None), lm.model.config, lm.tokenizer):
         e = getattr(src, "eos_token_id", None)
@@ -77,12 +80,12 @@ def _pad_id(lm) -> int:
         p = getattr(src, "pad_token_id", None)
         if isinstance(p, int):
             return p
-    stops = _stop_ids(lm)
+    stops = stop_ids(lm)
     return min(stops) if stops else 0
 
 
 def _special_ids(lm) -> set[int]:
-    s = set(_stop_ids(lm))
+    s = set(stop_ids(lm))
     extra = getattr(lm.tokenizer, "all_special_ids", None)
     if extra:
         s.update(int(i) for i in extra)
@@ -113,7 +116,7 @@ def generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[
     """Greedy KV-cache continuation of a batch of prompts (left padded); returns the generated
     ids of each row, cut after the first stop token."""
     pad = _pad_id(lm)
-    stops = _stop_ids(lm)
+    stops = stop_ids(lm)
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -163,7 +166,7 @@ def run_cases(lm, cases: Sequence[Case], max_new_tokens: int = 48, batch_size: i
     batch_size = max(1, int(batch_size))
     order = sorted(range(len(cases)), key=lambda i: len(cases[i].ids))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    stops = _stop_ids(lm)
+    stops = stop_ids(lm)
     results: list[CaseResult | None] = [None] * len(cases)
     with _context(lm, edits, hooks):
         for b in progress(batches, desc="generating", total=len(batches), disable=quiet):
@@ -174,7 +177,7 @@ def run_cases(lm, cases: Sequence[Case], max_new_tokens: int = 48, batch_size: i
 
 
 def judge_case(lm, case: Case, gen: list[int], stops: set[int] | None = None, keep_ids: bool = False) -> CaseResult:
-    stops = _stop_ids(lm) if stops is None else stops
+    stops = stop_ids(lm) if stops is None else stops
     pieces = decode_pieces(lm, gen)
     text = "".join(pieces)
     word = lm.tokenizer.decode(case.unit, skip_special_tokens=True).strip() or case.word
@@ -189,39 +192,124 @@ def judge_case(lm, case: Case, gen: list[int], stops: set[int] | None = None, ke
     )
 
 
-def summarize(results: Sequence[CaseResult]) -> dict:
-    """Rates overall, per template and per (template, reps); the smallest reps that diverged."""
-    def rate(rs, key="diverged"):
-        return round(sum(bool(getattr(r, key)) for r in rs) / len(rs), 4) if rs else None
+@dataclass
+class DivergenceResult(StepResult):
+    """Divergence over a set of judged cases: the one result of ``sinkhole diverge``, the scan's
+    ``divergence`` step, the patch's verification and ``sinkhole eval``.
 
+    ``rate`` is always the run judge's; ``garak_rate`` the garak-style judge's; ``either_rate`` the
+    share of cases that either judge calls diverged (the patch's goal and targets use it)."""
+
+    n_cases: int
+    rate: float | None
+    garak_rate: float | None
+    either_rate: float | None
+    judges_agree: float | None
+    min_reps_diverged: int | None
+    mean_tokens_until_divergence: float | None
+    by_template: dict
+    by_template_reps: list
+    multi_token_words: list
+    max_new_tokens: int
+    method: str  # how the greedy tokens were found: "generate", "exact" or "exact+generate"
+    cases: list  # CaseResult.to_dict() per case
+    words: list = field(default_factory=list)
+    reps: list = field(default_factory=list)
+    templates: list = field(default_factory=list)
+    headline: str = ""
+    status: str | None = None
+
+    def n_diverged(self, judge: str = "diverged") -> int:
+        return sum(bool(c[judge]) for c in self.cases)
+
+    def set_headline(self) -> "DivergenceResult":
+        """The verdict sentence and status the report's top line shows."""
+        n_div = self.n_diverged()
+        worst = max(self.by_template.items(), key=lambda kv: kv[1]["rate"])[0] if self.by_template else None
+        self.headline = (f"{n_div} of {self.n_cases} repeated-word prompts diverged under greedy decoding "
+                         f"(garak-style judge: {self.n_diverged('garak_diverged')})"
+                         + (f", the earliest at {self.min_reps_diverged} repetitions; most often with the "
+                            f"'{worst}' template." if n_div else "."))
+        self.status = "bad" if n_div else "good"
+        return self
+
+
+def _rate(rs, key: str = "diverged"):
+    if not rs:
+        return None
+    if key == "either":
+        return round(sum(bool(r.diverged or r.garak_diverged) for r in rs) / len(rs), 4)
+    return round(sum(bool(getattr(r, key)) for r in rs) / len(rs), 4)
+
+
+def summarize(results: Sequence[CaseResult], max_new_tokens: int, method: str = "generate") -> DivergenceResult:
+    """Rates overall, per template and per (template, reps); the smallest reps that diverged."""
     by_t: dict[str, list] = {}
     by_tr: dict[tuple, list] = {}
     for r in results:
         by_t.setdefault(r.template, []).append(r)
         by_tr.setdefault((r.template, r.reps), []).append(r)
     div = [r for r in results if r.diverged]
-    return {
-        "n_cases": len(results),
-        "rate": rate(results),
-        "garak_rate": rate(results, "garak_diverged"),
-        "judges_agree": round(sum(r.diverged == r.garak_diverged for r in results) / len(results), 4)
-        if results else None,
-        "min_reps_diverged": min((r.reps for r in div), default=None),
-        "by_template": {t: {"rate": rate(rs), "garak_rate": rate(rs, "garak_diverged"), "n": len(rs)}
-                        for t, rs in by_t.items()},
-        "by_template_reps": [{"template": t, "reps": n, "rate": rate(rs), "garak_rate": rate(rs, "garak_diverged"),
-                              "n": len(rs),
-                              "mean_tokens_until_divergence": round(sum(r.tokens_until_divergence for r in rs)
-                                                                    / len(rs), 2)}
-                             for (t, n), rs in sorted(by_tr.items())],
-        "multi_token_words": sorted({r.word for r in results if r.n_word_tokens > 1}),
-    }
+    n = len(results)
+    return DivergenceResult(
+        n_cases=n, rate=_rate(results), garak_rate=_rate(results, "garak_diverged"),
+        either_rate=_rate(results, "either"),
+        judges_agree=round(sum(r.diverged == r.garak_diverged for r in results) / n, 4) if n else None,
+        min_reps_diverged=min((r.reps for r in div), default=None),
+        mean_tokens_until_divergence=round(sum(r.tokens_until_divergence for r in results) / n, 2) if n else None,
+        by_template={t: {"rate": _rate(rs), "garak_rate": _rate(rs, "garak_diverged"), "n": len(rs)}
+                     for t, rs in by_t.items()},
+        by_template_reps=[{"template": t, "reps": k, "rate": _rate(rs), "garak_rate": _rate(rs, "garak_diverged"),
+                           "n": len(rs), "mean_tokens_until_divergence":
+                               round(sum(r.tokens_until_divergence for r in rs) / len(rs), 2)}
+                          for (t, k), rs in sorted(by_tr.items())],
+        multi_token_words=sorted({r.word for r in results if r.n_word_tokens > 1}),
+        max_new_tokens=int(max_new_tokens), method=method, cases=[r.to_dict() for r in results])
+
+
+def run_judged(lm, cases: Sequence[Case], max_new_tokens: int = 48, batch_size: int = 4,
+               hooks: Callable[[], ContextManager] | None = None, exact: bool | None = None,
+               quiet: bool | None = None) -> DivergenceResult:
+    """The one way sinkhole judges cases: the greedy continuation of every case, judged by both
+    judges. Cases whose prompt ends with the run get their tokens from the exact check
+    (``greedy_check``: the same tokens as generation, about 4x faster on SmolLM2) unless
+    ``exact=False``; the others (and all with ``exact=False``) from batched generation.
+    ``exact=True`` refuses cases the check cannot draft."""
+    from .predictor import RUN_AT_END, greedy_check
+
+    if not cases:
+        raise SinkholeError("no divergence cases to run; pass at least one word and one repetition count")
+    if int(max_new_tokens) < 1:
+        raise SinkholeError("max_new_tokens must be at least 1")
+    if exact is True:
+        bad = sorted({c.template for c in cases if c.template not in RUN_AT_END})
+        if bad:
+            raise SinkholeError(f"the exact check needs prompts that end with the run; templates {bad} do not "
+                                f"(use {', '.join(RUN_AT_END)}, or generation)")
+    use_exact = [exact is not False and c.template in RUN_AT_END for c in cases]
+    results: list[CaseResult | None] = [None] * len(cases)
+    ex = [i for i, u in enumerate(use_exact) if u]
+    gen = [i for i, u in enumerate(use_exact) if not u]
+    if ex:
+        stops = stop_ids(lm)
+        checks = greedy_check(lm, [cases[i] for i in ex], max_new_tokens, quiet=quiet, full=True, hooks=hooks)
+        for i, k in zip(ex, checks):
+            results[i] = judge_case(lm, cases[i], k.generated_ids, stops)
+    if gen:
+        for i, r in zip(gen, run_cases(lm, [cases[i] for i in gen], max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size, hooks=hooks, quiet=quiet)):
+            results[i] = r
+    method = "exact+generate" if ex and gen else ("exact" if ex else "generate")
+    return summarize(results, max_new_tokens, method)  # type: ignore[arg-type]
 
 
 def diverge(lm, words, reps, templates=None, max_new_tokens: int = 48, batch_size: int = 4,
-            edits=None, hooks=None, quiet: bool | None = None) -> dict:
-    """Build the cases, run them and return ``{"cases": [...], **summarize(...)}`` (JSON-ready)."""
+            hooks=None, exact: bool | None = False, quiet: bool | None = None) -> DivergenceResult:
+    """Build the cases for ``words`` x ``reps`` x ``templates`` and judge them (``run_judged``)."""
+    from .prompts import resolve_templates
+
     cases = make_cases(lm, words, reps, templates)
-    res = run_cases(lm, cases, max_new_tokens=max_new_tokens, batch_size=batch_size, edits=edits, hooks=hooks,
-                    quiet=quiet)
-    return {**summarize(res), "max_new_tokens": int(max_new_tokens), "cases": [r.to_dict() for r in res]}
+    res = run_judged(lm, cases, max_new_tokens=max_new_tokens, batch_size=batch_size, hooks=hooks, exact=exact,
+                     quiet=quiet)
+    res.words, res.reps, res.templates = list(words), [int(r) for r in reps], resolve_templates(lm, templates)
+    return res.set_headline()

@@ -44,7 +44,7 @@ ENDLESS_TAILS = ("...", "…", "(continues forever)", "(continues infinitely)", 
                  "(repeats forever)", "(repeated forever)", "and so on", "and so on...", "(continues)")
 
 
-def _is_sep(ch: str) -> bool:
+def is_sep(ch: str) -> bool:
     return ch.isspace() or unicodedata.category(ch).startswith("P")
 
 
@@ -65,12 +65,12 @@ def mark_text(text: str, word: str) -> list[int]:
         if k and n - i < k and w.startswith(t[i:]):  # word cut off at the end of the text
             marks[i:] = [1] * (n - i)
             break
-        if _is_sep(t[i]):
+        if is_sep(t[i]):
             marks[i] = 0
             i += 1
             continue
         j = i  # other text: up to the next separator
-        while j < n and not _is_sep(t[j]):
+        while j < n and not is_sep(t[j]):
             j += 1
         marks[i:j] = [-1] * (j - i)
         i = j

@@ -6,7 +6,7 @@ the last ``k`` prompt positions (where the model is about to continue the run):
 * ``bos_attn``: mean attention weight on the first token (position 0), averaged over heads and
   over layers ``first_attn_layer..max_layer``. A broken attention sink shows up as a drop.
 * ``attn_drop``: ``1 - bos_attn`` (the score that rises with divergence risk).
-* ``norm_ratio``: residual-stream norm (``resid_post`` at ``norm_layer``, the sink layer) of the
+* ``norm_ratio``: residual-stream norm (``resid_post`` at ``norm_layer``, the circuit's drift layer) of the
   last positions divided by the norm of position 0. Near 1 means the repeated tokens look like
   a first token to the model (the paper's mechanism).
 * ``norm_growth``: the same norm at the last positions divided by its value at the first token
@@ -20,6 +20,7 @@ with accuracy and AUC (``evaluate``). Attention patterns are reduced inside the 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -57,12 +58,16 @@ class CaseFeatures:
         return asdict(self)
 
 
-def default_layers(lm, sink_layer: int | None = None) -> tuple[int, int, int]:
-    """(norm_layer, first_attn_layer, max_layer): attention from just after the sink layer to
-    a few layers later; everything stops well before the end of the model."""
+def default_layers(lm, drift_layer: int | None = None) -> tuple[int, int, int]:
+    """(norm_layer, first_attn_layer, max_layer): the norm at the circuit's drift layer (found
+    with ``circuit.discover`` when not given), attention from just after it to a few layers
+    later; everything stops well before the end of the model."""
     n = lm.adapter.n_layers
-    s = 1 if sink_layer is None else int(sink_layer)
-    s = min(max(s, 0), n - 1)
+    if drift_layer is None:
+        from ..circuit import discover
+
+        drift_layer = discover(lm).drift_layer
+    s = min(max(int(drift_layer), 0), n - 1)
     first_attn = min(s + 1, n - 1)
     return s, first_attn, min(n - 1, first_attn + 3)
 
@@ -84,10 +89,10 @@ def sink_probe(lm, ids: torch.Tensor, norm_layer: int, a0: int, max_layer: int, 
     return h.cache[f"resid_post.{norm_layer}"].cpu(), att.cpu()
 
 
-def case_features(lm, cases: Sequence[Case], sink_layer: int | None = None, k: int = 8, batch_size: int = 4,
+def case_features(lm, cases: Sequence[Case], drift_layer: int | None = None, k: int = 8, batch_size: int = 4,
                   quiet: bool | None = None) -> list[CaseFeatures]:
     """Features of every case from one truncated forward pass per batch (left padded)."""
-    norm_layer, a0, max_layer = default_layers(lm, sink_layer)
+    norm_layer, a0, max_layer = default_layers(lm, drift_layer)
     order = sorted(range(len(cases)), key=lambda i: len(cases[i].ids))
     out: list[CaseFeatures | None] = [None] * len(cases)
     for s in progress(range(0, len(order), batch_size), desc="predictor", total=(len(order) + batch_size - 1)
@@ -232,7 +237,8 @@ def _draft(gen: list[int], unit: list[int], n: int) -> list[int]:
     return [unit[(p + j) % k] for j in range(n)]
 
 
-def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | None = None) -> list[GreedyCheck]:
+def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | None = None, full: bool = False,
+                 hooks=None) -> list[GreedyCheck]:
     """Greedy decoding of ``max_new_tokens`` tokens after each prompt, judged, without decoding token
     by token: the model reads the prompt plus a *draft* (the run continued) in one pass, and every
     draft token that equals that position's argmax is exactly what greedy decoding would produce.
@@ -243,10 +249,14 @@ def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | N
 
     Only prompts that end with the run (templates ``raw``, ``repeat``, ``chat_assistant``) are
     drafted this way. The tokens equal ``run_cases``' greedy tokens up to floating-point near-ties
-    between multi-token and one-token cached passes (test: tiny models of every family)."""
+    between multi-token and one-token cached passes (test: tiny models of every family).
+
+    ``full``: go on to ``max_new_tokens`` (or a stop token) even after the run judge is certain, so
+    the whole greedy continuation can be judged by every judge (``diverge.run_judged`` uses this).
+    ``hooks``: a factory of a context manager held open during the check (e.g. a patch)."""
     from ..circuit.common import fast_attention
     from ..errors import SinkholeError
-    from .diverge import _stop_ids, decode_pieces
+    from .diverge import stop_ids, decode_pieces
     from .judge import judge_run
 
     bad = sorted({c.template for c in cases if c.template not in RUN_AT_END})
@@ -256,12 +266,12 @@ def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | N
     n = int(max_new_tokens)
     if n < 1:
         raise SinkholeError("greedy_check needs max_new_tokens >= 1")
-    stops = _stop_ids(lm)
+    stops = stop_ids(lm)
     model = lm.model
     # transformers >= 5.2x names the KV cache argument ``cache`` (``past_key_values`` before)
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = []
-    with fast_attention(lm), torch.no_grad():
+    with fast_attention(lm), torch.no_grad(), (hooks() if hooks is not None else contextlib.nullcontext()):
         for c in progress(cases, desc="greedy check", disable=quiet):
             word = lm.tokenizer.decode(c.unit, skip_special_tokens=True).strip() or c.word
             unit = list(c.unit)
@@ -293,7 +303,7 @@ def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | N
                 fed = len(seq)
                 seq += new[i:]  # the mismatching (true) token, fed with the next draft
                 verdict = judge_run(decode_pieces(lm, gen), word)
-                if verdict.diverged:
+                if verdict.diverged and not full:
                     break
             run = _draft([], unit, len(gen))
             leaves = next((j for j, t in enumerate(gen) if t != run[j]), None)

@@ -125,26 +125,30 @@ def build_ids(lm, word: str, reps: int, template: str, unit: list[int] | None = 
     raise SinkholeError(f"unknown template {template!r}; use one of {', '.join(TEMPLATES)}")
 
 
-def parse_int_list(text, what: str = "--reps") -> list[int]:
-    if isinstance(text, (list, tuple)):
-        vals = list(text)
-    else:
-        vals = [v.strip() for v in str(text).split(",") if v.strip()]
+def parse_int_list(text, what: str = "--reps", minimum: int = 1) -> list[int]:
+    """Integers from a list or a comma-separated string (each at least ``minimum``); an empty item
+    is an error, the same everywhere."""
+    kind = "positive integers" if minimum == 1 else f"integers >= {minimum}"
+    example = "100,400" if minimum >= 1 else "1,2"
+    vals = list(text) if isinstance(text, (list, tuple)) else [v.strip() for v in str(text).split(",")]
     try:
         out = [int(v) for v in vals]
-    except ValueError:
-        raise SinkholeError(f"{what} must be comma-separated positive integers, e.g. {what} 100,400") from None
-    if not out or any(v < 1 for v in out):
-        raise SinkholeError(f"{what} must be comma-separated positive integers, e.g. {what} 100,400")
+    except (ValueError, TypeError):
+        raise SinkholeError(f"{what} must be comma-separated {kind}, e.g. {what} {example}") from None
+    if not out or any(v < minimum for v in out):
+        raise SinkholeError(f"{what} must be comma-separated {kind}, e.g. {what} {example}")
     return out
 
 
-def parse_words(text) -> list[str]:
-    words = list(text) if isinstance(text, (list, tuple)) else [w for w in str(text).split(",")]
-    words = [w.strip() for w in words if w.strip()]
-    if not words:
-        raise SinkholeError("--words needs at least one word, e.g. --words poem,company")
-    return words
+def parse_words(text, what: str = "--words") -> list[str]:
+    """Words from a list or a comma-separated string; an empty or whitespace-only item is an error
+    (a stray comma), the same everywhere."""
+    words = list(text) if isinstance(text, (list, tuple)) else str(text).split(",")
+    if not any(str(w).strip() for w in words):
+        raise SinkholeError(f"{what} is empty; pass comma-separated words, e.g. {what} poem,company")
+    if any(not str(w).strip() for w in words):
+        raise SinkholeError(f"{what} contains an empty or whitespace-only word; remove the stray comma")
+    return [str(w).strip() for w in words]
 
 
 def make_cases(lm, words, reps, templates=None) -> list[Case]:

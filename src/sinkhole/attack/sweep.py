@@ -1,7 +1,7 @@
 """Vocabulary sweep: how many repetitions of each token it takes to induce a sink.
 
 For each token ``t`` we run ``<bos> prefix t t ... t`` (``max_reps`` copies; the default prefix
-is the paper's ``Repeat:``) once, stopped after a few layers, and read at the sink layer the
+is the paper's ``Repeat:``) once, stopped after a few layers, and read at the circuit's drift layer the
 residual norm of every run position divided by the norm of position 0 (the real first token).
 The prefix matters on SmolLM2: right after its BOS (``<|im_start|>``, normally followed by a
 role name) many tokens get a first-token-sized norm at position 1 whatever follows, which would
@@ -10,7 +10,7 @@ the bare ``<bos> t t t`` input. ``reps_to_sink`` is the first repetition whose r
 ``threshold`` (default 0.5: the repeated token's state is at least half as large as a first
 token's; the typical token is ~0.1 on SmolLM2), or None if it never does within ``max_reps``.
 The same pass gives the generation-free predictor's features at the end of the run (attention on
-position 0 just after the sink layer, the final norm ratio). With ``generate_tokens > 0`` each
+position 0 just after the drift layer, the final norm ratio). With ``generate_tokens > 0`` each
 token is also continued greedily after the paper's ``Repeat:`` template and judged.
 
 Tokens are ranked "most dangerous first": fewest repetitions to a sink, then highest final norm
@@ -36,7 +36,7 @@ from ..progress import progress
 from ..results import write_json
 from .predictor import default_layers, sink_probe
 
-SWEEP_VERSION = 1
+SWEEP_VERSION = 2  # 2: the layer is the circuit's drift layer (config key drift_layer)
 
 
 def frequent_tokens(lm, n: int | None, texts: Sequence[str] | None = None) -> list[int]:
@@ -76,15 +76,15 @@ def shard_from_env() -> tuple[int, int]:
         return 0, 1
 
 
-def sweep_tokens(lm, tokens: Sequence[int], sink_layer: int | None = None, max_reps: int = 256,
+def sweep_tokens(lm, tokens: Sequence[int], drift_layer: int | None = None, max_reps: int = 256,
                  threshold: float = 0.5, batch_size: int = 16, k: int = 8, checkpoint: str | Path | None = None,
                  generate_tokens: int = 0, quiet: bool | None = None, config: dict | None = None,
                  prefix: str = "Repeat:") -> dict:
     """Sweep ``tokens``; returns ``{"config": ..., "records": {token_id: {...}}}``. With a
     ``checkpoint`` path, records already there are kept (resume) and the file is rewritten
     atomically after each batch."""
-    norm_layer, a0, max_layer = default_layers(lm, sink_layer)
-    cfg = {"version": SWEEP_VERSION, "model": lm.name, "sink_layer": norm_layer, "attn_layers": [a0, max_layer],
+    norm_layer, a0, max_layer = default_layers(lm, drift_layer)
+    cfg = {"version": SWEEP_VERSION, "model": lm.name, "drift_layer": norm_layer, "attn_layers": [a0, max_layer],
            "max_reps": int(max_reps), "threshold": float(threshold), "k": int(k),
            "generate_tokens": int(generate_tokens), "prefix": prefix, **(config or {})}
     if lm.n_ctx and max_reps + 2 > lm.n_ctx:

@@ -1,13 +1,14 @@
 """Sink-circuit analyses (the paper's sections 3-4) as functions returning plain result objects.
 
 >>> from sinkhole.circuit import discover, analyze
->>> c = discover(lm)          # sink layers + causally verified sink neurons (seconds)
->>> c = analyze(lm, circuit=c, words=["the", "poem"])   # + every other analysis
->>> c.to_dict()["sink_layers"], c.main_sink_layer
+>>> c = discover(lm)          # sink layers, verified sink neurons and the circuit's roles (about a second)
+>>> c.massive_layer, c.marking_layers, c.drift_layer
+>>> res = analyze(lm, words=["the", "poem"])   # every analysis of sections 3-4, as typed step results
+>>> res["circuit"].sink_neurons, res["norm_curves"].repeats_needed
 """
 
 from .attention import attention_sinks
-from .circuit import Circuit, analyze, discover
+from .circuit import ROLE_RULES, Circuit, discover
 from .convergence import convergence_curve, identity_check
 from .detector import first_token_detector
 from .neurons import ablation_effect, rank_and_filter, repetition_firing, repetition_firing_layers
@@ -15,7 +16,22 @@ from .norms import layer_norms, norm_curve, norm_curves, repeat_ids, repeats_nee
 from .sink_layers import find_sink_layers
 
 __all__ = [
-    "Circuit", "ablation_effect", "analyze", "attention_sinks", "convergence_curve", "discover", "find_sink_layers",
+    "ROLE_RULES", "Circuit", "ablation_effect", "analyze", "attention_sinks", "convergence_curve", "discover", "find_sink_layers",
     "first_token_detector", "identity_check", "layer_norms", "norm_curve", "norm_curves", "rank_and_filter",
     "repeat_ids", "repeats_needed", "repetition_firing", "repetition_firing_layers",
 ]
+
+
+def analyze(lm, **options) -> dict:
+    """``discover`` plus every analysis of the paper's sections 3-4: the steps of ``sinkhole
+    circuit`` (``scan_steps.CIRCUIT_STEPS``) run through the scan pipeline with ``options``
+    (fields of :class:`sinkhole.scan.ScanOptions`); returns ``{step name: typed result}``."""
+    from ..scan import ScanOptions, run_scan
+    from ..scan_steps import CIRCUIT_STEPS
+
+    res = run_scan(lm, ScanOptions(**options), steps=CIRCUIT_STEPS, log=lambda m: None, command="circuit")
+    errors = res["doc"].get("errors")
+    if errors:
+        name, msg = next(iter(errors.items()))
+        raise RuntimeError(f"circuit step {name} failed: {msg}")
+    return res["results"]

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..capture import Hooks
+from ..results import StepResult
 from .common import text_batch
 from .norms import repeat_ids
 
@@ -41,7 +42,7 @@ class AttentionProfile:
 
 
 @dataclass
-class AttentionSinks:
+class AttentionSinks(StepResult):
     text: AttentionProfile
     repetitions: list[AttentionProfile]  # one per (word, n)
     sink_rate_text: float

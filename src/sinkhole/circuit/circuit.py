@@ -1,57 +1,104 @@
-"""The whole sink circuit of a model in one call.
+"""The sink circuit of a model: computed once here, consumed by every other part of sinkhole.
 
-``discover(lm)`` (fast: a few short forward passes) finds every candidate sink layer and the
-causally verified sink neurons of each. ``analyze(lm, ...)`` adds what the ablation does
-downstream (norms and attention to position 0 in later layers), whether the sink neurons fire on
-long repetitions, the first-token detector, layer-0 convergence and the identity check,
-attention-sink metrics, and norm curves with "repeats needed".
+``discover(lm)`` (about a second on SmolLM2: a few short forward passes) finds every candidate
+sink layer, the causally verified sink neurons of each, and gives each *role* a layer has in the
+circuit its own name, because one model has several layers that matter for different reasons:
+
+``marking_layers``  the early layers that mark the first token (SmolLM2: 1, 2). The patch's
+                    fine-tune and neuron caps act here.
+``massive_layer``   the layer whose sink neurons create the massive activation later attention
+                    parks on (SmolLM2: 11). The paper's neuron patch and the norm curves of
+                    Figure 2 use it.
+``drift_layer``     the layer at which a repeated run's norm is compared with the first
+                    token's (SmolLM2: 2): the sweep, the cluster attack and the predictor
+                    measure "repetitions to a sink" there.
+
+Each command that needs a layer takes its role from this object, prints the role and layer it
+used, and accepts an explicit override (``Circuit.with_roles``).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import dataclasses
+from dataclasses import dataclass, field
 
-from ..progress import progress
-from .attention import attention_sinks, fig1_layers
-from .convergence import convergence_curve, identity_check
-from .detector import first_token_detector
-from .common import text_batch
-from .neurons import _norms_and_attention, ablation_effect, rank_and_filter, repetition_firing_layers
-from .norms import REPEATS_RULE, norm_curves, repeats_needed
+from ..errors import SinkholeError
+from ..results import StepResult
+from .common import first_layer_over, text_batch
+from .neurons import ablation_effect, norms_and_attention, rank_and_filter
 from .sink_layers import find_sink_layers
+
+DRIFT_RATIO = 5.0
+
+ROLE_RULES = {
+    "massive_layer": "the candidate sink layer whose sink neurons (or, when no set collapses the norm, its "
+                     "strongest candidate), zeroed at position 0 on ordinary text, lower the mean attention mass on "
+                     "position 0 over all later layers the most; with one candidate (or no measurable effect) the "
+                     "candidate with the largest first-token norm growth through its block",
+    "marking_layers": "the candidate sink layers before the massive layer (they mark the first token); the massive "
+                      "layer itself when there are none",
+    "drift_layer": f"the first layer whose first-token norm is at least {DRIFT_RATIO:g}x the typical norm (mean over "
+                   "positions > 0) on ordinary text, else the layer with the largest ratio",
+}
+ROLE_NAMES = {"massive_layer": "massive layer", "marking_layers": "marking layers", "drift_layer": "drift layer"}
 
 
 @dataclass
-class Circuit:
+class Circuit(StepResult):
     model: str
-    sink_layers: list[int]
-    main_sink_layer: int
+    sink_layers: list  # every candidate sink layer (robust rule)
+    massive_layer: int
+    marking_layers: list
+    drift_layer: int
     paper_sink_layer: int | None
-    first_token_norm: float  # at the main sink layer (ordinary text, position 0)
-    typical_norm: float  # at the main sink layer (mean over positions > 0)
-    sink_neurons: list[dict]  # layer, neuron, activation, score, norm_before, norm_after, drop, ...
+    first_token_norm: float  # at the massive layer (ordinary text, position 0)
+    typical_norm: float  # at the massive layer (mean over positions > 0)
+    sink_neurons: list  # layer, neuron, activation, score, norm_before, norm_after, drop, ...
     layers: dict  # SinkLayers.to_dict()
-    neurons: list[dict]  # LayerNeurons.to_dict() per sink layer
-    extra: dict = field(default_factory=dict)  # filled by analyze()
+    neurons: list  # LayerNeurons.to_dict() per sink layer
+    ablation: list  # what zeroing each layer's sink neurons does to later layers
+    roles: dict  # role -> {"rule": ..., "source": "circuit" | "override"}
+    repetition_firing: list = field(default_factory=list)  # filled by the scan's circuit step
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        extra = d.pop("extra")
-        d.update(extra)
-        return d
+    def neurons_at(self, layer: int, k: int | None = None) -> list[int]:
+        """The verified sink neurons of ``layer`` (strongest first), at most ``k``."""
+        ns = [int(s["neuron"]) for s in self.sink_neurons if int(s["layer"]) == int(layer)]
+        return ns[:k] if k else ns
+
+    def describe(self, role: str) -> str:
+        """'drift layer 2 (circuit)' — what a command prints before it uses a role."""
+        v = getattr(self, role)
+        src = self.roles.get(role, {}).get("source", "circuit")
+        return f"{ROLE_NAMES[role]} {v} ({'set by you' if src == 'override' else 'from the circuit'})"
+
+    def with_roles(self, n_layers: int, **roles) -> "Circuit":
+        """A copy with some roles overridden (``None`` keeps the circuit's answer); checked against
+        the model's layer count."""
+        changes, new_roles = {}, {k: dict(v) for k, v in self.roles.items()}
+        for role, v in roles.items():
+            if role not in ROLE_NAMES:
+                raise ValueError(f"unknown circuit role {role!r}")
+            if v is None:
+                continue
+            vals = [int(x) for x in v] if isinstance(v, (list, tuple)) else [int(v)]
+            bad = [x for x in vals if not 0 <= x < n_layers]
+            if bad or not vals:
+                raise SinkholeError(f"--{role.replace('_', '-')} must be in 0..{n_layers - 1}")
+            changes[role] = sorted(set(vals)) if role == "marking_layers" else vals[0]
+            new_roles[role] = {**new_roles.get(role, {}), "source": "override"}
+        return dataclasses.replace(self, roles=new_roles, **changes)
 
 
-MAIN_RULE = ("main sink layer = the candidate sink layer whose sink neurons (or, when no set collapses the norm, "
-             "its strongest candidate), zeroed at position 0 on ordinary text, lower the mean attention mass on "
-             "position 0 over all later layers the most; with one candidate (or no measurable effect) the "
-             "candidate with the largest first-token norm growth through its block")
+def _roles(sink_layers: list[int], massive: int, ratios: list[float]) -> tuple[list[int], int]:
+    marking = [i for i in sink_layers if i < massive] or [massive]
+    return marking, first_layer_over(ratios, DRIFT_RATIO)
 
 
 def discover(lm, k: int = 8, collapse: float = 0.5, min_gain: float = 0.1, n_texts: int = 8,
              n_tokens: int = 24, attn_texts: int = 4, attn_tokens: int = 16) -> Circuit:
-    """Sink layers, causally verified sink neurons, and the main sink layer (seconds on SmolLM2)."""
+    """Candidate sink layers, causally verified sink neurons, and the circuit's roles."""
     sl = find_sink_layers(lm, n_texts=n_texts, n_tokens=n_tokens)
-    layers = sl.sink_layers or [sl.main_sink_layer]
+    layers = sl.sink_layers or [sl.strongest_layer]
     per_layer, flat = [], []
     for L in layers:
         r = rank_and_filter(lm, L, k=k, collapse=collapse, min_gain=min_gain)
@@ -67,7 +114,7 @@ def discover(lm, k: int = 8, collapse: float = 0.5, min_gain: float = 0.1, n_tex
     abl, effect = [], {}
     n_layers = lm.adapter.n_layers
     batch = text_batch(lm, n=attn_texts, n_tokens=attn_tokens, bos=lm.bos_id is not None)
-    control = _norms_and_attention(lm, batch, n_layers - 1)
+    control = norms_and_attention(lm, batch, n_layers - 1)
     for r in per_layer:
         ns = r["selected"] or [r["cumulative"][0]["neurons"][0]]
         e = ablation_effect(lm, r["layer"], ns, batch=batch, control=control)
@@ -79,64 +126,13 @@ def discover(lm, k: int = 8, collapse: float = 0.5, min_gain: float = 0.1, n_tex
             d["later_attn_after"] = sum(e.attn_to_first_after[i] for i in later) / len(later)
             effect[r["layer"]] = d["later_attn_before"] - d["later_attn_after"]
         abl.append(d)
-    m = sl.main_sink_layer
+    m = sl.strongest_layer
     if len(layers) > 1 and effect and max(effect.values()) > 0.02:
         m = max(effect, key=lambda i: effect[i])
-    c = Circuit(model=getattr(lm, "name", "model"), sink_layers=list(sl.sink_layers), main_sink_layer=int(m),
-                paper_sink_layer=sl.paper_layer, first_token_norm=sl.first_token_norm[m],
-                typical_norm=sl.typical_norm[m], sink_neurons=flat, layers=sl.to_dict(), neurons=per_layer)
-    c.extra = {"ablation": abl, "main_rule": MAIN_RULE}
-    return c
-
-
-def analyze(lm, words: list[str] = ("the", "poem"), n_reps: int = 1000, conv_words: list[str] | None = None,
-            conv_reps: int = 500, attn_reps: list[int] = (16, 64, 256), frac: float = 0.5,
-            circuit: Circuit | None = None, quiet: bool | None = None) -> Circuit:
-    """``discover`` plus every analysis of the paper's sections 3-4 (see the module docstring)."""
-    words = list(words)
-    c = circuit or discover(lm)
-    L = lm.adapter.n_layers
-    layers = c.sink_layers or [c.main_sink_layer]
-    steps = ["ablation", "firing", "detector", "convergence", "identity", "attention", "norm curves"]
-    bar = progress(total=len(steps), desc="circuit", disable=quiet)
-    # 1. what each layer's ablation does downstream (measured by discover)
-    abl = c.extra.get("ablation", [])
-    bar.update(1)
-    # 2. do the sink neurons fire on repetitions?
-    firing = []
-    sel = {r["layer"]: r["selected"] for r in c.neurons if r["selected"]}
-    if sel:
-        for w in words:
-            firing.extend(f.to_dict() for f in repetition_firing_layers(lm, sel, w, n_reps))
-    bar.update(1)
-    det = first_token_detector(lm).to_dict()
-    bar.update(1)
-    conv = [convergence_curve(lm, w, conv_reps).to_dict() for w in (conv_words or words)]
-    bar.update(1)
-    ident = identity_check(lm, words[0]).to_dict()
-    bar.update(1)
-    att = attention_sinks(lm, words=words[:1], reps=list(attn_reps),
-                          map_layers=fig1_layers(lm, c.sink_layers, c.main_sink_layer)).to_dict()
-    bar.update(1)
-    typical = {i: c.layers["typical_norm"][i] for i in layers}
-    curves = norm_curves(lm, words, n_reps, layers, typical=typical, quiet=True)
-    needed = [{"word": cv.word, "layer": cv.layer, "frac": frac, "repeats_needed": repeats_needed(cv, frac),
-               "repeats_needed_sustained": repeats_needed(cv, frac, window=32),
-               "max_norm": max(cv.norm), "first_token_norm": cv.first_token_norm} for cv in curves]
-    bar.update(1)
-    bar.close()
-    c.extra = {
-        **c.extra,
-        "ablation": abl,
-        "repetition_firing": firing,
-        "first_token_detector": det,
-        "convergence": conv,
-        "identity": ident,
-        "attention": att,
-        "norm_curves": [cv.to_dict() for cv in curves],
-        "repeats_needed": needed,
-        "repeats_rule": REPEATS_RULE.replace("`frac` (default 0.5)", f"{frac}"),
-        "settings": {"words": words, "n_reps": n_reps, "conv_reps": conv_reps, "attn_reps": list(attn_reps),
-                     "frac": frac, "n_layers": L},
-    }
-    return c
+    ratios = [f / max(t, 1e-12) for f, t in zip(sl.first_token_norm, sl.typical_norm)]
+    marking, drift = _roles(list(sl.sink_layers), int(m), ratios)
+    return Circuit(model=getattr(lm, "name", "model"), sink_layers=list(sl.sink_layers), massive_layer=int(m),
+                   marking_layers=marking, drift_layer=int(drift), paper_sink_layer=sl.paper_layer,
+                   first_token_norm=sl.first_token_norm[m], typical_norm=sl.typical_norm[m], sink_neurons=flat,
+                   layers=sl.to_dict(), neurons=per_layer, ablation=abl,
+                   roles={r: {"rule": ROLE_RULES[r], "source": "circuit"} for r in ROLE_RULES})

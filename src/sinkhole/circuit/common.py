@@ -24,10 +24,6 @@ def first_layer_over(ratios, threshold: float = 5.0, default: int = 1) -> int:
     return int(max(range(len(vals)), key=vals.__getitem__)) if vals else default
 
 
-def to_float(x) -> float:
-    return float(x)
-
-
 def text_batch(lm, n: int = 16, n_tokens: int = 32, bos: bool = True, name: str = "sonnets",
                seed: int = 0) -> torch.Tensor:
     """A (n, n_tokens) batch of ordinary-text token ids (no padding: every row is cut to

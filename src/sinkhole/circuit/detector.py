@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..capture import Hooks
+from ..results import StepResult
 from .common import auc, fast_attention, histogram, text_batch
 
 
@@ -29,7 +30,7 @@ def _auc_columns(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class FirstTokenDetector:
+class FirstTokenDetector(StepResult):
     layers: list[int]
     best_neuron: list[int]  # per layer
     best_auc: list[float]  # per layer, oriented so that > 0.5 means "fires more on position 0"

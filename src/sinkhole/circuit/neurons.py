@@ -138,7 +138,7 @@ def rank_and_filter(lm, layer: int, k: int = 8, collapse: float = 0.5, min_gain:
                         selected=list(sel), collapsed=bool(collapsed))
 
 
-def _norms_and_attention(lm, ids: torch.Tensor, last: int, edit: Edit | None = None):
+def norms_and_attention(lm, ids: torch.Tensor, last: int, edit: Edit | None = None):
     """Per layer up to ``last``: mean first-token norm, mean typical norm and mean attention
     mass on position 0 (over heads and queries > 0), with an optional edit."""
     from ..capture import READ_SITES
@@ -168,14 +168,14 @@ def ablation_effect(lm, layer: int, neurons: list[int], batch: torch.Tensor | No
                     control: tuple | None = None) -> AblationEffect:
     """Zero ``neurons`` of ``layer`` at position 0 on ordinary text; per layer up to
     ``last_layer``, the first-token and typical norms and the attention mass on position 0,
-    before and after. ``control`` reuses an unedited pass (from ``_norms_and_attention`` on the
+    before and after. ``control`` reuses an unedited pass (from ``norms_and_attention`` on the
     same batch and ``last_layer``)."""
     L = lm.adapter.n_layers
     last = L - 1 if last_layer is None else last_layer
     ids = batch if batch is not None else text_batch(lm, n=n_texts, n_tokens=n_tokens, bos=lm.bos_id is not None)
-    fb, tb, ab = control if control is not None else _norms_and_attention(lm, ids, last)
+    fb, tb, ab = control if control is not None else norms_and_attention(lm, ids, last)
     edit = Edit("neurons", layer, neurons=list(neurons), positions="first", op="zero") if neurons else None
-    fa, ta, aa = _norms_and_attention(lm, ids, last, edit)
+    fa, ta, aa = norms_and_attention(lm, ids, last, edit)
     return AblationEffect(layer=layer, neurons=[int(n) for n in neurons], first_norm_before=fb, first_norm_after=fa,
                           typical_norm_before=tb, typical_norm_after=ta, attn_to_first_before=ab,
                           attn_to_first_after=aa)

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..capture import Hooks
+from ..results import StepResult
 from ..data import snippets
 from ..progress import progress
 
@@ -16,7 +17,7 @@ def _norm_reduce(x: torch.Tensor, pos) -> torch.Tensor:
 
 
 @dataclass
-class LayerNorms:
+class LayerNorms(StepResult):
     """Per-layer residual-stream norms (``resid_post``) on ordinary text."""
 
     layers: list[int]

@@ -10,9 +10,10 @@ Two rules are reported side by side:
   (a) its MLP writes at least ``mlp_ratio`` (10) times more into position 0 than into a
   typical token, (b) the first token's residual norm grows at least ``growth`` (1.5) times
   through block L, and (c) after block L the first token's norm is at least ``resid_ratio``
-  (3) times the typical norm. Every such layer is a candidate. Here the provisional **main sink
-  layer** is the candidate with the largest growth; ``circuit.discover`` then picks the one whose
-  sink neurons make the attention sink (see ``circuit.MAIN_RULE``).
+  (3) times the typical norm. Every such layer is a candidate. Here the **strongest layer** is
+  the candidate with the largest growth (the paper rule's layer, else the largest norm ratio, when
+  there is no candidate); ``circuit.discover`` then names the circuit's roles (see
+  ``circuit.ROLE_RULES``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class SinkLayers:
     typical_norm: list[float]  # mean resid_post over positions > 0
     growth: list[float]  # ||resid_post|| / ||resid_pre|| at position 0
     sink_layers: list[int]
-    main_sink_layer: int
+    strongest_layer: int
     rule: dict = field(default_factory=dict)
     n_texts: int = 0
     n_tokens: int = 0
@@ -114,9 +115,9 @@ def find_sink_layers(lm, n_texts: int = 16, n_tokens: int = 32, mlp_ratio: float
         typical_norm=[float(v) for v in typ_res],
         growth=[float(v) for v in grow],
         sink_layers=cands,
-        main_sink_layer=int(main),
+        strongest_layer=int(main),
         rule={"mlp_ratio": mlp_ratio, "growth": growth, "resid_ratio": resid_ratio,
-              "main": "candidate with the largest first-token norm growth through its block"},
+              "strongest": "candidate with the largest first-token norm growth through its block"},
         n_texts=int(ids.shape[0]),
         n_tokens=int(ids.numel()),
         has_bos=has_bos,

@@ -39,6 +39,40 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
+ROLE_HELP = {
+    "drift_layer": "layer at which a run's norm is compared with the first token's (default: the circuit's "
+                   "drift layer)",
+    "massive_layer": "layer whose sink neurons the paper's patch clamps (default: the circuit's massive layer)",
+    "marking_layers": "comma-separated layers that mark the first token, where the caps and the fine-tune act "
+                      "(default: the circuit's marking layers)",
+}
+
+
+def add_role_args(p: argparse.ArgumentParser, roles: list[str]) -> None:
+    """An explicit override flag for each circuit role a command uses."""
+    for r in roles:
+        p.add_argument(f"--{r.replace('_', '-')}", dest=r, default=None, type=None if r == "marking_layers" else int,
+                       help=ROLE_HELP[r])
+    if "drift_layer" in roles:  # the name before the circuit had roles
+        p.add_argument("--sink-layer", dest="drift_layer", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def circuit_from_args(args, lm, roles: list[str]):
+    """The model's circuit (``circuit.discover``) with the command's role overrides; prints which
+    role and layer the command uses."""
+    from ..attack.prompts import parse_int_list
+    from ..circuit import discover
+
+    c = discover(lm)
+    vals = {r: getattr(args, r, None) for r in roles}
+    if vals.get("marking_layers") is not None:
+        vals["marking_layers"] = parse_int_list(vals["marking_layers"], "--marking-layers", minimum=0)
+    c = c.with_roles(lm.adapter.n_layers, **vals)
+    for r in roles:
+        info(args, f"{args.command}: {c.describe(r)}")
+    return c
+
+
 def load_from_args(args):
     from ..models.loading import load_model
 
@@ -63,6 +97,18 @@ def check_out_file(path, flag: str = "--out"):
         raise SinkholeError(f"{flag}: folder {parent} does not exist; create it first or pass a file path in an "
                             "existing folder")
     return p
+
+
+def vars_of(args) -> dict:
+    """The command's options, as recorded in its results document."""
+    skip = {"func", "command", "model", "json", "quiet", "out", "device", "trust_remote_code"}
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def model_meta(lm):
+    from ..scan_steps import model_info
+
+    return model_info(lm)
 
 
 def emit(args, doc) -> bool:

@@ -3,7 +3,6 @@ paper's sections 3-4, as a table or JSON."""
 
 from __future__ import annotations
 
-import sys
 
 
 def add_parser(sub) -> None:
@@ -16,7 +15,8 @@ def add_parser(sub) -> None:
                                    "layer-0 convergence, attention-sink metrics and norm curves.")
     add_model_args(p)
     add_common_args(p)
-    p.add_argument("--fast", action="store_true", help="only sink layers and sink neurons (seconds)")
+    p.add_argument("--fast", action="store_true",
+                   help="only sink layers, sink neurons and the circuit's roles (about a second after loading)")
     p.add_argument("--words", default=None, help="comma-separated words for repetitions (default: the,poem)")
     p.add_argument("--reps", type=int, default=1000, help="repetitions for norm curves and neuron firing (default 1000)")
     p.add_argument("--conv-reps", type=int, default=500, help="repetitions for layer-0 convergence (default 500)")
@@ -29,83 +29,77 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _ints(text: str, flag: str) -> list[int]:
-    from ..errors import SinkholeError
-
-    try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SinkholeError(f"{flag} must be comma-separated positive integers, e.g. {flag} 16,64,256") from None
-    if not vals or any(v <= 0 for v in vals):
-        raise SinkholeError(f"{flag} must be comma-separated positive integers, e.g. {flag} 16,64,256")
-    return vals
-
-
 def run(args) -> int:
-
-    from ..circuit.circuit import analyze, discover
+    from ..attack.prompts import parse_int_list, parse_words
     from ..errors import SinkholeError
-    from ..results import dumps, write_atomic
-    from . import check_out_file, info, load_from_args
-    from .cmd_scan import parse_words
+    from ..scan import ScanOptions, load_document, run_scan
+    from ..scan_steps import CIRCUIT_STEPS
+    from . import check_out_file, emit, info, load_from_args
 
     for flag, v in (("--reps", args.reps), ("--conv-reps", args.conv_reps), ("--top-k", args.top_k)):
         if v <= 0:
             raise SinkholeError(f"{flag} must be a positive integer")
     if not 0 < args.frac <= 1:
         raise SinkholeError("--frac must be in (0, 1], e.g. --frac 0.5")
-    attn_reps = _ints(args.attn_reps, "--attn-reps")
-    words = parse_words(args.words, ["the", "poem"])
-    out = check_out_file(args.out)
+    attn_reps = parse_int_list(args.attn_reps, "--attn-reps")
+    words = parse_words(args.words) if args.words is not None else ["the", "poem"]
+    check_out_file(args.out)
     lm = load_from_args(args)
     if not args.fast and lm.n_ctx:
         longest = max(args.reps, args.conv_reps + 8, max(attn_reps)) * max(len(lm.word_ids(w)) for w in words) + 8
         if longest > lm.n_ctx:
             raise SinkholeError(f"the longest repetition ({longest} tokens) exceeds the model's context of "
                                 f"{lm.n_ctx} tokens; lower --reps/--conv-reps/--attn-reps")
-    info(args, f"circuit: finding sink layers and sink neurons of {lm.name} ...")
-    c = discover(lm, k=args.top_k)
-    if not args.fast:
-        c = analyze(lm, words=words, n_reps=args.reps, conv_reps=args.conv_reps, attn_reps=attn_reps,
-                    frac=args.frac, circuit=c, quiet=args.quiet)
-    text = dumps(c)
-    if out is not None:
-        write_atomic(out, text)
-    if args.json:
-        sys.stdout.write(text)
-    else:
-        print(summary(c))
+    info(args, f"circuit: finding sink layers, sink neurons and the circuit's roles in {lm.name} ...")
+    opts = ScanOptions(seed=args.seed, words=words, curve_reps=args.reps, conv_reps=args.conv_reps,
+                       attn_reps=attn_reps, frac=args.frac, top_k=args.top_k, firing=not args.fast)
+    steps = ["model", "circuit"] if args.fast else CIRCUIT_STEPS
+    res = run_scan(lm, opts, steps=steps, command="circuit", log=lambda m: info(args, m))
+    doc = res["doc"]
+    if doc.get("errors"):
+        name, msg = next(iter(doc["errors"].items()))
+        raise SinkholeError(f"the {name} analysis failed ({msg}); set SINKHOLE_DEBUG=1 for a traceback", exit_code=1)
+    if emit(args, doc):
+        return 0
+    print(summary(load_document(doc)))
     return 0
 
 
-def summary(c) -> str:
+def summary(res: dict) -> str:
+    """A human-readable summary of the circuit analyses (typed results of ``sinkhole circuit``)."""
+    c = res["circuit"]
     lines = [f"model {c.model}",
-             f"sink layers (robust rule): {c.sink_layers or 'none'}; main sink layer {c.main_sink_layer}; "
-             f"paper rule (BOS alone, mean+2std): {c.paper_sink_layer}",
-             f"first-token norm {c.first_token_norm:.1f} vs typical {c.typical_norm:.1f} at layer {c.main_sink_layer}",
+             f"sink layers (robust rule): {c.sink_layers or 'none'}; paper rule (BOS alone, mean+2std): "
+             f"{c.paper_sink_layer}",
+             f"roles: marking layers {c.marking_layers}, massive layer {c.massive_layer}, drift layer "
+             f"{c.drift_layer}",
+             f"first-token norm {c.first_token_norm:.1f} vs typical {c.typical_norm:.1f} at the massive layer",
              "sink neurons (zeroed at position 0):"]
     for s in c.sink_neurons:
+        joint = "–" if s["joint_norm_after"] is None else f"{s['joint_norm_after']:.1f}"
         lines.append(f"  layer {s['layer']:>3} neuron {s['neuron']:>6}  act {s['activation']:>10.2f}  "
-                     f"norm {s['norm_before']:.1f} -> {s['norm_after']:.1f} alone, -> {s['joint_norm_after']:.1f} "
-                     "with the layer's set")
+                     f"norm {s['norm_before']:.1f} -> {s['norm_after']:.1f} alone, -> {joint} with the layer's set")
     for r in c.neurons:
         if not r["collapsed"]:
             lines.append(f"  layer {r['layer']}: no neuron set of the top {len(r['candidates'])} collapses the norm")
-    ex = c.extra
-    if ex:
-        det = ex["first_token_detector"]
-        lines.append(f"first-token detector: layer {det['detector_layer']} neuron {det['detector_neuron']} "
-                     f"AUC {det['detector_auc']:.3f} (perfect split: {det['perfect']})")
-        for cv in ex["convergence"]:
+    if "first_token_detector" in res:
+        det = res["first_token_detector"]
+        lines.append(f"first-token detector: layer {det.detector_layer} neuron {det.detector_neuron} "
+                     f"AUC {det.detector_auc:.3f} (perfect split: {det.perfect})")
+    if "convergence" in res:
+        for cv in res["convergence"].curves:
             lines.append(f"layer-0 convergence '{cv['word']}': distance {cv['distance'][0]:.2f} -> "
                          f"{cv['distance'][-1]:.3f} after {cv['reps'][-1]} repetitions")
-        idt = ex["identity"]
+        idt = res["convergence"].identity
         lines.append(f"identity check (no BOS, pure repeat): max relative deviation "
                      f"{max(idt['max_relative_deviation']):.2e} -> identical: {idt['identical']}")
-        at = ex["attention"]
-        lines.append(f"sink rate (Gu, eps {at['eps']}, T {at['T']}): text {at['sink_rate_text']:.2f}, "
-                     f"repeated token {at['sink_rate_repeat']:.2f}")
-        for r in ex["repeats_needed"]:
-            lines.append(f"repeats needed '{r['word']}' layer {r['layer']}: {r['repeats_needed']} (sustained {r.get('repeats_needed_sustained')}) "
-                         f"(max norm {r['max_norm']:.1f} vs first {r['first_token_norm']:.1f})")
+    if "attention_sinks" in res:
+        at = res["attention_sinks"]
+        lines.append(f"sink rate (Gu, eps {at.eps}, T {at.T}): text {at.sink_rate_text:.2f}, "
+                     f"repeated token {at.sink_rate_repeat:.2f}")
+    if "norm_curves" in res:
+        for r in res["norm_curves"].repeats_needed:
+            lines.append(f"repeats needed '{r['word']}' layer {r['layer']}: {r['repeats_needed']} (sustained "
+                         f"{r['repeats_needed_sustained']}) (max norm {r['max_norm']:.1f} vs first "
+                         f"{r['first_token_norm']:.1f})")
     return "\n".join(lines)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    from . import add_common_args, add_model_args
+    from . import add_common_args, add_model_args, add_role_args
 
     p = sub.add_parser("cluster", help="cluster attack: sequences of different tokens that induce a sink",
                        description="Cluster the most frequent tokens by their layer-0 output (or embedding), build "
@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--length", type=int, default=256, help="sequence length in tokens (default 256)")
     p.add_argument("--seqs", type=int, default=2, help="random sequences per cluster (default 2)")
     p.add_argument("--threshold", type=float, default=0.5, help="norm ratio that counts as a sink (default 0.5)")
-    p.add_argument("--sink-layer", type=int, default=None, help="layer whose norm is measured (default: detected)")
+    add_role_args(p, ["drift_layer"])
     p.add_argument("--examples", type=int, default=4, help="sequences per kind to generate from (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per example (default 32)")
     p.add_argument("--out", default=None, help="write the JSON result here")
@@ -32,8 +32,9 @@ def run(args) -> int:
 
     from ..attack.cluster import cluster_attack
     from ..errors import SinkholeError
-    from . import check_out_file, emit, info, load_from_args
-    from .cmd_sweep import _sink_layer
+    from ..attack.steps import ClusterResult
+    from ..scan import document
+    from . import check_out_file, circuit_from_args, emit, info, load_from_args, model_meta, vars_of
 
     if min(args.pool, args.clusters, args.length, args.seqs) < 1 or args.size < 2 or args.max_new_tokens < 0:
         raise SinkholeError("--pool, --clusters, --length and --seqs must be positive and --size at least 2")
@@ -43,17 +44,16 @@ def run(args) -> int:
     lm = load_from_args(args)
     if lm.n_ctx and args.length + 64 > lm.n_ctx:
         raise SinkholeError(f"--length {args.length} is too long for the model's context of {lm.n_ctx}")
-    layer = args.sink_layer if args.sink_layer is not None else _sink_layer(lm)
+    layer = circuit_from_args(args, lm, ["drift_layer"]).drift_layer
     res = cluster_attack(lm, pool_size=args.pool, n_seeds=args.clusters, size=args.size, length=args.length,
-                         space=args.space, sink_layer=layer, threshold=args.threshold, seqs_per_cluster=args.seqs,
+                         space=args.space, drift_layer=layer, threshold=args.threshold, seqs_per_cluster=args.seqs,
                          n_examples=args.examples, max_new_tokens=args.max_new_tokens, seed=args.seed,
                          quiet=args.quiet)
-    doc = {"model": lm.name, **res}
-    if emit(args, doc):
+    if emit(args, document(model_meta(lm), {"cluster": ClusterResult.from_dict(res)}, "cluster", vars_of(args))):
         return 0
     m = res["method"]
     print(f"{m['n_clusters']} clusters of {m['cluster_size']} tokens ({m['space']} cosine), sequences of "
-          f"{m['length']} tokens, sink = norm ratio >= {m['threshold']} at layer {m['sink_layer']}")
+          f"{m['length']} tokens, sink = norm ratio >= {m['threshold']} at drift layer {m['drift_layer']}")
     print(f"sink rate: cluster {res['sink_rate_cluster']:.2f} vs random {res['sink_rate_random']:.2f}; mean norm "
           f"ratio {res['mean_norm_ratio_cluster']:.2f} vs {res['mean_norm_ratio_random']:.2f}")
     print(f"diverged on generation: cluster {res['diverged_examples_cluster']}, random "

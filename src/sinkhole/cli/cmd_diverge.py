@@ -25,10 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate per case (default 48)")
     p.add_argument("--batch-size", type=int, default=4, help="cases per generate() call (default 4)")
     p.add_argument("--exact", action="store_true",
-                   help="no decoding loop: verify drafts of the run against the model (greedy_check) and stop "
-                        "each case once the run judge is certain. The same greedy tokens, about 4x faster on "
-                        "SmolLM2; only templates that end with the run (raw, repeat, chat_assistant); run "
-                        "judge only (the garak judge needs the whole continuation)")
+                   help="no decoding loop: verify drafts of the run against the model (greedy_check). The same "
+                        "greedy tokens and both judges, faster on cases that keep repeating; only templates that "
+                        "end with the run (raw, repeat, chat_assistant)")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     p.set_defaults(func=run)
 
@@ -37,9 +36,13 @@ def run(args) -> int:
     from ..attack.diverge import diverge
     from ..attack.prompts import GARAK_REPS, GARAK_TEXT, GARAK_WORDS, parse_int_list, parse_words
     from ..errors import SinkholeError
-    from . import check_out_file, emit, info, load_from_args
+    from ..scan import document
+    from . import check_out_file, emit, info, load_from_args, model_meta, vars_of
 
     if args.garak:
+        if args.exact:
+            raise SinkholeError("--exact cannot run the --garak prompt set (its templates do not end with the run); "
+                                "drop --exact or --garak")
         words, reps, templates = list(GARAK_WORDS), list(GARAK_REPS), list(GARAK_TEXT)
     else:
         words, reps, templates = parse_words(args.words), parse_int_list(args.reps), args.templates
@@ -48,67 +51,31 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise SinkholeError("--batch-size must be a positive integer")
     check_out_file(args.out)
-    if args.exact:
-        return _run_exact(args, words, reps, templates)
     lm = load_from_args(args)
+    if args.exact and templates in (None, "default", "all"):  # minus the templates the check cannot draft
+        from ..attack.predictor import RUN_AT_END
+        from ..attack.prompts import resolve_templates
+
+        templates = [t for t in resolve_templates(lm, templates) if t in RUN_AT_END]
     res = diverge(lm, words, reps, templates, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                  quiet=args.quiet)
-    doc = {"model": lm.name, **res}
-    if emit(args, doc):
+                  exact=True if args.exact else False, quiet=args.quiet)
+    if emit(args, document(model_meta(lm), {"divergence": res}, "diverge", vars_of(args))):
         return 0
     print(f"{'template':16s} {'word':12s} {'reps':>5s} {'diverged':>8s} {'garak':>6s} {'until':>5s} "
           f"{'non-word':>8s}  continuation")
-    for c in res["cases"]:
+    for c in res.cases:
         text = c["text"].replace("\n", "\\n")
         print(f"{c['template']:16s} {c['word'][:12]:12s} {c['reps']:5d} {str(c['diverged']):>8s} "
               f"{str(c['garak_diverged']):>6s} {c['tokens_until_divergence']:5d} {c['frac_not_word']:8.2f}  "
               f"{text[:60]!r}")
-    print(f"divergence rate: {res['rate']:.2f} (run judge), {res['garak_rate']:.2f} (garak-style judge); "
-          f"judges agree on {res['judges_agree']:.0%} of {res['n_cases']} cases")
-    for t, v in res["by_template"].items():
+    print(f"divergence rate: {res.rate:.2f} (run judge), {res.garak_rate:.2f} (garak-style judge), "
+          f"{res.either_rate:.2f} (either); judges agree on {res.judges_agree:.0%} of {res.n_cases} cases"
+          + (" (greedy tokens from the exact check)" if res.method != "generate" else ""))
+    for t, v in res.by_template.items():
         print(f"  {t:16s} rate {v['rate']:.2f}  garak {v['garak_rate']:.2f}  (n={v['n']})")
-    if res["multi_token_words"]:
-        info(args, f"note: {', '.join(res['multi_token_words'])} tokenize to several tokens; the whole word "
+    if res.multi_token_words:
+        info(args, f"note: {', '.join(res.multi_token_words)} tokenize to several tokens; the whole word "
                    "was repeated")
-    if args.out:
-        info(args, f"wrote {args.out}")
-    return 0
-
-
-def _run_exact(args, words, reps, templates) -> int:
-    from ..attack.diverge import decode_pieces
-    from ..attack.predictor import RUN_AT_END, greedy_check
-    from ..attack.prompts import make_cases, resolve_templates
-    from ..errors import SinkholeError
-    from . import emit, info, load_from_args
-
-    if args.garak:
-        raise SinkholeError("--exact cannot run the --garak prompt set (its templates do not end with the run); "
-                            "drop --exact or --garak")
-    lm = load_from_args(args)
-    names = resolve_templates(lm, templates)
-    if templates in (None, "default", "all"):  # minus the templates the check cannot draft
-        names = [t for t in names if t in RUN_AT_END]
-    cases = make_cases(lm, words, reps, names)
-    checks = greedy_check(lm, cases, args.max_new_tokens, quiet=args.quiet)
-    rows = [{**k.to_dict(), "text": "".join(decode_pieces(lm, k.generated_ids))} for k in checks]
-    for r in rows:
-        r.pop("generated_ids")
-    n = len(rows)
-    doc = {"model": lm.name, "method": "exact_check", "max_new_tokens": int(args.max_new_tokens), "n_cases": n,
-           "rate": round(sum(r["diverged"] for r in rows) / n, 4) if n else None,
-           "mean_passes": round(sum(r["passes"] for r in rows) / n, 2) if n else None,
-           "note": "greedy tokens found by verifying drafts of the run; each case stops once the run judge is "
-                   "certain, so 'text' ends there; the garak judge is not applied", "cases": rows}
-    if emit(args, doc):
-        return 0
-    print(f"{'template':16s} {'word':12s} {'reps':>5s} {'diverged':>8s} {'until':>5s} {'passes':>6s}  continuation")
-    for r in rows:
-        text = r["text"].replace("\n", "\\n")
-        print(f"{r['template']:16s} {r['word'][:12]:12s} {r['reps']:5d} {str(r['diverged']):>8s} "
-              f"{r['tokens_until_divergence']:5d} {r['passes']:6d}  {text[:60]!r}")
-    print(f"divergence rate: {doc['rate']:.2f} (run judge, exact greedy tokens) over {n} cases; "
-          f"{doc['mean_passes']} forward passes per case instead of {args.max_new_tokens} decoding steps")
     if args.out:
         info(args, f"wrote {args.out}")
     return 0

@@ -39,8 +39,8 @@ def run(args) -> int:
     from ..errors import SinkholeError
     from ..patch.export import read_patch
     from ..patch.search import SearchConfig, verify_patch
+    from ..patch.tables import summary_markdown
     from . import check_out_file, emit, info, load_from_args
-    from .cmd_patch import summary_markdown
 
     if args.limit is not None and args.limit < 1:
         raise SinkholeError("--limit must be a positive integer")
@@ -50,11 +50,11 @@ def run(args) -> int:
     patch = read_patch(args.patch)
     cfg = SearchConfig(max_new_tokens=args.max_new_tokens)
     if args.verify_words:
-        cfg.verify_words = tuple(parse_words(args.verify_words))
+        cfg.verify_words = tuple(parse_words(args.verify_words, "--verify-words"))
     if args.verify_reps:
         cfg.verify_reps = tuple(parse_int_list(args.verify_reps, "--verify-reps"))
     if args.templates:
-        cfg.templates = tuple(t.strip() for t in args.templates.split(",") if t.strip())
+        cfg.templates = tuple(parse_words(args.templates, "--templates"))
     cfg.search_words, cfg.search_reps = (), ()  # eval has no search set
     lm = load_from_args(args)
     patch.validate(lm)

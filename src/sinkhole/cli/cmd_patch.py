@@ -6,7 +6,8 @@ import sys
 
 
 def add_parser(sub) -> None:
-    from . import add_common_args, add_model_args
+    from . import add_common_args, add_model_args, add_role_args
+    from ..patch.search import DEFAULT_FAMILIES, FAMILIES
 
     p = sub.add_parser(
         "patch", help="search, verify and export a patch that stops divergence",
@@ -24,8 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--verify-reps", default=None, help="held-out repetition counts (default: 150,250)")
     p.add_argument("--templates", default=None, help="prompt templates (default: repeat,chat_assistant)")
     p.add_argument("--families", default=None,
-                   help="candidate families in order (default: paper_clamp,paper_zero,detector_cap,norm_cap,"
-                        "finetune_neurons,finetune_local; also finetune_mlp, the full-model objective, slow on CPU)")
+                   help=f"candidate families in order (default: {','.join(DEFAULT_FAMILIES)}; any of "
+                        f"{', '.join(FAMILIES)}; finetune_mlp, the full-model objective, is slow on CPU)")
     p.add_argument("--finetune-layers", default=None, help="layers whose MLPs the fine-tuning patch trains")
     p.add_argument("--steps", type=int, default=400, help="fine-tuning steps (default 400)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="generated tokens per case (default 32)")
@@ -34,17 +35,14 @@ def add_parser(sub) -> None:
     p.add_argument("--patch-file", default=None,
                    help="skip the search: verify and export this patch.json instead")
     p.add_argument("--quick", action="store_true", help="fewer cases and steps (a first look, tests)")
+    add_role_args(p, ["massive_layer", "marking_layers"])
     p.set_defaults(func=run)
-
-
-def _csv(text, cast=str):
-    return tuple(cast(x.strip()) for x in text.split(",") if x.strip()) if text else None
 
 
 def build_config(args):
     from ..attack.prompts import parse_int_list, parse_words
     from ..errors import SinkholeError
-    from ..patch.search import SearchConfig
+    from ..patch.search import SearchConfig, check_families
 
     cfg = SearchConfig()
     if args.words:
@@ -52,18 +50,15 @@ def build_config(args):
     if args.reps:
         cfg.search_reps = tuple(parse_int_list(args.reps, "--reps"))
     if args.verify_words:
-        cfg.verify_words = tuple(parse_words(args.verify_words))
+        cfg.verify_words = tuple(parse_words(args.verify_words, "--verify-words"))
     if args.verify_reps:
         cfg.verify_reps = tuple(parse_int_list(args.verify_reps, "--verify-reps"))
     if args.templates:
-        cfg.templates = _csv(args.templates)
+        cfg.templates = tuple(parse_words(args.templates, "--templates"))
     if args.families:
-        cfg.families = _csv(args.families)
+        cfg.families = tuple(parse_words(args.families, "--families"))
     if args.finetune_layers:
-        try:
-            cfg.finetune_layers = _csv(args.finetune_layers, int)
-        except ValueError:
-            raise SinkholeError("--finetune-layers must be comma-separated integers, e.g. 1,2") from None
+        cfg.finetune_layers = tuple(parse_int_list(args.finetune_layers, "--finetune-layers", minimum=0))
     for name, v, lo in (("--steps", args.steps, 1), ("--max-new-tokens", args.max_new_tokens, 1),
                         ("--neurons", args.neurons, 1)):
         if v < lo:
@@ -73,30 +68,10 @@ def build_config(args):
     cfg.finetune_steps, cfg.max_new_tokens, cfg.n_neurons = args.steps, args.max_new_tokens, args.neurons
     cfg.ppl_budget_pct = args.ppl_budget
     if args.quick:
-        cfg.quick = True
-        cfg.search_words, cfg.search_reps = cfg.search_words[:2], cfg.search_reps[:1]
-        cfg.verify_words, cfg.verify_reps = cfg.verify_words[:2], cfg.verify_reps[:1]
-        cfg.finetune_steps = min(cfg.finetune_steps, 8)
-        cfg.max_new_tokens = min(cfg.max_new_tokens, 16)
+        cfg = cfg.as_quick()
     cfg.check_disjoint()
-    known = ("paper_clamp", "paper_zero", "detector_cap", "norm_cap", "finetune_local", "finetune_mlp",
-             "finetune_neurons")
-    bad = [f for f in cfg.families if f not in known]
-    if bad:
-        raise SinkholeError(f"unknown candidate family {bad[0]!r}; use {', '.join(known)}")
+    check_families(cfg.families)
     return cfg
-
-
-def summary_markdown(verification: dict, tried: list | None = None, chosen: str | None = None) -> str:
-    from ..patch.tables import CANDIDATE_HEADER, candidate_rows, markdown_table, verification_rows
-
-    lines = markdown_table(["measure (held-out)", "unpatched", "patched"], verification_rows(verification))
-    tg = verification.get("targets", {})
-    lines.append("")
-    lines.append("Targets: " + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in tg.items()))
-    if tried:
-        lines += [""] + markdown_table(CANDIDATE_HEADER, candidate_rows(tried, chosen))
-    return "\n".join(lines)
 
 
 def run(args) -> int:
@@ -104,8 +79,9 @@ def run(args) -> int:
     from ..patch import export_patched
     from ..patch.export import read_patch
     from ..patch.search import search_patch, verify_patch
+    from ..patch.tables import summary_markdown
     from ..results import dumps, prepare_out_dir
-    from . import info, load_from_args
+    from . import circuit_from_args, info, load_from_args
 
     cfg = build_config(args)
     patch_file = read_patch(args.patch_file) if args.patch_file else None
@@ -118,10 +94,11 @@ def run(args) -> int:
         patch = patch_file
         patch.validate(lm)
     else:
-        res = search_patch(lm, cfg, log=log)
+        circ = circuit_from_args(args, lm, ["massive_layer", "marking_layers"])
+        res = search_patch(lm, cfg, circuit=circ, log=log)
         search, tried, patch = res.to_dict(), res.tried, res.patch
         if patch is None:
-            if res.baseline_search.get("rate", 0) == 0:
+            if res.baseline_search.get("either_rate", 0) == 0:
                 raise SinkholeError("the model did not diverge on the search cases: nothing to patch (try more "
                                     "--reps or other --words)", exit_code=1)
             raise SinkholeError(f"no candidate stayed within the perplexity budget of {cfg.ppl_budget_pct}%; "

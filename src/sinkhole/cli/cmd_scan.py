@@ -18,43 +18,115 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="keep the finished steps of an interrupted (or finished) scan in --out with the same "
                         "model and options, and run only the rest")
-    p.add_argument("--patch", action="store_true", help="also search, verify and export a patch")
-    p.add_argument("--quick", action="store_true",
-                   help="a small, fast scan (fewer cases, shorter runs): for a first look, tests and CI")
-    p.add_argument("--words", default=None, help="comma-separated words for norm curves and divergence")
-    p.add_argument("--curve-reps", type=int, default=None,
-                   help="repetitions for the norm curves (default 1000, 300 with --quick)")
+    p.add_argument("--config", default=None, metavar="JSON",
+                   help="a JSON file of scan options (the 'options' of a results.json works); flags override it")
+    add_option_args(p)
     p.set_defaults(func=run)
 
 
-def parse_words(text: str | None, default: list[str]) -> list[str]:
+# flags that add_common_args already defines
+_COMMON = {"seed"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_option_args(p) -> None:
+    """One flag per ScanOptions field, with the field's help and its quick/full defaults."""
+    from ..scan import ScanOptions
+
+    for f in ScanOptions.option_fields():
+        if f.name in _COMMON:
+            continue
+        md, dflt = f.metadata, f.default
+        extra = f" (default {md['full']}, {md['quick']} with --quick)" if md.get("full") is not None else (
+            f" (default {dflt})" if dflt not in (None, False, True) else "")
+        if md["kind"] == "bool":
+            if dflt:
+                p.add_argument(_flag("no_" + f.name), dest=f.name, action="store_false", default=None,
+                               help="do not " + md["help"].split(": ", 1)[-1])
+            else:
+                p.add_argument(_flag(f.name), dest=f.name, action="store_true", default=None, help=md["help"])
+        else:
+            p.add_argument(_flag(f.name), dest=f.name, default=None, metavar=md["kind"].upper(),
+                           help=md["help"] + extra)
+
+
+def _parse(kind: str, text, flag: str):
+    from ..attack.prompts import parse_int_list, parse_words
+    from ..errors import SinkholeError
+    from ..patch.search import check_families
+
+    if kind == "words":
+        return parse_words(text, flag)
+    if kind == "ints":
+        return parse_int_list(text, flag)
+    if kind == "families":
+        fams = parse_words(text, flag)
+        check_families(fams)
+        return fams
+    if kind in ("int", "float"):
+        try:
+            v = int(text) if kind == "int" else float(text)
+        except (TypeError, ValueError):
+            raise SinkholeError(f"{flag} must be a{'n integer' if kind == 'int' else ' number'}") from None
+        if not v > 0 or v != v:
+            raise SinkholeError(f"{flag} must be positive")
+        return v
+    if kind == "bool":
+        if not isinstance(text, bool):
+            raise SinkholeError(f"{flag} must be true or false")
+        return text
+    raise ValueError(kind)
+
+
+def build_options(args):
+    """The scan options from --config and the flags (checked before any model loads)."""
+    from ..errors import SinkholeError
+    from ..results import read_json_file
+    from ..scan import ScanOptions
+
+    values: dict = {}
+    if args.config:
+        _, cfg = read_json_file(args.config, "options.json", missing="--config {path} not found",
+                                invalid="--config {path} is not valid JSON ({err})")
+        if not isinstance(cfg, dict):
+            raise SinkholeError("--config must hold a JSON object of scan options")
+        values.update(cfg)
+    for f in ScanOptions.option_fields():
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    known = {f.name: f for f in ScanOptions.option_fields()}
+    bad = sorted(set(values) - set(known))
+    if bad:
+        raise SinkholeError(f"unknown scan option(s) {bad} in --config; use {', '.join(known)}")
+    for k, v in list(values.items()):
+        if v is not None and k != "seed":
+            values[k] = _parse(known[k].metadata["kind"], v, _flag(k))
+    if args.seed != 0 or "seed" not in values:  # --seed (default 0) overrides the file's seed when given
+        values["seed"] = int(args.seed)
+    if values.get("frac") is not None and values["frac"] > 1:
+        raise SinkholeError("--frac must be in (0, 1], e.g. --frac 0.5")
+    return ScanOptions(**values).resolved()
+
+
+def fit_context(opts, lm, explicit: bool):
+    """Shorten the norm-curve runs to the model's context (an error when the user asked for more)."""
+    import dataclasses
+
     from ..errors import SinkholeError
 
-    if text is None:
-        return default
-    words = [w.strip() for w in text.split(",")]
-    if not any(words):
-        raise SinkholeError("--words is empty; pass comma-separated words, e.g. --words poem,company")
-    if any(not w for w in words):
-        raise SinkholeError("--words contains an empty or whitespace-only word; remove the stray comma")
-    return words
-
-
-def build_options(args, lm) -> dict:
-    """The scan options (stored in results.json) from the command line."""
-    from ..errors import SinkholeError
-
-    reps = args.curve_reps if args.curve_reps is not None else (300 if args.quick else 1000)
-    if reps <= 0:
-        raise SinkholeError("--curve-reps must be a positive integer")
-    words = parse_words(args.words, ["the", "poem"])
-    longest = max(len(lm.word_ids(w)) for w in words)
-    if lm.n_ctx and reps * longest + 8 > lm.n_ctx:
-        if args.curve_reps is not None:
-            raise SinkholeError(f"--curve-reps {reps} exceeds the model's context of {lm.n_ctx} tokens; lower it")
+    longest = max(len(lm.word_ids(w)) for w in opts.words)
+    if lm.n_ctx and opts.curve_reps * longest + 8 > lm.n_ctx:
+        if explicit:
+            raise SinkholeError(f"--curve-reps {opts.curve_reps} exceeds the model's context of {lm.n_ctx} tokens; "
+                                "lower it")
         reps = max(1, (lm.n_ctx - 8) // longest)
-    return {"seed": args.seed, "quick": bool(args.quick), "patch": bool(args.patch), "words": words,
-            "curve_words": words, "curve_reps": reps}
+        opts = dataclasses.replace(opts, curve_reps=reps, conv_reps=min(opts.conv_reps, reps),
+                                   attn_reps=[n for n in opts.attn_reps if n <= reps] or [min(16, reps)])
+    return opts
 
 
 def run(args) -> int:
@@ -65,16 +137,12 @@ def run(args) -> int:
     from ..scan import PARTIAL, ScanInterrupted, run_scan
     from . import info, load_from_args
 
-    if args.curve_reps is not None and args.curve_reps <= 0:
-        from ..errors import SinkholeError
-
-        raise SinkholeError("--curve-reps must be a positive integer")
-    parse_words(args.words, [])  # bad --words fails before the model loads
+    options = build_options(args)  # bad options fail before the model loads
     out = prepare_out_dir(args.out)
     t0 = time.perf_counter()
     lm = load_from_args(args)
     t_load = round(time.perf_counter() - t0, 2)
-    options = build_options(args, lm)
+    options = fit_context(options, lm, explicit=args.curve_reps is not None)
     try:
         res = run_scan(lm, options, out, resume=args.resume, log=lambda m: info(args, m))
     except ScanInterrupted as stop:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    from . import add_common_args, add_model_args
+    from . import add_common_args, add_model_args, add_role_args
 
     p = sub.add_parser("sweep", help="sweep the vocabulary for sink-prone tokens (resumable, shardable)",
                        description="For the N most frequent tokens (or --all), run '<bos> Repeat: t t ... t' once, "
-                                   "stopped after a few layers, and record the repetitions needed for the sink-layer "
+                                   "stopped after a few layers, and record the repetitions needed for the drift-layer "
                                    "norm to reach --threshold x the first token's norm; ranks the most dangerous "
                                    "tokens. Checkpointed after every batch: rerun the same command to resume. Split "
                                    "long sweeps with --shard/--num-shards or launch it with torchrun / accelerate "
@@ -20,9 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--all", action="store_true", help="sweep the whole vocabulary")
     p.add_argument("--max-reps", type=int, default=256, help="repetitions per token (default 256)")
     p.add_argument("--threshold", type=float, default=0.5, help="norm ratio that counts as a sink (default 0.5)")
-    p.add_argument("--sink-layer", type=int, default=None,
-                   help="layer whose norm is measured (default: first layer where the first token's norm is "
-                        ">= 5x typical)")
+    add_role_args(p, ["drift_layer"])
     p.add_argument("--prefix", default="Repeat:", help="text between BOS and the run (default 'Repeat:'; '' for none)")
     p.add_argument("--batch-size", type=int, default=16, help="tokens per forward pass (default 16)")
     p.add_argument("--generate", type=int, default=0, metavar="N",
@@ -38,25 +36,17 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _sink_layer(lm) -> int:
-    from ..circuit.norms import layer_norms
-    from ..data import snippets
-
-    r = layer_norms(lm, snippets("sonnets", n=4, n_words=32, seed=0), max_layer=min(lm.adapter.n_layers - 1, 11),
-                    quiet=True)
-    from ..circuit.common import first_layer_over
-
-    return first_layer_over(r.ratio)
-
-
 def run(args) -> int:
     import os
 
     from ..attack.sweep import frequent_tokens, merge, shard_from_env, summarize, sweep_tokens
     from ..errors import SinkholeError
-    from . import check_out_file, emit, info, load_from_args
+    from ..scan import document
+    from ..attack.steps import SweepSummary
+    from . import check_out_file, circuit_from_args, emit, info, load_from_args, model_meta, vars_of
 
     check_out_file(args.out)
+    model = None
     if args.merge:
         res = merge(args.merge)
     else:
@@ -72,21 +62,21 @@ def run(args) -> int:
         ckpt = args.checkpoint if n_shards == 1 else f"{args.checkpoint}.shard{shard}of{n_shards}"
         check_out_file(ckpt, "--checkpoint")
         lm = load_from_args(args)
-        layer = args.sink_layer if args.sink_layer is not None else _sink_layer(lm)
-        if not (0 <= layer < lm.adapter.n_layers):
-            raise SinkholeError(f"--sink-layer must be in 0..{lm.adapter.n_layers - 1}")
+        layer = circuit_from_args(args, lm, ["drift_layer"]).drift_layer
+        model = model_meta(lm)
         tokens = frequent_tokens(lm, None if args.all else args.tokens)[shard::n_shards]
         info(args, f"sweeping {len(tokens)} tokens (shard {shard}/{n_shards}) at layer {layer}, checkpoint {ckpt}")
-        res = sweep_tokens(lm, tokens, sink_layer=layer, max_reps=args.max_reps, threshold=args.threshold,
+        res = sweep_tokens(lm, tokens, drift_layer=layer, max_reps=args.max_reps, threshold=args.threshold,
                            batch_size=args.batch_size, checkpoint=ckpt, generate_tokens=args.generate,
                            quiet=args.quiet, prefix=args.prefix)
         if n_shards > 1:
             info(args, f"shard {shard} done; merge with: sinkhole sweep --merge {args.checkpoint}.shard*of{n_shards}")
     summary = summarize(res, top=args.top)
-    if emit(args, summary):
+    model = model or {"name": summary["config"].get("model", "model")}
+    if emit(args, document(model, {"sweep": SweepSummary.from_dict(summary)}, "sweep", vars_of(args))):
         return 0
     cfg = summary["config"]
-    print(f"{summary['n_tokens']} tokens, layer {cfg['sink_layer']}, up to {cfg['max_reps']} repetitions: "
+    print(f"{summary['n_tokens']} tokens, drift layer {cfg['drift_layer']}, up to {cfg['max_reps']} repetitions: "
           f"{summary['frac_sink_within_max_reps']:.0%} reach a sink (norm ratio >= {cfg['threshold']}), median "
           f"{summary['median_reps_to_sink']} repetitions")
     print(f"{'rank':>4s} {'token':>16s} {'id':>6s} {'reps':>5s} {'ratio':>6s} {'bos-attn':>8s}")

@@ -133,7 +133,7 @@ class LoadedModel:
 
 
 # ------------------------------------------------------------------------------------------
-def _quiet_hf():
+def quiet_hf():
     """Silence transformers' chatter (warnings, GGUF progress bars) during loading."""
     stack = contextlib.ExitStack()
     stack.enter_context(warnings.catch_warnings())
@@ -251,7 +251,7 @@ def _dequantized_folder(gguf_path: Path, progress: bool = True) -> Path:
     if progress:
         log.info("dequantizing %s once (cached in %s)", gguf_path.name, target)
     try:
-        with _quiet_hf():
+        with quiet_hf():
             tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
             model = AutoModelForCausalLM.from_pretrained(
                 str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
@@ -277,7 +277,7 @@ def _dequantized_folder(gguf_path: Path, progress: bool = True) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
-        with _quiet_hf():
+        with quiet_hf():
             model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
         (tmp / "sinkhole-source.txt").write_text(f"{gguf_path}\nkey={key}\ndequantize_s={time.time() - t0:.1f}\n")
@@ -286,6 +286,22 @@ def _dequantized_folder(gguf_path: Path, progress: bool = True) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def model_folder(spec: str, progress: bool = True) -> Path:
+    """The local Hugging Face folder a model spec resolves to: an embedded name or a ``.gguf`` file
+    gives its dequantized cache folder, building it if needed; a folder is returned as is."""
+    if spec in EMBEDDED:
+        return _dequantized_folder(_resolve_embedded(spec), progress)
+    path = Path(os.path.expanduser(spec))
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            check_gguf(path)  # gives the "not a GGUF file" error
+        return _dequantized_folder(path, progress)
+    if path.is_dir():
+        return path
+    raise ModelLoadError(f"model '{spec}' is not an embedded name ({', '.join(EMBEDDED)}), a .gguf file "
+                         "or a folder; check the path")
 
 
 def _pick_device(device: str | None) -> tuple[str | None, Any]:
@@ -413,7 +429,7 @@ def load_model(
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        with _quiet_hf():
+        with quiet_hf():
             tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except SinkholeError:

@@ -270,7 +270,7 @@ def model_signature(lm) -> dict:
 
 
 # ------------------------------------------------------------------------------------------
-def _swap_weights(lm, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def swap_weights(lm, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Copy ``weights`` into the model in place; return the old values."""
     params = dict(lm.model.named_parameters())
     old = {}
@@ -300,14 +300,14 @@ def apply_patch(lm, patch: Patch | None, validate: bool = True):
         return
     if validate:
         patch.validate(lm)
-    old = _swap_weights(lm, patch.weights) if patch.weights else None
+    old = swap_weights(lm, patch.weights) if patch.weights else None
     h = patch_hooks(lm, patch)
     try:
         with h:
             yield lm
     finally:
         if old:
-            _swap_weights(lm, old)
+            swap_weights(lm, old)
 
 
 def attach_patch(lm, patch: Patch, validate: bool = True):
@@ -316,7 +316,7 @@ def attach_patch(lm, patch: Patch, validate: bool = True):
     if validate:
         patch.validate(lm)
     if patch.weights:
-        _swap_weights(lm, patch.weights)
+        swap_weights(lm, patch.weights)
     h = patch_hooks(lm, patch)
     h.__enter__()
     lm.patch = patch

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import SinkholeError
-from .core import Patch, _swap_weights, attach_patch
+from .core import Patch, attach_patch, swap_weights
 
 README = """# Patched model (sinkhole)
 
@@ -65,17 +65,17 @@ def export_patched(lm, patch: Patch, out: str | os.PathLike, summary: dict | Non
     old = None
     try:
         if patch.weights:
-            old = _swap_weights(lm, patch.weights)
-        from ..models.loading import _quiet_hf
+            old = swap_weights(lm, patch.weights)
+        from ..models.loading import quiet_hf
 
         try:
-            with _quiet_hf():
+            with quiet_hf():
                 lm.model.save_pretrained(tmp, safe_serialization=True)
         finally:
             if old:
-                _swap_weights(lm, old)
+                swap_weights(lm, old)
         if hasattr(lm.tokenizer, "save_pretrained"):
-            with _quiet_hf():
+            with quiet_hf():
                 lm.tokenizer.save_pretrained(tmp)
         d = patch.to_dict()
         d["weights_in_model"] = bool(patch.weights)

@@ -11,8 +11,9 @@ def verification_rows(v: dict) -> list[list[str]]:
     """[measure, unpatched, patched] rows of a verification result (held-out cases and text)."""
     b, a, t, s = v["divergence_before"], v["divergence_after"], v["text"], v["sink_attention"]
     return [
-        ["divergence rate, run judge (held-out cases)", _pct(b["rate_run"]), _pct(a["rate_run"])],
-        ["divergence rate, garak judge (held-out cases)", _pct(b["rate_garak"]), _pct(a["rate_garak"])],
+        ["divergence rate, run judge (held-out cases)", _pct(b["rate"]), _pct(a["rate"])],
+        ["divergence rate, garak judge (held-out cases)", _pct(b["garak_rate"]), _pct(a["garak_rate"])],
+        ["divergence rate, either judge (the target)", _pct(b["either_rate"]), _pct(a["either_rate"])],
         ["mean tokens until divergence", f"{b['mean_tokens_until_divergence']:.1f}",
          f"{a['mean_tokens_until_divergence']:.1f}"],
         [f"perplexity on {v['heldout_text']}", f"{t['ppl_before']:.3f}",
@@ -38,7 +39,7 @@ def candidate_rows(tried: list, chosen: str | None = None) -> list[list[str]]:
         d, tt = r["search_divergence"], r["train_text"]
         name = f"{r['family']}: {r['description']}" if r.get("description") else r["family"]
         rows.append([name + (" (chosen)" if chosen and r["family"] == chosen else ""), f"{r['size']:,}",
-                     f"{_pct(d['rate_run'], 0)} / {_pct(d['rate_garak'], 0)}", f"{tt['ppl_change_pct']:+.2f}%",
+                     f"{_pct(d['rate'], 0)} / {_pct(d['garak_rate'], 0)}", f"{tt['ppl_change_pct']:+.2f}%",
                      _pct(tt["top1_agreement"], 2), f"{tt['mean_kl_nats']:.4f}"])
     return rows
 
@@ -46,3 +47,15 @@ def candidate_rows(tried: list, chosen: str | None = None) -> list[list[str]]:
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
         ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+
+
+def summary_markdown(verification: dict, tried: list | None = None, chosen: str | None = None) -> str:
+    """SUMMARY.md of an exported patch (and ``sinkhole patch``/``eval``'s text output): the
+    before/after table, the targets and the candidates the search tried."""
+    lines = markdown_table(["measure (held-out)", "unpatched", "patched"], verification_rows(verification))
+    tg = verification.get("targets", {})
+    lines.append("")
+    lines.append("Targets: " + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in tg.items()))
+    if tried:
+        lines += [""] + markdown_table(CANDIDATE_HEADER, candidate_rows(tried, chosen))
+    return "\n".join(lines)

@@ -39,11 +39,6 @@ class Figure:
         self.png = pbuf.getvalue()
         plt.close(fig)
 
-    def inline_svg(self) -> str:
-        s = self.svg
-        i = s.find("<svg")
-        return s[i:] if i >= 0 else s
-
     def save(self, folder: Path) -> list[Path]:
         from ..results import write_atomic
 

@@ -1,8 +1,7 @@
 """Self-contained HTML report built only from ``results.json`` (never runs a model).
 
-Sections are registered in page order with ``@section(name)`` in the modules listed in
-``SECTION_MODULES``; each takes the results document and returns ``(html, [Figure, ...])`` or
-None when its data is absent. A section's html should start with ``<h2>Title</h2>``: the title
+Sections are listed in page order in ``report/layout.py``; each takes the results document and
+returns ``(html, [Figure, ...])`` or None when its data is absent. A section's html should start with ``<h2>Title</h2>``: the title
 goes into the table of contents. Helpers for section authors: ``table``, ``fmt``, ``esc``,
 ``raw``, ``details``, ``pre``, ``note`` and ``figures.new``.
 
@@ -14,39 +13,17 @@ from __future__ import annotations
 
 import base64
 import html as _html
-import importlib
 import os
 import re
 from pathlib import Path
-from typing import Callable
 
 from ..results import write_atomic
 from .figures import Figure
 
-SECTIONS: list[tuple[str, Callable]] = []
+def load_sections() -> tuple:
+    from .layout import SECTIONS
 
-# Modules that register sections, in page order (each area owns one module).
-SECTION_MODULES = [
-    "sinkhole.report.sections",
-    "sinkhole.report.sections_circuit",
-    "sinkhole.report.sections_attack",
-    "sinkhole.report.sections_patch",
-]
-
-
-def section(name: str):
-    def deco(fn):
-        SECTIONS[:] = [s for s in SECTIONS if s[0] != name]
-        SECTIONS.append((name, fn))
-        return fn
-
-    return deco
-
-
-def load_sections() -> list[tuple[str, Callable]]:
-    for mod in SECTION_MODULES:
-        importlib.import_module(mod)
-    return list(SECTIONS)
+    return SECTIONS
 
 
 # ----------------------------------------------------------------------------- helpers for sections
@@ -124,14 +101,13 @@ def _svg_size(svg: str) -> tuple[int, int] | None:
     return round(float(m.group(1)) * 4 / 3), round(float(m.group(2)) * 4 / 3)
 
 
-def figure_html(f: Figure, number: int | None = None) -> str:
+def figure_html(f: Figure) -> str:
     data = base64.b64encode(f.svg.encode("utf-8")).decode("ascii")
     size = _svg_size(f.svg)
     wh = f' width="{size[0]}" height="{size[1]}"' if size else ""
-    label = ""
     return (f'<figure class="fig" id="fig-{esc(f.name)}" data-figure="{esc(f.name)}">'
             f'<img src="data:image/svg+xml;base64,{data}" alt="{esc(f.caption)}"{wh}>'
-            f"<figcaption>{label}{esc(f.caption)} <span class='files'>"
+            f"<figcaption>{esc(f.caption)} <span class='files'>"
             f"<a href='figures/{esc(f.name)}.png'>PNG</a> · <a href='figures/{esc(f.name)}.svg'>SVG</a></span>"
             f"</figcaption></figure>")
 
@@ -213,7 +189,10 @@ def render(doc: dict, timings: dict | None = None) -> tuple[str, list[Figure]]:
 
     from ..results import dumps
 
-    doc = json.loads(dumps(doc))  # exactly what results.json holds (sorted keys): the same page either way
+    from ..scan import load_document
+
+    typed = load_document(doc)  # every step result as its typed object: a renamed field fails here
+    doc = json.loads(dumps({**doc, "results": {k: v for k, v in typed.items() if k != "model"}}))
     blocks, toc, figs, top = [], [], [], []
     for name, fn in load_sections():
         try:
@@ -231,7 +210,7 @@ def render(doc: dict, timings: dict | None = None) -> tuple[str, list[Figure]]:
             while f.name in seen:
                 f.name, k = f"{base}-{k}", k + 1
             seen.add(f.name)
-        fig_html = "".join(figure_html(f, len(figs) + k + 1) for k, f in enumerate(fs))
+        fig_html = "".join(figure_html(f) for f in fs)
         figs.extend(fs)
         sid = f"sec-{name}"
         m = _H2.search(body)

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 from .figures import Figure, new
-from .html import esc, fmt, section
+from .html import esc, fmt
 
 
 def _fallback_line(name: str, r: dict) -> tuple[str, str | None] | None:
-    """A verdict line for known step shapes that carry no ``headline``."""
-    if name == "divergence" and r.get("rate") is not None:
-        rate = float(r["rate"])
-        where = r.get("min_reps_diverged")
-        n = r.get("n_cases", len(r.get("cases", []) or []))
-        return (f"{fmt(100 * rate, 3)}% of {fmt(n)} repetition prompts diverged"
-                + (f"; the earliest at {fmt(where)} repetitions" if where else "") + ".", "bad" if rate > 0 else "good")
-    if name == "patch" and isinstance(r.get("summary"), str):
+    """The patch step carries a ``summary`` instead of a ``headline``."""
+    if name == "patch" and isinstance(r.get("summary"), str) and r["summary"]:
         met = ((r.get("verification") or {}).get("targets") or {}).get("all")
         return r["summary"], ("good" if met else "bad") if met is not None else None
     return None
@@ -23,7 +17,7 @@ def _fallback_line(name: str, r: dict) -> tuple[str, str | None] | None:
 def verdict_lines(doc: dict) -> list[tuple[str, str, str | None]]:
     """(step, sentence, status) in pipeline order, from every step result's ``headline`` (plain
     text) and ``status`` ("bad" = vulnerable / not fixed, "good" = not vulnerable / fixed, else
-    neutral), or from the known shapes of ``divergence`` and ``patch`` results."""
+    neutral), or from the patch's ``summary``."""
     res = doc.get("results", {}) or {}
     steps = list(doc.get("steps") or [])
     out = []
@@ -41,7 +35,6 @@ def verdict_lines(doc: dict) -> list[tuple[str, str, str | None]]:
     return out
 
 
-@section("verdict")
 def verdict(doc: dict):
     """The top-line answer: vulnerable or not (from the divergence steps' status), at how many
     repetitions and the patch result (from their headlines), then the first-token norm."""
@@ -66,7 +59,6 @@ def verdict(doc: dict):
     return f'<div class="verdict {cls}"><b>{esc(head)}.</b>' + (f"<ul>{items}</ul>" if items else "") + "</div>", []
 
 
-@section("model")
 def model_section(doc: dict):
     m = doc.get("model")
     if not m:
@@ -79,7 +71,6 @@ def model_section(doc: dict):
     return f"<h2>Model</h2><div class='facts'>{cells}</div>", []
 
 
-@section("layer_norms")
 def layer_norms_section(doc: dict):
     ln = doc.get("results", {}).get("layer_norms")
     if not ln:
@@ -97,7 +88,6 @@ def layer_norms_section(doc: dict):
             f"{ln['n_tokens']} tokens.</p>"), [f]
 
 
-@section("norm_curves")
 def norm_curves_section(doc: dict):
     nc = doc.get("results", {}).get("norm_curves")
     if not nc or not nc.get("curves"):

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from .figures import Figure, new
-from .html import details, esc, fmt, note, pre, raw, section, table
+from .html import details, esc, fmt, note, pre, raw, table
 
 
-@section("divergence")
 def divergence_section(doc: dict):
     d = (doc.get("results") or {}).get("divergence")
     if not d or d.get("rate") is None:
@@ -49,7 +48,6 @@ def divergence_section(doc: dict):
     return "".join(html), figs
 
 
-@section("sweep")
 def sweep_section(doc: dict):
     s = (doc.get("results") or {}).get("sweep")
     if not s or not s.get("top"):
@@ -60,7 +58,7 @@ def sweep_section(doc: dict):
     html = ("<h2>Most sink-prone tokens</h2>"
             f"<p>{fmt(s['n_tokens'])} most frequent tokens, each repeated up to {fmt(cfg['max_reps'])} times after "
             f"<code>{esc(cfg.get('prefix', ''))}</code>: {fmt(100 * s['frac_sink_within_max_reps'])}% reach a sink "
-            f"(layer-{esc(cfg['sink_layer'])} norm at least {fmt(cfg['threshold'])}x the first token's), median "
+            f"(drift-layer {esc(cfg['drift_layer'])} norm at least {fmt(cfg['threshold'])}x the first token's), median "
             f"{fmt(s['median_reps_to_sink'])} repetitions.</p>"
             + table(["rank", "token", "id", "reps to sink", "final norm ratio", "attention on pos 0"], rows)
             + note("Norm ratio: hidden-state norm of the repeated token over that of the first token at the sink "
@@ -81,7 +79,6 @@ def sweep_section(doc: dict):
     return html, figs
 
 
-@section("cluster")
 def cluster_section(doc: dict):
     c = (doc.get("results") or {}).get("cluster")
     if not c or c.get("sink_rate_cluster") is None:

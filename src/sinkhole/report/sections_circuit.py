@@ -4,14 +4,13 @@ position 0, sink layers and neurons, repeats needed). Built only from results.js
 from __future__ import annotations
 
 from .figures import Figure, new
-from .html import esc, fmt, section, table
+from .html import esc, fmt, table
 
 
 def _res(doc: dict, key: str):
     return doc.get("results", {}).get(key)
 
 
-@section("circuit")
 def circuit_section(doc: dict):
     c = _res(doc, "circuit")
     if not c:
@@ -24,13 +23,21 @@ def circuit_section(doc: dict):
         i = r["layer"]
         rows.append([i, fmt(lay["first_token_norm"][i]), fmt(lay["typical_norm"][i]), fmt(lay["mlp_ratio"][i]),
                      fmt(lay["growth"][i]), sel, fmt(r["norm_before"]), fmt(joint)])
-    html = (f"<h2>Sink circuit</h2><p>Sink layers (robust rule): <b>{esc(c['sink_layers'] or 'none')}</b>; main sink "
-            f"layer <b>{esc(c['main_sink_layer'])}</b>; the paper's rule (BOS alone, MLP-output norm above mean + 2 std "
-            f"of the first {esc(lay.get('paper_max_layer'))} layers) gives <b>{esc(c.get('paper_sink_layer'))}</b>. "
+    roles = c.get("roles", {})
+    role_rows = [[name, esc(c[key]), roles.get(key, {}).get("source", ""), roles.get(key, {}).get("rule", "")]
+                 for key, name in (("marking_layers", "marking layers"), ("massive_layer", "massive layer"),
+                                   ("drift_layer", "drift layer"))]
+    html = (f"<h2>Sink circuit</h2><p>Sink layers (robust rule): <b>{esc(c['sink_layers'] or 'none')}</b>; "
+            f"marking layers <b>{esc(c['marking_layers'])}</b>, massive layer <b>{esc(c['massive_layer'])}</b>, "
+            f"drift layer <b>{esc(c['drift_layer'])}</b>; the paper's rule (BOS alone, MLP-output norm above "
+            f"mean + 2 std of the first {esc(lay.get('paper_max_layer'))} layers) gives "
+            f"<b>{esc(c.get('paper_sink_layer'))}</b>. "
             "Sink neurons are the smallest set of the top candidates (by activation × output-column norm at "
             "position 0) whose zeroing at position 0 collapses the first token's norm at that layer.</p>"
             + table(["layer", "first-token norm", "typical norm", "MLP write ratio (pos 0 / typical)",
-                     "norm growth through block", "sink neurons", "norm before", "norm after ablation"], rows))
+                     "norm growth through block", "sink neurons", "norm before", "norm after ablation"], rows)
+            + "<p>Each role is the layer the rest of sinkhole uses for one purpose:</p>"
+            + table(["role", "layer(s)", "source", "rule"], role_rows))
     figs = []
     abl = c.get("ablation") or []
     if abl:
@@ -69,7 +76,6 @@ def circuit_section(doc: dict):
     return html, figs
 
 
-@section("attention_sinks")
 def attention_section(doc: dict):
     a = _res(doc, "attention_sinks")
     if not a:
@@ -114,7 +120,6 @@ def attention_section(doc: dict):
     return html, figs
 
 
-@section("first_token_detector")
 def detector_section(doc: dict):
     d = _res(doc, "first_token_detector")
     if not d:
@@ -142,7 +147,6 @@ def detector_section(doc: dict):
     return html, [f]
 
 
-@section("convergence")
 def convergence_section(doc: dict):
     c = _res(doc, "convergence")
     if not c:
@@ -167,7 +171,6 @@ def convergence_section(doc: dict):
     return html, [f]
 
 
-@section("repeats_needed")
 def repeats_section(doc: dict):
     nc = _res(doc, "norm_curves")
     if not nc or not nc.get("repeats_needed"):

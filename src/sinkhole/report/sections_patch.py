@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from ..patch.tables import CANDIDATE_HEADER, candidate_rows, verification_rows
 from .figures import Figure, new
-from .html import esc, section, table
+from .html import esc, table
 
 
 def _pct(x):
     return None if x is None else f"{100 * x:.1f}%"
 
 
-@section("patch")
 def patch_section(doc: dict):
     p = doc.get("results", {}).get("patch")
     if not p:
@@ -44,8 +43,8 @@ def patch_section(doc: dict):
     if tried:
         rows = candidate_rows(tried, p.get("chosen"))
         base = p["search"].get("baseline_search", {})
-        parts.append(f"<p>Candidates on the search cases (unpatched: {_pct(base.get('rate_run'))} run judge / "
-                     f"{_pct(base.get('rate_garak'))} garak judge):</p>")
+        parts.append(f"<p>Candidates on the search cases (unpatched: {_pct(base.get('rate'))} run judge / "
+                     f"{_pct(base.get('garak_rate'))} garak judge):</p>")
         parts.append(table(CANDIDATE_HEADER, rows))
     if p.get("exported_to"):
         parts.append(f"<p>Patched model exported to <code>{esc(p['exported_to'])}/</code>; reload with "

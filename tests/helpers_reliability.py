@@ -1,6 +1,6 @@
-"""Helpers for the reliability tests (no tests here): a tiny model saved as a real Hugging Face
-folder (safetensors + a word-level fast tokenizer), so the CLI can load it in a second, and a
-runner for ``python -m sinkhole`` in a subprocess."""
+"""Helpers for the reliability tests (a helper module, not a test file): a tiny model saved as a
+real Hugging Face folder (safetensors + a word-level fast tokenizer), so the CLI can load it in a
+second, and a runner for ``python -m sinkhole`` in a subprocess."""
 
 from __future__ import annotations
 
@@ -88,15 +88,3 @@ def files_in(folder: Path) -> list[str]:
 
 def read_json(p: Path) -> dict:
     return json.loads(Path(p).read_text(encoding="utf-8"))
-
-
-def one_thread():
-    """Fixture body: run a test with one torch thread and restore the previous count after."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)

@@ -1,4 +1,5 @@
-"""Shared by the report tests: one full quick scan of a tiny random model, rendered once."""
+"""Shared by the report tests (a helper module, not a test file): one full quick scan of a tiny
+random model, rendered once."""
 
 from __future__ import annotations
 
