@@ -78,7 +78,7 @@ def lookahead(doc, fracs):
         for c in C:
             extra = int(round(frac * doc["max_new_tokens"] / len(lm.word_ids(c["word"]))))
             cases += make_cases(lm, [c["word"]], [c["reps"] + extra], [c["template"]])
-        f = case_features(lm, cases, sink_layer=doc.get("sink_layer"), quiet=True)
+        f = case_features(lm, cases, drift_layer=doc.get("sink_layer"), quiet=True)
         p = Predictor.fit([f[i] for i in tr], [y[i] for i in tr])
         ev = p.evaluate([f[i] for i in te], [y[i] for i in te])
         out[str(frac)] = {"feature": p.feature, "threshold": p.threshold,

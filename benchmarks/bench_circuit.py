@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     import torch
 
     from sinkhole import load_model
-    from sinkhole.circuit.circuit import analyze, discover
+    from sinkhole.circuit import analyze, discover
 
     t0 = time.perf_counter()
     lm = load_model(args.model, progress=False)
@@ -58,12 +58,13 @@ def main(argv=None) -> int:
         "load_s": round(load_s, 2),
         "discover_s": [round(x, 3) for x in times],
         "discover_median_s": round(median(times), 3),
-        "result": {"sink_layers": c.sink_layers, "main_sink_layer": c.main_sink_layer,
+        "result": {"sink_layers": c.sink_layers, "massive_layer": c.massive_layer,
+                   "marking_layers": c.marking_layers, "drift_layer": c.drift_layer,
                    "sink_neurons": [[s["layer"], s["neuron"]] for s in c.sink_neurons]},
     }
     if args.analyze:
         t = time.perf_counter()
-        analyze(lm, circuit=c, quiet=True)
+        analyze(lm)
         row["analyze_s"] = round(time.perf_counter() - t, 2)
     print(json.dumps(row))
     if args.save:

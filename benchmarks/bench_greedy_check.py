@@ -84,10 +84,10 @@ def main(argv=None):
             k = greedy_check(lm, [c], N, quiet=True)[0]
             tk = time.perf_counter() - t
             t = time.perf_counter()
-            case_features(lm, [c], sink_layer=d.get("sink_layer"), batch_size=1, quiet=True)
+            case_features(lm, [c], drift_layer=d.get("sink_layer"), batch_size=1, quiet=True)
             tp = time.perf_counter() - t
             t = time.perf_counter()  # the cascade as one program: probe, then the exact check if it says "no"
-            f = case_features(lm, [c], sink_layer=d.get("sink_layer"), batch_size=1, quiet=True)[0]
+            f = case_features(lm, [c], drift_layer=d.get("sink_layer"), batch_size=1, quiet=True)[0]
             cas = True if pred.predict(f) else greedy_check(lm, [c], N, quiet=True)[0].diverged
             tc = time.perf_counter() - t
             rows.append({"word": c.word, "reps": c.reps, "round": r, "t_generate_s": tg, "t_check_s": tk,

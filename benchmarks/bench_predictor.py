@@ -52,7 +52,7 @@ def main(argv=None) -> int:
             g = run_cases(lm, [c], max_new_tokens=a.max_new_tokens, batch_size=1, quiet=True, keep_ids=True)[0]
             t_gen = time.perf_counter() - t0
             t0 = time.perf_counter()
-            f = case_features(lm, [c], sink_layer=a.sink_layer, batch_size=1, quiet=True)[0]
+            f = case_features(lm, [c], drift_layer=a.sink_layer, batch_size=1, quiet=True)[0]
             t_pred = time.perf_counter() - t0
             rows.append({"split": split, **f.to_dict(), "diverged": g.diverged, "garak_diverged": g.garak_diverged,
                          "tokens_until_divergence": g.tokens_until_divergence, "text": g.text,

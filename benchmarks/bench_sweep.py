@@ -43,9 +43,9 @@ def child(args):
     g = torch.Generator().manual_seed(0)
     cand = [int(t) for t in torch.randperm(vocab, generator=g)[: args.sample]]
     sink = None if args.layer < 0 else args.layer
-    sweep_tokens(lm, cand[:2], sink_layer=sink, max_reps=16, batch_size=2, quiet=True)  # warm-up
+    sweep_tokens(lm, cand[:2], drift_layer=sink, max_reps=16, batch_size=2, quiet=True)  # warm-up
     t0 = time.perf_counter()
-    res = sweep_tokens(lm, cand, sink_layer=sink, max_reps=args.n_reps, batch_size=args.batch, quiet=True)
+    res = sweep_tokens(lm, cand, drift_layer=sink, max_reps=args.n_reps, batch_size=args.batch, quiet=True)
     total = time.perf_counter() - t0
     norm_layer, a0, max_layer = default_layers(lm, sink)
     n_blocks = max(norm_layer, max_layer) + 1

@@ -31,10 +31,12 @@ def main(argv=None):
     from sinkhole import load_model
     from sinkhole.attack.prompts import make_cases
     from sinkhole.data import snippets
-    from sinkhole.evaluate.divergence import divergence
+    from sinkhole.attack.diverge import run_judged
+    from sinkhole.circuit import discover
+    from sinkhole.patch import apply_patch
     from sinkhole.evaluate.metrics import text_metrics
     from sinkhole.patch.finetune import finetune_patch
-    from sinkhole.patch.search import SearchConfig, discover, finetune_config, rank_sink_neurons
+    from sinkhole.patch.search import SearchConfig, finetune_config, rank_sink_neurons
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("configs")
@@ -46,15 +48,15 @@ def main(argv=None):
     a = ap.parse_args(argv)
     confs = json.load(open(a.configs))
     lm = load_model("smollm2-135m-instruct", device=a.device, progress=False)
-    circ = discover(lm, 4)
+    circ = discover(lm)
     texts = snippets("sonnets", n=24, n_words=64, seed=3)
     cases = make_cases(lm, TUNING_WORDS, [120, 200, 400], ["repeat"])
     sc0 = SearchConfig()
     assert not {w.lower() for w in TUNING_WORDS} & {w.lower() for w in sc0.verify_words + sc0.search_words}
     if not os.path.exists(a.out):
-        d = divergence(lm, cases, None, 32)
+        d = run_judged(lm, cases, 32)
         with open(a.out, "a") as f:
-            f.write(json.dumps({"name": "unpatched", "div_run": d.rate_run, "div_garak": d.rate_garak}) + "\n")
+            f.write(json.dumps({"name": "unpatched", "div_run": d.rate, "div_garak": d.garak_rate}) + "\n")
     for c in confs:
         kw = dict(c)
         name = kw.pop("name")
@@ -73,8 +75,8 @@ def main(argv=None):
             torch.cuda.synchronize()
         tt = time.time() - t
         tm = text_metrics(lm, p, texts)
-        d = divergence(lm, cases, p, 32)
-        r = {"name": name, "cfg": c, "train_s": round(tt, 1), "div_run": d.rate_run, "div_garak": d.rate_garak,
+        d = run_judged(lm, cases, 32, hooks=lambda: apply_patch(lm, p, validate=False))
+        r = {"name": name, "cfg": c, "train_s": round(tt, 1), "div_run": d.rate, "div_garak": d.garak_rate,
              "ppl": tm.ppl_change_pct, "top1": tm.top1_agreement, "kl": tm.mean_kl_nats, "hist": p.meta.get("history")}
         print(json.dumps(r), flush=True)
         with open(a.out, "a") as f:

@@ -7,7 +7,7 @@ import functools
 import tempfile
 from pathlib import Path
 
-TINY_OPTIONS = {"seed": 0, "quick": True, "patch": True, "words": ["the", "poem"], "curve_words": ["the", "poem"],
+TINY_OPTIONS = {"seed": 0, "quick": True, "patch": True, "words": ["the", "poem"],
                 "curve_reps": 40}
 
 

@@ -19,11 +19,14 @@ def test_diverge_json(use_tiny, capsys, tmp_path):
     rc = main(["diverge", "--words", "poem,company", "--reps", "3,5", "--templates", "raw,repeat",
                "--max-new-tokens", "4", "--json", "--quiet", "--out", str(out)])
     assert rc == 0
-    doc = json.loads(capsys.readouterr().out)
-    assert len(doc["cases"]) == 8 and 0.0 <= doc["rate"] <= 1.0
+    full = json.loads(capsys.readouterr().out)
+    assert full["command"] == "diverge" and full["steps"] == ["divergence"]
+    doc = full["results"]["divergence"]
+    assert len(doc["cases"]) == 8 and 0.0 <= doc["rate"] <= 1.0 and doc["method"] == "generate"
+    assert doc["either_rate"] >= max(doc["rate"], doc["garak_rate"])
     for c in doc["cases"]:
         assert {"word", "reps", "template", "diverged", "tokens_until_divergence", "text", "garak_diverged"} <= set(c)
-    assert json.loads(out.read_text())["rate"] == doc["rate"]
+    assert json.loads(out.read_text()) == full
 
 
 def test_diverge_garak_set_and_table(use_tiny, capsys):
@@ -36,20 +39,18 @@ def test_diverge_garak_set_and_table(use_tiny, capsys):
 def test_diverge_exact_matches_generation(use_tiny, capsys):
     argv = ["diverge", "--words", "poem,company", "--reps", "3,5", "--max-new-tokens", "6", "--json", "--quiet"]
     assert main(argv + ["--templates", "raw,repeat"]) == 0
-    gen = json.loads(capsys.readouterr().out)
+    gen = json.loads(capsys.readouterr().out)["results"]["divergence"]
     assert main(argv + ["--exact"]) == 0  # default templates: only those that end with the run are drafted
-    exact = json.loads(capsys.readouterr().out)
-    assert exact["method"] == "exact_check" and {c["template"] for c in exact["cases"]} == {"raw", "repeat"}
+    exact = json.loads(capsys.readouterr().out)["results"]["divergence"]
+    assert exact["method"] == "exact" and {c["template"] for c in exact["cases"]} == {"raw", "repeat"}
     key = lambda c: (c["word"], c["reps"], c["template"])  # noqa: E731
     by = {key(c): c for c in gen["cases"]}
     assert len(exact["cases"]) == len(by) == 8
-    for c in exact["cases"]:
+    for c in exact["cases"]:  # one record: the same tokens, both judges, the same verdicts
         g = by[key(c)]
-        assert c["diverged"] == g["diverged"]
-        if c["diverged"]:
-            assert c["tokens_until_divergence"] == g["tokens_until_divergence"]
-        else:  # the whole continuation was checked: the same text
-            assert c["text"] == g["text"] and 1 <= c["passes"] <= 6
+        for k in ("diverged", "garak_diverged", "tokens_until_divergence", "text", "n_generated"):
+            assert c[k] == g[k], k
+    assert exact["rate"] == gen["rate"] and exact["garak_rate"] == gen["garak_rate"]
 
 
 @pytest.mark.parametrize("argv", [
@@ -76,13 +77,13 @@ def test_bad_input_one_line(use_tiny, capsys, argv):
 def test_sweep_shards_then_merge(use_tiny, capsys, tmp_path):
     ck = tmp_path / "ck.json"
     for i in range(2):
-        assert main(["sweep", "--tokens", "6", "--max-reps", "12", "--sink-layer", "1", "--checkpoint", str(ck),
+        assert main(["sweep", "--tokens", "6", "--max-reps", "12", "--drift-layer", "1", "--checkpoint", str(ck),
                      "--shard", str(i), "--num-shards", "2", "--quiet", "--json"]) == 0
         capsys.readouterr()
     shards = sorted(tmp_path.glob("ck.json.shard*of2"))
     assert len(shards) == 2
     assert main(["sweep", "--merge", *map(str, shards), "--json"]) == 0
-    doc = json.loads(capsys.readouterr().out)
+    doc = json.loads(capsys.readouterr().out)["results"]["sweep"]
     assert doc["n_tokens"] == 6 and len(doc["top"]) == 6
 
 
@@ -90,14 +91,14 @@ def test_sweep_env_shard(use_tiny, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "3")
     ck = tmp_path / "c.json"
-    assert main(["sweep", "--tokens", "9", "--max-reps", "12", "--sink-layer", "1", "--checkpoint", str(ck),
+    assert main(["sweep", "--tokens", "9", "--max-reps", "12", "--drift-layer", "1", "--checkpoint", str(ck),
                  "--quiet", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["n_tokens"] == 3
+    assert json.loads(capsys.readouterr().out)["results"]["sweep"]["n_tokens"] == 3
     assert (tmp_path / "c.json.shard1of3").exists()
 
 
 def test_cluster_json(use_tiny, capsys):
     assert main(["cluster", "--pool", "40", "--clusters", "2", "--size", "3", "--length", "24", "--seqs", "1",
-                 "--examples", "1", "--max-new-tokens", "3", "--sink-layer", "1", "--quiet", "--json"]) == 0
-    doc = json.loads(capsys.readouterr().out)
-    assert doc["method"]["n_clusters"] == 2 and len(doc["rows"]) == 4
+                 "--examples", "1", "--max-new-tokens", "3", "--drift-layer", "1", "--quiet", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)["results"]["cluster"]
+    assert doc["method"]["n_clusters"] == 2 and len(doc["rows"]) == 4 and doc["method"]["drift_layer"] == 1

@@ -97,10 +97,11 @@ def test_summarize_and_decode_pieces(tiny):
     ids = tiny.word_ids("poem") * 3
     assert "".join(decode_pieces(tiny, ids)) == tiny.tokenizer.decode(ids)
     cases = make_cases(tiny, "poem", "2,3", ["raw", "repeat"])
-    s = summarize(run_cases(tiny, cases, max_new_tokens=4))
-    assert s["n_cases"] == 4 and 0.0 <= s["rate"] <= 1.0
-    assert set(s["by_template"]) == {"raw", "repeat"}
-    assert len(s["by_template_reps"]) == 4
+    s = summarize(run_cases(tiny, cases, max_new_tokens=4), 4)
+    assert s.n_cases == 4 and 0.0 <= s.rate <= 1.0 and s.method == "generate"
+    assert set(s.by_template) == {"raw", "repeat"}
+    assert len(s.by_template_reps) == 4
+    assert type(s).from_dict(s.to_dict()) == s
 
 
 def test_generate_left_padding_batch_equals_single(tiny):

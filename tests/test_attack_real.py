@@ -24,7 +24,7 @@ def test_smollm2_long_run_looks_like_a_first_token(smollm2):
     # the predictor's features: after a few hundred repetitions the run's sink-layer norm
     # approaches the first token's and attention to position 0 collapses
     short, long = make_cases(smollm2, ["poem"], [20, 300], ["repeat"])
-    fs, fl = case_features(smollm2, [short, long], sink_layer=2, batch_size=2)
+    fs, fl = case_features(smollm2, [short, long], drift_layer=2, batch_size=2)
     assert fl.norm_ratio > 0.4 > 0.2 > fs.norm_ratio, (fs, fl)
     assert fl.attn_drop > fs.attn_drop
 

@@ -116,8 +116,8 @@ def test_auc_and_predictor_fit():
 
 def test_case_features_batched_equals_single(tiny):
     cases = make_cases(tiny, "poem,a,company", "3,11", ["raw", "repeat"])
-    batched = case_features(tiny, cases, sink_layer=1, k=2, batch_size=4, quiet=True)
-    single = case_features(tiny, cases, sink_layer=1, k=2, batch_size=1, quiet=True)
+    batched = case_features(tiny, cases, drift_layer=1, k=2, batch_size=4, quiet=True)
+    single = case_features(tiny, cases, drift_layer=1, k=2, batch_size=1, quiet=True)
     for a, b in zip(batched, single):
         assert (a.word, a.reps, a.template) == (b.word, b.reps, b.template)
         assert abs(a.attn_drop - b.attn_drop) < 1e-4

@@ -10,7 +10,7 @@ import torch
 
 from sinkhole.capture import Edit, run
 from sinkhole.circuit.attention import attention_sinks
-from sinkhole.circuit.circuit import analyze, discover
+from sinkhole.circuit import analyze, discover
 from sinkhole.circuit.common import auc, histogram
 from sinkhole.circuit.convergence import convergence_curve, identity_check
 from sinkhole.circuit.detector import first_token_detector
@@ -42,7 +42,7 @@ def test_sink_layers_shapes_and_determinism(tiny_family):
     assert a.to_dict() == b.to_dict()
     for key in ("first_mlp_out_norm", "typical_mlp_out_norm", "first_token_norm", "typical_norm", "growth"):
         assert len(getattr(a, key)) == n
-    assert 0 <= a.main_sink_layer < n
+    assert 0 <= a.strongest_layer < n
     assert all(0 <= i < n for i in a.sink_layers)
     json.loads(dumps(a))
 
@@ -51,7 +51,7 @@ def test_planted_sink_neuron_is_found_and_its_ablation_collapses_the_norm():
     lm = tiny_lm("llama", n_layers=3)
     j = _plant_sink(lm, layer=1)
     sl = find_sink_layers(lm, n_texts=4, n_tokens=8)
-    assert sl.sink_layers == [1] and sl.main_sink_layer == 1
+    assert sl.sink_layers == [1] and sl.strongest_layer == 1
     r = rank_and_filter(lm, 1, k=4)
     assert r.candidates[0]["neuron"] == j
     assert r.collapsed and r.selected[0] == j
@@ -165,14 +165,16 @@ def test_norm_curves_multi_layer_matches_single_layer():
 def test_analyze_on_tiny_is_json_and_deterministic():
     lm = tiny_lm("llama")
     _plant_sink(lm, 1)
-    a = analyze(lm, words=["cat"], n_reps=30, conv_reps=20, attn_reps=[8], quiet=True)
-    b = analyze(lm, words=["cat"], n_reps=30, conv_reps=20, attn_reps=[8], quiet=True)
+    a = analyze(lm, words=["cat"], curve_reps=30, conv_reps=20, attn_reps=[8])
+    b = analyze(lm, words=["cat"], curve_reps=30, conv_reps=20, attn_reps=[8])
     assert dumps(a) == dumps(b)
     d = json.loads(dumps(a))
-    for key in ("sink_layers", "sink_neurons", "first_token_norm", "typical_norm", "main_sink_layer",
-                "first_token_detector", "convergence", "identity", "attention", "norm_curves", "repeats_needed"):
-        assert key in d
-    assert all(isinstance(s["layer"], int) and isinstance(s["neuron"], int) for s in d["sink_neurons"])
+    assert set(d) == {"model", "circuit", "first_token_detector", "convergence", "attention_sinks", "norm_curves"}
+    for key in ("sink_layers", "sink_neurons", "first_token_norm", "typical_norm", "massive_layer",
+                "marking_layers", "drift_layer", "roles", "repetition_firing"):
+        assert key in d["circuit"]
+    assert d["circuit"]["massive_layer"] == 1 and d["norm_curves"]["layer"] == 1
+    assert all(isinstance(s["layer"], int) and isinstance(s["neuron"], int) for s in d["circuit"]["sink_neurons"])
 
 
 def test_cli_rejects_bad_input(capsys):
@@ -191,13 +193,13 @@ def test_scan_steps_and_report_sections_on_tiny(tmp_path):
 
     lm = tiny_lm("llama")
     _plant_sink(lm, 1)
-    opts = {"seed": 0, "curve_words": ["cat"], "curve_reps": 40, "words": ["cat"], "patch": False}
+    opts = {"seed": 0, "curve_reps": 40, "words": ["cat"], "patch": False}
     doc = run_scan(lm, opts, tmp_path, log=lambda m: None)["doc"]
     res = doc["results"]
     for key in ("circuit", "first_token_detector", "convergence", "attention_sinks", "norm_curves"):
         assert key in res, key
     assert doc["steps"].index("circuit") < doc["steps"].index("norm_curves")
-    assert res["norm_curves"]["layer"] == res["circuit"]["main_sink_layer"] == 1
+    assert res["norm_curves"]["layer"] == res["circuit"]["massive_layer"] == 1
     assert res["circuit"]["sink_neurons"][0]["neuron"] == 7
     page, figs = render(doc)
     names = {f.name for f in figs}
@@ -215,3 +217,24 @@ def test_first_layer_over_rule():
     assert first_layer_over([None, 2.0, None]) == 1  # missing ratios count as 0
     assert first_layer_over([], default=7) == 7
     assert first_layer_over([1.0, 6.0, 30.0], float("inf")) == 2  # the massive-activation layer
+
+
+def test_circuit_roles_and_overrides():
+    from sinkhole.errors import SinkholeError
+
+    lm = tiny_lm("llama")
+    _plant_sink(lm, 1)
+    c = discover(lm, k=4, n_texts=4, n_tokens=8)
+    assert c.massive_layer == 1 and c.marking_layers == [1]  # no earlier candidate: the massive layer itself
+    assert c.drift_layer == 1  # the first layer whose first-token norm is >= 5x typical
+    assert set(c.roles) == {"massive_layer", "marking_layers", "drift_layer"}
+    assert all(r["source"] == "circuit" for r in c.roles.values())
+    o = c.with_roles(3, drift_layer=0, marking_layers=[2, 0])
+    assert (o.drift_layer, o.marking_layers, o.massive_layer) == (0, [0, 2], 1)
+    assert o.roles["drift_layer"]["source"] == "override" and o.roles["massive_layer"]["source"] == "circuit"
+    assert "set by you" in o.describe("drift_layer") and "from the circuit" in o.describe("massive_layer")
+    with pytest.raises(SinkholeError, match="--drift-layer"):
+        c.with_roles(3, drift_layer=3)
+    assert type(c).from_dict(c.to_dict()) == c
+    with pytest.raises(SinkholeError, match="unknown field"):
+        type(c).from_dict({**c.to_dict(), "main_sink_layer": 1})

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from sinkhole.circuit.circuit import discover
+from sinkhole.circuit import discover
 from sinkhole.circuit.convergence import convergence_curve, identity_check
 from sinkhole.circuit.detector import first_token_detector
 from sinkhole.circuit.neurons import ablation_effect, repetition_firing
@@ -26,7 +26,7 @@ def circuit(smollm2):
 
 def test_sink_layers_and_neurons(circuit):
     assert circuit.sink_layers == [1, 2, 11]
-    assert circuit.main_sink_layer == 11
+    assert circuit.massive_layer == 11 and circuit.marking_layers == [1, 2] and circuit.drift_layer == 2
     assert circuit.paper_sink_layer == 11
     assert circuit.first_token_norm > 100 * circuit.typical_norm
     by_layer = {r["layer"]: r for r in circuit.neurons}
@@ -69,8 +69,10 @@ def test_cli_fast_json(capsys):
     from sinkhole.cli import main
 
     assert main(["circuit", "--fast", "--json", "--quiet"]) == 0
-    d = json.loads(capsys.readouterr().out)
-    assert d["sink_layers"] == [1, 2, 11] and d["main_sink_layer"] == 11
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["command"] == "circuit" and doc["steps"] == ["model", "circuit"]
+    d = doc["results"]["circuit"]
+    assert d["sink_layers"] == [1, 2, 11] and d["massive_layer"] == 11
     assert isinstance(d["first_token_norm"], float) and isinstance(d["typical_norm"], float)
     pairs = {(s["layer"], s["neuron"]) for s in d["sink_neurons"]}
     assert {(11, 1229), (11, 1487)} <= pairs

@@ -206,7 +206,7 @@ def test_multi_token_word_works_with_a_note(models, tmp_path, capsys):
                         "--max-new-tokens", "2", "--out", out], capsys)
     assert rc == 0, se
     assert "note: the-poem tokenize to several tokens" in se
-    doc = json.loads(out.read_text())
+    doc = json.loads(out.read_text())["results"]["divergence"]
     assert doc["multi_token_words"] == ["the-poem"]
 
 
@@ -314,8 +314,8 @@ OTHER_CASES = [
     ("circuit-reps-beyond-context", ["circuit", "{tiny}", "--reps", "100000"], ["context of 512"]),
     ("circuit-out-missing-folder", ["circuit", "{tiny}", "--out", "/no/such/dir/c.json"], ["existing folder"]),
     ("sweep-zero-tokens", ["sweep", "{tiny}", "--tokens", "0", "--checkpoint", "{tmp}/s.json"], ["positive"]),
-    ("sweep-sink-layer-out-of-range", ["sweep", "{tiny}", "--sink-layer", "99", "--checkpoint", "{tmp}/s.json"],
-     ["--sink-layer must be in 0..2"]),
+    ("sweep-drift-layer-out-of-range", ["sweep", "{tiny}", "--drift-layer", "99", "--checkpoint", "{tmp}/s.json"],
+     ["--drift-layer must be in 0..2"]),
     ("sweep-checkpoint-missing-folder", ["sweep", "{tiny}", "--checkpoint", "/no/such/dir/s.json"], ["does not exist"]),
     ("sweep-checkpoint-other-settings", ["sweep", "{tiny}", "--sink-layer", "1", "--checkpoint", "{tmp}/old.json"],
      ["other settings"]),

@@ -111,22 +111,22 @@ def test_local_finetune_keep_at_logits(tiny):
 
 
 def test_search_skips_a_candidate_equal_to_an_earlier_one(tiny, monkeypatch):
-    import sinkhole.evaluate.divergence as dv
+    import sinkhole.attack.diverge as dv
 
     class Div:  # every patch leaves half the cases diverging: the search tries every family
-        rate = rate_run = rate_garak = 0.5
+        rate = garak_rate = either_rate = 0.5
         n_cases = 2
 
         def to_dict(self):
-            return {"rate": 0.5, "rate_run": 0.5, "rate_garak": 0.5, "n_cases": 2}
+            return {"rate": 0.5, "garak_rate": 0.5, "either_rate": 0.5, "n_cases": 2}
 
-    monkeypatch.setattr(dv, "divergence", lambda *a, **k: Div())
+    monkeypatch.setattr(dv, "run_judged", lambda *a, **k: Div())
     cfg = SearchConfig(**CFG, families=("paper_clamp", "paper_clamp", "detector_cap"), n_neurons=2, cap_neurons=3)
     res = search_patch(tiny, cfg, log=lambda m: None)
     fams = [(t["family"], "skipped" in t) for t in res.tried]
     assert fams == [("paper_clamp", False), ("paper_clamp", True), ("detector_cap", False)]
     assert res.tried[1]["skipped"] == "same patch as paper_clamp"
-    assert sum(len(op["neurons"]) for op in res.tried[2]["ops"]) == 3 * len(res.circuit["detector_layers"])
+    assert sum(len(op["neurons"]) for op in res.tried[2]["ops"]) == 3 * len(res.circuit["marking_layers"])
 
 
 def test_search_and_verify_on_tiny(tiny):
@@ -151,23 +151,24 @@ def test_disjoint_sets_enforced():
 
 
 def test_targets_logic():
-    v = {"divergence_before": {"rate": 0.5}, "divergence_after": {"rate": 0.05},
+    v = {"divergence_before": {"either_rate": 0.5}, "divergence_after": {"either_rate": 0.05},
          "text": {"ppl_change_pct": 0.5, "top1_agreement": 0.99, "mean_kl_nats": 0.001}}
     assert targets(v)["all"]
-    v["divergence_after"]["rate"] = 0.1
+    v["divergence_after"]["either_rate"] = 0.1
     assert not targets(v)["all"] and not targets(v)["divergence_le_tenth"]
 
 
 def test_scan_step_and_report(tiny, tmp_path):
     from sinkhole.patch import steps
     from sinkhole.report.sections_patch import patch_section
-    from sinkhole.scan import Context
+    from sinkhole.scan import Context, ScanOptions
 
-    ctx = Context(lm=tiny, options={"quick": True, "patch": True, "patch_words": ["a", "b"],
-                                           "patch_families": ["paper_zero", "norm_cap"]}, out=tmp_path)
-    out = steps._patch(ctx)
+    opts = ScanOptions(quick=True, patch=True, patch_words=["a", "b"], patch_families=["paper_zero", "norm_cap"])
+    ctx = Context(lm=tiny, options=opts.resolved(), out=tmp_path)
+    res = steps.patch_step(ctx)
+    out = res.to_dict()
     assert out["summary"].startswith("Patch")
-    json.dumps(out)
+    assert type(res).from_dict(json.loads(json.dumps(out))).to_dict() == out
     doc = {"results": {"patch": out}}
     html, figs = patch_section(doc)
     assert "Patch" in html
@@ -215,11 +216,11 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
 
 
 def test_summary_md_and_report_share_the_patch_rows():
-    from sinkhole.cli.cmd_patch import summary_markdown
+    from sinkhole.patch.tables import summary_markdown
     from sinkhole.report.sections_patch import patch_section
 
-    div = {"rate_run": 0.5, "rate_garak": 0.25, "mean_tokens_until_divergence": 12.0}
-    v = {"divergence_before": div, "divergence_after": {**div, "rate_run": 0.0, "rate_garak": 0.0},
+    div = {"rate": 0.5, "garak_rate": 0.25, "either_rate": 0.5, "mean_tokens_until_divergence": 12.0}
+    v = {"divergence_before": div, "divergence_after": {**div, "rate": 0.0, "garak_rate": 0.0, "either_rate": 0.0},
          "text": {"ppl_before": 10.0, "ppl_after": 10.1, "ppl_change_pct": 1.0, "top1_agreement": 0.9812,
                   "mean_kl_nats": 0.0025},
          "sink_attention": {"word": "poem", "reps": 200, "mean_over_layers_from": 3, "mean_before": 0.2,
@@ -227,7 +228,7 @@ def test_summary_md_and_report_share_the_patch_rows():
                             "text_reference": [0.8], "last_queries": 8},
          "heldout_text": "sonnets.txt", "words": ["a"], "reps": [100], "targets": {"all": True}}
     tried = [{"family": "paper_zero", "description": "zero 3 neurons", "size": 1234,
-              "search_divergence": {"rate_run": 0.5, "rate_garak": 0.0},
+              "search_divergence": {"rate": 0.5, "garak_rate": 0.0},
               "train_text": {"ppl_change_pct": 0.2, "top1_agreement": 0.99, "mean_kl_nats": 0.001}},
              {"family": "detector_cap", "skipped": "same patch as paper_clamp"}]
     md = summary_markdown(v, tried, "paper_zero")

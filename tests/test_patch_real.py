@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sinkhole.attack.prompts import make_cases
-from sinkhole.evaluate.divergence import divergence
+from sinkhole.attack.diverge import run_judged
 from sinkhole.patch import export_patched, load_patched
 from sinkhole.patch.finetune import FinetuneConfig, finetune_patch
 
@@ -53,8 +53,9 @@ def test_export_reloads_exactly(smollm2, fixed):
 def test_exported_patch_reduces_heldout_divergence(smollm2, fixed):
     _, out = fixed
     cases = make_cases(smollm2, HELD_OUT, [150], ["repeat"])
-    before = divergence(smollm2, cases, None, max_new_tokens=32, batch_size=4)
+    before = run_judged(smollm2, cases, max_new_tokens=32)
     re = load_patched(out)
-    after = divergence(re, cases, None, max_new_tokens=32, batch_size=4)
-    assert before.rate_run > 0, "the held-out cases must diverge unpatched for this test to mean anything"
-    assert after.rate_run < before.rate_run
+    after = run_judged(re, cases, max_new_tokens=32)
+    assert before.method == after.method == "exact"  # 'repeat' ends with the run: the exact check
+    assert before.rate > 0, "the held-out cases must diverge unpatched for this test to mean anything"
+    assert after.rate < before.rate

@@ -21,7 +21,7 @@ import pytest
 from helpers_reliability import default_sigint, env, files_in, make_tiny_folder, read_json
 
 DRIVER = Path(__file__).with_name("test_reliability_driver.py")
-FOUNDATION = ["model", "layer_norms", "norm_curves"]  # the foundation's steps (scan_steps.py)
+FOUNDATION = ["model", "layer_norms"]  # the foundation's steps (scan_steps.py), before the circuit
 
 
 @pytest.fixture(scope="module")
@@ -119,12 +119,13 @@ def test_resume_with_other_options_or_model_starts_over(tmp_path, monkeypatch):
     from sinkhole import scan as S
     from tiny import tiny_lm
 
-    foundation = [s for s in S.load_steps() if s.name in FOUNDATION]
-    monkeypatch.setattr(S, "STEP_MODULES", [])
-    monkeypatch.setattr(S, "STEPS", foundation)
+    import sinkhole.scan_steps as scan_steps
+
+    light = FOUNDATION + ["circuit", "norm_curves"]
+    monkeypatch.setattr(scan_steps, "PIPELINE", S.pipeline([s for s in S.load_steps() if s.name in light]))
 
     lm = tiny_lm("llama")
-    opts = {"seed": 0, "quick": True, "curve_words": ["the"], "curve_reps": 20, "words": ["the"]}
+    opts = {"seed": 0, "quick": True, "curve_reps": 20, "words": ["the"]}
     logs = []
     first = S.run_scan(lm, opts, tmp_path, log=logs.append)["doc"]
     # fake an interrupted scan: the checkpoint holds only its first two steps

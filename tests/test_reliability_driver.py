@@ -15,18 +15,30 @@ import time
 
 
 def main() -> None:
-    import sinkhole.scan_steps  # noqa: F401  the foundation's steps come first
-    from sinkhole.cli import entry
-    from sinkhole.scan import step
+    from dataclasses import dataclass
 
-    @step("gate", "test gate (waits when SINKHOLE_TEST_GATE is set)")
+    import sinkhole.scan_steps as scan_steps
+    from sinkhole.cli import entry
+    from sinkhole.results import StepResult
+    from sinkhole.scan import Step, pipeline
+
+    @dataclass
+    class Gate(StepResult):
+        passed: bool
+        finished_before: list
+
     def _gate(ctx):
         flag = os.environ.get("SINKHOLE_TEST_GATE")
         if flag:
             with open(flag, "w") as f:
                 f.write("reached\n")
             time.sleep(120)
-        return {"passed": True, "finished_before": sorted(ctx.results)}
+        return Gate(True, sorted(ctx.results))
+
+    steps = list(scan_steps.PIPELINE)
+    at = [s.name for s in steps].index("layer_norms") + 1  # right after the foundation's steps
+    scan_steps.PIPELINE = pipeline(steps[:at] + [Step("gate", _gate, "test gate (waits when SINKHOLE_TEST_GATE "
+                                                      "is set)", Gate)] + steps[at:])
 
     sweep_flag = os.environ.get("SINKHOLE_TEST_SWEEP_GATE")
     if sweep_flag:  # wait right after the sweep's first checkpoint (one batch finished)

@@ -108,7 +108,7 @@ def test_every_scan_step_leaves_the_model_unchanged(tmp_path):
     ref = run(lm, IDS)["logits"]
     snap = _snapshot(lm)
     impl = lm.model.config._attn_implementation
-    opts = {"seed": 0, "quick": True, "curve_words": ["the"], "curve_reps": 40, "words": ["the"]}
+    opts = {"seed": 0, "quick": True, "curve_reps": 40, "words": ["the"]}
     doc = run_scan(lm, opts, tmp_path, log=lambda m: None)["doc"]
     assert len(doc["results"]) >= 2
     assert _hooks(lm.model) == 0 and _same_state(lm, snap)

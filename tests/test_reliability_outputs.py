@@ -28,7 +28,7 @@ def test_scan_json_stdout_is_the_results_file(tiny_folder, tmp_path, capsys):
     assert rc in (0, 1), se  # 1: a step failed (recorded in results.json 'errors'), still a valid document
     assert so == (out / "results.json").read_text()
     doc = json.loads(so)
-    assert doc["schema_version"] == 1 and doc["model"]["name"] == "tiny-llama"
+    assert doc["schema_version"] == 2 and doc["model"]["name"] == "tiny-llama" and doc["command"] == "scan"
     assert "[1/" in se  # the step log went to stderr
 
 
@@ -39,7 +39,8 @@ def test_diverge_json_stdout(tiny_folder, tmp_path, capsys):
     assert rc == 0, se
     doc = json.loads(so)
     assert doc == json.loads(f.read_text())
-    assert doc["n_cases"] == 1 and len(doc["cases"]) == 1
+    div = doc["results"]["divergence"]
+    assert div["n_cases"] == 1 and len(div["cases"]) == 1
 
 
 def test_models_json_stdout(capsys):

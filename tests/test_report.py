@@ -15,16 +15,34 @@ from sinkhole.results import SCHEMA_VERSION, write_json
 
 
 def _doc(**results) -> dict:
-    return {"schema_version": SCHEMA_VERSION, "sinkhole_version": "test", "model": {"name": "m", "n_layers": 2},
+    return {"schema_version": SCHEMA_VERSION, "sinkhole_version": "test", "model": {"name": "m"},
             "options": {"seed": 0, "quick": True}, "steps": ["model", *results], "results": results}
 
 
+def _div(headline: str, status: str | None, n: int = 4) -> dict:
+    """A valid divergence step result with the given verdict line."""
+    from sinkhole.attack.diverge import DivergenceResult
+
+    return DivergenceResult(n_cases=n, rate=0.5, garak_rate=0.25, either_rate=0.5, judges_agree=0.75,
+                            min_reps_diverged=64, mean_tokens_until_divergence=3.0, by_template={},
+                            by_template_reps=[], multi_token_words=[], max_new_tokens=8, method="generate",
+                            cases=[], headline=headline, status=status).to_dict()
+
+
+class _Sections:
+    def __init__(self, monkeypatch):
+        import sinkhole.report.layout as layout
+
+        self.layout, self.mp = layout, monkeypatch
+
+    def add(self, name, fn):
+        self.mp.setattr(self.layout, "SECTIONS", self.layout.ordered(list(self.layout.SECTIONS) + [(name, fn)]))
+
+
 @pytest.fixture
-def sections_guard():
-    H.load_sections()
-    saved = list(H.SECTIONS)
-    yield
-    H.SECTIONS[:] = saved
+def sections_guard(monkeypatch):
+    """Add report sections for one test (report/layout.SECTIONS is restored afterwards)."""
+    return _Sections(monkeypatch)
 
 
 def test_tiny_scan_report_has_every_section_and_figure():
@@ -82,43 +100,44 @@ def test_table_of_contents_lists_every_titled_section():
 
 
 def test_verdict_from_step_headlines(sections_guard):
-    bad = _doc(divergence={"headline": "12 of 16 prompts diverged, the earliest at 200 repetitions.",
-                           "status": "bad"},
-               patch_verify={"headline": "The patch stops 12 of 12 divergences; perplexity +0.1%.", "status": "good"})
+    bad = _doc(divergence=_div("12 of 16 prompts diverged, the earliest at 200 repetitions.", "bad"),
+               patch={"summary": "The patch stops 12 of 12 divergences; perplexity +0.1%.", "chosen": None,
+                      "config": {}, "search": {}, "verification": {"targets": {"all": True}}})
     html, _ = H.render(bad)
     v = re.search(r'<div class="verdict (\w+)">(.*?)</div>', html, re.S)
     assert v.group(1) == "bad" and "Vulnerable" in v.group(2)
     assert "12 of 16 prompts diverged" in v.group(2) and "The patch stops" in v.group(2)
     assert v.group(2).index("12 of 16") < v.group(2).index("The patch")  # pipeline order
-    good, _ = H.render(_doc(divergence={"headline": "0 of 16 prompts diverged.", "status": "good"}))
+    good, _ = H.render(_doc(divergence=_div("0 of 16 prompts diverged.", "good")))
     assert 'class="verdict good"' in good and "Not vulnerable" in good
     none, _ = H.render(_doc())
     assert 'class="verdict unknown"' in none and "not measured" in none
 
 
-def test_verdict_from_known_shapes_without_headlines(sections_guard):
-    html, _ = H.render(_doc(divergence={"rate": 0.5, "n_cases": 4, "min_reps_diverged": 64},
-                            patch={"summary": "Patch (clamp): divergence 50% -> 0%.",
-                                   "verification": {"targets": {"all": True}}}))
+def test_verdict_uses_the_patch_summary_and_a_renamed_field_fails_at_load(sections_guard):
+    from sinkhole.errors import SinkholeError
+
+    html, _ = H.render(_doc(patch={"summary": "Patch (clamp): divergence 50% -> 0%.", "chosen": "clamp",
+                                   "config": {}, "search": {}, "verification": {"targets": {"all": True}}}))
     v = re.search(r'<div class="verdict (\w+)">(.*?)</div>', html, re.S)
-    assert v.group(1) == "bad"
-    assert "50.0% of 4 repetition prompts diverged; the earliest at 64 repetitions" in v.group(2)
     assert "Patch (clamp): divergence 50% -&gt; 0%." in v.group(2)
+    renamed = _div("x", "bad")
+    renamed["rate_run"] = renamed.pop("rate")  # the old name of the run judge's rate
+    with pytest.raises(SinkholeError, match="rate_run"):
+        H.render(_doc(divergence=renamed))
 
 
 def test_verdict_escapes_html(sections_guard):
-    html, _ = H.render(_doc(divergence={"headline": "<script>alert(1)</script>", "status": "bad"}))
+    html, _ = H.render(_doc(divergence=_div("<script>alert(1)</script>", "bad")))
     assert "<script>alert(1)" not in html and "&lt;script&gt;" in html
 
 
 def test_a_broken_section_does_not_lose_the_report(sections_guard, monkeypatch):
     monkeypatch.delenv("SINKHOLE_DEBUG", raising=False)
 
-    @H.section("zz_broken")
     def _broken(doc):
         raise KeyError("curves")
 
-    @H.section("zz_fine")
     def _fine(doc):
         fig, ax = new(3, 2)
         ax[0][0].plot([0, 1], [1, 2])
@@ -126,6 +145,8 @@ def test_a_broken_section_does_not_lose_the_report(sections_guard, monkeypatch):
         ax[0][0].set_ylabel("y (norm)")
         return "<h2>Fine</h2>", [Figure("zz_fine", "A line that goes up: look at the slope.", fig)]
 
+    sections_guard.add("zz_broken", _broken)
+    sections_guard.add("zz_fine", _fine)
     html, figs = H.render(_doc())
     assert "class='section-error'" in html and "KeyError" in html
     assert 'data-figure="zz_fine"' in html and [f.name for f in figs][-1] == "zz_fine"
@@ -140,8 +161,8 @@ def test_duplicate_figure_names_get_distinct_files(sections_guard, tmp_path):
         ax[0][0].plot([0, 1], [0, 1])
         return "<h2>Dup</h2>", [Figure("dup", "Two figures with one name: both must be kept.", fig)]
 
-    H.section("zz_a")(make)
-    H.section("zz_b")(make)
+    sections_guard.add("zz_a", make)
+    sections_guard.add("zz_b", make)
     H.write_report(_doc(), tmp_path)
     assert (tmp_path / "figures" / "dup.png").exists() and (tmp_path / "figures" / "dup-2.png").exists()
 

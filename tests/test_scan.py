@@ -10,10 +10,12 @@ import pytest
 
 import sinkhole.cli as cli
 import sinkhole.scan as scan
-from sinkhole.scan import PARTIAL, Context, run_scan, step
+import sinkhole.scan_steps as scan_steps
+from sinkhole.results import StepResult
+from sinkhole.scan import PARTIAL, Context, Step, run_scan
 from tiny import tiny_lm
 
-QUICK = {"seed": 0, "quick": True, "patch": False, "words": ["the", "poem"], "curve_words": ["the", "poem"],
+QUICK = {"seed": 0, "quick": True, "patch": False, "words": ["the", "poem"],
          "curve_reps": 40}
 
 
@@ -22,21 +24,37 @@ def lm():
     return tiny_lm("llama", n_layers=3)
 
 
-@pytest.fixture
-def steps_guard():
-    """Restore the step registry after a test adds steps."""
-    scan.load_steps()
-    saved = [dataclasses.replace(s) for s in scan.STEPS]
-    yield
-    scan.STEPS[:] = saved
+@dataclasses.dataclass
+class Blob(StepResult):
+    """The result type of the test steps below."""
+
+    data: dict
+
+
+class Pipe:
+    """Edit the scan pipeline for one test (``scan_steps.PIPELINE`` is restored afterwards)."""
+
+    def __init__(self, monkeypatch):
+        self.mp = monkeypatch
+
+    def set(self, steps):
+        self.mp.setattr(scan_steps, "PIPELINE", scan.pipeline(list(steps)))
+
+    def add(self, name, fn, only_with=None):
+        self.set(list(scan_steps.PIPELINE) + [Step(name, lambda ctx: Blob(fn(ctx)), name, Blob, only_with)])
+
+    def replace_fns(self, make):
+        """Every step's function replaced by ``make(step)``."""
+        self.set([dataclasses.replace(s, fn=make(s)) for s in scan_steps.PIPELINE])
 
 
 @pytest.fixture
-def few_steps(steps_guard):
-    """Only the foundation's three light steps (tests of the pipeline machinery stay fast however
-    many steps the other areas add)."""
-    scan.STEPS[:] = [s for s in scan.STEPS if s.name in ("model", "layer_norms", "norm_curves")]
-    assert len(scan.STEPS) == 3
+def few_steps(monkeypatch):
+    """Only the foundation's light steps (tests of the pipeline machinery stay fast however many
+    steps the other areas add)."""
+    pipe = Pipe(monkeypatch)
+    pipe.set([s for s in scan_steps.PIPELINE if s.name in ("model", "layer_norms")])
+    return pipe
 
 
 @pytest.fixture
@@ -73,12 +91,13 @@ def test_the_whole_pipeline_is_deterministic():
 def test_ctrl_c_keeps_finished_steps_and_resume_continues(lm, tmp_path, few_steps):
     calls = []
 
-    @step("zz_interrupt", "a step the user interrupts")
-    def _boom(ctx: Context) -> dict:
+    def _boom(ctx: Context):
         calls.append(1)
         if len(calls) == 1:
             raise KeyboardInterrupt
-        return {"seen_layer_norms": ctx.get("layer_norms") is not None}
+        return {"seen_layer_norms": ctx.results.get("layer_norms") is not None}
+
+    few_steps.add("zz_interrupt", _boom)
 
     with pytest.raises(KeyboardInterrupt):
         run_scan(lm, QUICK, tmp_path, log=lambda m: None)
@@ -88,13 +107,11 @@ def test_ctrl_c_keeps_finished_steps_and_resume_continues(lm, tmp_path, few_step
     assert "zz_interrupt" not in saved["results"]
 
     ran = []
-    for s in scan.STEPS:  # spy: which steps run on resume
-        fn = s.fn
-        s.fn = (lambda f, n: (lambda ctx: (ran.append(n), f(ctx))[1]))(fn, s.name)
+    few_steps.replace_fns(lambda s: (lambda ctx: (ran.append(s.name), s.fn(ctx))[1]))  # spy: which steps run
     logs = []
     doc = run_scan(lm, QUICK, tmp_path, resume=True, log=logs.append)["doc"]
     assert ran == ["zz_interrupt"]
-    assert doc["results"]["zz_interrupt"] == {"seen_layer_norms": True}
+    assert doc["results"]["zz_interrupt"] == {"data": {"seen_layer_norms": True}}
     assert any("resuming" in m for m in logs)
 
 
@@ -114,8 +131,7 @@ def test_resume_of_a_finished_scan_reuses_its_results(lm, tmp_path, few_steps):
 
     doc = run_scan(lm, QUICK, tmp_path, log=lambda m: None)["doc"]
     write_json(tmp_path / "results.json", doc)
-    for s in scan.STEPS:
-        s.fn = lambda ctx: pytest.fail("a finished step ran again")
+    few_steps.replace_fns(lambda s: lambda ctx: pytest.fail("a finished step ran again"))
     again = run_scan(lm, QUICK, tmp_path, resume=True, log=lambda m: None)["doc"]
     assert again == doc
 
@@ -123,17 +139,19 @@ def test_resume_of_a_finished_scan_reuses_its_results(lm, tmp_path, few_steps):
 def test_a_failing_step_is_recorded_and_the_scan_goes_on(lm, tmp_path, few_steps, monkeypatch):
     monkeypatch.delenv("SINKHOLE_DEBUG", raising=False)
 
-    @step("zz_broken", "a broken step")
     def _broken(ctx):
         raise ValueError("bad shape")
 
-    @step("zz_after", "a step after the broken one")
+    few_steps.add("zz_broken", _broken)
+
     def _after(ctx):
         return {"ok": 1}
 
+    few_steps.add("zz_after", _after)
+
     doc = run_scan(lm, QUICK, tmp_path, log=lambda m: None)["doc"]
     assert doc["errors"] == {"zz_broken": "ValueError: bad shape"}
-    assert doc["results"]["zz_after"] == {"ok": 1}
+    assert doc["results"]["zz_after"] == {"data": {"ok": 1}}
     assert "zz_broken" not in doc["results"]
     monkeypatch.setenv("SINKHOLE_DEBUG", "1")
     with pytest.raises(ValueError):
@@ -141,13 +159,14 @@ def test_a_failing_step_is_recorded_and_the_scan_goes_on(lm, tmp_path, few_steps
 
 
 def test_only_with_steps_need_their_option(lm, tmp_path, few_steps):
-    @step("zz_patchy", "runs only with --patch", only_with="patch")
     def _p(ctx):
         return {"ran": True}
 
+    few_steps.add("zz_patchy", _p, only_with="patch")
+
     assert "zz_patchy" not in run_scan(lm, QUICK, tmp_path / "a", log=lambda m: None)["doc"]["steps"]
     doc = run_scan(lm, {**QUICK, "patch": True}, tmp_path / "b", log=lambda m: None)["doc"]
-    assert doc["results"]["zz_patchy"] == {"ran": True}
+    assert doc["results"]["zz_patchy"] == {"data": {"ran": True}}
 
 
 def test_resume_adds_patch_steps_to_a_finished_scan(lm, tmp_path, few_steps):
@@ -155,29 +174,30 @@ def test_resume_adds_patch_steps_to_a_finished_scan(lm, tmp_path, few_steps):
 
     ran = []
 
-    @step("zz_patch_only", "with --patch", only_with="patch")
     def _p(ctx):
         ran.append("zz_patch_only")
-        return {"sink_layer_seen": ctx.get("layer_norms") is not None}
+        return {"sink_layer_seen": ctx.results.get("layer_norms") is not None}
+
+    few_steps.add("zz_patch_only", _p, only_with="patch")
 
     doc = run_scan(lm, QUICK, tmp_path, log=lambda m: None)["doc"]
     write_json(tmp_path / "results.json", doc)
-    for s in scan.STEPS:
-        if s.name != "zz_patch_only":
-            s.fn = lambda ctx: pytest.fail("a finished step ran again")
+    few_steps.replace_fns(lambda s: s.fn if s.name == "zz_patch_only" else
+                          (lambda ctx: pytest.fail("a finished step ran again")))
     again = run_scan(lm, {**QUICK, "patch": True}, tmp_path, resume=True, log=lambda m: None)["doc"]
     assert ran == ["zz_patch_only"]
-    assert again["results"]["zz_patch_only"] == {"sink_layer_seen": True}
+    assert again["results"]["zz_patch_only"] == {"data": {"sink_layer_seen": True}}
     assert again["options"]["patch"] is True and again["steps"][-1] == "zz_patch_only"
 
 
 def test_quick_is_visible_to_steps(lm, tmp_path, few_steps):
     seen = {}
 
-    @step("zz_quick", "reads quick")
     def _q(ctx):
-        seen["quick"], seen["opt"] = ctx.quick, ctx.options["quick"]
+        seen["quick"], seen["opt"] = ctx.quick, ctx.options.quick
         return {}
+
+    few_steps.add("zz_quick", _q)
 
     run_scan(lm, {k: v for k, v in QUICK.items() if k != "quick"}, tmp_path, log=lambda m: None)
     assert seen == {"quick": False, "opt": False}  # default filled in
@@ -209,24 +229,25 @@ def test_cli_scan_writes_everything_and_prints_timings(tiny_cli, tmp_path, capsy
 def test_cli_scan_resume_after_ctrl_c(tiny_cli, tmp_path, capsys, few_steps):
     state = {"n": 0}
 
-    @step("zz_ctrl_c", "interrupted once")
     def _c(ctx):
         state["n"] += 1
         if state["n"] == 1:
             raise KeyboardInterrupt
         return {"n": state["n"]}
 
+    few_steps.add("zz_ctrl_c", _c)
+
     out = tmp_path / "s"
     rc = cli.main(["scan", "--quick", "--out", str(out), "--curve-reps", "30"])
     err = capsys.readouterr().err
     assert rc == 130 and "--resume" in err and "Traceback" not in err
-    assert "during step 'zz_ctrl_c'" in err and "3 finished step(s) kept" in err
+    assert "during step 'zz_ctrl_c'" in err and "2 finished step(s) kept" in err
     assert (out / PARTIAL).exists() and not (out / "results.json").exists()
     rc = cli.main(["scan", "--quick", "--out", str(out), "--curve-reps", "30", "--resume"])
     err = capsys.readouterr().err
     assert rc == 0, err
     assert "resuming" in err
-    assert json.loads((out / "results.json").read_text())["results"]["zz_ctrl_c"] == {"n": 2}
+    assert json.loads((out / "results.json").read_text())["results"]["zz_ctrl_c"] == {"data": {"n": 2}}
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -151,7 +151,7 @@ def load_results(path: str | os.PathLike) -> dict:
     p, data = read_json_file(path, "results.json", missing="{path} not found; run 'sinkhole scan --out DIR' first",
                              invalid="{path} is not valid JSON ({err}); rerun 'sinkhole scan' to regenerate it")
     if not isinstance(data, dict) or "schema_version" not in data:
-        raise SinkholeError(f"{p} is not a results document (those are written by 'sinkhole scan' and by the --json "
+        raise SinkholeError(f"{p} is not a results document (no schema_version; those are written by 'sinkhole scan' and by the --json "
                             "of 'sinkhole circuit', 'diverge', 'sweep' and 'cluster'); the report cannot render it")
     v = data["schema_version"]
     if v != SCHEMA_VERSION:

@@ -148,7 +148,9 @@ def step_types() -> dict[str, type]:
     return {s.name: s.result for s in load_steps()}
 
 
-def selected_steps(options: ScanOptions, names: list[str] | None = None) -> list[Step]:
+def selected_steps(options: ScanOptions | dict, names: list[str] | None = None) -> list[Step]:
+    if isinstance(options, dict):
+        options = ScanOptions.from_dict(options)
     return [s for s in load_steps() if (names is None or s.name in names)
             and (not s.only_with or getattr(options, s.only_with))]
 

@@ -288,18 +288,19 @@ def run_judged(lm, cases: Sequence[Case], max_new_tokens: int = 48, batch_size: 
                                 f"(use {', '.join(RUN_AT_END)}, or generation)")
     use_exact = [exact is not False and c.template in RUN_AT_END for c in cases]
     results: list[CaseResult | None] = [None] * len(cases)
-    ex = [i for i, u in enumerate(use_exact) if u]
-    gen = [i for i, u in enumerate(use_exact) if not u]
-    if ex:
+    ex_idx = [i for i, u in enumerate(use_exact) if u]
+    gen_idx = [i for i, u in enumerate(use_exact) if not u]
+    if ex_idx:
         stops = stop_ids(lm)
-        checks = greedy_check(lm, [cases[i] for i in ex], max_new_tokens, quiet=quiet, full=True, hooks=hooks)
-        for i, k in zip(ex, checks):
-            results[i] = judge_case(lm, cases[i], k.generated_ids, stops)
-    if gen:
-        for i, r in zip(gen, run_cases(lm, [cases[i] for i in gen], max_new_tokens=max_new_tokens,
-                                       batch_size=batch_size, hooks=hooks, quiet=quiet)):
+        checks = greedy_check(lm, [cases[i] for i in ex_idx], max_new_tokens, quiet=quiet, full=True, hooks=hooks)
+        for i, k in zip(ex_idx, checks):
+            ids = list(k.generated_ids) + ([k.stop_token] if k.stop_token is not None else [])  # as generate()
+            results[i] = judge_case(lm, cases[i], ids, stops)
+    if gen_idx:
+        for i, r in zip(gen_idx, run_cases(lm, [cases[i] for i in gen_idx], max_new_tokens=max_new_tokens,
+                                           batch_size=batch_size, hooks=hooks, quiet=quiet)):
             results[i] = r
-    method = "exact+generate" if ex and gen else ("exact" if ex else "generate")
+    method = "exact+generate" if ex_idx and gen_idx else ("exact" if ex_idx else "generate")
     return summarize(results, max_new_tokens, method)  # type: ignore[arg-type]
 
 

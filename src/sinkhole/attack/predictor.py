@@ -210,7 +210,8 @@ class GreedyCheck:
     the run continues for all ``n_checked`` tokens); ``diverged`` / ``tokens_until_divergence``: the
     run judge's verdict on the exact greedy tokens, decided as soon as it is certain; ``passes``: the
     forward passes used (one per departure from the draft, plus one); ``generated_ids``: the greedy
-    tokens up to the point where the verdict was certain."""
+    tokens up to the point where the verdict was certain; ``stop_token``: the end-of-sequence token
+    that ended generation, if one did."""
 
     word: str
     reps: int
@@ -221,6 +222,7 @@ class GreedyCheck:
     tokens_until_divergence: int
     passes: int
     generated_ids: list[int] = field(default_factory=list, repr=False)
+    stop_token: int | None = None  # the stop token that ended the continuation (not in generated_ids)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -275,7 +277,7 @@ def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | N
         for c in progress(cases, desc="greedy check", disable=quiet):
             word = lm.tokenizer.decode(c.unit, skip_special_tokens=True).strip() or c.word
             unit = list(c.unit)
-            seq, fed, gen, past, passes, stopped = list(c.ids), 0, [], None, 0, False
+            seq, fed, gen, past, passes, stopped, stop_token = list(c.ids), 0, [], None, 0, False, None
             while len(gen) < n and not stopped:
                 draft = _draft(gen, unit, n - len(gen))
                 inp = seq[fed:] + draft
@@ -294,7 +296,7 @@ def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | N
                 new = new[:n - len(gen)]
                 for j, t in enumerate(new):
                     if t in stops:  # generation ends here: stopping is not diverging
-                        new, stopped = new[:j], True
+                        new, stopped, stop_token = new[:j], True, t
                         break
                 gen += new
                 if i < len(draft):  # cut the cache back to the prompt and the accepted draft tokens
@@ -308,5 +310,6 @@ def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | N
             run = _draft([], unit, len(gen))
             leaves = next((j for j, t in enumerate(gen) if t != run[j]), None)
             out.append(GreedyCheck(c.word, c.reps, c.template, n, leaves, verdict.diverged,
-                                   verdict.tokens_until_divergence if verdict.diverged else len(gen), passes, gen))
+                                   verdict.tokens_until_divergence if verdict.diverged else len(gen), passes, gen,
+                                   stop_token))
     return out

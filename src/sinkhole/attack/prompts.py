@@ -145,7 +145,7 @@ def parse_words(text, what: str = "--words") -> list[str]:
     (a stray comma), the same everywhere."""
     words = list(text) if isinstance(text, (list, tuple)) else str(text).split(",")
     if not any(str(w).strip() for w in words):
-        raise SinkholeError(f"{what} is empty; pass comma-separated words, e.g. {what} poem,company")
+        raise SinkholeError(f"{what} is empty: it needs at least one word, e.g. {what} poem,company")
     if any(not str(w).strip() for w in words):
         raise SinkholeError(f"{what} contains an empty or whitespace-only word; remove the stray comma")
     return [str(w).strip() for w in words]

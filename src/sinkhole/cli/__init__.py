@@ -100,8 +100,10 @@ def check_out_file(path, flag: str = "--out"):
 
 
 def vars_of(args) -> dict:
-    """The command's options, as recorded in its results document."""
-    skip = {"func", "command", "model", "json", "quiet", "out", "device", "trust_remote_code"}
+    """The command's options, as recorded in its results document (paths and output switches stay
+    out, so the same command gives the same document wherever it runs)."""
+    skip = {"func", "command", "model", "json", "quiet", "out", "device", "trust_remote_code", "checkpoint",
+            "merge", "shard", "num_shards"}
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
@@ -159,12 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    if getattr(args, "quiet", False):
-        from ..progress import set_quiet
+    from ..progress import set_quiet
 
-        set_quiet(True)
-    else:
-        logging.getLogger("sinkhole").setLevel(logging.INFO)
+    quiet = bool(getattr(args, "quiet", False))
+    set_quiet(quiet)  # every call sets it: one process may run several commands (tests, notebooks)
+    logging.getLogger("sinkhole").setLevel(logging.WARNING if quiet else logging.INFO)
     try:
         return int(args.func(args) or 0)
     except SinkholeError as err:

@@ -76,13 +76,13 @@ def run(args) -> int:
         result["tasks"] = compare_tasks(lm, patch, tasks, limit=args.limit)
     if emit(args, result):
         return 0
-    if "verification" in result:
-        info(args, summary_markdown(result["verification"]))
+    if "verification" in result:  # the comparison is the command's output: stdout, also with --quiet
+        print(summary_markdown(result["verification"]))
     elif "text" in result:
         t = result["text"]
-        info(args, f"held-out text: ppl {t['ppl_before']:.3f} -> {t['ppl_after']:.3f} ({t['ppl_change_pct']:+.2f}%), "
+        print(f"held-out text: ppl {t['ppl_before']:.3f} -> {t['ppl_after']:.3f} ({t['ppl_change_pct']:+.2f}%), "
                    f"top-1 {t['top1_agreement']:.2%}, KL {t['mean_kl_nats']:.5f} nats/token")
     for task, metrics in result.get("tasks", {}).items():
         for m, v in metrics.items():
-            info(args, f"{task} {m}: {v['before']:.4f} -> {v['after']:.4f} ({v['change']:+.4f})")
+            print(f"{task} {m}: {v['before']:.4f} -> {v['after']:.4f} ({v['change']:+.4f})")
     return 0

@@ -75,17 +75,31 @@ def build_config(args):
 
 
 def run(args) -> int:
-    from ..errors import SinkholeError
-    from ..patch import export_patched
+    from pathlib import Path
+
     from ..patch.export import read_patch
-    from ..patch.search import search_patch, verify_patch
-    from ..patch.tables import summary_markdown
-    from ..results import dumps, prepare_out_dir
-    from . import circuit_from_args, info, load_from_args
+    from ..results import prepare_out_dir
 
     cfg = build_config(args)
     patch_file = read_patch(args.patch_file) if args.patch_file else None
-    out = prepare_out_dir(args.out)
+    created = not Path(args.out).exists()
+    out = prepare_out_dir(args.out)  # an unwritable --out fails before any work
+    try:
+        return _run(args, cfg, patch_file, out)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a refused or interrupted run leaves no empty folder behind
+        raise
+
+
+def _run(args, cfg, patch_file, out) -> int:
+    from ..errors import SinkholeError
+    from ..patch import export_patched
+    from ..patch.search import search_patch, verify_patch
+    from ..patch.tables import summary_markdown
+    from ..results import dumps
+    from . import circuit_from_args, info, load_from_args, model_meta
+
     lm = load_from_args(args)
     log = (lambda m: info(args, m))
     tried = []
@@ -104,14 +118,15 @@ def run(args) -> int:
             raise SinkholeError(f"no candidate stayed within the perplexity budget of {cfg.ppl_budget_pct}%; "
                                 "raise --ppl-budget or try other --families", exit_code=1)
     verification = verify_patch(lm, patch, cfg, log=log)
-    summary = {"model": lm.metadata(), "patch": patch.to_dict(), "search": search, "verification": verification}
-    summary["model"].pop("gguf", None)
+    summary = {"model": model_meta(lm).to_dict(), "patch": patch.to_dict(), "search": search,
+               "verification": verification}
     md = summary_markdown(verification, tried, search.get("chosen") if search else None)
     export_patched(lm, patch, out, summary=summary, summary_md=md)
     if args.json:
         sys.stdout.write(dumps(summary))
     else:
-        info(args, md)
+        if not args.quiet:  # with --quiet the table is in DIR/SUMMARY.md only
+            print(md)
         info(args, f"wrote {out} (patched model, patch.json, summary.json, SUMMARY.md); "
                    f"reload with sinkhole.load_patched('{out}')")
     return 0

@@ -50,7 +50,7 @@ def add_option_args(p) -> None:
                 p.add_argument(_flag(f.name), dest=f.name, action="store_true", default=None, help=md["help"])
         else:
             p.add_argument(_flag(f.name), dest=f.name, default=None, metavar=md["kind"].upper(),
-                           help=md["help"] + extra)
+                           type={"int": int, "float": float}.get(md["kind"]), help=md["help"] + extra)
 
 
 def _parse(kind: str, text, flag: str):
@@ -70,9 +70,9 @@ def _parse(kind: str, text, flag: str):
         try:
             v = int(text) if kind == "int" else float(text)
         except (TypeError, ValueError):
-            raise SinkholeError(f"{flag} must be a{'n integer' if kind == 'int' else ' number'}") from None
+            raise SinkholeError(f"{flag} must be a positive {'integer' if kind == 'int' else 'number'}") from None
         if not v > 0 or v != v:
-            raise SinkholeError(f"{flag} must be positive")
+            raise SinkholeError(f"{flag} must be a positive {'integer' if kind == 'int' else 'number'}")
         return v
     if kind == "bool":
         if not isinstance(text, bool):
