@@ -5,7 +5,6 @@ step (several minutes on 2 CPU cores)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -17,13 +16,12 @@ from sinkhole.report.browser import find_chromium
 
 
 @pytest.fixture
-def light_steps():
-    scan.load_steps()
-    saved = [dataclasses.replace(s) for s in scan.STEPS]
-    if not os.environ.get("SINKHOLE_FULL_REAL"):
-        scan.STEPS[:] = [s for s in scan.STEPS if s.name in ("model", "layer_norms", "norm_curves")]
-    yield
-    scan.STEPS[:] = saved
+def light_steps(monkeypatch):
+    import sinkhole.scan_steps as scan_steps
+
+    if not os.environ.get("SINKHOLE_FULL_REAL"):  # norm_curves finds the circuit itself (about a second)
+        light = [s for s in scan.load_steps() if s.name in ("model", "layer_norms", "norm_curves")]
+        monkeypatch.setattr(scan_steps, "PIPELINE", scan.pipeline(light))
 
 
 @pytest.mark.real
@@ -38,6 +36,7 @@ def test_quick_scan_on_smollm2(smollm2, tmp_path, monkeypatch, capsys, light_ste
     assert doc["model"]["name"] == "smollm2-135m-instruct" and doc["options"]["quick"] is True
     ln = doc["results"]["layer_norms"]
     assert max(r for r in ln["ratio"] if r is not None) > 20  # the massive first-token norm (paper Sec. 3)
+    assert doc["results"]["norm_curves"]["layer"] == 11  # the circuit's massive layer
     html = (out / "report.html").read_text()
     assert 'class="verdict' in html and "class='section-error'" not in html
     names = {p.stem for p in (out / "figures").glob("*.svg")}

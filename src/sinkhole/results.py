@@ -32,6 +32,10 @@ class StepResult:
     def to_dict(self) -> dict:
         return {f.name: clean(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
+    def log_line(self) -> str:
+        """A line the scan logs after the step (empty: nothing)."""
+        return ""
+
     @classmethod
     def from_dict(cls, d):
         if isinstance(d, cls):

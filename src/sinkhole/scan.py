@@ -265,7 +265,7 @@ def run_scan(lm, options: ScanOptions, out: Path | None = None, resume: bool = F
         results[s.name] = value
         timings[s.name] = round(time.perf_counter() - t0, 2)
         log(f"[{i}/{len(todo)}] {s.name} done in {_fmt_s(timings[s.name])} "
-            f"(scan so far {_fmt_s(time.perf_counter() - t_scan)})")
+            f"(scan so far {_fmt_s(time.perf_counter() - t_scan)})" + (f": {value.log_line()}" if value.log_line() else ""))
         if partial_path is not None:
             write_json(partial_path, {"schema_version": SCHEMA_VERSION, "model": lm.name, "options": opts,
                                       "results": results, "timings": timings})

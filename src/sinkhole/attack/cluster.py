@@ -13,7 +13,7 @@ exact repeat. Method (the paper's details were not recovered; this is our recons
 3. **Sequences.** ``n`` tokens drawn at random from the cluster with no token equal to the one
    before it (no exact repetition anywhere), after the ``Repeat:`` prefix. The control is the same
    construction from ``size`` tokens drawn at random from the pool.
-4. **Success.** A sequence *induces a sink* when the sink-layer norm of its last ``k`` positions
+4. **Success.** A sequence *induces a sink* when the drift-layer norm of its last ``k`` positions
    reaches ``threshold`` times the first token's norm (the sweep's criterion). For the examples
    we also generate greedily: the model *diverges* when it emits a token that is neither in the
    cluster nor whitespace/punctuation (the run judge generalized to a token set).

@@ -71,6 +71,9 @@ class Circuit(StepResult):
         src = self.roles.get(role, {}).get("source", "circuit")
         return f"{ROLE_NAMES[role]} {v} ({'set by you' if src == 'override' else 'from the circuit'})"
 
+    def log_line(self) -> str:
+        return "; ".join(self.describe(r) for r in ROLE_NAMES)
+
     def with_roles(self, n_layers: int, **roles) -> "Circuit":
         """A copy with some roles overridden (``None`` keeps the circuit's answer); checked against
         the model's layer count."""

@@ -104,6 +104,6 @@ def norm_curves_section(doc: dict):
     ax.set_xlabel("number of repetitions of the word")
     ax.set_ylabel(f"hidden-state L2 norm at layer {nc['layer']} (log)")
     ax.legend(fontsize=8)
-    f = Figure("fig2_norm_vs_reps", "Figure 2: norm of the repeated token at the sink layer; a curve that climbs "
+    f = Figure("fig2_norm_vs_reps", "Figure 2: norm of the repeated token at the massive layer; a curve that climbs "
                "to the first-token line means the repetition is treated as a first token.", fig)
     return f"<h2>Norm vs repetitions (layer {esc(nc['layer'])})</h2>", [f]
