@@ -149,3 +149,24 @@ def test_greedy_check_one_pass_for_a_repeating_model_and_bad_templates(tiny):
     assert k.passes == 1 and k.generated_ids == [unit] * 5
     with pytest.raises(SinkholeError, match="end with the run"):
         greedy_check(tiny, make_cases(tiny, ["a"], [5], ["garak_this"]), 4)
+
+
+def test_run_judged_gives_one_record_with_or_without_the_exact_check(tiny_family):
+    """The one divergence path: the exact check (templates that end with the run) and generation
+    give the same judged cases, with a patch attached too; other templates fall back to generation."""
+    from sinkhole.attack.diverge import run_judged
+    from sinkhole.patch import Patch, PatchOp, apply_patch
+
+    lm = tiny_family
+    cases = make_cases(lm, ["a", "c d"], [3, 9], ["raw", "repeat"])
+    patch = Patch([PatchOp(1, "scale", None, values=0.5)])
+    for hooks in (None, lambda: apply_patch(lm, patch, validate=False)):
+        exact = run_judged(lm, cases, max_new_tokens=8, hooks=hooks, exact=True)
+        gen = run_judged(lm, cases, max_new_tokens=8, hooks=hooks, exact=False, batch_size=1)
+        assert (exact.method, gen.method) == ("exact", "generate")
+        assert exact.cases == gen.cases  # the same record field by field: tokens, text, both judges
+        assert (exact.rate, exact.garak_rate, exact.either_rate) == (gen.rate, gen.garak_rate, gen.either_rate)
+    mixed = run_judged(lm, make_cases(lm, ["a"], [3], ["repeat", "garak_this"]), max_new_tokens=4)
+    assert mixed.method == "exact+generate" and [c["template"] for c in mixed.cases] == ["repeat", "garak_this"]
+    with pytest.raises(SinkholeError, match="end with the run"):
+        run_judged(lm, make_cases(lm, ["a"], [3], ["garak_this"]), max_new_tokens=4, exact=True)

@@ -444,7 +444,9 @@ def test_patch_refuses_a_model_that_does_not_diverge(monkeypatch, capsys, tmp_pa
     assert rc == 1 and stdout == ""
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sinkhole: error: ") and "nothing to patch" in lines[0], stderr
-    assert not (out / "patch.json").exists() and not (out / "summary.json").exists()
+    assert not out.exists()  # the refused run leaves no (empty) output folder behind
+    out.mkdir()  # a folder the user made is kept
+    assert run(capsys, PATCH + ["--out", out, "--quiet"])[0] == 1 and out.is_dir()
     # without --quiet the log explains why, and the error is still the last line
     rc, _, stderr = run(capsys, PATCH + ["--out", out])
     lines = stderr.strip().splitlines()

@@ -20,7 +20,7 @@ import pytest
 
 from helpers_reliability import default_sigint, env, files_in, make_tiny_folder, read_json
 
-DRIVER = Path(__file__).with_name("test_reliability_driver.py")
+DRIVER = Path(__file__).with_name("driver_reliability.py")
 FOUNDATION = ["model", "layer_norms"]  # the foundation's steps (scan_steps.py), before the circuit
 
 

@@ -270,3 +270,32 @@ def test_cli_scan_out_is_a_file(tiny_cli, tmp_path, capsys):
     f.write_text("x")
     assert cli.main(["scan", "--out", str(f)]) != 0
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_cli_scan_options_from_a_config_file_and_flags(tiny_cli, tmp_path, capsys, few_steps):
+    cfg = tmp_path / "options.json"
+    cfg.write_text(json.dumps({"quick": True, "curve_reps": 25, "words": ["cat"], "seed": 3}))
+    out = tmp_path / "c"
+    assert cli.main(["scan", "--config", str(cfg), "--out", str(out), "--words", "dog", "--quiet"]) == 0
+    opts = json.loads((out / "results.json").read_text())["options"]
+    assert opts["quick"] is True and opts["curve_reps"] == 25 and opts["seed"] == 3  # from the file
+    assert opts["words"] == ["dog"]  # the flag wins
+    assert opts["diverge_tokens"] == 12 and opts["attn_reps"] == [16]  # quick values, capped by curve_reps
+    # the options of a results.json are a valid config: the same scan again
+    cfg.write_text(json.dumps(opts))
+    assert cli.main(["scan", "--config", str(cfg), "--out", str(tmp_path / "d"), "--quiet"]) == 0
+    assert (tmp_path / "d" / "results.json").read_bytes() == (out / "results.json").read_bytes()
+    capsys.readouterr()
+    cfg.write_text(json.dumps({"curve_words": ["x"]}))
+    assert cli.main(["scan", "--config", str(cfg), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown scan option(s) ['curve_words']" in err and err.count("\n") == 1
+
+
+def test_every_scan_option_has_a_flag():
+    from sinkhole.scan import ScanOptions
+
+    parser = cli.build_parser()
+    scan_parser = parser._subparsers._group_actions[0].choices["scan"]
+    dests = {a.dest for a in scan_parser._actions}
+    assert {f.name for f in dataclasses.fields(ScanOptions)} <= dests

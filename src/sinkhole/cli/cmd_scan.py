@@ -96,7 +96,7 @@ def build_options(args):
         values.update(cfg)
     for f in ScanOptions.option_fields():
         v = getattr(args, f.name, None)
-        if v is not None:
+        if v is not None and f.name not in _COMMON:
             values[f.name] = v
     known = {f.name: f for f in ScanOptions.option_fields()}
     bad = sorted(set(values) - set(known))
@@ -107,6 +107,8 @@ def build_options(args):
             values[k] = _parse(known[k].metadata["kind"], v, _flag(k))
     if args.seed != 0 or "seed" not in values:  # --seed (default 0) overrides the file's seed when given
         values["seed"] = int(args.seed)
+    if not isinstance(values["seed"], int) or isinstance(values["seed"], bool):
+        raise SinkholeError("the seed in --config must be an integer")
     if values.get("frac") is not None and values["frac"] > 1:
         raise SinkholeError("--frac must be in (0, 1], e.g. --frac 0.5")
     return ScanOptions(**values).resolved()

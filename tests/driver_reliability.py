@@ -4,7 +4,7 @@ file, the gate step writes it and then waits, so the test can interrupt the scan
 at a known point with finished steps behind it; otherwise the gate passes at once. Likewise
 ``SINKHOLE_TEST_SWEEP_GATE`` makes ``sinkhole sweep`` wait right after its first checkpoint.
 
-    python tests/test_reliability_driver.py scan MODEL --out DIR ...
+    python tests/driver_reliability.py scan MODEL --out DIR ...
 """
 
 from __future__ import annotations
