@@ -102,3 +102,30 @@ def test_cluster_json(use_tiny, capsys):
                  "--examples", "1", "--max-new-tokens", "3", "--drift-layer", "1", "--quiet", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)["results"]["cluster"]
     assert doc["method"]["n_clusters"] == 2 and len(doc["rows"]) == 4 and doc["method"]["drift_layer"] == 1
+
+
+def test_words_that_are_not_utf8_are_one_line(use_tiny, capsys):
+    import os
+
+    word = os.fsdecode(b"\xff\xfe")  # what Python makes of invalid UTF-8 bytes in argv
+    assert main(["diverge", "--words", word, "--reps", "10", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sinkhole: error: --words holds bytes that are not UTF-8") and err.count("\n") == 1
+
+
+def test_default_sweep_checkpoints_of_two_models_do_not_collide(monkeypatch, capsys, tmp_path):
+    from tiny import tiny_lm
+
+    monkeypatch.chdir(tmp_path)
+    models = {"a": tiny_lm("llama"), "b": tiny_lm("qwen2")}
+    models["b"].name = "tiny-other"
+    for key in ("a", "b"):
+        monkeypatch.setattr(cli, "load_from_args", lambda args, m=models[key]: m)
+        assert main(["sweep", "--tokens", "4", "--max-reps", "12", "--quiet", "--json"]) == 0, capsys.readouterr().err
+    files = sorted(p.name for p in tmp_path.glob("sweep-*.ckpt.json"))
+    assert len(files) == 2 and files[0].startswith("sweep-tiny-llama-") and files[1].startswith("sweep-tiny-other-")
+    capsys.readouterr()
+    # the same command again resumes from its own checkpoint: nothing left to sweep, the same result
+    monkeypatch.setattr(cli, "load_from_args", lambda args: models["a"])
+    assert main(["sweep", "--tokens", "4", "--max-reps", "12", "--quiet", "--json"]) == 0
+    assert len(list(tmp_path.glob("sweep-*.ckpt.json"))) == 2

@@ -148,6 +148,11 @@ def parse_words(text, what: str = "--words") -> list[str]:
         raise SinkholeError(f"{what} is empty: it needs at least one word, e.g. {what} poem,company")
     if any(not str(w).strip() for w in words):
         raise SinkholeError(f"{what} contains an empty or whitespace-only word; remove the stray comma")
+    for w in words:
+        try:
+            str(w).encode("utf-8")
+        except UnicodeEncodeError:  # e.g. bytes from the command line that are not UTF-8 (surrogate escapes)
+            raise SinkholeError(f"{what} holds bytes that are not UTF-8 text ({ascii(w)}); pass UTF-8 words") from None
     return [str(w).strip() for w in words]
 
 

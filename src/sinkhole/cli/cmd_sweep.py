@@ -25,8 +25,10 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="tokens per forward pass (default 16)")
     p.add_argument("--generate", type=int, default=0, metavar="N",
                    help="also greedily generate N tokens per token and judge divergence (slow; default 0)")
-    p.add_argument("--checkpoint", default="sweep.ckpt.json",
-                   help="checkpoint file (default sweep.ckpt.json; shards add .shardIofN)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint file (default: sweep-MODEL-SETTINGS.ckpt.json in the current folder, named by "
+                        "the model and the settings, so sweeps of two models never collide and rerunning the same "
+                        "command resumes; shards add .shardIofN)")
     p.add_argument("--shard", type=int, default=None, help="this process's shard index (default: $RANK or 0)")
     p.add_argument("--num-shards", type=int, default=None, help="number of shards (default: $WORLD_SIZE or 1)")
     p.add_argument("--merge", nargs="+", default=None, metavar="CKPT",
@@ -34,6 +36,19 @@ def add_parser(sub) -> None:
     p.add_argument("--top", type=int, default=20, help="how many of the most dangerous tokens to show (default 20)")
     p.add_argument("--out", default=None, help="write the summary JSON here")
     p.set_defaults(func=run)
+
+
+def default_checkpoint(model: str, layer: int, args) -> str:
+    """sweep-<model>-<settings hash>.ckpt.json: one file per model and settings."""
+    import hashlib
+    import json
+    import re
+
+    settings = {"layer": layer, "tokens": None if args.all else args.tokens, "max_reps": args.max_reps,
+                "threshold": args.threshold, "prefix": args.prefix, "generate": args.generate}
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", model.rstrip("/").split("/")[-1])[:60] or "model"
+    return f"sweep-{stem}-{key}.ckpt.json"
 
 
 def run(args) -> int:
@@ -59,10 +74,13 @@ def run(args) -> int:
             raise SinkholeError(f"--shard must be in 0..{n_shards - 1} and --num-shards >= 1")
         if args.device.startswith("cuda") and ":" not in args.device and "LOCAL_RANK" in os.environ:
             args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        ckpt = args.checkpoint if n_shards == 1 else f"{args.checkpoint}.shard{shard}of{n_shards}"
-        check_out_file(ckpt, "--checkpoint")
+        if args.checkpoint is not None:
+            check_out_file(args.checkpoint, "--checkpoint")
         lm = load_from_args(args)
         layer = circuit_from_args(args, lm, ["drift_layer"]).drift_layer
+        base = args.checkpoint or default_checkpoint(lm.name, layer, args)
+        ckpt = base if n_shards == 1 else f"{base}.shard{shard}of{n_shards}"
+        check_out_file(ckpt, "--checkpoint")
         model = model_meta(lm)
         tokens = frequent_tokens(lm, None if args.all else args.tokens)[shard::n_shards]
         info(args, f"sweeping {len(tokens)} tokens (shard {shard}/{n_shards}) at layer {layer}, checkpoint {ckpt}")
@@ -70,7 +88,7 @@ def run(args) -> int:
                            batch_size=args.batch_size, checkpoint=ckpt, generate_tokens=args.generate,
                            quiet=args.quiet, prefix=args.prefix)
         if n_shards > 1:
-            info(args, f"shard {shard} done; merge with: sinkhole sweep --merge {args.checkpoint}.shard*of{n_shards}")
+            info(args, f"shard {shard} done; merge with: sinkhole sweep --merge {base}.shard*of{n_shards}")
     summary = summarize(res, top=args.top)
     model = model or {"name": summary["config"].get("model", "model")}
     if emit(args, document(model, {"sweep": SweepSummary.from_dict(summary)}, "sweep", vars_of(args))):
