@@ -291,17 +291,41 @@ def run_judged(lm, cases: Sequence[Case], max_new_tokens: int = 48, batch_size: 
     ex_idx = [i for i, u in enumerate(use_exact) if u]
     gen_idx = [i for i, u in enumerate(use_exact) if not u]
     if ex_idx:
-        stops = stop_ids(lm)
-        checks = greedy_check(lm, [cases[i] for i in ex_idx], max_new_tokens, quiet=quiet, full=True, hooks=hooks)
-        for i, k in zip(ex_idx, checks):
-            ids = list(k.generated_ids) + ([k.stop_token] if k.stop_token is not None else [])  # as generate()
-            results[i] = judge_case(lm, cases[i], ids, stops)
+        for i, ids in zip(ex_idx, _exact_tokens(lm, [cases[i] for i in ex_idx], max_new_tokens, batch_size, hooks,
+                                                quiet)):
+            results[i] = judge_case(lm, cases[i], ids)
     if gen_idx:
         for i, r in zip(gen_idx, run_cases(lm, [cases[i] for i in gen_idx], max_new_tokens=max_new_tokens,
                                            batch_size=batch_size, hooks=hooks, quiet=quiet)):
             results[i] = r
     method = "exact+generate" if ex_idx and gen_idx else ("exact" if ex_idx else "generate")
     return summarize(results, max_new_tokens, method)  # type: ignore[arg-type]
+
+
+def _exact_tokens(lm, cases: Sequence[Case], max_new_tokens: int, batch_size: int, hooks, quiet) -> list[list[int]]:
+    """The greedy continuation of each case without a decoding loop where the run goes on: the
+    exact check verifies drafts of the run until the run judge is certain. A case that keeps
+    repeating (or stops) is then complete; one that diverged is continued from its exact tokens by
+    batched generation, because past a divergence a draft of the run is rejected at every token."""
+    from .predictor import greedy_check
+
+    checks = greedy_check(lm, cases, max_new_tokens, quiet=quiet, hooks=hooks)
+    out: list[list[int]] = []
+    tails = []
+    for j, k in enumerate(checks):
+        ids = list(k.generated_ids)
+        if k.stop_token is not None:
+            ids.append(k.stop_token)  # as generate(): the stop token ends the continuation
+        elif len(ids) < max_new_tokens:
+            tails.append(j)
+        out.append(ids)
+    tails.sort(key=lambda j: len(cases[j].ids) + len(out[j]))
+    with _context(lm, None, hooks):
+        for b in [tails[i:i + batch_size] for i in range(0, len(tails), batch_size)]:
+            more = max(max_new_tokens - len(out[j]) for j in b)
+            for j, cont in zip(b, generate(lm, [list(cases[j].ids) + out[j] for j in b], more)):
+                out[j] = (out[j] + cont)[:max_new_tokens]
+    return out
 
 
 def diverge(lm, words, reps, templates=None, max_new_tokens: int = 48, batch_size: int = 4,

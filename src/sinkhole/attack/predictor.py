@@ -239,7 +239,7 @@ def _draft(gen: list[int], unit: list[int], n: int) -> list[int]:
     return [unit[(p + j) % k] for j in range(n)]
 
 
-def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | None = None, full: bool = False,
+def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | None = None,
                  hooks=None) -> list[GreedyCheck]:
     """Greedy decoding of ``max_new_tokens`` tokens after each prompt, judged, without decoding token
     by token: the model reads the prompt plus a *draft* (the run continued) in one pass, and every
@@ -253,8 +253,6 @@ def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | N
     drafted this way. The tokens equal ``run_cases``' greedy tokens up to floating-point near-ties
     between multi-token and one-token cached passes (test: tiny models of every family).
 
-    ``full``: go on to ``max_new_tokens`` (or a stop token) even after the run judge is certain, so
-    the whole greedy continuation can be judged by every judge (``diverge.run_judged`` uses this).
     ``hooks``: a factory of a context manager held open during the check (e.g. a patch)."""
     from ..circuit.common import fast_attention
     from ..errors import SinkholeError
@@ -305,7 +303,7 @@ def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | N
                 fed = len(seq)
                 seq += new[i:]  # the mismatching (true) token, fed with the next draft
                 verdict = judge_run(decode_pieces(lm, gen), word)
-                if verdict.diverged and not full:
+                if verdict.diverged:
                     break
             run = _draft([], unit, len(gen))
             leaves = next((j for j, t in enumerate(gen) if t != run[j]), None)
