@@ -299,3 +299,24 @@ def test_every_scan_option_has_a_flag():
     scan_parser = parser._subparsers._group_actions[0].choices["scan"]
     dests = {a.dest for a in scan_parser._actions}
     assert {f.name for f in dataclasses.fields(ScanOptions)} <= dests
+
+
+def test_cli_scan_role_overrides(tiny_cli, tmp_path, capsys, monkeypatch):
+    import sinkhole.scan_steps as scan_steps
+
+    light = [s for s in scan.load_steps() if s.name in ("model", "circuit", "norm_curves", "sweep")]
+    monkeypatch.setattr(scan_steps, "PIPELINE", scan.pipeline(light))
+    out = tmp_path / "r"
+    rc = cli.main(["scan", "--quick", "--out", str(out), "--curve-reps", "30", "--drift-layer", "0",
+                   "--massive-layer", "2", "--marking-layers", "0,1"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "drift layer 0 (set by you)" in err and "massive layer 2 (set by you)" in err
+    res = json.loads((out / "results.json").read_text())["results"]
+    c = res["circuit"]
+    assert (c["drift_layer"], c["massive_layer"], c["marking_layers"]) == (0, 2, [0, 1])
+    assert c["roles"]["drift_layer"]["source"] == "override"
+    assert res["norm_curves"]["layer"] == 2 and res["sweep"]["config"]["drift_layer"] == 0
+    assert cli.main(["scan", "--quick", "--out", str(tmp_path / "bad"), "--drift-layer", "7"]) == 2
+    assert "--drift-layer must be in 0..2" in capsys.readouterr().err
+    assert cli.main(["scan", "--quick", "--out", str(tmp_path / "bad"), "--marking-layers", "1,,2"]) == 2

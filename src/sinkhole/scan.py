@@ -58,6 +58,9 @@ class ScanOptions(StepResult):
     frac: float = _opt(0.5, "'repeats needed' threshold as a fraction of the first-token norm", "float")
     top_k: int = _opt(8, "candidate neurons per sink layer before ablation", "int")
     firing: bool = _opt(True, "circuit step: measure whether the sink neurons fire on long repetitions", "bool")
+    drift_layer: int = _opt(None, "override the circuit's drift layer (sweep and cluster steps)", "layer")
+    massive_layer: int = _opt(None, "override the circuit's massive layer (norm curves, paper patch)", "layer")
+    marking_layers: list = _opt(None, "override the circuit's marking layers (patch caps and fine-tune)", "layers")
     diverge_reps: list = _opt(None, "repetition counts of the divergence step", "ints", [200], [100, 400])
     diverge_tokens: int = _opt(None, "tokens generated per divergence case", "int", 12, 16)
     sweep_tokens: int = _opt(None, "most frequent tokens the sweep step measures", "int", 48, 128)
@@ -111,15 +114,22 @@ class Context:
         if "circuit" in self.results:
             return self.results["circuit"]
         if self._circuit is None:
-            from .circuit import discover
-
-            self._circuit = discover(self.lm, k=self.options.top_k)
+            self._circuit = find_circuit(self.lm, self.options)
         return self._circuit
 
     @staticmethod
     def progress(iterable=None, desc: str = "", total: int | None = None, **kw):
         """A progress bar with ETA on stderr (silenced by --quiet)."""
         return _progress(iterable, desc=desc, total=total, **kw)
+
+
+def find_circuit(lm, options: ScanOptions):
+    """The model's circuit with the roles the options override (``None`` keeps the circuit's)."""
+    from .circuit import discover
+
+    return discover(lm, k=options.top_k).with_roles(
+        lm.adapter.n_layers, drift_layer=options.drift_layer, massive_layer=options.massive_layer,
+        marking_layers=options.marking_layers)
 
 
 @dataclass(frozen=True)

@@ -275,7 +275,7 @@ def run_judged(lm, cases: Sequence[Case], max_new_tokens: int = 48, batch_size: 
     (``greedy_check``: the same tokens as generation, about 4x faster on SmolLM2) unless
     ``exact=False``; the others (and all with ``exact=False``) from batched generation.
     ``exact=True`` refuses cases the check cannot draft."""
-    from .predictor import RUN_AT_END, greedy_check
+    from .predictor import RUN_AT_END
 
     if not cases:
         raise SinkholeError("no divergence cases to run; pass at least one word and one repetition count")

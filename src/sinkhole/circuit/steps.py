@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..results import StepResult
-from ..scan import Context
+from ..scan import Context, find_circuit
 from .attention import AttentionSinks, attention_sinks, fig1_layers
-from .circuit import Circuit, discover
+from .circuit import Circuit
 from .convergence import convergence_curve, identity_check
 from .detector import FirstTokenDetector, first_token_detector
 from .neurons import repetition_firing_layers
@@ -35,7 +35,7 @@ class NormCurves(StepResult):
 
 
 def circuit_step(ctx: Context) -> Circuit:
-    c = discover(ctx.lm, k=ctx.options.top_k)
+    c = find_circuit(ctx.lm, ctx.options)
     sel = {r["layer"]: r["selected"] for r in c.neurons if r["selected"]}
     if sel and ctx.options.firing:
         for w in ctx.options.words:

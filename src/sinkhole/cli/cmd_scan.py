@@ -50,7 +50,7 @@ def add_option_args(p) -> None:
                 p.add_argument(_flag(f.name), dest=f.name, action="store_true", default=None, help=md["help"])
         else:
             p.add_argument(_flag(f.name), dest=f.name, default=None, metavar=md["kind"].upper(),
-                           type={"int": int, "float": float}.get(md["kind"]), help=md["help"] + extra)
+                           type={"int": int, "float": float, "layer": int}.get(md["kind"]), help=md["help"] + extra)
 
 
 def _parse(kind: str, text, flag: str):
@@ -60,8 +60,12 @@ def _parse(kind: str, text, flag: str):
 
     if kind == "words":
         return parse_words(text, flag)
-    if kind == "ints":
-        return parse_int_list(text, flag)
+    if kind in ("ints", "layers"):
+        return parse_int_list(text, flag, minimum=0 if kind == "layers" else 1)
+    if kind == "layer":
+        if isinstance(text, bool) or not isinstance(text, int) or text < 0:
+            raise SinkholeError(f"{flag} must be a layer index (an integer >= 0)")
+        return text
     if kind == "families":
         fams = parse_words(text, flag)
         check_families(fams)
@@ -115,11 +119,17 @@ def build_options(args):
 
 
 def fit_context(opts, lm, explicit: bool):
-    """Shorten the norm-curve runs to the model's context (an error when the user asked for more)."""
+    """Check the options against the loaded model: role overrides within its layers, norm-curve runs
+    shortened to its context (an error when the user asked for more)."""
     import dataclasses
 
     from ..errors import SinkholeError
 
+    n = lm.adapter.n_layers
+    for role in ("drift_layer", "massive_layer", "marking_layers"):
+        v = getattr(opts, role)
+        if v is not None and any(not 0 <= x < n for x in (v if isinstance(v, list) else [v])):
+            raise SinkholeError(f"--{role.replace('_', '-')} must be in 0..{n - 1} for this model")
     longest = max(len(lm.word_ids(w)) for w in opts.words)
     if lm.n_ctx and opts.curve_reps * longest + 8 > lm.n_ctx:
         if explicit:
