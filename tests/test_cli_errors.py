@@ -340,3 +340,18 @@ def test_other_commands_bad_input(case, models, tmp_path, capsys):
     rc, so, se = _main(argv + ["--quiet"], capsys)
     clean(rc, so, se, *needles)
     assert set(files_in(tmp_path)) == before  # nothing written
+
+
+def test_report_of_a_fifo_is_refused_not_a_hang(tmp_path, capsys):
+    """A named pipe would block a read forever: refused in one line (regression)."""
+    import os
+
+    from sinkhole.cli import main
+
+    fifo = tmp_path / "results.json"
+    os.mkfifo(fifo)
+    assert main(["report", str(fifo)]) == 2
+    err = capsys.readouterr().err
+    assert "not a regular file" in err and err.count("\n") == 1
+    assert main(["report", str(tmp_path)]) == 2  # a folder whose results.json is a FIFO
+    assert "not a regular file" in capsys.readouterr().err

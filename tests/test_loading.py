@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -278,29 +279,90 @@ def test_loading_does_not_change_the_environment(tiny_folder):
     assert dict(os.environ) == before
 
 
-def test_cache_publish_keeps_a_folder_another_process_published(tmp_path):
-    """Two processes dequantizing the same GGUF at once: the second keeps the first one's folder
-    (which may be loading) instead of deleting it, and leaves no temporary folder."""
-    target = tmp_path / "model-key"
-    target.mkdir()
-    (target / "config.json").write_text("{}")
-    (target / "model.safetensors").write_bytes(b"first")
-    tmp = tmp_path / ".tmp-1"
-    tmp.mkdir()
-    (tmp / "config.json").write_text("{}")
-    (tmp / "model.safetensors").write_bytes(b"second")
-    L._publish(tmp, target)
-    assert (target / "model.safetensors").read_bytes() == b"first" and not tmp.exists()
-    # a stale, incomplete folder is replaced
-    stale = tmp_path / "stale"
-    stale.mkdir()
-    (stale / "partial.bin").write_bytes(b"x")
-    tmp.mkdir()
-    (tmp / "config.json").write_text("{}")
-    (tmp / "model.safetensors").write_bytes(b"new")
-    L._publish(tmp, stale)
-    assert (stale / "model.safetensors").read_bytes() == b"new" and not (stale / "partial.bin").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model-key", "stale"]
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch):
+    """A GGUF path whose 'dequantization' saves a tiny random model (counted), with the cache in tmp."""
+    from tiny import tiny_lm
+
+    monkeypatch.setenv("SINKHOLE_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "m.gguf"
+    src.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    builds = tmp_path / "builds"
+    builds.mkdir()
+
+    def build(gguf_path, tmp):
+        (builds / f"{os.getpid()}-{time.time_ns()}").write_text("x")
+        time.sleep(float(os.environ.get("FAKE_BUILD_S", "0")))
+        tiny_lm("llama").model.save_pretrained(tmp, safe_serialization=True)
+
+    monkeypatch.setattr(L, "_build_cache", build)
+    monkeypatch.setattr(L, "check_gguf", lambda path: None)  # the fake file is not a parsable GGUF
+    return src, builds
+
+
+def _entry(src):
+    folder = L._dequantized_folder(src, progress=False)
+    return folder, L.cache_problem(folder, L._file_key(src.resolve()))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip-header-byte", "missing-file", "foreign"])
+def test_a_damaged_cache_entry_is_detected_and_rebuilt(fake_gguf, damage, caplog, monkeypatch):
+    src, builds = fake_gguf
+    folder, problem = _entry(src)
+    assert problem is None and len(list(builds.iterdir())) == 1
+    assert L._dequantized_folder(src, progress=False) == folder and len(list(builds.iterdir())) == 1  # reused
+    w = folder / "model.safetensors"
+    data = w.read_bytes()
+    if damage == "truncate":  # a full disk or a killed copy
+        w.write_bytes(data[: len(data) // 2])
+    elif damage == "flip-header-byte":
+        w.write_bytes(data[:20] + bytes([data[20] ^ 0xFF]) + data[21:])
+    elif damage == "missing-file":
+        w.unlink()
+    else:  # an entry written by something else: no manifest
+        (folder / L.MANIFEST).unlink()
+    problem = L.cache_problem(folder, L._file_key(src.resolve()))
+    assert problem and problem != "missing"
+    monkeypatch.setenv("SINKHOLE_CACHE_STRICT", "1")
+    with pytest.raises(SinkholeError, match="cannot be used"):
+        L._dequantized_folder(src, progress=False)
+    monkeypatch.delenv("SINKHOLE_CACHE_STRICT")
+    with caplog.at_level("WARNING", logger="sinkhole"):
+        again, problem = _entry(src)
+    assert again == folder and problem is None and len(list(builds.iterdir())) == 2  # rebuilt once
+    assert any("cannot be used" in r.getMessage() and "rebuilding" in r.getMessage() for r in caplog.records)
+    from safetensors.torch import load_file
+
+    assert load_file(folder / "model.safetensors")  # the rebuilt weights load
+
+
+def test_safetensors_structure_check(tmp_path):
+    from tiny import tiny_lm
+
+    tiny_lm("llama").model.save_pretrained(tmp_path, safe_serialization=True)
+    w = tmp_path / "model.safetensors"
+    assert L._safetensors_problem(w) == ""
+    data = w.read_bytes()
+    w.write_bytes(data[:-1])
+    assert "bytes where its header needs" in L._safetensors_problem(w)
+    w.write_bytes(data[:6])
+    assert L._safetensors_problem(w) == "its header is cut short"
+
+
+def test_two_concurrent_first_loads_build_one_entry(fake_gguf, monkeypatch):
+    """Two processes load the same GGUF for the first time at once: one builds, the other waits for
+    it; both get the same whole entry and no temporary folder is left."""
+    import multiprocessing as mp
+
+    src, builds = fake_gguf
+    monkeypatch.setenv("FAKE_BUILD_S", "1.5")
+    ctx = mp.get_context("fork")  # the children inherit the fake builder
+    with ctx.Pool(2) as pool:
+        folders = pool.map(L._dequantized_folder, [src, src])
+    assert folders[0] == folders[1]
+    assert len(list(builds.iterdir())) == 1
+    assert L.cache_problem(folders[0], L._file_key(src.resolve())) is None
+    assert [p.name for p in folders[0].parent.iterdir() if p.name.startswith(".tmp-")] == []
 
 
 def test_bad_devices(tiny_folder, monkeypatch):

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import importlib.util
 import io
+import json
 import logging
 import os
 import shutil
@@ -216,40 +217,111 @@ def check_gguf(path: Path) -> None:
         ) from None
 
 
-def _complete(folder: Path) -> bool:
-    return (folder / "config.json").exists() and any(folder.glob("*.safetensors"))
+CACHE_FORMAT = 1
+MANIFEST = "sinkhole-cache.json"  # what a cache entry holds; checked on every load
+
+
+def _digest(path: Path, size: int) -> str:
+    """A cheap fingerprint of a file: its size and its first and last 64 KiB."""
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 16))
+        if size > (1 << 17):
+            f.seek(-(1 << 16), os.SEEK_END)
+            h.update(f.read(1 << 16))
+    return h.hexdigest()[:16]
+
+
+def _safetensors_problem(path: Path) -> str:
+    """'' when a safetensors file is whole (its header parses and the data ends where the header
+    says), else what is wrong."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or 8 + n > size:
+            return "its header is cut short"
+        try:
+            meta = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in meta.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return "its header is damaged"
+    if 8 + n + end != size:
+        return f"it has {size:,} bytes where its header needs {8 + n + end:,}"
+    return ""
+
+
+def cache_problem(folder: Path, key: str) -> str | None:
+    """None when the cache entry ``folder`` is whole and was made from the source file with ``key``;
+    else why not ("missing" when there is none). Cheap: sizes, 128 KiB per file and the
+    safetensors headers, never the whole weights."""
+    if not folder.is_dir():
+        return "missing"
+    try:
+        man = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        files = man["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "it has no readable manifest (written by an older sinkhole, or an interrupted copy)"
+    if man.get("format") != CACHE_FORMAT or man.get("source_key") != key:
+        return "it was made from another file or by another version of sinkhole"
+    for name, rec in sorted(files.items()):
+        p = folder / name
+        if not p.is_file():
+            return f"{name} is missing"
+        size = p.stat().st_size
+        if size != rec.get("size"):
+            return f"{name} has {size:,} bytes where {rec.get('size'):,} were written (truncated?)"
+        if _digest(p, size) != rec.get("digest"):
+            return f"{name} changed after it was written"
+        if name.endswith(".safetensors") and _safetensors_problem(p):
+            return f"{name}: {_safetensors_problem(p)}"
+    if not any(n.endswith(".safetensors") for n in files) or "config.json" not in files:
+        return "it lacks its weights or config"
+    return None
+
+
+def _write_manifest(folder: Path, source: Path, key: str, dtype: str, seconds: float) -> None:
+    from .. import __version__
+
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.name != MANIFEST:
+            size = p.stat().st_size
+            files[p.name] = {"size": size, "digest": _digest(p, size)}
+    man = {"format": CACHE_FORMAT, "sinkhole_version": __version__, "source": str(source),
+           "source_size": source.stat().st_size, "source_key": key, "dtype": dtype,
+           "dequantize_s": round(seconds, 1), "files": files}
+    (folder / MANIFEST).write_text(json.dumps(man, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _cache_lock(target: Path):
+    """One process builds a cache entry at a time (others wait, then find it built)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): publishing by rename still keeps entries whole
+        yield
+        return
+    with open(target.parent / f".{target.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _publish(tmp: Path, target: Path) -> None:
-    """Move a finished cache folder into place. Another process (a sharded sweep's ranks, parallel
-    tests) may have published the same folder meanwhile: then keep theirs, which may be in use,
-    and drop ours; a stale incomplete folder is replaced."""
-    if _complete(target):
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
+    """Move a finished cache folder into place (under the cache lock), replacing a damaged one."""
     if target.exists():
         shutil.rmtree(target, ignore_errors=True)
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        if not _complete(target):  # lost a race to a folder that is still incomplete: a real error
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
+    os.replace(tmp, target)
 
 
-def _dequantized_folder(gguf_path: Path, progress: bool = True) -> Path:
-    """Return a cached safetensors folder for ``gguf_path``, creating it on first use."""
-    gguf_path = gguf_path.resolve()
-    key = _file_key(gguf_path)
-    target = cache_dir() / "dequantized" / f"{gguf_path.stem}-{key}"
-    if _complete(target):
-        return target
-    check_gguf(gguf_path)
+def _build_cache(gguf_path: Path, tmp: Path) -> None:
+    """Dequantize ``gguf_path`` with transformers and save it (float32 safetensors) into ``tmp``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    t0 = time.time()
-    if progress:
-        log.info("dequantizing %s once (cached in %s)", gguf_path.name, target)
     try:
         with quiet_hf():
             tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
@@ -274,17 +346,43 @@ def _dequantized_folder(gguf_path: Path, progress: bool = True) -> Path:
             del model.config.quantization_config
         except AttributeError:
             model.config.quantization_config = None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
-        with quiet_hf():
-            model.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
-        (tmp / "sinkhole-source.txt").write_text(f"{gguf_path}\nkey={key}\ndequantize_s={time.time() - t0:.1f}\n")
-        _publish(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with quiet_hf():
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+
+
+def _dequantized_folder(gguf_path: Path, progress: bool = True) -> Path:
+    """Return a cached safetensors folder for ``gguf_path``, creating it on first use. Every load
+    checks the entry (``cache_problem``); a damaged one is reported in one line and rebuilt
+    (refused with ``SINKHOLE_CACHE_STRICT=1``). Two processes loading the same file for the first
+    time build it once: the second waits for the first."""
+    gguf_path = gguf_path.resolve()
+    key = _file_key(gguf_path)
+    target = cache_dir() / "dequantized" / f"{gguf_path.stem}-{key}"
+    problem = cache_problem(target, key)
+    if problem is None:
+        return target
+    check_gguf(gguf_path)  # a broken file fails here, before anything is written to the cache
+    with _cache_lock(target):
+        problem = cache_problem(target, key)  # another process may have built it meanwhile
+        if problem is None:
+            return target
+        if problem != "missing":
+            if os.environ.get("SINKHOLE_CACHE_STRICT"):
+                raise ModelLoadError(f"the cached dequantized model {target} cannot be used ({problem}); delete "
+                                     "that folder to rebuild it, or unset SINKHOLE_CACHE_STRICT")
+            log.warning("the cached dequantized model %s cannot be used (%s); rebuilding it", target, problem)
+        t0 = time.time()
+        if progress:
+            log.info("dequantizing %s once (cached in %s)", gguf_path.name, target)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        try:
+            _build_cache(gguf_path, tmp)
+            _write_manifest(tmp, gguf_path, key, "float32", time.time() - t0)
+            _publish(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
