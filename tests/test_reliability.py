@@ -87,13 +87,13 @@ def _interrupt(model, out, sig, tmp_path):
     return proc.returncode, err
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
 def test_interrupted_scan_resumes_to_the_same_result(tiny_folder, reference, tmp_path, sig):
     ref_bytes, ref_dir = reference
     before = _before_gate(ref_dir)
     out = tmp_path / "out"
     code, err = _interrupt(tiny_folder, out, sig, tmp_path)
-    if sig == signal.SIGINT:
+    if sig in (signal.SIGINT, signal.SIGTERM):  # SIGTERM (a scheduler, kill) ends it like Ctrl-C
         assert code == 130, err
         assert "Traceback" not in err
         assert "--resume" in err.strip().splitlines()[-1]
@@ -190,7 +190,7 @@ def sweep_reference(tiny_folder, tmp_path_factory):
     return (d / "sweep.json").read_bytes()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
 def test_interrupted_sweep_resumes_to_the_same_result(tiny_folder, sweep_reference, tmp_path, sig):
     ckpt, out, gate = tmp_path / "ckpt.json", tmp_path / "sweep.json", tmp_path / "gate"
     proc = subprocess.Popen(_sweep_args(tiny_folder, ckpt, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -202,7 +202,7 @@ def test_interrupted_sweep_resumes_to_the_same_result(tiny_folder, sweep_referen
         time.sleep(0.2)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    if sig == signal.SIGINT:
+    if sig in (signal.SIGINT, signal.SIGTERM):
         assert proc.returncode == 130 and "Traceback" not in err
         assert "rerun the same command" in err.strip().splitlines()[-1]
     else:
@@ -213,3 +213,45 @@ def test_interrupted_sweep_resumes_to_the_same_result(tiny_folder, sweep_referen
     assert p.returncode == 0, p.stderr
     assert out.read_bytes() == sweep_reference
     assert len(read_json(ckpt)["records"]) == 40
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_patch_leaves_no_half_exported_model(tiny_folder, tmp_path, sig):
+    """Ctrl-C or SIGTERM during the patch search's fine-tune: exit 130, a line that says nothing was
+    exported and how to continue, no output folder and no temporary folder left behind."""
+    out = tmp_path / "patched"
+    args = [sys.executable, "-m", "sinkhole", "patch", str(tiny_folder), "--out", str(out), "--families",
+            "finetune_neurons", "--steps", "100000", "--reps", "8", "--verify-reps", "9", "--max-new-tokens", "4"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                            preexec_fn=default_sigint)
+    seen = ""
+    t0 = time.time()
+    while "candidate finetune_neurons" not in seen:  # the search reached the (long) fine-tune
+        line = proc.stderr.readline()
+        assert line or proc.poll() is None, seen
+        seen += line
+        assert time.time() - t0 < 300, seen
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, seen + err
+    assert "Traceback" not in err and "nothing was exported" in err.strip().splitlines()[-1]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_concurrent_scans_and_sweeps_do_not_interfere(tiny_folder, reference, sweep_reference, tmp_path):
+    """Two scans into two folders and two sweeps with two checkpoints, all four at once on one
+    machine (shared model cache, temporary files): each gives exactly its sequential result."""
+    ref_bytes, _ = reference
+    procs = [subprocess.Popen(_args(tiny_folder, tmp_path / f"scan{i}"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env()) for i in range(2)]
+    procs += [subprocess.Popen(_sweep_args(tiny_folder, tmp_path / f"ck{i}.json", tmp_path / f"sweep{i}.json"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=900)
+        assert p.returncode == 0 and "Traceback" not in err, err
+    for i in range(2):
+        assert (tmp_path / f"scan{i}" / "results.json").read_bytes() == ref_bytes
+        assert (tmp_path / f"sweep{i}.json").read_bytes() == sweep_reference
+    leftovers = [p for p in tmp_path.rglob("*") if ".tmp" in p.name or p.name.endswith(".partial.json")]
+    assert leftovers == []

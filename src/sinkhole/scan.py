@@ -37,7 +37,7 @@ PARTIAL = ".partial.json"
 
 def _opt(default, help: str, kind: str, quick=None, full=None):
     """A ScanOptions field: ``kind`` says how its flag parses (int, float, ints, words, families,
-    bool); ``quick``/``full`` are the values a ``None`` default takes with and without --quick."""
+    bool, layer, layers); ``quick``/``full`` are the values a ``None`` default takes with and without --quick."""
     return field(default=default, metadata={"help": help, "kind": kind, "quick": quick, "full": full})
 
 

@@ -19,7 +19,15 @@ COMMANDS = ["scan", "report", "models", "diverge", "patch", "eval", "circuit", "
 INTERRUPT_HINTS = {
     "scan": "finished steps are kept, rerun with --resume to continue",
     "sweep": "finished batches are kept in the checkpoint, rerun the same command to continue",
+    "patch": "nothing was exported (the output folder is written only when the patch is complete); rerun the "
+             "same command to start the search again",
 }
+
+
+def _terminate(signum, frame):
+    """SIGTERM (a job scheduler, ``kill``, a container stop) ends a command like Ctrl-C: finished
+    work is kept, nothing is left half-written, and the message says how to continue."""
+    raise KeyboardInterrupt
 
 
 def add_model_args(p: argparse.ArgumentParser, model_optional: bool = True) -> None:
@@ -152,6 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     from ..errors import SinkholeError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -115,6 +115,10 @@ def _run(args, cfg, patch_file, out) -> int:
             if res.baseline_search.get("either_rate", 0) == 0:
                 raise SinkholeError("the model did not diverge on the search cases: nothing to patch (try more "
                                     "--reps or other --words)", exit_code=1)
+            errors = [t for t in tried if "error" in t]
+            if errors and len(errors) == len([t for t in tried if "skipped" not in t]):
+                raise SinkholeError(f"every candidate failed; {errors[0]['family']}: {errors[0]['error']}",
+                                    exit_code=1)
             raise SinkholeError(f"no candidate stayed within the perplexity budget of {cfg.ppl_budget_pct}%; "
                                 "raise --ppl-budget or try other --families", exit_code=1)
     verification = verify_patch(lm, patch, cfg, log=log)

@@ -232,13 +232,21 @@ def finetune_config(lm, circ, cfg: SearchConfig, layers: list[int], **kw):
     stop = max(max(layers) + 1, circ.massive_layer - 1)
     base = {"layers": list(layers), "words": tuple(cfg.search_words) + _extra_train_words(cfg),
             "exclude_words": tuple(cfg.verify_words), "corpus_words": 150, "max_examples": 300,
-            "reps": tuple(sorted(set(cfg.search_reps) | {64, 500} - set(cfg.verify_reps))),
+            "reps": _train_reps(lm, cfg),
             "steps": cfg.finetune_steps, "objective": "local", "lr": 3e-4, "keep_weight": 100.0, "rep_batch": 4,
             "n_texts": 96, "stop_layer": min(stop, lm.adapter.n_layers - 1)}
     base.update(kw)
     if cfg.quick:
         base.update(corpus_words=20, max_examples=24, n_texts=16)
     return FinetuneConfig(**base)
+
+
+def _train_reps(lm, cfg: SearchConfig) -> tuple:
+    """The fine-tune's repetition counts: the search counts plus 64 and 500, never a held-out count,
+    and only runs that fit the model's context (two tokens a word at most)."""
+    reps = sorted(set(cfg.search_reps) | {64, 500} - set(cfg.verify_reps))
+    fit = [r for r in reps if not lm.n_ctx or 2 * r + 16 <= lm.n_ctx]
+    return tuple(fit or reps[:1])
 
 
 def _extra_train_words(cfg: SearchConfig) -> tuple:
@@ -299,8 +307,8 @@ def search_patch(lm, cfg: SearchConfig | None = None, circuit=None, log=print) -
     check_families(cfg.families)
     circ = circuit if circuit is not None else discover(lm)
     ns, source = _targets(lm, circ, cfg)
-    log(f"circuit: {circ.describe('massive_layer')}, sink neurons {ns} ({source}); "
-        f"{circ.describe('marking_layers')}")
+    log(f"paper patch neurons: {ns} of the massive layer {circ.massive_layer} ({source}); caps and fine-tune on "
+        f"the marking layers {list(circ.marking_layers)}")
     cases = make_cases(lm, list(cfg.search_words), list(cfg.search_reps), _templates(lm, cfg))
     train_text = snippets("tempest", n=8 if cfg.quick else 16, n_words=64, seed=5)
     base = _judge(lm, cases, None, cfg)
