@@ -169,11 +169,17 @@ def merge(paths: Sequence[str | Path]) -> dict:
     """Join shard checkpoints (same settings) into one result."""
     cfg, records = None, {}
     for p in paths:
+        if not Path(p).is_file():
+            raise SinkholeError(f"shard checkpoint {p} is not a file; pass the files a sharded sweep wrote")
         try:
             d = json.loads(Path(p).read_text())
         except (OSError, ValueError):
             raise SinkholeError(f"cannot read shard checkpoint {p}")
-        c = {k: v for k, v in d.get("config", {}).items() if k not in ("shard", "num_shards")}
+        if (not isinstance(d, dict) or not isinstance(d.get("config"), dict) or not isinstance(d.get("records"), dict)
+                or d["config"].get("version") != SWEEP_VERSION):
+            raise SinkholeError(f"{p} is not a sweep checkpoint of this sinkhole version; pass the files a sharded "
+                                "sweep wrote")
+        c = {k: v for k, v in d["config"].items() if k not in ("shard", "num_shards")}
         if cfg is None:
             cfg = c
         elif c != cfg:

@@ -173,10 +173,19 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _say(text: str) -> None:
+    """One line on stderr, whatever bytes the user's paths or words hold (a file name that is not
+    UTF-8 arrives as surrogate escapes and is shown escaped)."""
+    print(text.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
+
+
 def _main(argv: list[str] | None) -> int:
     from ..errors import SinkholeError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if any("\x00" in a for a in (sys.argv[1:] if argv is None else argv)):  # only possible in-process
+        _say("sinkhole: error: an argument contains a NUL byte; pass plain text")
+        return 2
     logging.basicConfig(level=logging.WARNING, format="sinkhole: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -191,20 +200,26 @@ def _main(argv: list[str] | None) -> int:
     try:
         return int(args.func(args) or 0)
     except SinkholeError as err:
-        print(f"sinkhole: error: {err}", file=sys.stderr)
+        _say(f"sinkhole: error: {err}")
         return err.exit_code
     except KeyboardInterrupt:
         hint = INTERRUPT_HINTS.get(args.command, "no result was written")
-        print(f"sinkhole: interrupted; {hint}", file=sys.stderr)
+        _say(f"sinkhole: interrupted; {hint}")
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as err:  # the file system refused a path the user gave (too long, not a folder, ...)
+        if os.environ.get("SINKHOLE_DEBUG"):
+            raise
+        where = f" ({str(err.filename)[:200]})" if err.filename else ""
+        _say(f"sinkhole: error: {err.strerror or type(err).__name__}{where}; check the paths you passed")
+        return 2
     except Exception as err:  # last resort: one line, no traceback unless asked
         if os.environ.get("SINKHOLE_DEBUG"):
             raise
         msg = str(err).splitlines()[0][:300] if str(err) else ""
-        print(f"sinkhole: internal error: {type(err).__name__}: {msg} (set SINKHOLE_DEBUG=1 for a traceback "
-              "and please report it)", file=sys.stderr)
+        _say(f"sinkhole: internal error: {type(err).__name__}: {msg} (set SINKHOLE_DEBUG=1 for a traceback "
+             "and please report it)")
         return 1
 
 
