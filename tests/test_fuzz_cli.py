@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -182,7 +183,19 @@ WORDS = st.one_of(st.sampled_from(["a", "poem", "the,poem", "a,,b", " ", "🙂",
 
 @st.composite
 def e2e_argvs(draw):
-    cmd = draw(st.sampled_from(["diverge", "diverge-exact", "sweep", "cluster", "circuit", "scan"]))
+    cmd = draw(st.sampled_from(["diverge", "diverge-exact", "sweep", "cluster", "circuit", "scan", "patch", "eval"]))
+    if cmd == "patch":
+        return ["patch", "--quick", "--out", "patched", "--families", draw(st.sampled_from(
+                    ["paper_zero", "norm_cap", "finetune_neurons", "paper_zero,norm_cap", "nope"])),
+                "--steps", draw(st.integers(-1, 3).map(str)), "--reps", draw(st.sampled_from(["4", "0", "4,,5", "6"])),
+                "--verify-reps", draw(st.sampled_from(["5", "4", "x"])), "--max-new-tokens", draw(SMALL),
+                "--neurons", draw(st.integers(-1, 3).map(str)), "--ppl-budget", draw(st.sampled_from(["1", "-1", "nan"])),
+                "--words", draw(WORDS), "--verify-words", draw(WORDS), "--quiet"]
+    if cmd == "eval":
+        return ["eval", "--patch", "patch.json", "--verify-reps", draw(st.sampled_from(["5", "0", "5,,6"])),
+                "--verify-words", draw(WORDS), "--max-new-tokens", draw(st.integers(-1, 4).map(str)),
+                "--heldout-text", draw(st.sampled_from(["twelfth_night", "missing.txt", "", "sonnets"]))] + (
+                    ["--no-divergence"] if draw(st.booleans()) else []) + ["--json", "--out", "out.json"]
     if cmd.startswith("diverge"):
         argv = ["diverge", "--words", draw(WORDS), "--reps", draw(st.one_of(SMALL, st.just("3,5"))),
                 "--max-new-tokens", draw(st.integers(-1, 6).map(str)), "--templates",
@@ -213,8 +226,11 @@ FAMILIES = ["llama", "gemma3_text", "gpt2"]
 def test_fuzz_commands_end_to_end_on_tiny_models(tmp_path, monkeypatch, capsys):
     from tiny import tiny_lm
 
+    from sinkhole.patch import Patch, PatchOp
+
     models = {f: tiny_lm(f, n_layers=3) for f in FAMILIES}
     monkeypatch.chdir(tmp_path)
+    Patch([PatchOp(1, "scale", None, values=0.5)], "half").save(tmp_path / "patch.json")  # fits every family
     monkeypatch.setenv("SINKHOLE_NO_PROGRESS", "1")
     monkeypatch.setattr(cli, "load_from_args", lambda args: models[FAMILIES[len(args.command) % 3]])
 
@@ -225,10 +241,13 @@ def test_fuzz_commands_end_to_end_on_tiny_models(tmp_path, monkeypatch, capsys):
     def check(argv):
         for f in ("out.json", "ck.json"):
             Path(f).unlink(missing_ok=True)
+        shutil.rmtree("patched", ignore_errors=True)
         rc = run_checked(argv, capsys, {"out.json": None})
         codes.setdefault(argv[0], set()).add(rc)
-        if rc == 0 and "--json" in argv:  # a finished run wrote its whole document
+        if rc == 0 and "--json" in argv and argv[0] != "eval":  # a finished run wrote its whole document
             assert json.loads(Path("out.json").read_text())["command"] == argv[0]
+        if argv[0] == "patch" and rc != 0:
+            assert not Path("patched").exists()  # a refused patch leaves no folder
 
     check()
     assert _no_temp_files(tmp_path) == []
