@@ -82,3 +82,26 @@ def test_attn_first_during_kv_cache_generation(tiny):
     full = g.cache["attn_pattern.1"][..., 0]
     torch.testing.assert_close(steps[1][..., 0], full[..., 6], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(steps[2][..., 0], full[..., 7], atol=1e-5, rtol=1e-4)
+
+
+def test_attn_first_on_some_layers_of_a_soft_capped_model():
+    """Gemma-2 soft-caps its attention logits, which SDPA cannot do: layers without an attn_first
+    read must still compute soft-capped attention (they failed with 'sdpa attention does not
+    support softcap', and so did the sweep and cluster steps on every Gemma-2 model)."""
+    from tiny import tiny_lm
+
+    from sinkhole.attack.sweep import sweep_tokens
+
+    lm = tiny_lm("gemma2")
+    assert lm.model.config.attn_logit_softcapping  # the tiny config keeps Gemma-2's soft cap
+    ids = torch.randint(3, 60, (2, 11), generator=torch.Generator().manual_seed(2))
+    h, _ = _pattern_and_first(lm, ids)
+    g = Hooks(lm)
+    g.read("attn_first", 1)  # one layer only: layers 0 and 2 take the unflagged path
+    g.read("resid_post", lm.adapter.n_layers - 1, name="out")
+    with torch.no_grad(), g:
+        g.forward(ids, use_cache=False)
+    torch.testing.assert_close(g.cache["attn_first.1"], h.cache["attn_pattern.1"][..., 0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(g.cache["out"], h.cache["out"], atol=1e-4, rtol=1e-4)
+    res = sweep_tokens(lm, [5, 6, 7], drift_layer=0, max_reps=12, batch_size=3, quiet=True)
+    assert len(res["records"]) == 3

@@ -132,6 +132,8 @@ def run_checked(argv, capsys, out_files: dict | None = None) -> int:
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert lines and lines[-1].startswith("sinkhole: error:"), shown
         assert len([ln for ln in lines if ln.startswith("sinkhole:")]) >= 1, shown
+    if rc == 0 and "--json" in argv and out.strip():  # valid output: one JSON document on stdout
+        json.loads(out)
     for f, before in out_files.items():  # never half-written: untouched, or a whole JSON document
         p = Path(f)
         after = _stamp(p)

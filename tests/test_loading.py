@@ -323,6 +323,8 @@ def test_a_damaged_cache_entry_is_detected_and_rebuilt(fake_gguf, damage, caplog
         (folder / L.MANIFEST).unlink()
     problem = L.cache_problem(folder, L._file_key(src.resolve()))
     assert problem and problem != "missing"
+    with pytest.raises(SinkholeError, match="cannot be used"):  # --strict-cache
+        L._dequantized_folder(src, progress=False, strict=True)
     monkeypatch.setenv("SINKHOLE_CACHE_STRICT", "1")
     with pytest.raises(SinkholeError, match="cannot be used"):
         L._dequantized_folder(src, progress=False)

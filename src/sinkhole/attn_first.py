@@ -68,6 +68,9 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if not getattr(module, _FLAG, False):
+        if kwargs.get("softcap") is not None:  # SDPA cannot soft-cap the logits (Gemma-2): eager math
+            scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+            return _explicit(module, query, key, value, attention_mask, scale, kwargs["softcap"])[0], None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:

@@ -39,6 +39,8 @@ def add_model_args(p: argparse.ArgumentParser, model_optional: bool = True) -> N
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps, or auto (device_map='auto')")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run (off by default)")
+    p.add_argument("--strict-cache", action="store_true",
+                   help="refuse a damaged cache entry of dequantized GGUF weights instead of rebuilding it")
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -85,7 +87,7 @@ def load_from_args(args):
     from ..models.loading import load_model
 
     return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
-                      progress=not getattr(args, "quiet", False))
+                      progress=not getattr(args, "quiet", False), strict_cache=args.strict_cache)
 
 
 def check_out_file(path, flag: str = "--out"):

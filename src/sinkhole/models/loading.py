@@ -351,10 +351,10 @@ def _build_cache(gguf_path: Path, tmp: Path) -> None:
         tok.save_pretrained(tmp)
 
 
-def _dequantized_folder(gguf_path: Path, progress: bool = True) -> Path:
+def _dequantized_folder(gguf_path: Path, progress: bool = True, strict: bool = False) -> Path:
     """Return a cached safetensors folder for ``gguf_path``, creating it on first use. Every load
     checks the entry (``cache_problem``); a damaged one is reported in one line and rebuilt
-    (refused with ``SINKHOLE_CACHE_STRICT=1``). Two processes loading the same file for the first
+    (refused with ``strict``, ``--strict-cache`` or ``SINKHOLE_CACHE_STRICT=1``). Two processes loading the same file for the first
     time build it once: the second waits for the first."""
     gguf_path = gguf_path.resolve()
     key = _file_key(gguf_path)
@@ -368,9 +368,9 @@ def _dequantized_folder(gguf_path: Path, progress: bool = True) -> Path:
         if problem is None:
             return target
         if problem != "missing":
-            if os.environ.get("SINKHOLE_CACHE_STRICT"):
+            if strict or os.environ.get("SINKHOLE_CACHE_STRICT"):
                 raise ModelLoadError(f"the cached dequantized model {target} cannot be used ({problem}); delete "
-                                     "that folder to rebuild it, or unset SINKHOLE_CACHE_STRICT")
+                                     "that folder to rebuild it, or drop --strict-cache / SINKHOLE_CACHE_STRICT")
             log.warning("the cached dequantized model %s cannot be used (%s); rebuilding it", target, problem)
         t0 = time.time()
         if progress:
@@ -460,13 +460,15 @@ def load_model(
     attn_implementation: str = "eager",
     trust_remote_code: bool = False,
     progress: bool = True,
+    strict_cache: bool = False,
 ) -> LoadedModel:
     """Load a causal LM for analysis.
 
     ``spec`` is an embedded name (``smollm2-135m-instruct``, ``gemma3-270m``), a local Hugging
     Face folder, a ``.gguf`` file, or a hub id. ``device`` is ``cpu``, ``cuda[:N]``, ``mps`` or
     ``auto`` (``device_map="auto"`` through accelerate). Attention is eager so that attention
-    weights can be read. ``trust_remote_code`` stays off unless asked for.
+    weights can be read. ``trust_remote_code`` stays off unless asked for. ``strict_cache``
+    refuses a damaged dequantized-weights cache entry instead of rebuilding it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -482,7 +484,7 @@ def load_model(
     name = spec
     if spec in EMBEDDED:
         gguf_path = _resolve_embedded(spec)
-        folder = _dequantized_folder(gguf_path, progress)
+        folder = _dequantized_folder(gguf_path, progress, strict_cache)
         info.update(embedded=True, gguf=str(gguf_path), quantization=EMBEDDED[spec]["quant"],
                     hf_name=EMBEDDED[spec]["hf_name"])
         source = str(folder)
@@ -492,7 +494,7 @@ def load_model(
             if path.is_file():
                 if path.suffix.lower() != ".gguf":
                     check_gguf(path)  # gives the "not a GGUF file" error
-                folder = _dequantized_folder(path, progress)
+                folder = _dequantized_folder(path, progress, strict_cache)
                 info.update(gguf=str(path.resolve()))
                 name = path.stem
             elif path.is_dir():
