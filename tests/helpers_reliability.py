@@ -37,6 +37,12 @@ def make_tiny_folder(path: Path, family: str = "llama", n_layers: int = 3, seed:
     fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                      unk_token="[UNK]")
     fast.save_pretrained(path)
+    # load it back as this word-level tokenizer, not as the family's own class (Qwen2's would rebuild
+    # a byte-level BPE from the vocabulary and split every word into pieces)
+    cfg_path = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "TokenizersBackend"
+    cfg_path.write_text(json.dumps(cfg))
     return path
 
 

@@ -7,6 +7,7 @@ import contextlib
 import torch
 
 from ..data import snippets
+from ..errors import SinkholeError
 
 
 def norm_reduce(x: torch.Tensor, pos) -> torch.Tensor:
@@ -36,7 +37,8 @@ def text_batch(lm, n: int = 16, n_tokens: int = 32, bos: bool = True, name: str 
         if len(rows) == n:
             break
     if not rows:
-        raise ValueError("could not build a text batch: the tokenizer returned too few tokens")
+        raise SinkholeError(f"the tokenizer turns ordinary text into fewer than {n_tokens} tokens per snippet; "
+                            "is it the model's own tokenizer?")
     return torch.tensor(rows, dtype=torch.long, device=lm.device)
 
 

@@ -108,6 +108,9 @@ class LoadedModel:
         if not word or not word.strip():
             raise SinkholeError("words must be non-empty and not only whitespace; pass e.g. --words poem,company")
         ids = self.tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise SinkholeError(f"the word {word.strip()!r} encodes to no tokens with this model's tokenizer; "
+                                "pass other --words")
         return list(ids)
 
     def decode(self, ids) -> str:
