@@ -97,3 +97,32 @@ def test_every_command_on_every_family(family, folders, tmp_path, capsys, monkey
     out, _ = ok(capsys, ["eval", model, "--patch", patch, "--verify-reps", "7", "--max-new-tokens", "4",
                          "--json", q])
     assert json.loads(out)["verification"]["divergence_before"]["n_cases"] > 0
+
+
+def test_readme_lists_exactly_the_families_the_matrix_tests():
+    import re
+    from pathlib import Path
+
+    from sinkhole.models.adapters import SUPPORTED
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Supported architectures", 1)[1].split("\n## ", 1)[0]
+    listed = re.sub(r"\([^)]*\)", "", section.split("values:", 1)[1]).split(".", 1)[0]  # drop "(incl. ...)"
+    names = {x.strip() for x in listed.split(",")}
+    assert names == set(FAMILIES) == set(SUPPORTED)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_runs_longer_than_a_learned_position_table_are_refused_in_one_line(family, folders, capsys, tmp_path):
+    """GPT-2 and OPT learn absolute positions (512 in the tiny configs): a 2,000-token run cannot be
+    embedded, and every command says so before any work."""
+    model = str(folders[family])
+    for argv in (["diverge", model, "--words", "poem", "--reps", "2000"],
+                 ["circuit", model, "--reps", "2000"],
+                 ["sweep", model, "--max-reps", "2000", "--checkpoint", str(tmp_path / "c.json")],
+                 ["cluster", model, "--length", "2000"],
+                 ["scan", model, "--curve-reps", "2000", "--out", str(tmp_path / "s")]):
+        capsys.readouterr()
+        assert cli.main(argv + ["--quiet"]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("sinkhole: error:") and err.count("\n") == 1 and "512" in err, (argv, err)
