@@ -105,3 +105,32 @@ def test_attn_first_on_some_layers_of_a_soft_capped_model():
     torch.testing.assert_close(g.cache["out"], h.cache["out"], atol=1e-4, rtol=1e-4)
     res = sweep_tokens(lm, [5, 6, 7], drift_layer=0, max_reps=12, batch_size=3, quiet=True)
     assert len(res["records"]) == 3
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3_text"])
+def test_attn_first_with_a_sliding_window(family):
+    """Sliding-window attention (Mistral, Gemma-3's local layers): a query more than the window past
+    position 0 cannot see the first token, so its "attention on the first token" is 0, exactly as
+    in the eager pattern; Gemma-3's global layer still sees it."""
+    import transformers as T
+
+    from sinkhole.models.loading import from_pretrained_model
+    from tiny import TinyTokenizer, tiny_config
+
+    cfg = tiny_config(family)
+    cfg.sliding_window = 4
+    if family == "gemma3_text":
+        cfg.layer_types = ["sliding_attention", "sliding_attention", "full_attention"]
+    torch.manual_seed(0)
+    lm = from_pretrained_model(T.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval(),
+                               TinyTokenizer(), name=f"tiny-{family}-window")
+    ids = torch.randint(3, 60, (2, 12), generator=torch.Generator().manual_seed(3))
+    h, g = _pattern_and_first(lm, ids)
+    for i in range(3):
+        full, first = h.cache[f"attn_pattern.{i}"][..., 0], g.cache[f"attn_first.{i}"]
+        torch.testing.assert_close(first, full, atol=1e-5, rtol=1e-4)
+        late = first[..., 4:]  # queries 4.. are outside a 4-token window of position 0
+        if family == "gemma3_text" and i == 2:
+            assert late.min() > 0  # the global layer
+        else:
+            assert late.abs().max() == 0
