@@ -12,6 +12,7 @@ The normal suite runs a bounded, derandomized number of examples (seconds). The 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -110,21 +111,28 @@ def _alarm(signum, frame):
     raise TimeoutError(f"the command did not finish within {HANG_S} s (a hang)")
 
 
-def run_checked(argv, capsys, out_files: dict | None = None) -> int:
-    """Run the CLI in-process and check the invariant; returns the exit code."""
-    out_files = out_files or {}
+@contextlib.contextmanager
+def _deadline():
+    """A hang fails the test instead of blocking it."""
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(HANG_S)
     try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def run_checked(argv, capsys, out_files: dict | None = None) -> int:
+    """Run the CLI in-process and check the invariant; returns the exit code."""
+    out_files = out_files or {}
+    with _deadline():
         try:
             rc = cli.main([str(x) for x in argv])
         except SystemExit as e:  # argparse's own errors exit through SystemExit (one line, code 2)
             rc = e.code if isinstance(e.code, int) else 2
         except ReachedModelLoad:
             rc = 0
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
     out, err = capsys.readouterr()
     shown = f"argv={argv!r}\nstderr={err[-2000:]!r}"
     assert "internal error" not in err and "Traceback" not in err, shown
@@ -272,13 +280,8 @@ def test_fuzzer_findings_stay_fixed(argv, needle, tmp_path, monkeypatch, capsys)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli, "load_from_args", lambda args: (_ for _ in ()).throw(ReachedModelLoad()))
     argv = [paths[a.strip("{}")] if a.startswith("{") else a for a in argv]  # {name}: a fixture path
-    old = signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(HANG_S)
-    try:
+    with _deadline():
         rc = cli.main(argv)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
     err = capsys.readouterr().err
     assert rc != 0 and err.startswith("sinkhole: error:") and err.count("\n") == 1, err
     assert needle in err and "internal error" not in err

@@ -83,10 +83,6 @@ class ScanOptions(StepResult):
         vals["attn_reps"] = [n for n in vals["attn_reps"] if n <= vals["curve_reps"]] or [min(16, vals["curve_reps"])]
         return ScanOptions(**vals)
 
-    @classmethod
-    def option_fields(cls):
-        return [f for f in dataclasses.fields(cls)]
-
 
 class ScanInterrupted(KeyboardInterrupt):
     """Ctrl-C during a scan: ``step`` was running, ``done`` steps are saved in ``partial``."""

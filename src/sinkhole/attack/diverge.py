@@ -272,8 +272,9 @@ def run_judged(lm, cases: Sequence[Case], max_new_tokens: int = 48, batch_size: 
                quiet: bool | None = None) -> DivergenceResult:
     """The one way sinkhole judges cases: the greedy continuation of every case, judged by both
     judges. Cases whose prompt ends with the run get their tokens from the exact check
-    (``greedy_check``: the same tokens as generation, about 4x faster on SmolLM2) unless
-    ``exact=False``; the others (and all with ``exact=False``) from batched generation.
+    (``greedy_check``, then batched generation past a divergence: the same tokens as generation,
+    one forward pass for a case that keeps repeating) unless ``exact=False``; the others (and all
+    with ``exact=False``) from batched generation.
     ``exact=True`` refuses cases the check cannot draft."""
     from .predictor import RUN_AT_END
 
@@ -291,9 +292,10 @@ def run_judged(lm, cases: Sequence[Case], max_new_tokens: int = 48, batch_size: 
     ex_idx = [i for i, u in enumerate(use_exact) if u]
     gen_idx = [i for i, u in enumerate(use_exact) if not u]
     if ex_idx:
+        stops = stop_ids(lm)
         for i, ids in zip(ex_idx, _exact_tokens(lm, [cases[i] for i in ex_idx], max_new_tokens, batch_size, hooks,
                                                 quiet)):
-            results[i] = judge_case(lm, cases[i], ids)
+            results[i] = judge_case(lm, cases[i], ids, stops)
     if gen_idx:
         for i, r in zip(gen_idx, run_cases(lm, [cases[i] for i in gen_idx], max_new_tokens=max_new_tokens,
                                            batch_size=batch_size, hooks=hooks, quiet=quiet)):

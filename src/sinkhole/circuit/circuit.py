@@ -79,17 +79,22 @@ class Circuit(StepResult):
         the model's layer count."""
         changes, new_roles = {}, {k: dict(v) for k, v in self.roles.items()}
         for role, v in roles.items():
-            if role not in ROLE_NAMES:
-                raise ValueError(f"unknown circuit role {role!r}")
             if v is None:
                 continue
-            vals = [int(x) for x in v] if isinstance(v, (list, tuple)) else [int(v)]
-            bad = [x for x in vals if not 0 <= x < n_layers]
-            if bad or not vals:
-                raise SinkholeError(f"--{role.replace('_', '-')} must be in 0..{n_layers - 1}")
-            changes[role] = sorted(set(vals)) if role == "marking_layers" else vals[0]
+            changes[role] = role_value(role, v, n_layers)
             new_roles[role] = {**new_roles.get(role, {}), "source": "override"}
         return dataclasses.replace(self, roles=new_roles, **changes)
+
+
+def role_value(role: str, value, n_layers: int):
+    """An override of ``role`` checked against the model's layer count: a layer index, or a sorted
+    list of them for ``marking_layers``."""
+    if role not in ROLE_NAMES:
+        raise ValueError(f"unknown circuit role {role!r}")
+    vals = [int(x) for x in value] if isinstance(value, (list, tuple)) else [int(value)]
+    if not vals or any(not 0 <= x < n_layers for x in vals):
+        raise SinkholeError(f"--{role.replace('_', '-')} must be in 0..{n_layers - 1}")
+    return sorted(set(vals)) if role == "marking_layers" else vals[0]
 
 
 def _roles(sink_layers: list[int], massive: int, ratios: list[float]) -> tuple[list[int], int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 
@@ -36,7 +37,7 @@ def add_option_args(p) -> None:
     """One flag per ScanOptions field, with the field's help and its quick/full defaults."""
     from ..scan import ScanOptions
 
-    for f in ScanOptions.option_fields():
+    for f in dataclasses.fields(ScanOptions):
         if f.name in _COMMON:
             continue
         md, dflt = f.metadata, f.default
@@ -98,11 +99,11 @@ def build_options(args):
         if not isinstance(cfg, dict):
             raise SinkholeError("--config must hold a JSON object of scan options")
         values.update(cfg)
-    for f in ScanOptions.option_fields():
+    for f in dataclasses.fields(ScanOptions):
         v = getattr(args, f.name, None)
         if v is not None and f.name not in _COMMON:
             values[f.name] = v
-    known = {f.name: f for f in ScanOptions.option_fields()}
+    known = {f.name: f for f in dataclasses.fields(ScanOptions)}
     bad = sorted(set(values) - set(known))
     if bad:
         raise SinkholeError(f"unknown scan option(s) {bad} in --config; use {', '.join(known)}")
@@ -121,15 +122,13 @@ def build_options(args):
 def fit_context(opts, lm, explicit: bool):
     """Check the options against the loaded model: role overrides within its layers, norm-curve runs
     shortened to its context (an error when the user asked for more)."""
-    import dataclasses
-
     from ..errors import SinkholeError
 
-    n = lm.adapter.n_layers
-    for role in ("drift_layer", "massive_layer", "marking_layers"):
-        v = getattr(opts, role)
-        if v is not None and any(not 0 <= x < n for x in (v if isinstance(v, list) else [v])):
-            raise SinkholeError(f"--{role.replace('_', '-')} must be in 0..{n - 1} for this model")
+    from ..circuit.circuit import ROLE_NAMES, role_value
+
+    for role in ROLE_NAMES:  # before any step: the circuit step applies them (Circuit.with_roles)
+        if getattr(opts, role) is not None:
+            role_value(role, getattr(opts, role), lm.adapter.n_layers)
     longest = max(len(lm.word_ids(w)) for w in opts.words)
     if lm.n_ctx and opts.curve_reps * longest + 8 > lm.n_ctx:
         if explicit:
