@@ -10,13 +10,13 @@ from sinkhole.attn_first import first_column
 def _pattern_and_first(lm, ids, **kw):
     n = lm.adapter.n_layers
     h = Hooks(lm)
-    for i in range(n):
+    for i in lm.adapter.attention_layers:
         h.read("attn_pattern", i)
     h.read("resid_post", n - 1, name="out")
     with torch.no_grad(), h:
         h.forward(ids, use_cache=False, **kw)
     g = Hooks(lm)
-    for i in range(n):
+    for i in lm.adapter.attention_layers:
         g.read("attn_first", i)
     g.read("resid_post", n - 1, name="out")
     with torch.no_grad(), g:
@@ -29,7 +29,7 @@ def test_attn_first_matches_eager_every_family(tiny_family):
     impl = lm.model.config._attn_implementation
     ids = torch.randint(3, 60, (2, 11), generator=torch.Generator().manual_seed(1))
     h, g = _pattern_and_first(lm, ids)
-    for i in range(lm.adapter.n_layers):
+    for i in lm.adapter.attention_layers:
         full = h.cache[f"attn_pattern.{i}"]
         assert g.cache[f"attn_first.{i}"].shape == full.shape[:3]
         torch.testing.assert_close(g.cache[f"attn_first.{i}"], full[..., 0], atol=1e-5, rtol=1e-4)

@@ -38,7 +38,8 @@ def test_reads_leave_outputs_bit_identical(tiny_family):
     with Hooks(lm) as h:
         for i in range(lm.adapter.n_layers):
             for site in SITES:
-                h.read(site, i)
+                if site != "attn_pattern" or i in lm.adapter.attention_layers:
+                    h.read(site, i)
             h.read("resid_post", i, reduce=lambda x, pos: x.norm(dim=-1), name=f"norm.{i}")
         with torch.no_grad():
             out = h.forward(IDS, use_cache=False)
@@ -398,3 +399,18 @@ def test_edit_with_positions_of_another_call_fails_clearly():
         h.pos = torch.zeros(1, 3, dtype=torch.long)  # stale positions, as from a call outside the hooks
         with pytest.raises(RuntimeError, match="do not match"):
             Edit("resid_post", 0, op="zero", positions="first").apply(torch.zeros(1, 8, 64), h.pos)
+
+
+def test_an_edit_declared_inside_the_block_after_a_read_still_comes_first(tiny):
+    """Reads see edited values whatever order they were declared in, inside the block or before."""
+    for inside in (False, True):
+        h = Hooks(tiny)
+        if not inside:
+            h.read("attn_out", 1)
+            h.edit(Edit("attn_out", 1, op="zero"))
+        with torch.no_grad(), h:
+            if inside:
+                h.read("attn_out", 1)
+                h.edit(Edit("attn_out", 1, op="zero"))
+            h.forward(IDS, use_cache=False)
+        assert h.cache["attn_out.1"].abs().max() == 0, inside

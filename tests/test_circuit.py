@@ -128,16 +128,19 @@ def test_convergence_curve_shapes():
 
 
 def test_attention_sinks_shapes(tiny_family):
-    a = attention_sinks(tiny_family, words=["cat"], reps=[4, 12], T=16, n_texts=2, map_layers=[0, 2], map_tokens=6)
+    maps = tiny_family.adapter.attention_in([0, 1, 2])[:2]  # a hybrid's linear layers have no pattern
+    a = attention_sinks(tiny_family, words=["cat"], reps=[4, 12], T=16, n_texts=2, map_layers=maps, map_tokens=6)
     n = tiny_family.adapter.n_layers
+    att = set(tiny_family.adapter.attention_layers)
     assert len(a.text.mass_first) == n and a.text.mass_run is None
     assert len(a.repetitions) == 2 and len(a.repetitions[1].mass_run) == n
     for p in [a.text] + a.repetitions:
-        assert all(-1e-6 <= v <= 1 + 1e-6 for v in p.mass_first)
+        assert [i for i, v in enumerate(p.mass_first) if v is not None] == sorted(att)
+        assert all(-1e-6 <= v <= 1 + 1e-6 for v in p.mass_first if v is not None)
     for p in a.repetitions:
-        assert all(m + r <= 1 + 1e-4 for m, r in zip(p.mass_first, p.mass_run))
+        assert all(m + r <= 1 + 1e-4 for m, r in zip(p.mass_first, p.mass_run) if m is not None)
     assert 0 <= a.sink_rate_text <= 1 and 0 <= a.sink_rate_repeat <= 1
-    assert len(a.fig1["text"]) == 2 and len(a.fig1["text"][0]) == 6 and len(a.fig1["text"][0][0]) == 6
+    assert len(a.fig1["text"]) == len(maps) and len(a.fig1["text"][0]) == 6 and len(a.fig1["text"][0][0]) == 6
 
 
 def test_repeats_needed_rule():
@@ -238,3 +241,29 @@ def test_circuit_roles_and_overrides():
     assert type(c).from_dict(c.to_dict()) == c
     with pytest.raises(SinkholeError, match="unknown field"):
         type(c).from_dict({**c.to_dict(), "main_sink_layer": 1})
+
+
+def test_random_weights_have_no_classical_sink(tiny_family):
+    """Tiny random models (gated-attention Qwen3.5 and MoE ones included) have neither a massive
+    first-token norm nor concentrated attention: the circuit says so instead of inventing a sink,
+    and still names (nominal) layers for the commands."""
+    from sinkhole.circuit import discover
+
+    c = discover(tiny_family)
+    assert c.sink_kind == "none" and not c.has_sink
+    assert c.headline.startswith("No classical sink") and "nominal" in c.log_line()
+    for setting in ("bos", "no_bos"):
+        e = c.sink_evidence[setting]
+        assert e["norm_ratio"] < 5 and e["attn_first"] < 0.3 and e["sink"] is False
+    assert 0 <= c.drift_layer < tiny_family.adapter.n_layers
+
+
+def test_sink_classification_rule():
+    """A setting counts only with both a massive norm and concentrated attention."""
+    from sinkhole.circuit.circuit import _setting
+
+    assert _setting([1.0, 60.0], [1.0, 1.0], [0.9, 0.5])["sink"]
+    assert not _setting([1.0, 60.0], [1.0, 1.0], [0.9, 0.1])["sink"]  # attention not concentrated
+    assert not _setting([1.0, 2.0], [1.0, 1.0], [0.9, 0.8])["sink"]  # no massive norm
+    e = _setting([1.0, 60.0, 3.0], [1.0, 2.0, 1.0], [None, 0.4, None])  # a hybrid's linear layers
+    assert e["layer"] == 1 and e["norm_ratio"] == 30.0 and e["attn_first"] == 0.4

@@ -77,3 +77,25 @@ def test_cli_fast_json(capsys):
     pairs = {(s["layer"], s["neuron"]) for s in d["sink_neurons"]}
     assert {(11, 1229), (11, 1487)} <= pairs
     assert all("norm_after" in s and "joint_norm_after" in s for s in d["sink_neurons"])
+
+
+def test_smollm2_sink_is_any_first_token(circuit):
+    """The paper's precondition holds: a word at position 0 (no BOS) gets the massive norm and the
+    attention, as BOS does."""
+    assert circuit.sink_kind == "any_token" and circuit.has_sink
+    ev = circuit.sink_evidence
+    assert ev["no_bos"]["norm_ratio"] > 50 and ev["no_bos"]["attn_first"] > 0.4 and ev["no_bos"]["layer"] == 11
+    assert ev["bos"]["sink"]
+    assert circuit.headline.startswith("Sink: any token at position 0 becomes a sink")
+
+
+def test_gemma3_sink_is_bos_only():
+    """The negative control: only BOS becomes a sink, so a run of words cannot imitate it."""
+    from sinkhole.models.loading import load_model
+
+    c = discover(load_model("gemma3-270m"))
+    assert c.sink_kind == "bos_only"
+    ev = c.sink_evidence
+    assert ev["bos"]["norm_ratio"] > 10 and ev["bos"]["attn_first"] > 0.4
+    assert ev["no_bos"]["norm_ratio"] < 2 and ev["no_bos"]["attn_first"] < 0.15
+    assert "does not apply" in c.headline

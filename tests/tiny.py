@@ -8,7 +8,8 @@ import transformers as T
 from sinkhole.models.loading import from_pretrained_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox",
-            "opt", "olmo", "olmo2"]
+            "opt", "olmo", "olmo2", "mixtral", "olmoe", "qwen3_5_text"]
+MOE = {"mixtral", "olmoe"}  # 4 experts x 32 neurons, 2 per token: d_mlp 128 like the dense families
 
 VOCAB = 128
 
@@ -24,6 +25,15 @@ def tiny_config(family: str, n_layers: int = 3):
     if family in ("gemma", "gemma2", "gemma3_text"):
         cls = {"gemma": T.GemmaConfig, "gemma2": T.Gemma2Config, "gemma3_text": T.Gemma3TextConfig}[family]
         return cls(head_dim=16, **common)
+    if family in MOE:
+        cls = {"mixtral": T.MixtralConfig, "olmoe": T.OlmoeConfig}[family]
+        moe = dict(common, intermediate_size=32, num_experts_per_tok=2)
+        moe["num_local_experts" if family == "mixtral" else "num_experts"] = 4
+        return cls(head_dim=16, **moe)
+    if family == "qwen3_5_text":  # gated attention in layer 1, Gated DeltaNet linear attention in 0 and 2
+        return T.Qwen3_5TextConfig(head_dim=16, full_attention_interval=2, linear_num_value_heads=4,
+                                   linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+                                   **common)
     if family == "gpt2":
         return T.GPT2Config(n_embd=64, n_layer=n_layers, n_head=4, vocab_size=VOCAB, n_positions=512, bos_token_id=1,
                             eos_token_id=2)

@@ -234,8 +234,9 @@ class Hooks:
             raise ValueError(f"{e.site} can be read but not edited")
         self._check_site(e.site, e.layer)
         self._edits.append(e)
-        if self._active:
-            self._attach_edit(e)
+        if self._active:  # re-attach everything: edits first, whatever order they were declared in
+            self.remove()
+            self.__enter__()
 
     def stop_after(self, layer: int) -> None:
         self._check_site("resid_post", layer)
@@ -249,6 +250,8 @@ class Hooks:
         n = self.adapter.n_layers
         if not (0 <= int(layer) < n):
             raise ValueError(f"layer {layer} is out of range: the model has layers 0..{n - 1}")
+        if site in ("attn_pattern", "attn_first"):
+            self.adapter.module_for("attn_pattern", int(layer))  # a linear-attention layer: one-line error
 
     # --- running ----------------------------------------------------------------------------
     def forward(self, input_ids=None, **kwargs):
@@ -349,7 +352,7 @@ class Hooks:
                     raise RuntimeError("attention weights are not available: load the model with "
                                        "attn_implementation='eager'")
                 self._store(r, first_column(w, self.pos))
-            self._handles.append(self.adapter.attn(r.layer).register_forward_hook(fhook))
+            self._handles.append(self.adapter.module_for("attn_pattern", r.layer).register_forward_hook(fhook))
             return
         site, mod = r.site, self.adapter.module_for(r.site, r.layer)
         if site == "neurons":

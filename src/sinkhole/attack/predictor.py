@@ -78,14 +78,16 @@ def sink_probe(lm, ids: torch.Tensor, norm_layer: int, a0: int, max_layer: int, 
     and the attention on the first real token from the last ``k`` positions, averaged over
     layers ``a0..max_layer`` and heads (B, k). Both on the CPU."""
     h = Hooks(lm)
-    for L in range(a0, max_layer + 1):
+    att_layers = lm.adapter.attention_in(range(a0, max_layer + 1)) or \
+        [min(lm.adapter.attention_layers, key=lambda i: (abs(i - a0), i))]  # a hybrid's nearest attention layer
+    for L in att_layers:
         h.read("attn_first", L, reduce=_attn_to_first(k))
     h.read("resid_post", norm_layer, reduce=_norms)
-    h.stop_after(max(max_layer, norm_layer))
+    h.stop_after(max(max_layer, norm_layer, *att_layers))
     kw = {} if attention_mask is None else {"attention_mask": attention_mask.to(lm.device)}
     with torch.no_grad(), h:
         h.forward(ids.to(lm.device), use_cache=False, **kw)
-    att = torch.stack([h.cache[f"attn_first.{L}"] for L in range(a0, max_layer + 1)]).mean(0)
+    att = torch.stack([h.cache[f"attn_first.{L}"] for L in att_layers]).mean(0)
     return h.cache[f"resid_post.{norm_layer}"].cpu(), att.cpu()
 
 
@@ -239,6 +241,17 @@ def _draft(gen: list[int], unit: list[int], n: int) -> list[int]:
     return [unit[(p + j) % k] for j in range(n)]
 
 
+def _rollback(past, n: int):
+    """The cache without its last ``n`` tokens, or None where it cannot be rolled back (the recurrent
+    state of linear attention, e.g. Qwen3.5's Gated DeltaNet): the next pass then re-reads the
+    whole sequence."""
+    try:
+        past.crop(-n)  # negative: remove that many (every transformers version reads it so)
+        return past
+    except RuntimeError:
+        return None
+
+
 def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | None = None,
                  hooks=None) -> list[GreedyCheck]:
     """Greedy decoding of ``max_new_tokens`` tokens after each prompt, judged, without decoding token
@@ -298,9 +311,9 @@ def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | N
                         break
                 gen += new
                 if i < len(draft):  # cut the cache back to the prompt and the accepted draft tokens
-                    past.crop(i - len(draft))  # negative: remove that many (every transformers version reads it so)
+                    past = _rollback(past, len(draft) - i)
                 seq += draft[:i]
-                fed = len(seq)
+                fed = len(seq) if past is not None else 0
                 seq += new[i:]  # the mismatching (true) token, fed with the next draft
                 verdict = judge_run(decode_pieces(lm, gen), word)
                 if verdict.diverged:

@@ -32,8 +32,8 @@ class AttentionProfile:
     label: str
     n_tokens: int
     layers: list[int]
-    mass_first: list[float]  # per layer
-    mass_run: list[float] | None = None  # per layer, repetition inputs only
+    mass_first: list  # per layer (None at a hybrid's linear-attention layers)
+    mass_run: list | None = None  # per layer, repetition inputs only
     sink_rate: float | None = None  # Gu et al., over all layers and heads (eps below)
     eps: float = 0.3
 
@@ -89,17 +89,19 @@ def _profile(lm, ids: torch.Tensor, label: str, run_start: int | None = None, ep
             out.append((a[:, :, q0:, :] * m).sum(-1).mean().reshape(1))
         return torch.cat(out)
 
-    for i in range(L):
+    att_layers = lm.adapter.attention_layers  # a hybrid's linear-attention layers have no weights: None
+    for i in att_layers:
         h.read("attn_first" if fused else "attn_pattern", i, reduce=reduce_first if fused else reduce_pattern,
                name=f"att.{i}")
     with torch.no_grad(), h:
         h.forward(ids, use_cache=False)
-    c = [h.cache[f"att.{i}"] for i in range(L)]
-    H = c[0].numel() - 1 - (1 if run_start is not None else 0)
-    alphas = torch.stack([v[1:1 + H] for v in c])
+    c = {i: h.cache[f"att.{i}"] for i in att_layers}
+    H = c[att_layers[0]].numel() - 1 - (1 if run_start is not None else 0)
+    alphas = torch.stack([v[1:1 + H] for v in c.values()])
     return AttentionProfile(label=label, n_tokens=int(ids.shape[1]), layers=list(range(L)),
-                            mass_first=[float(v[0]) for v in c],
-                            mass_run=[float(v[-1]) for v in c] if run_start is not None else None,
+                            mass_first=[float(c[i][0]) if i in c else None for i in range(L)],
+                            mass_run=[float(c[i][-1]) if i in c else None for i in range(L)]
+                            if run_start is not None else None,
                             sink_rate=float((alphas > eps).double().mean()), eps=eps)
 
 
@@ -114,11 +116,15 @@ def _map(lm, ids: torch.Tensor, layers: list[int]) -> list[list[list[float]]]:
 
 
 def fig1_layers(lm, sink_layers: list[int], main: int) -> list[int]:
+    """Up to four layers for the attention maps: the first sink layer, the one after the massive
+    layer, a middle one and the last (each moved to the nearest softmax-attention layer)."""
     L = lm.adapter.n_layers
+    att = lm.adapter.attention_layers
     first = sink_layers[0] if sink_layers else main
     cand = [min(first, L - 1), min(main + 1, L - 1), min((main + 1 + L) // 2, L - 1), L - 1]
     out = []
     for c in cand:
+        c = min(att, key=lambda a: (abs(a - c), a))
         if c not in out:
             out.append(c)
     return out

@@ -15,6 +15,18 @@ circuit its own name, because one model has several layers that matter for diffe
 
 Each command that needs a layer takes its role from this object, prints the role and layer it
 used, and accepts an explicit override (``Circuit.with_roles``).
+
+The circuit also classifies the model's sink (``sink_kind``, rule in ``SINK_RULE``), because the
+paper's mechanism needs one precondition: that *any* token at position 0 becomes a sink.
+
+``any_token``  ordinary text without BOS (a word at position 0) already gets the massive
+               first-token norm and the concentrated attention: a long run can look like a first
+               token, the paper's mechanism and patch apply (SmolLM2).
+``bos_only``   only text that starts with BOS does (Gemma-3-270M): a run of words is never a
+               first token, so the mechanism does not apply.
+``none``       neither: no massive first-token norm or no concentrated attention on position 0
+               (random weights; attention designed not to sink). The roles are then nominal:
+               the commands still need a layer, but there is no classical sink to name.
 """
 
 from __future__ import annotations
@@ -29,6 +41,17 @@ from .neurons import ablation_effect, norms_and_attention, rank_and_filter
 from .sink_layers import find_sink_layers
 
 DRIFT_RATIO = 5.0
+SINK_ATTENTION = 0.3  # mean attention on position 0 that counts as concentrated (Gu et al.'s epsilon)
+SINK_KINDS = {
+    "any_token": "any token at position 0 becomes a sink",
+    "bos_only": "only the BOS token is a sink",
+    "none": "no classical sink",
+}
+SINK_RULE = (f"a setting has a sink when the first token's residual norm reaches at least {DRIFT_RATIO:g}x the typical "
+             f"norm at some layer and the attention mass on position 0 (queries > 0, mean over heads and softmax-"
+             f"attention layers 1..L-1) is at least {SINK_ATTENTION:g} (uniform attention over the same queries "
+             "gives about 0.15); any_token: text whose position 0 is a word has one; bos_only: only text that "
+             "starts with BOS has one; none: neither")
 
 ROLE_RULES = {
     "massive_layer": "the candidate sink layer whose sink neurons (or, when no set collapses the norm, its "
@@ -59,6 +82,14 @@ class Circuit(StepResult):
     ablation: list  # what zeroing each layer's sink neurons does to later layers
     roles: dict  # role -> {"rule": ..., "source": "circuit" | "override"}
     repetition_firing: list = field(default_factory=list)  # filled by the scan's circuit step
+    sink_kind: str = ""  # any_token | bos_only | none (SINK_KINDS)
+    sink_evidence: dict = field(default_factory=dict)  # per setting (bos, no_bos): norm_ratio, layer, attn_first
+    headline: str = ""
+    status: str | None = None
+
+    @property
+    def has_sink(self) -> bool:
+        return self.sink_kind != "none"
 
     def neurons_at(self, layer: int, k: int | None = None) -> list[int]:
         """The verified sink neurons of ``layer`` (strongest first), at most ``k``."""
@@ -72,7 +103,10 @@ class Circuit(StepResult):
         return f"{ROLE_NAMES[role]} {v} ({'set by you' if src == 'override' else 'from the circuit'})"
 
     def log_line(self) -> str:
-        return "; ".join(self.describe(r) for r in ROLE_NAMES)
+        roles = "; ".join(self.describe(r) for r in ROLE_NAMES)
+        if self.sink_kind == "none":
+            return f"{SINK_KINDS['none']}: nominal roles, {roles}"
+        return roles
 
     def with_roles(self, n_layers: int, **roles) -> "Circuit":
         """A copy with some roles overridden (``None`` keeps the circuit's answer); checked against
@@ -102,6 +136,47 @@ def _roles(sink_layers: list[int], massive: int, ratios: list[float]) -> tuple[l
     return marking, first_layer_over(ratios, DRIFT_RATIO)
 
 
+def _setting(first: list, typical: list, attn: list) -> dict:
+    ratios = [f / max(t, 1e-12) for f, t in zip(first, typical)]
+    i = max(range(len(ratios)), key=ratios.__getitem__)
+    a = [x for x in attn[1:] if x is not None] or [x for x in attn if x is not None]
+    mass = sum(a) / len(a)
+    return {"norm_ratio": round(ratios[i], 3), "layer": int(i), "attn_first": round(mass, 4),
+            "sink": bool(ratios[i] >= DRIFT_RATIO and mass >= SINK_ATTENTION)}
+
+
+def classify_sink(lm, bos_control: tuple | None = None, n_texts: int = 4, n_tokens: int = 16) -> tuple[str, dict]:
+    """(sink_kind, evidence per setting) from ordinary text with and without BOS (SINK_RULE).
+    ``bos_control``: ``norms_and_attention`` of a with-BOS text batch already run to the last layer."""
+    n_layers = lm.adapter.n_layers
+    ev = {}
+    if lm.bos_id is not None:
+        ctl = bos_control or norms_and_attention(lm, text_batch(lm, n=n_texts, n_tokens=n_tokens, bos=True),
+                                                 n_layers - 1)
+        ev["bos"] = _setting(*ctl)
+    ev["no_bos"] = _setting(*norms_and_attention(lm, text_batch(lm, n=n_texts, n_tokens=n_tokens, bos=False),
+                                                 n_layers - 1))
+    kind = "any_token" if ev["no_bos"]["sink"] else "bos_only" if ev.get("bos", {}).get("sink") else "none"
+    return kind, ev
+
+
+def sink_headline(kind: str, ev: dict) -> tuple[str, str | None]:
+    """The report's verdict line for the sink classification, and whether the paper applies."""
+    def says(k):
+        e = ev[k]
+        return (f"{'with' if k == 'bos' else 'without'} BOS, the first token's norm reaches {e['norm_ratio']:.3g}x the "
+                f"typical norm (layer {e['layer']}) and {e['attn_first']:.2f} of attention sits on position 0")
+    parts = "; ".join(says(k) for k in ("no_bos", "bos") if k in ev)
+    if kind == "any_token":
+        return (f"Sink: {SINK_KINDS[kind]} ({parts}): a long run can look like a first token, so the paper's "
+                "mechanism and patch apply.", None)
+    if kind == "bos_only":
+        return (f"Sink: {SINK_KINDS[kind]} ({parts}): a run of words never becomes a first token, so the paper's "
+                "mechanism does not apply; a divergence found here has another cause.", None)
+    return (f"{SINK_KINDS['none'].capitalize()} ({parts}): the paper's mechanism and patch do not apply, and the "
+            "circuit's layer roles are nominal.", None)
+
+
 def discover(lm, k: int = 8, collapse: float = 0.5, min_gain: float = 0.1, n_texts: int = 8,
              n_tokens: int = 24, attn_texts: int = 4, attn_tokens: int = 16) -> Circuit:
     """Candidate sink layers, causally verified sink neurons, and the circuit's roles."""
@@ -128,7 +203,7 @@ def discover(lm, k: int = 8, collapse: float = 0.5, min_gain: float = 0.1, n_tex
         e = ablation_effect(lm, r["layer"], ns, batch=batch, control=control)
         d = e.to_dict()
         d["verified"] = bool(r["selected"])
-        later = range(r["layer"] + 1, n_layers)
+        later = lm.adapter.attention_in(range(r["layer"] + 1, n_layers))
         if len(later):
             d["later_attn_before"] = sum(e.attn_to_first_before[i] for i in later) / len(later)
             d["later_attn_after"] = sum(e.attn_to_first_after[i] for i in later) / len(later)
@@ -139,8 +214,12 @@ def discover(lm, k: int = 8, collapse: float = 0.5, min_gain: float = 0.1, n_tex
         m = max(effect, key=lambda i: effect[i])
     ratios = [f / max(t, 1e-12) for f, t in zip(sl.first_token_norm, sl.typical_norm)]
     marking, drift = _roles(list(sl.sink_layers), int(m), ratios)
+    kind, ev = classify_sink(lm, bos_control=control if lm.bos_id is not None else None,
+                             n_texts=attn_texts, n_tokens=attn_tokens)
+    headline, status = sink_headline(kind, ev)
     return Circuit(model=getattr(lm, "name", "model"), sink_layers=list(sl.sink_layers), massive_layer=int(m),
                    marking_layers=marking, drift_layer=int(drift), paper_sink_layer=sl.paper_layer,
                    first_token_norm=sl.first_token_norm[m], typical_norm=sl.typical_norm[m], sink_neurons=flat,
                    layers=sl.to_dict(), neurons=per_layer, ablation=abl,
-                   roles={r: {"rule": ROLE_RULES[r], "source": "circuit"} for r in ROLE_RULES})
+                   roles={r: {"rule": ROLE_RULES[r], "source": "circuit"} for r in ROLE_RULES},
+                   sink_kind=kind, sink_evidence={**ev, "rule": SINK_RULE}, headline=headline, status=status)

@@ -50,8 +50,8 @@ class AblationEffect:
     first_norm_after: list[float]
     typical_norm_before: list[float]
     typical_norm_after: list[float]
-    attn_to_first_before: list[float]  # per layer: mean attention mass on position 0 (queries > 0)
-    attn_to_first_after: list[float]
+    attn_to_first_before: list  # per layer: mean attention mass on position 0 (queries > 0); None at a
+    attn_to_first_after: list  # hybrid's linear-attention layers
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,8 +147,11 @@ def norms_and_attention(lm, ids: torch.Tensor, last: int, edit: Edit | None = No
     h = Hooks(lm)
     if edit is not None:
         h.edit(edit)
+    att_layers = set(lm.adapter.attention_in(range(last + 1)))
     for i in range(last + 1):
         h.read("resid_post", i, reduce=norm_reduce)
+        if i not in att_layers:
+            continue
         if site == "attn_first":  # (B, H, T): weight on the first token, fused kernel
             h.read(site, i, reduce=lambda x, p: x.detach().float()[:, :, 1:].mean().reshape(1), name=f"att.{i}")
         else:
@@ -159,7 +162,7 @@ def norms_and_attention(lm, ids: torch.Tensor, last: int, edit: Edit | None = No
     c = h.cache
     first = [float(c[f"resid_post.{i}"][:, 0].mean()) for i in range(last + 1)]
     typ = [float(c[f"resid_post.{i}"][:, 1:].mean()) for i in range(last + 1)]
-    att = [float(c[f"att.{i}"][0]) for i in range(last + 1)]
+    att = [float(c[f"att.{i}"][0]) if i in att_layers else None for i in range(last + 1)]
     return first, typ, att
 
 

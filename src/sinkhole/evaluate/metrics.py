@@ -148,25 +148,28 @@ def sink_attention(lm, patch, word: str = "poem", reps: int = 400, last: int = 3
         raise SinkholeError(f"{reps} repetitions exceed the model's context of {lm.n_ctx} tokens; use fewer")
     x = torch.as_tensor([ids], device=lm.device)
     out = {"word": word, "reps": reps, "last_queries": last}
+    att_layers = lm.adapter.attention_layers
     for tag, p in (("before", None), ("after", patch)):
         h = Hooks(lm, check_finite=False)
-        for layer in range(lm.adapter.n_layers):
+        for layer in att_layers:
             h.read("attn_pattern", layer, reduce=_mass_reduce(last))
         with torch.no_grad(), apply_patch(lm, p, validate=False), h:
             h.forward(x, use_cache=False)
-        out[tag] = [float(h.cache[f"attn_pattern.{i}"][0]) for i in range(lm.adapter.n_layers)]
+        out[tag] = [float(h.cache[f"attn_pattern.{i}"][0]) if i in att_layers else None
+                    for i in range(lm.adapter.n_layers)]
     # reference: ordinary text (held-out), same queries
     text = heldout_texts(n=1, n_words=max(64, min(reps, 300)), seed=3)[0]
     tids = torch.as_tensor([lm.encode(text)[: len(ids)]], device=lm.device)
     h = Hooks(lm, check_finite=False)
-    for layer in range(lm.adapter.n_layers):
+    for layer in att_layers:
         h.read("attn_pattern", layer, reduce=_mass_reduce(last))
     with torch.no_grad(), h:
         h.forward(tids, use_cache=False)
-    out["text_reference"] = [float(h.cache[f"attn_pattern.{i}"][0]) for i in range(lm.adapter.n_layers)]
+    out["text_reference"] = [float(h.cache[f"attn_pattern.{i}"][0]) if i in att_layers else None
+                             for i in range(lm.adapter.n_layers)]
     skip = min(2, lm.adapter.n_layers - 1)  # layers 0-1 have no sink yet in most models
     for tag in ("before", "after", "text_reference"):
-        vals = out[tag][skip:]
+        vals = [v for v in out[tag][skip:] if v is not None] or [v for v in out[tag] if v is not None]
         out[f"mean_{tag}"] = sum(vals) / len(vals)
     out["mean_over_layers_from"] = skip
     return out

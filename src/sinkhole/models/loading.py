@@ -82,9 +82,10 @@ class LoadedModel:
 
     @property
     def bos_id(self) -> int | None:
+        """The tokenizer's BOS token, or None where the tokenizer has none. Never the config's
+        ``bos_token_id``: Qwen's configs name ``<|endoftext|>`` there, but its prompts start
+        without it, so putting it first would analyse an input the model never sees."""
         tid = getattr(self.tokenizer, "bos_token_id", None)
-        if tid is None:
-            tid = getattr(self.model.config, "bos_token_id", None)
         return int(tid) if tid is not None else None
 
     @property

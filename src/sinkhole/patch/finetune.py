@@ -95,22 +95,7 @@ def _trainable(lm, cfg: FinetuneConfig) -> tuple[dict, dict]:
     if cfg.neurons:
         for layer, neurons in cfg.neurons.items():
             layer = int(layer)
-            idx = torch.as_tensor([int(n) for n in neurons], dtype=torch.long)
-            for name, p in ad.mlp_parameters([layer]):
-                m = torch.zeros_like(p, dtype=torch.bool)
-                if p is ad.down_proj(layer).weight:
-                    if ad.spec.conv1d:
-                        m[idx, :] = True
-                    else:
-                        m[:, idx] = True
-                elif p.dim() == 2 and p.shape[0] == ad.d_mlp and p.shape[1] == ad.d_model:
-                    m[idx, :] = True  # gate/up rows (Linear weight is out x in)
-                elif p.dim() == 2 and p.shape == (ad.d_model, ad.d_mlp) and ad.spec.conv1d:
-                    m[:, idx] = True  # GPT-2 c_fc (in x out)
-                elif p.dim() == 1 and p.shape[0] == ad.d_mlp:
-                    m[idx] = True
-                else:
-                    continue
+            for name, p, m in ad.neuron_masks(layer, neurons):
                 params[name], masks[name] = p, m
     else:
         for layer in cfg.layers:
