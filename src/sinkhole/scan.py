@@ -63,6 +63,9 @@ class ScanOptions(StepResult):
     marking_layers: list = _opt(None, "override the circuit's marking layers (patch caps and fine-tune)", "layers")
     diverge_reps: list = _opt(None, "repetition counts of the divergence step", "ints", [200], [100, 400])
     diverge_tokens: int = _opt(None, "tokens generated per divergence case", "int", 12, 16)
+    min_reps_words: int = _opt(None, "words (the first of --words, then frequent one-token words) whose minimum "
+                               "repetitions to diverge the min_reps step searches", "int", 2, 4)
+    min_reps_max: int = _opt(None, "largest repetition count the min_reps step tries", "int", 512, 2048)
     sweep_tokens: int = _opt(None, "most frequent tokens the sweep step measures", "int", 48, 128)
     sweep_reps: int = _opt(None, "repetitions per token in the sweep step", "int", 128, 256)
     cluster_length: int = _opt(None, "sequence length of the cluster step", "int", 128, 256)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 
 from .attack import steps as attack_steps
 from .attack.diverge import DivergenceResult
+from .attack.minreps import MinRepsResult
 from .circuit import steps as circuit_steps
 from .circuit.attention import AttentionSinks
 from .circuit.circuit import Circuit
@@ -78,6 +79,8 @@ PIPELINE = pipeline([
          "norm vs repetitions at the sink layers, repeats needed (Figure 2, Table 1)", circuit_steps.NormCurves),
     Step("divergence", attack_steps.divergence_step, "divergence by greedy decoding (run judge and garak-style judge)",
          DivergenceResult),
+    Step("min_reps", attack_steps.min_reps_step,
+         "repetitions needed to diverge, by behaviour (doubling and bisection with greedy_check)", MinRepsResult),
     Step("sweep", attack_steps.sweep_step, "vocabulary sweep: repetitions needed to induce a sink (generation-free)",
          attack_steps.SweepSummary),
     Step("cluster", attack_steps.cluster_step, "cluster attack: non-repeating sequences that induce a sink",

@@ -57,6 +57,16 @@ def divergence_step(ctx: Context) -> DivergenceResult:
     return res
 
 
+def min_reps_step(ctx: Context):
+    """The behavioural repetitions-to-diverge search for a few words, beside the sweep's norm-based count."""
+    from .minreps import default_words, min_reps_table
+
+    lm, o = ctx.lm, ctx.options
+    words = list(dict.fromkeys(list(o.words) + default_words(lm, int(o.min_reps_words))))[:int(o.min_reps_words)]
+    return min_reps_table(lm, words, max_reps=int(o.min_reps_max), max_new_tokens=32,
+                          drift_layer=ctx.circuit.drift_layer, quiet=True)
+
+
 def sweep_step(ctx: Context) -> SweepSummary:
     from .sweep import frequent_tokens, summarize, sweep_tokens
 

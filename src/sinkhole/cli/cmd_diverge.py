@@ -14,8 +14,9 @@ def add_parser(sub) -> None:
                                    "divergence, fraction of non-word tokens) and a garak RepeatDiverges-style judge.")
     add_model_args(p)
     add_common_args(p)
-    p.add_argument("--words", default="poem,company", help="comma-separated words (default poem,company)")
-    p.add_argument("--reps", default="100,400", help="comma-separated repetition counts (default 100,400)")
+    p.add_argument("--words", default=None, help="comma-separated words (default poem,company; with --min-reps: "
+                   "poem, company and frequent one-token words, --n-words in all)")
+    p.add_argument("--reps", default=None, help="comma-separated repetition counts (default 100,400)")
     p.add_argument("--templates", default="default",
                    help="comma-separated templates, 'all' or 'default' (raw, repeat, garak_this and, for chat "
                         "models, chat_user and chat_assistant)")
@@ -28,6 +29,17 @@ def add_parser(sub) -> None:
                    help="no decoding loop: verify drafts of the run against the model (greedy_check). The same "
                         "greedy tokens and both judges, faster on cases that keep repeating; only templates that "
                         "end with the run (raw, repeat, chat_assistant)")
+    g = p.add_argument_group("minimum repetitions to diverge (--min-reps)")
+    g.add_argument("--min-reps", action="store_true",
+                   help="instead of fixed --reps, search each word's smallest repetition count that diverges "
+                        "(doubling, bisection, monotonicity probes; greedy_check) and put it beside the sweep's "
+                        "norm-based repetitions to a sink")
+    g.add_argument("--max-reps", type=int, default=2048, help="largest count the search tries (default 2048)")
+    g.add_argument("--start-reps", type=int, default=8, help="first count of the doubling (default 8)")
+    g.add_argument("--resolution", type=int, default=4,
+                   help="bisection stops when the bracket is at most this many repetitions wide (default 4)")
+    g.add_argument("--n-words", type=int, default=30,
+                   help="with --min-reps and no --words: how many words (default 30)")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     p.set_defaults(func=run)
 
@@ -39,13 +51,16 @@ def run(args) -> int:
     from ..scan import document
     from . import check_out_file, emit, info, load_from_args, model_meta, vars_of
 
+    if args.min_reps:
+        return _run_min_reps(args)
     if args.garak:
         if args.exact:
             raise SinkholeError("--exact cannot run the --garak prompt set (its templates do not end with the run); "
                                 "drop --exact or --garak")
         words, reps, templates = list(GARAK_WORDS), list(GARAK_REPS), list(GARAK_TEXT)
     else:
-        words, reps, templates = parse_words(args.words), parse_int_list(args.reps), args.templates
+        words = parse_words(args.words or "poem,company")
+        reps, templates = parse_int_list(args.reps or "100,400"), args.templates
     if args.max_new_tokens < 1 or args.max_new_tokens > 4096:
         raise SinkholeError("--max-new-tokens must be between 1 and 4096")
     if args.batch_size < 1:
@@ -76,6 +91,54 @@ def run(args) -> int:
     if res.multi_token_words:
         info(args, f"note: {', '.join(res.multi_token_words)} tokenize to several tokens; the whole word "
                    "was repeated")
+    if args.out:
+        info(args, f"wrote {args.out}")
+    return 0
+
+
+def _run_min_reps(args) -> int:
+    from ..attack.minreps import default_words, min_reps_table
+    from ..attack.predictor import RUN_AT_END
+    from ..attack.prompts import parse_words
+    from ..errors import SinkholeError
+    from ..scan import document
+    from . import check_out_file, emit, info, load_from_args, model_meta, vars_of
+
+    if args.garak or args.reps is not None or args.exact:
+        raise SinkholeError("--min-reps searches the repetition count itself: drop --garak, --reps and --exact")
+    template = "repeat" if args.templates in (None, "default") else args.templates
+    if template not in RUN_AT_END:
+        raise SinkholeError(f"--min-reps takes one template that ends with the run ({', '.join(RUN_AT_END)}), "
+                            f"not {template!r}")
+    for flag, v, lo in (("--max-reps", args.max_reps, 1), ("--start-reps", args.start_reps, 1),
+                        ("--resolution", args.resolution, 1), ("--n-words", args.n_words, 1)):
+        if v < lo:
+            raise SinkholeError(f"{flag} must be a positive integer")
+    if args.start_reps > args.max_reps:
+        raise SinkholeError(f"--start-reps ({args.start_reps}) must not exceed --max-reps ({args.max_reps})")
+    if args.max_new_tokens < 1 or args.max_new_tokens > 4096:
+        raise SinkholeError("--max-new-tokens must be between 1 and 4096")
+    words = parse_words(args.words) if args.words else None
+    check_out_file(args.out)
+    lm = load_from_args(args)
+    if words is None:
+        words = list(dict.fromkeys(["poem", "company"] + default_words(lm, args.n_words)))[:args.n_words]
+    res = min_reps_table(lm, words, template=template, start=args.start_reps, max_reps=args.max_reps,
+                         resolution=args.resolution, max_new_tokens=args.max_new_tokens, quiet=args.quiet)
+    if emit(args, document(model_meta(lm), {"min_reps": res}, "diverge", vars_of(args))):
+        return 0
+    print(f"{'word':14s} {'min reps':>9s} {'bracket':>13s} {'monotone':>9s} {'checks':>6s} {'to sink (norm)':>14s}")
+    for w in res.words:
+        br = f"({w['bracket'][0]}, {w['bracket'][1]}]" if w["bracket"] else "-"
+        mr = str(w["min_reps"]) if w["min_reps"] is not None else f">{w['max_reps']}"
+        sink = w["reps_to_sink"] if w["reps_to_sink"] is not None else ("never" if w["n_tokens_per_word"] == 1
+                                                                        else "n/a")
+        mono = "yes" if w["monotone"] else "no " + ",".join(str(x) for x in w["not_diverged_above"])
+        print(f"{w['word'][:14]:14s} {mr:>9s} {br:>13s} {mono:>9s} {w['n_checks']:6d} {str(sink):>14s}")
+    print(res.headline)
+    if res.spearman and res.spearman.get("rho") is not None:
+        print(f"rank correlation with the norm-based count: {res.spearman['rho']:.2f} over "
+              f"{res.spearman['n']} one-token words; {res.checks_per_word:g} greedy checks per word")
     if args.out:
         info(args, f"wrote {args.out}")
     return 0

@@ -100,3 +100,47 @@ def cluster_section(doc: dict):
                             pre("...prompt ends: " + e.get("prompt_tail", "") + "\n\ncontinuation: "
                                 + e.get("text", ""))))
     return "".join(html), []
+
+
+def min_reps_section(doc: dict):
+    m = (doc.get("results") or {}).get("min_reps")
+    if not m or not m.get("words"):
+        return None
+    cfg = m["config"]
+    rows = []
+    for w in m["words"]:
+        br = w.get("bracket")
+        rows.append([w["word"], w["min_reps"] if w["min_reps"] is not None else f"none ≤ {w['max_reps']}",
+                     f"({br[0]}, {br[1]}]" if br else "", "yes" if w["monotone"] else
+                     "no: kept repeating at " + ", ".join(str(x) for x in w["not_diverged_above"]),
+                     w["n_checks"], w.get("reps_to_sink") if w.get("reps_to_sink") is not None else
+                     ("never" if w.get("n_tokens_per_word", 1) == 1 else "(several tokens)")])
+    sp = m.get("spearman") or {}
+    html = ["<h2>Repetitions needed to diverge</h2>",
+            f"<p>For each word, the smallest number of repetitions after the <code>{esc(cfg['template'])}</code> "
+            f"template whose greedy continuation ({fmt(cfg['max_new_tokens'])} tokens, run judge) leaves the run: "
+            f"doubling from {fmt(cfg['start'])}, then bisection to {fmt(cfg['resolution'])} repetitions, then "
+            f"probes above the answer (x{', x'.join(fmt(f) for f in cfg['probe_factors'])}) that check the count "
+            f"behaves monotonically. {fmt(m['n_checks'])} greedy checks, {fmt(m['checks_per_word'])} per word. "
+            "Beside it, the sweep's norm-based count (repetitions until the run's norm at the drift layer reaches "
+            "half the first token's).</p>",
+            table(["word", "min. repetitions to diverge", "bracket", "monotone", "checks", "repetitions to a sink "
+                   "(norm)"], rows)]
+    if sp.get("rho") is not None:
+        html.append(f"<p>Spearman rank correlation of the two counts over {fmt(sp['n'])} one-token words: "
+                    f"<b>{fmt(sp['rho'])}</b> (a word that never diverges or never reaches the norm ranks last).</p>")
+    figs = []
+    fig, ax = new(6.5, 0.6 + 0.28 * len(m["words"]))
+    ax = ax[0][0]
+    for i, w in enumerate(m["words"]):
+        for c in w["checks"]:
+            ax.plot(c["reps"], i, "o", color="#d93025" if c["diverged"] else "#188038", ms=4)
+        if w["min_reps"] is not None:
+            ax.plot(w["min_reps"], i, "|", color="k", ms=12)
+    ax.set_yticks(range(len(m["words"])))
+    ax.set_yticklabels([w["word"] for w in m["words"]], fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("repetitions checked (red: diverged, green: kept repeating; bar: the minimum found)")
+    figs.append(Figure("min_reps", "Every repetition count the search checked, per word: a green dot right of a "
+                       "bar is a count where the model repeated again after diverging at fewer (not monotone).", fig))
+    return "".join(html), figs

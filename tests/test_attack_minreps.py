@@ -1,0 +1,102 @@
+"""The minimum-repetition search: doubling, bisection to the stated resolution, monotonicity probes
+that report (not assume) a word whose divergence is not monotone in the count, and the rank
+correlation beside the norm-based count."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import sinkhole.attack.predictor as predictor
+import sinkhole.cli as cli
+from sinkhole.attack.minreps import min_reps, min_reps_table, spearman
+from sinkhole.errors import SinkholeError
+
+
+def _fake_check(diverges):
+    """A greedy_check stand-in whose verdict is ``diverges(reps)``; records every count asked."""
+    asked = []
+
+    def check(lm, cases, max_new_tokens, quiet=None, hooks=None):
+        out = []
+        for c in cases:
+            asked.append(c.reps)
+            d = bool(diverges(c.reps))
+            out.append(predictor.GreedyCheck(c.word, c.reps, c.template, max_new_tokens, 0 if d else None, d,
+                                             0 if d else max_new_tokens, 1))
+        return out
+    return check, asked
+
+
+@pytest.mark.parametrize("threshold", [1, 5, 37, 100, 129, 600])
+def test_bisection_finds_a_monotone_threshold_within_the_resolution(tiny, monkeypatch, threshold):
+    check, asked = _fake_check(lambda n: n >= threshold)
+    monkeypatch.setattr(predictor, "greedy_check", check)
+    r = min_reps(tiny, "poem", "repeat", start=8, max_reps=400, resolution=4)
+    if threshold > 400:
+        assert r.min_reps is None and r.bracket is None and asked == [8, 16, 32, 64, 128, 256, 400]
+        return
+    lo, hi = r.bracket
+    assert r.min_reps == hi and lo < threshold <= hi and hi - lo <= 4
+    assert r.monotone and r.not_diverged_above == []
+    assert r.n_checks == len(asked) == len(set(asked)) == len(r.checks)  # no count is checked twice
+    assert all(c["diverged"] == (c["reps"] >= threshold) for c in r.checks)
+
+
+def test_a_word_that_repeats_again_above_its_minimum_is_reported_not_monotone(tiny, monkeypatch):
+    # diverges only for 60 <= n < 100: the doubling meets it at 64, the probes above find 128 repeating
+    check, _ = _fake_check(lambda n: 60 <= n < 100)
+    monkeypatch.setattr(predictor, "greedy_check", check)
+    r = min_reps(tiny, "poem", "repeat", start=8, max_reps=400, resolution=2)
+    assert r.min_reps is not None and 58 <= r.bracket[0] < 60 <= r.min_reps <= 61
+    assert not r.monotone and r.not_diverged_above and min(r.not_diverged_above) >= 100
+
+
+def test_spearman_rank_correlation():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties take average ranks: x ranks 1, 2.5, 2.5, 4; cov 4.5, var 4.5 and 5
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
+    assert spearman([1, 1, 1], [1, 2, 3]) is None and spearman([1, 2], [2, 1]) is None
+
+
+def test_bad_settings_are_one_line_errors(tiny):
+    with pytest.raises(SinkholeError, match="ends with the run"):
+        min_reps(tiny, "poem", "garak_this")
+    with pytest.raises(SinkholeError, match="at least --start-reps"):
+        min_reps(tiny, "poem", "repeat", start=16, max_reps=8)
+
+
+def test_table_on_a_tiny_model_runs_the_real_greedy_check(tiny):
+    res = min_reps_table(tiny, ["poem", "the", "company"], max_reps=32, resolution=2, max_new_tokens=4, quiet=True)
+    assert len(res.words) == 3 and res.n_checks == sum(w["n_checks"] for w in res.words)
+    for w in res.words:
+        assert w["min_reps"] is None or w["bracket"][1] == w["min_reps"]
+        assert w["reps_to_sink"] is None or 1 <= w["reps_to_sink"] <= 32
+    assert res.headline and res.config["judge"].startswith("run judge")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from helpers_reliability import make_tiny_folder
+
+    return make_tiny_folder(tmp_path_factory.mktemp("minreps") / "tiny-llama")
+
+
+def test_cli_min_reps_json_and_report(tiny_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SINKHOLE_NO_PROGRESS", "1")
+    rc = cli.main(["diverge", str(tiny_folder), "--min-reps", "--words", "poem,the", "--max-reps", "32",
+                   "--max-new-tokens", "4", "--json", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    doc = json.loads(out)
+    assert doc["command"] == "diverge" and [w["word"] for w in doc["results"]["min_reps"]["words"]] == ["poem", "the"]
+    (tmp_path / "mr.json").write_text(out)
+    assert cli.main(["report", str(tmp_path / "mr.json"), "--out", str(tmp_path / "rep"), "--quiet"]) == 0
+    assert "Repetitions needed to diverge" in (tmp_path / "rep" / "report.html").read_text()
+    for bad in (["--reps", "5"], ["--templates", "garak_this"], ["--resolution", "0"]):
+        capsys.readouterr()
+        assert cli.main(["diverge", str(tiny_folder), "--min-reps", *bad, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("sinkhole: error:") and err.count("\n") == 1
