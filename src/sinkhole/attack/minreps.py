@@ -14,8 +14,11 @@ tokens found by :func:`sinkhole.attack.predictor.greedy_check`, so no decoding l
    within ``max_reps``) are run as well, and every one that does *not* diverge is listed in
    ``not_diverged_above``; ``monotone`` is False when there is any.
 
-A word that never diverges up to ``max_reps`` has ``min_reps`` None. Each result records every
-count it checked, so the search can be audited (``checks``).
+A word that never diverges up to ``max_reps`` has ``min_reps`` None. A word that already diverges
+at the first count tried never repeated in this template at all (``repeated_below`` False: the
+model answers something else rather than leaving a run it was following); it is reported apart
+and left out of the rank correlation, which is about *when* a followed run breaks. Each result
+records every count it checked, so the search can be audited (``checks``).
 
 :func:`min_reps_table` runs the search for several words and puts it beside the norm-based
 "repetitions to a sink" of the vocabulary sweep (:func:`sinkhole.attack.sweep.sweep_tokens`, at the
@@ -50,6 +53,7 @@ class MinReps:
     checks: list  # {"reps", "diverged", "leaves_at"} per checked count, in the order checked
     n_tokens_per_word: int = 1
     reps_to_sink: int | None = None  # the sweep's norm-based count (single-token words; None otherwise or never)
+    repeated_below: bool = True  # some count below min_reps kept repeating (False: diverged at the first count)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,7 +70,8 @@ class MinRepsResult(StepResult):
     checks_per_word: float
     n_diverged: int
     n_non_monotone: int
-    spearman: dict | None  # {"rho", "n"}: min_reps vs reps_to_sink over words with both (never = beyond max)
+    spearman: dict | None  # {"rho", "n"}: min_reps vs reps_to_sink over one-token words that repeated first
+    n_at_once: int = 0  # words that diverged at the first count tried (never followed the run)
     headline: str = ""
     status: str | None = None
 
@@ -131,7 +136,7 @@ def min_reps(lm, word: str, template: str = "repeat", start: int = 8, max_reps: 
     # counts checked above hi during the search itself that kept repeating (possible only when not monotone)
     bad = sorted(set(bad) | {c["reps"] for c in order if c["reps"] > hi and not c["diverged"]})
     return MinReps(word, template, int(hi), [int(lo), int(hi)], int(resolution), int(top), not bad, bad, len(order),
-                   order, len(unit))
+                   order, len(unit), repeated_below=any(not c["diverged"] and c["reps"] < hi for c in order))
 
 
 def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
@@ -186,7 +191,8 @@ def min_reps_table(lm, words: Sequence[str], template: str = "repeat", start: in
             for r in rows:
                 if r.word in single:
                     r.reps_to_sink = sw["records"][str(single[r.word])]["reps_to_sink"]
-    both = [r for r in rows if r.n_tokens_per_word == 1] if norm_based else []
+    both = [r for r in rows if r.n_tokens_per_word == 1 and (r.min_reps is None or r.repeated_below)] \
+        if norm_based else []
     rho = None
     if both:
         never_b = max(r.max_reps for r in both) + 1  # "never within max_reps" ranks above every count
@@ -195,17 +201,20 @@ def min_reps_table(lm, words: Sequence[str], template: str = "repeat", start: in
         rho = {"rho": None if rho_v is None else round(rho_v, 4), "n": len(both)}
     n_checks = sum(r.n_checks for r in rows)
     n_div = sum(r.min_reps is not None for r in rows)
+    at_once = [r.word for r in rows if r.min_reps is not None and not r.repeated_below]
     non_mono = [r.word for r in rows if not r.monotone]
     res = MinRepsResult(
         config={"template": template, "start": int(start), "max_reps": int(max_reps), "resolution": int(resolution),
                 "max_new_tokens": int(max_new_tokens), "judge": "run judge (greedy_check)",
                 "drift_layer": drift_layer, "probe_factors": list(PROBE_FACTORS)},
         words=[r.to_dict() for r in rows], n_checks=n_checks, checks_per_word=round(n_checks / max(len(rows), 1), 2),
-        n_diverged=n_div, n_non_monotone=len(non_mono), spearman=rho)
-    found = sorted(r.min_reps for r in rows if r.min_reps is not None)
+        n_diverged=n_div, n_non_monotone=len(non_mono), spearman=rho, n_at_once=len(at_once))
+    found = sorted((r.min_reps, r.word) for r in rows if r.min_reps is not None and r.repeated_below)
     res.headline = (f"{n_div} of {len(rows)} words diverge within {max_reps} repetitions ('{template}' template)"
-                    + (f"; the fewest needed: {found[0]} ({[r.word for r in rows if r.min_reps == found[0]][0]!r}), "
-                       f"median {found[len(found) // 2]}" if found else "")
+                    + (f"; {len(at_once)} at the first count tried ({start}), never following the run" if at_once
+                       else "")
+                    + (f"; of the runs the model followed, the first broke after {found[0][0]} repetitions "
+                       f"({found[0][1]!r}), the median after {found[len(found) // 2][0]}" if found else "")
                     + (f"; not monotone in the count for {', '.join(non_mono)}" if non_mono else "") + ".")
     res.status = "bad" if n_div else "good"
     return res

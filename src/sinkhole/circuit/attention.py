@@ -8,7 +8,11 @@ Gu et al.'s sink rate; and the attention maps of the paper's Figure 1.
 * **sink rate** (Gu et al. 2025, ICLR): the fraction of (layer, head) pairs whose mean
   attention on the first token, ``alpha = mean_{t >= 0} A[t, 0]``, exceeds ``eps`` (0.3),
   on sequences of ``T`` (64) tokens. Gu et al. report 92-99% on natural text for 7B models and
-  0% for a repeated single token.
+  0% for a repeated single token. ``head_shares`` gives the same share at both thresholds in
+  use (0.3, Gu et al.; 0.8, Barbero et al. 2025), on text and on the longest run, with and
+  without BOS first.
+* **three-way split** of a repeated token's attention, per layer: on position 0, on the run, and
+  on everything else (the prompt between them), which sum to 1.
 * **Figure 1 maps** use attention *probabilities* (mean over heads, and over snippets for
   text); the paper's notebook plotted pre-softmax scores, which HF does not expose.
 
@@ -36,6 +40,8 @@ class AttentionProfile:
     mass_run: list | None = None  # per layer, repetition inputs only
     sink_rate: float | None = None  # Gu et al., over all layers and heads (eps below)
     eps: float = 0.3
+    sink_rates: dict = field(default_factory=dict)  # share of heads over each threshold of SHARE_EPS
+    bos: bool = True  # position 0 is BOS
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,12 +56,18 @@ class AttentionSinks(StepResult):
     eps: float
     T: int
     fig1: dict = field(default_factory=dict)  # {"layers": [...], "text": [[...]], "repeat": [[...]], ...}
+    head_shares: list = field(default_factory=list)  # {"input", "bos", "eps", "share"} per setting and threshold
+    split: dict = field(default_factory=dict)  # three-way split of the longest run: first, run, other per layer
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _profile(lm, ids: torch.Tensor, label: str, run_start: int | None = None, eps: float = 0.3) -> AttentionProfile:
+SHARE_EPS = (0.3, 0.8)  # Gu et al.; Barbero et al.
+
+
+def _profile(lm, ids: torch.Tensor, label: str, run_start: int | None = None, eps: float = 0.3,
+             bos: bool = True) -> AttentionProfile:
     """Per-layer attention metrics of one input. When the run starts right after the first token
     (or there is no run) only the weight on the first token is needed, read from the fused
     ``attn_first`` site (no T x T pattern); otherwise the eager pattern, reduced in the hook."""
@@ -102,7 +114,9 @@ def _profile(lm, ids: torch.Tensor, label: str, run_start: int | None = None, ep
                             mass_first=[float(c[i][0]) if i in c else None for i in range(L)],
                             mass_run=[float(c[i][-1]) if i in c else None for i in range(L)]
                             if run_start is not None else None,
-                            sink_rate=float((alphas > eps).double().mean()), eps=eps)
+                            sink_rate=float((alphas > eps).double().mean()), eps=eps,
+                            sink_rates={f"{e:g}": round(float((alphas > e).double().mean()), 4)
+                                        for e in sorted(set(SHARE_EPS) | {eps})}, bos=bool(bos))
 
 
 def _map(lm, ids: torch.Tensor, layers: list[int]) -> list[list[list[float]]]:
@@ -135,12 +149,29 @@ def attention_sinks(lm, words: list[str] = ("the",), reps: list[int] = (16, 64, 
                     map_tokens: int = 20) -> AttentionSinks:
     bos = lm.bos_id is not None
     text_ids = text_batch(lm, n=n_texts, n_tokens=T, bos=bos)
-    text = _profile(lm, text_ids, "text", eps=eps)
+    text = _profile(lm, text_ids, "text", eps=eps, bos=bos)
     profs = []
     for w in words:
         for n in reps:
             ids, start = repeat_ids(lm, w, int(n), bos=bos)
-            profs.append(_profile(lm, torch.tensor([ids], device=lm.device), f"'{w}' x{n}", run_start=start, eps=eps))
+            profs.append(_profile(lm, torch.tensor([ids], device=lm.device), f"'{w}' x{n}", run_start=start, eps=eps,
+                                  bos=bos))
+    head_shares = _shares(text, "text")
+    if bos:  # the same without BOS: a word at position 0
+        nb = _profile(lm, text_batch(lm, n=n_texts, n_tokens=T, bos=False), "text, no BOS", eps=eps, bos=False)
+        head_shares += _shares(nb, "text")
+    split = {}
+    if profs:
+        w, n = words[-1], int(reps[-1])
+        last = profs[-1]  # the last word at the last repetition count
+        split = {"label": last.label, "layers": last.layers, "first": last.mass_first, "run": last.mass_run,
+                 "other": [None if f is None else round(max(0.0, 1.0 - f - r), 6)
+                           for f, r in zip(last.mass_first, last.mass_run)]}
+        head_shares += _shares(last, "run")
+        if bos:
+            ids, start = repeat_ids(lm, w, n, bos=False)
+            head_shares += _shares(_profile(lm, torch.tensor([ids], device=lm.device), f"'{w}' x{n}, no BOS",
+                                            run_start=start, eps=eps, bos=False), "run")
     w0 = words[0]
     unit = lm.word_ids(w0)
     ids, start = repeat_ids(lm, w0, max(1, (T - (1 if bos else 0)) // len(unit)), bos=bos)
@@ -154,4 +185,9 @@ def attention_sinks(lm, words: list[str] = ("the",), reps: list[int] = (16, 64, 
                 "text": _map(lm, m_text, map_layers), "repeat": _map(lm, m_rep, map_layers),
                 "value": "attention probability, mean over heads (and over 4 text snippets)"}
     return AttentionSinks(text=text, repetitions=profs, sink_rate_text=text.sink_rate, sink_rate_repeat=rep_rate,
-                          eps=eps, T=T, fig1=fig1)
+                          eps=eps, T=T, fig1=fig1, head_shares=head_shares, split=split)
+
+
+def _shares(p: AttentionProfile, kind: str) -> list[dict]:
+    return [{"input": p.label, "kind": kind, "bos": p.bos, "eps": float(e), "share": p.sink_rates[f"{e:g}"]}
+            for e in SHARE_EPS]

@@ -32,6 +32,8 @@ class NormCurves(StepResult):
     all_curves: list  # curves at every layer of ``layers``
     repeats_needed: list
     repeats_rule: str
+    headline: str = ""
+    status: str | None = None
 
 
 def circuit_step(ctx: Context) -> Circuit:
@@ -69,10 +71,28 @@ def norm_curves_step(ctx: Context) -> NormCurves:
     typical = {i: typical_all[i] for i in layers} if typical_all else None
     curves = norm_curves(ctx.lm, ctx.options.words, ctx.options.curve_reps, layers, typical=typical, quiet=True)
     frac = float(ctx.options.frac)
-    return NormCurves(
+    res = NormCurves(
         layer=main, layers=layers, curves=[cv.to_dict() for cv in curves if cv.layer == main],
         all_curves=[cv.to_dict() for cv in curves],
         repeats_needed=[{"word": cv.word, "layer": cv.layer, "frac": frac, "repeats_needed": repeats_needed(cv, frac),
                          "repeats_needed_sustained": repeats_needed(cv, frac, window=32),
                          "max_norm": max(cv.norm), "first_token_norm": cv.first_token_norm} for cv in curves],
         repeats_rule=REPEATS_RULE.replace("`frac` (default 0.5)", f"{frac:g}"))
+    res.headline = runs_reach_sink_headline(res.repeats_needed, main, frac, int(ctx.options.curve_reps))
+    return res
+
+
+def runs_reach_sink_headline(rows: list, layer: int, frac: float, reps: int) -> str:
+    """Whether a long run reaches the sink state at the massive layer, for the verdict box."""
+    at = [r for r in rows if r["layer"] == layer]
+    hit = sorted((r["repeats_needed_sustained"] or r["repeats_needed"], r["word"]) for r in at
+                 if (r["repeats_needed_sustained"] or r["repeats_needed"]) is not None)
+    if hit:
+        n, w = hit[0]
+        return (f"Long runs reach the sink state: a run of '{w}' reaches {frac:g} of the first token's norm at the "
+                f"massive layer {layer} after {n} repetitions ({len(hit)} of {len(at)} words within {reps}).")
+    best = max(at, key=lambda r: r["max_norm"] / max(r["first_token_norm"], 1e-12)) if at else None
+    tail = (f" (at most {best['max_norm'] / max(best['first_token_norm'], 1e-12):.2f} of it, '{best['word']}')"
+            if best else "")
+    return (f"Long runs do not reach the sink state: no run of {', '.join(repr(r['word']) for r in at)} reaches "
+            f"{frac:g} of the first token's norm at the massive layer {layer} within {reps} repetitions{tail}.")

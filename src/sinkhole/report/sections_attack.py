@@ -110,7 +110,8 @@ def min_reps_section(doc: dict):
     rows = []
     for w in m["words"]:
         br = w.get("bracket")
-        rows.append([w["word"], w["min_reps"] if w["min_reps"] is not None else f"none ≤ {w['max_reps']}",
+        first = w["min_reps"] if w.get("repeated_below", True) else f"{w['min_reps']} (never followed the run)"
+        rows.append([w["word"], first if w["min_reps"] is not None else f"none ≤ {w['max_reps']}",
                      f"({br[0]}, {br[1]}]" if br else "", "yes" if w["monotone"] else
                      "no: kept repeating at " + ", ".join(str(x) for x in w["not_diverged_above"]),
                      w["n_checks"], w.get("reps_to_sink") if w.get("reps_to_sink") is not None else
@@ -137,6 +138,7 @@ def min_reps_section(doc: dict):
             ax.plot(c["reps"], i, "o", color="#d93025" if c["diverged"] else "#188038", ms=4)
         if w["min_reps"] is not None:
             ax.plot(w["min_reps"], i, "|", color="k", ms=12)
+    ax.set_ylabel("word")
     ax.set_yticks(range(len(m["words"])))
     ax.set_yticklabels([w["word"] for w in m["words"]], fontsize=8)
     ax.set_xscale("log")

@@ -4,7 +4,7 @@ position 0, sink layers and neurons, repeats needed). Built only from results.js
 from __future__ import annotations
 
 from .figures import Figure, new
-from .html import esc, fmt, table
+from .html import esc, fmt, note, table
 
 
 def _res(doc: dict, key: str):
@@ -114,9 +114,35 @@ def attention_section(doc: dict):
         figs.append(Figure("fig1_attention_maps",
                            "Figure 1: mean attention maps (first tokens) for text and for a repeated token; look for "
                            "repeated positions drawing attention like column 0 does on text.", fig))
+    sp = a.get("split") or {}
+    if sp.get("layers"):
+        keep = [i for i, f in enumerate(sp["first"]) if f is not None]
+        xs = [sp["layers"][i] for i in keep]
+        parts = [[sp[k][i] for i in keep] for k in ("first", "run", "other")]
+        fig, ax = new(6.5, 3.2)
+        ax = ax[0][0]
+        ax.stackplot(xs, *parts, labels=["position 0", "the run", "everything else"],
+                     colors=["#d93025", "#1a73e8", "#bdc1c6"])
+        ax.set_xlabel("layer (0-based)")
+        ax.set_ylabel("attention of the run's tokens")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7, loc="lower right")
+        figs.append(Figure("attention_split_run", f"Where a long run's tokens attend ({esc(sp['label'])}), per layer: "
+                           "position 0, the run itself, everything else. Look for the layers where the run takes "
+                           "the share position 0 holds on text.", fig))
     html = (f"<h2>Attention sinks</h2><p>Sink rate (Gu et al., share of heads whose mean attention on the first "
             f"token exceeds {fmt(a['eps'])}, T = {esc(a['T'])} tokens): ordinary text <b>{fmt(a['sink_rate_text'])}</b>, "
             f"repeated token <b>{fmt(a['sink_rate_repeat'])}</b>.</p>")
+    hs = a.get("head_shares") or []
+    if hs:
+        by = {}
+        for r in hs:
+            by.setdefault((r["input"], r["bos"]), {})[r["eps"]] = r["share"]
+        eps = sorted({r["eps"] for r in hs})
+        html += table(["input", "BOS first"] + [f"share of heads > {fmt(e)}" for e in eps],
+                      [[k[0], "yes" if k[1] else "no"] + [v.get(e) for e in eps] for k, v in by.items()])
+        html += note("Share of (layer, head) pairs whose mean attention on position 0 exceeds the threshold: 0.3 "
+                     "is Gu et al.'s epsilon, 0.8 Barbero et al.'s. Without BOS, position 0 is an ordinary word.")
     return html, figs
 
 
