@@ -40,7 +40,7 @@ def test_bisection_finds_a_monotone_threshold_within_the_resolution(tiny, monkey
     lo, hi = r.bracket
     assert r.min_reps == hi and lo < threshold <= hi and hi - lo <= 4
     assert r.monotone and r.not_diverged_above == []
-    assert r.repeated_below == (threshold > 8)  # diverging at the first count tried: never followed the run
+    assert r.repeated_below == (threshold > min(asked))  # every count checked diverged: never followed the run
     assert r.n_checks == len(asked) == len(set(asked)) == len(r.checks)  # no count is checked twice
     assert all(c["diverged"] == (c["reps"] >= threshold) for c in r.checks)
 
