@@ -267,3 +267,29 @@ def test_sink_classification_rule():
     assert not _setting([1.0, 2.0], [1.0, 1.0], [0.9, 0.8])["sink"]  # no massive norm
     e = _setting([1.0, 60.0, 3.0], [1.0, 2.0, 1.0], [None, 0.4, None])  # a hybrid's linear layers
     assert e["layer"] == 1 and e["norm_ratio"] == 30.0 and e["attn_first"] == 0.4
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral"])
+def test_ablation_controls_and_super_weights(family):
+    """mean_first writes BOS's own activation back (every text starts with BOS): exactly no effect;
+    zero and mean_typical move the first token; the super weight is the column's largest entry and
+    zeroing it edits the real parameter (dense, Conv1D or fused experts) and restores it."""
+    from sinkhole.circuit.common import text_batch
+    from sinkhole.circuit.controls import ablation_controls, super_weights, zeroed_entry
+    from tiny import tiny_lm
+
+    lm = tiny_lm(family)
+    ids = text_batch(lm, n=3, n_tokens=12, bos=True)
+    ns = [5, 77]
+    by = {c.replacement: c for c in ablation_controls(lm, 1, ns, ids)}
+    assert by["mean_first"].first_norm_after == pytest.approx(by["mean_first"].first_norm_before, rel=1e-5)
+    assert abs(by["mean_first"].ppl_change_pct) < 1e-3
+    assert by["zero"].values == [0.0, 0.0] and by["zero"].first_norm_after != by["zero"].first_norm_before
+    assert by["mean_typical"].values != by["mean_first"].values
+    w = lm.adapter.w_out(1).detach().clone()
+    (s,) = super_weights(lm, 1, [77], ids, top=2)
+    col = w[:, 77]
+    assert s.top[0]["row"] == int(col.abs().argmax()) and abs(s.top[0]["value"] - float(col[s.top[0]["row"]])) < 1e-4
+    with zeroed_entry(lm, 1, s.top[0]["row"], 77):
+        assert float(lm.adapter.w_out(1).detach()[s.top[0]["row"], 77]) == 0.0
+    assert torch.equal(lm.adapter.w_out(1), w)

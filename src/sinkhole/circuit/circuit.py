@@ -82,6 +82,7 @@ class Circuit(StepResult):
     ablation: list  # what zeroing each layer's sink neurons does to later layers
     roles: dict  # role -> {"rule": ..., "source": "circuit" | "override"}
     repetition_firing: list = field(default_factory=list)  # filled by the scan's circuit step
+    controls: dict = field(default_factory=dict)  # ablation controls and super weights (circuit/controls.py), idem
     sink_kind: str = ""  # any_token | bos_only | none (SINK_KINDS)
     sink_evidence: dict = field(default_factory=dict)  # per setting (bos, no_bos): norm_ratio, layer, attn_first
     headline: str = ""

@@ -73,7 +73,36 @@ def circuit_section(doc: dict):
                  "activation on the n-th repeated token reaches half of its first-token activation.</p>"
                  + table(["layer", "neuron", "word", "repetitions", "first-token act", "max act / first",
                           "fires at repetition", "top neurons at the last repetition"], rows))
+    html += _controls_html(c.get("controls") or {})
     return html, figs
+
+
+def _controls_html(ctl: dict) -> str:
+    if not ctl.get("ablation"):
+        return ""
+    names = {"zero": "zero", "mean_typical": "mean over ordinary tokens", "mean_first": "mean at position 0"}
+    rows = [[a["layer"], ", ".join(map(str, a["neurons"])), names.get(a["replacement"], a["replacement"]),
+             f"{fmt(a['first_norm_before'])} → {fmt(a['first_norm_after'])}",
+             f"{fmt(a['later_attn_before'])} → {fmt(a['later_attn_after'])}", f"{fmt(a['ppl_change_pct'])}%"]
+            for a in ctl["ablation"]]
+    html = ("<h3>Controls: mean-ablation beside zero-ablation</h3><p>The sink neurons' activations at position 0 "
+            "replaced three ways on ordinary text. The causal claim survives when the mean over ordinary tokens "
+            "does what zero does while the mean at position 0 (the massive value kept, Sun et al.'s harmless "
+            "control) changes nothing.</p>"
+            + table(["layer", "neurons", "set to", "first-token norm", "later attention on position 0",
+                     "perplexity change"], rows))
+    sw = ctl.get("super_weights") or []
+    if sw:
+        rows = [[s["layer"], s["neuron"], ", ".join(f"{t['row']}: {fmt(t['value'])} ({fmt(t['ratio_to_median'])}×)"
+                                                    for t in s["top"]),
+                 f"{fmt(s['first_norm_before'])} → {fmt(s['first_norm_after'])}", f"{fmt(s['ppl_change_pct'])}%"]
+                for s in sw]
+        html += ("<h3>The weight behind each sink neuron</h3><p>The largest entries of its output column (residual "
+                 "dimension: value, and its size against the column's median), and what zeroing the largest one "
+                 "alone does (Yu et al.'s super weight).</p>"
+                 + table(["layer", "neuron", "largest entries", "first-token norm, largest zeroed",
+                          "perplexity change"], rows))
+    return html
 
 
 def attention_section(doc: dict):
