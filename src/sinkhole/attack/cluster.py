@@ -161,6 +161,7 @@ def cluster_attack(lm, pool_size: int = 1000, n_seeds: int = 12, size: int = 8, 
             r["tokens_until_divergence"] = until
             r["text"] = lm.tokenizer.decode(g, skip_special_tokens=True)
             r["prompt_tail"] = lm.tokenizer.decode(r["seq"][-24:])
+            r["prompt"] = lm.tokenizer.decode(prefix_ids + r["seq"], skip_special_tokens=True)
             examples.append({k: v for k, v in r.items() if k not in ("seq",)})
     for r in rows:
         r.pop("seq", None)

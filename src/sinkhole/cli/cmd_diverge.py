@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 
 def add_parser(sub) -> None:
@@ -40,6 +42,15 @@ def add_parser(sub) -> None:
                    help="bisection stops when the bracket is at most this many repetitions wide (default 4)")
     g.add_argument("--n-words", type=int, default=30,
                    help="with --min-reps and no --words: how many words (default 30)")
+    g = p.add_argument_group("export prompts to red-team tools (--export)")
+    g.add_argument("--export", default=None, choices=["garak", "garak-payload", "pyrit"],
+                   help="write the prompts that diverged (or, with --from, every diverging or sink-reaching prompt "
+                        "of a results file: divergence cases, minimum repetitions, sweep tokens, cluster "
+                        "examples) for garak (a probe module, .py), garak's payload schema (JSON) or PyRIT (a seed "
+                        "dataset, YAML) to --export-file")
+    g.add_argument("--export-file", default=None, help="where --export writes (required with --export)")
+    g.add_argument("--from", dest="from_results", default=None,
+                   help="with --export: take the prompts from this results file or scan folder instead of running")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     p.set_defaults(func=run)
 
@@ -51,6 +62,10 @@ def run(args) -> int:
     from ..scan import document
     from . import check_out_file, emit, info, load_from_args, model_meta, vars_of
 
+    if args.export or args.from_results or args.export_file:
+        _check_export(args)
+        if args.from_results:
+            return _export_from(args)
     if args.min_reps:
         return _run_min_reps(args)
     if args.garak:
@@ -74,7 +89,9 @@ def run(args) -> int:
         templates = [t for t in resolve_templates(lm, templates) if t in RUN_AT_END]
     res = diverge(lm, words, reps, templates, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                   exact=True if args.exact else False, quiet=args.quiet)
-    if emit(args, document(model_meta(lm), {"divergence": res}, "diverge", vars_of(args))):
+    doc = document(model_meta(lm), {"divergence": res}, "diverge", vars_of(args))
+    _maybe_export(args, doc)
+    if emit(args, doc):
         return 0
     print(f"{'template':16s} {'word':12s} {'reps':>5s} {'diverged':>8s} {'garak':>6s} {'until':>5s} "
           f"{'non-word':>8s}  continuation")
@@ -125,7 +142,9 @@ def _run_min_reps(args) -> int:
         words = list(dict.fromkeys(["poem", "company"] + default_words(lm, args.n_words)))[:args.n_words]
     res = min_reps_table(lm, words, template=template, start=args.start_reps, max_reps=args.max_reps,
                          resolution=args.resolution, max_new_tokens=args.max_new_tokens, quiet=args.quiet)
-    if emit(args, document(model_meta(lm), {"min_reps": res}, "diverge", vars_of(args))):
+    doc = document(model_meta(lm), {"min_reps": res}, "diverge", vars_of(args))
+    _maybe_export(args, doc)
+    if emit(args, doc):
         return 0
     print(f"{'word':14s} {'min reps':>9s} {'bracket':>13s} {'monotone':>9s} {'checks':>6s} {'to sink (norm)':>14s}")
     for w in res.words:
@@ -141,4 +160,45 @@ def _run_min_reps(args) -> int:
               f"{res.spearman['n']} one-token words; {res.checks_per_word:g} greedy checks per word")
     if args.out:
         info(args, f"wrote {args.out}")
+    return 0
+
+
+def _check_export(args) -> None:
+    from ..errors import SinkholeError
+
+    if not args.export:
+        raise SinkholeError("--export-file and --from need --export garak|garak-payload|pyrit")
+    if not args.export_file:
+        raise SinkholeError("--export needs --export-file PATH (e.g. sinkhole_divergence.py for garak, "
+                            "seeds.yaml for pyrit)")
+    if args.export == "garak" and not args.export_file.endswith(".py"):
+        raise SinkholeError("--export garak writes a Python probe module: give an --export-file ending in .py")
+    parent = os.path.dirname(os.path.abspath(args.export_file))
+    if not os.path.isdir(parent):
+        raise SinkholeError(f"--export-file: folder {parent} does not exist; create it first")
+
+
+def _maybe_export(args, doc: dict) -> None:
+    if not args.export:
+        return
+    from ..attack.export import collect_prompts, write_export
+    from . import info
+
+    prompts = collect_prompts(doc)
+    if not prompts:
+        info(args, "--export: no prompt diverged, so nothing was written")
+        return
+    write_export(prompts, args.export, args.export_file, model=doc.get("model", {}).get("name", "the model"))
+    info(args, f"wrote {len(prompts)} prompts for {args.export} to {args.export_file}")
+
+
+def _export_from(args) -> int:
+    from ..attack.export import collect_prompts, write_export
+    from ..results import load_results
+    from . import info
+
+    doc = load_results(args.from_results)
+    prompts = collect_prompts(doc)
+    write_export(prompts, args.export, args.export_file, model=(doc.get("model") or {}).get("name", "the model"))
+    info(args, f"wrote {len(prompts)} prompts for {args.export} to {args.export_file}")
     return 0
