@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from .attack import steps as attack_steps
 from .attack.diverge import DivergenceResult
 from .attack.minreps import MinRepsResult
+from .memorization import MemorizationResult
 from .circuit import steps as circuit_steps
 from .circuit.attention import AttentionSinks
 from .circuit.circuit import Circuit
@@ -79,6 +80,9 @@ PIPELINE = pipeline([
          "norm vs repetitions at the sink layers, repeats needed (Figure 2, Table 1)", circuit_steps.NormCurves),
     Step("divergence", attack_steps.divergence_step, "divergence by greedy decoding (run judge and garak-style judge)",
          DivergenceResult),
+    Step("memorization", attack_steps.memorization_step,
+         "verbatim spans of the divergent continuations in a reference corpus (the shipped texts), with a control",
+         MemorizationResult),
     Step("min_reps", attack_steps.min_reps_step,
          "repetitions needed to diverge, by behaviour (doubling and bisection with greedy_check)", MinRepsResult),
     Step("sweep", attack_steps.sweep_step, "vocabulary sweep: repetitions needed to induce a sink (generation-free)",

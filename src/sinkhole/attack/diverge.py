@@ -20,6 +20,7 @@ greedy decoding can differ in the last float bits, which can flip a near-tie tok
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Sequence
 
@@ -112,9 +113,11 @@ def decode_pieces(lm, ids: Sequence[int]) -> list[str]:
     return pieces
 
 
-def generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+def generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float | None = None,
+             seed: int = 0) -> list[list[int]]:
     """Greedy KV-cache continuation of a batch of prompts (left padded); returns the generated
-    ids of each row, cut after the first stop token."""
+    ids of each row, cut after the first stop token. With ``temperature``: pure temperature
+    sampling (no top-k or top-p), seeded by ``seed``."""
     pad = _pad_id(lm)
     stops = stop_ids(lm)
     width = max(len(p) for p in prompts)
@@ -124,11 +127,14 @@ def generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[
         ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
         mask[i, width - len(p):] = 1
     dev = lm.device
+    sample = temperature is not None
+    if sample:
+        torch.manual_seed(int(seed))
     with torch.no_grad():
         out = lm.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=int(max_new_tokens),
-                                do_sample=False, num_beams=1, pad_token_id=pad,
-                                eos_token_id=sorted(stops) if stops else None, top_p=None, top_k=None,
-                                temperature=None)
+                                do_sample=sample, num_beams=1, pad_token_id=pad,
+                                eos_token_id=sorted(stops) if stops else None, top_p=1.0 if sample else None,
+                                top_k=0 if sample else None, temperature=float(temperature) if sample else None)
     rows = []
     for r in out[:, width:].tolist():
         cut = []
@@ -154,8 +160,10 @@ def _context(lm, edits, hooks) -> ContextManager:
 
 def run_cases(lm, cases: Sequence[Case], max_new_tokens: int = 48, batch_size: int = 4,
               edits: Sequence[Edit] | None = None, hooks: Callable[[], ContextManager] | None = None,
-              quiet: bool | None = None, keep_ids: bool = False) -> list[CaseResult]:
-    """Generate greedily after every case and judge the continuation.
+              quiet: bool | None = None, keep_ids: bool = False, temperature: float | None = None,
+              seed: int = 0) -> list[CaseResult]:
+    """Generate greedily (or, with ``temperature``, by seeded sampling) after every case and judge
+    the continuation.
 
     ``edits``: hook-engine edits applied during generation (e.g. a patch). ``hooks``: a factory
     returning any context manager to hold open during generation (e.g. a patch's own
@@ -169,8 +177,9 @@ def run_cases(lm, cases: Sequence[Case], max_new_tokens: int = 48, batch_size: i
     stops = stop_ids(lm)
     results: list[CaseResult | None] = [None] * len(cases)
     with _context(lm, edits, hooks):
-        for b in progress(batches, desc="generating", total=len(batches), disable=quiet):
-            gens = generate(lm, [cases[i].ids for i in b], max_new_tokens)
+        for k, b in enumerate(progress(batches, desc="generating", total=len(batches), disable=quiet)):
+            gens = generate(lm, [cases[i].ids for i in b], max_new_tokens, temperature=temperature,
+                            seed=int(seed) * 100003 + k)
             for i, g in zip(b, gens):
                 results[i] = judge_case(lm, cases[i], g, stops, keep_ids)
     return results  # type: ignore[return-value]
@@ -216,6 +225,9 @@ class DivergenceResult(StepResult):
     words: list = field(default_factory=list)
     reps: list = field(default_factory=list)
     templates: list = field(default_factory=list)
+    samples: int = 1  # continuations per prompt (method "sample": seeded temperature sampling)
+    temperature: float | None = None
+    rate_ci: list | None = None  # 95% Wilson interval of the run judge's rate over all continuations
     headline: str = ""
     status: str | None = None
 
@@ -226,7 +238,12 @@ class DivergenceResult(StepResult):
         """The verdict sentence and status the report's top line shows."""
         n_div = self.n_diverged()
         worst = max(self.by_template.items(), key=lambda kv: kv[1]["rate"])[0] if self.by_template else None
-        self.headline = (f"{n_div} of {self.n_cases} repeated-word prompts diverged under greedy decoding "
+        how = (f"{self.samples} samples per prompt at temperature {self.temperature:g}, rate 95% CI "
+               f"{self.rate_ci[0]:.2f}-{self.rate_ci[1]:.2f}" if self.method == "sample" and self.rate_ci
+               else "greedy decoding")
+        self.headline = (f"{n_div} of {self.n_cases} repeated-word continuations diverged under {how} "
+                         if self.method == "sample" else
+                         f"{n_div} of {self.n_cases} repeated-word prompts diverged under greedy decoding "
                          f"(garak-style judge: {self.n_diverged('garak_diverged')})"
                          + (f", the earliest at {self.min_reps_diverged} repetitions; most often with the "
                             f"'{worst}' template." if n_div else "."))
@@ -331,12 +348,47 @@ def _exact_tokens(lm, cases: Sequence[Case], max_new_tokens: int, batch_size: in
 
 
 def diverge(lm, words, reps, templates=None, max_new_tokens: int = 48, batch_size: int = 4,
-            hooks=None, exact: bool | None = False, quiet: bool | None = None) -> DivergenceResult:
-    """Build the cases for ``words`` x ``reps`` x ``templates`` and judge them (``run_judged``)."""
+            hooks=None, exact: bool | None = False, quiet: bool | None = None, samples: int = 0,
+            temperature: float | None = None, seed: int = 0) -> DivergenceResult:
+    """Build the cases for ``words`` x ``reps`` x ``templates`` and judge them (``run_judged``; with
+    ``samples``, ``sample_judged`` at ``temperature``)."""
     from .prompts import resolve_templates
 
     cases = make_cases(lm, words, reps, templates)
-    res = run_judged(lm, cases, max_new_tokens=max_new_tokens, batch_size=batch_size, hooks=hooks, exact=exact,
-                     quiet=quiet)
+    if samples:
+        res = sample_judged(lm, cases, samples, temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            seed=seed, hooks=hooks, quiet=quiet)
+    else:
+        res = run_judged(lm, cases, max_new_tokens=max_new_tokens, batch_size=batch_size, hooks=hooks, exact=exact,
+                         quiet=quiet)
     res.words, res.reps, res.templates = list(words), [int(r) for r in reps], resolve_templates(lm, templates)
     return res.set_headline()
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> list[float] | None:
+    """The Wilson score interval of a rate k/n (95% by default)."""
+    if n <= 0:
+        return None
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return [round(max(0.0, c - h), 4), round(min(1.0, c + h), 4)]
+
+
+def sample_judged(lm, cases: Sequence[Case], samples: int, temperature: float, max_new_tokens: int = 48,
+                  batch_size: int = 4, seed: int = 0, hooks: Callable[[], ContextManager] | None = None,
+                  quiet: bool | None = None) -> DivergenceResult:
+    """Divergence by sampling: ``samples`` seeded continuations per case at ``temperature``, each
+    judged like a greedy one; ``rate_ci`` is the Wilson interval over all continuations."""
+    if int(samples) < 1:
+        raise SinkholeError("--samples must be at least 1")
+    if not float(temperature) > 0:
+        raise SinkholeError("--temperature must be greater than 0")
+    many = [c for c in cases for _ in range(int(samples))]
+    rs = run_cases(lm, many, max_new_tokens=max_new_tokens, batch_size=batch_size, hooks=hooks, quiet=quiet,
+                   temperature=float(temperature), seed=seed)
+    res = summarize(rs, max_new_tokens, method="sample")
+    res.samples, res.temperature = int(samples), float(temperature)
+    res.rate_ci = wilson(sum(r.diverged for r in rs), len(rs))
+    return res

@@ -57,6 +57,22 @@ def divergence_step(ctx: Context) -> DivergenceResult:
     return res
 
 
+def memorization_step(ctx: Context):
+    """The divergence step's divergent continuations checked against the shipped texts (the
+    reference corpus sinkhole has; near zero is the expected answer), beside ordinary prompts."""
+    from importlib.resources import files
+
+    from ..memorization import memorization_check
+
+    div = ctx.results.get("divergence")
+    if div is None:
+        from ..errors import SinkholeError
+
+        raise SinkholeError("the memorization step needs the divergence step")
+    return memorization_check(ctx.lm, div, str(files("sinkhole.data")), n_control=8 if ctx.options.quick else 16,
+                              quiet=True)
+
+
 def min_reps_step(ctx: Context):
     """The behavioural repetitions-to-diverge search for a few words, beside the sweep's norm-based count."""
     from .minreps import default_words, min_reps_table

@@ -31,6 +31,16 @@ def add_parser(sub) -> None:
                    help="no decoding loop: verify drafts of the run against the model (greedy_check). The same "
                         "greedy tokens and both judges, faster on cases that keep repeating; only templates that "
                         "end with the run (raw, repeat, chat_assistant)")
+    g = p.add_argument_group("sampling and memorisation")
+    g.add_argument("--samples", type=int, default=0,
+                   help="sample this many continuations per prompt (seeded by --seed) instead of greedy decoding; "
+                        "the rate comes with a 95%% confidence interval")
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (required with --samples)")
+    g.add_argument("--corpus", default=None,
+                   help="a folder of .txt/.jsonl files (or one file): mark every span of the continuations that "
+                        "occurs verbatim in it (>= --min-span bytes) and report the share of divergent tokens "
+                        "inside, beside continuations of ordinary prompts (the index is built once and cached)")
+    g.add_argument("--min-span", type=int, default=50, help="shortest verbatim span counted, in bytes (default 50)")
     g = p.add_argument_group("minimum repetitions to diverge (--min-reps)")
     g.add_argument("--min-reps", action="store_true",
                    help="instead of fixed --reps, search each word's smallest repetition count that diverges "
@@ -78,6 +88,7 @@ def run(args) -> int:
         reps, templates = parse_int_list(args.reps or "100,400"), args.templates
     if args.max_new_tokens < 1 or args.max_new_tokens > 4096:
         raise SinkholeError("--max-new-tokens must be between 1 and 4096")
+    _check_sampling(args)
     if args.batch_size < 1:
         raise SinkholeError("--batch-size must be a positive integer")
     check_out_file(args.out)
@@ -88,8 +99,15 @@ def run(args) -> int:
 
         templates = [t for t in resolve_templates(lm, templates) if t in RUN_AT_END]
     res = diverge(lm, words, reps, templates, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                  exact=True if args.exact else False, quiet=args.quiet)
-    doc = document(model_meta(lm), {"divergence": res}, "diverge", vars_of(args))
+                  exact=True if args.exact else False, quiet=args.quiet, samples=args.samples,
+                  temperature=args.temperature, seed=args.seed)
+    results = {"divergence": res}
+    if args.corpus:
+        from ..memorization import memorization_check
+
+        results["memorization"] = memorization_check(lm, res, args.corpus, min_bytes=args.min_span,
+                                                     temperature=args.temperature, seed=args.seed, quiet=args.quiet)
+    doc = document(model_meta(lm), results, "diverge", vars_of(args))
     _maybe_export(args, doc)
     if emit(args, doc):
         return 0
@@ -102,15 +120,40 @@ def run(args) -> int:
               f"{text[:60]!r}")
     print(f"divergence rate: {res.rate:.2f} (run judge), {res.garak_rate:.2f} (garak-style judge), "
           f"{res.either_rate:.2f} (either); judges agree on {res.judges_agree:.0%} of {res.n_cases} cases"
-          + (" (greedy tokens from the exact check)" if res.method != "generate" else ""))
+          + (" (greedy tokens from the exact check)" if res.method.startswith("exact") else "")
+          + (f"; {res.samples} samples per prompt at temperature {res.temperature:g}, run-judge rate 95% CI "
+             f"{res.rate_ci[0]:.2f}-{res.rate_ci[1]:.2f}" if res.method == "sample" and res.rate_ci else ""))
     for t, v in res.by_template.items():
         print(f"  {t:16s} rate {v['rate']:.2f}  garak {v['garak_rate']:.2f}  (n={v['n']})")
     if res.multi_token_words:
         info(args, f"note: {', '.join(res.multi_token_words)} tokenize to several tokens; the whole word "
                    "was repeated")
+    if args.corpus:
+        print(results["memorization"].headline)
     if args.out:
         info(args, f"wrote {args.out}")
     return 0
+
+
+def _check_sampling(args) -> None:
+    from ..errors import SinkholeError
+
+    if args.samples < 0:
+        raise SinkholeError("--samples must be a positive integer")
+    if args.samples and args.temperature is None:
+        raise SinkholeError("--samples needs --temperature T (e.g. 1.0)")
+    if args.temperature is not None and not args.samples:
+        raise SinkholeError("--temperature needs --samples N")
+    if args.temperature is not None and not (0 < args.temperature <= 10):
+        raise SinkholeError("--temperature must be in (0, 10]")
+    if args.samples and args.exact:
+        raise SinkholeError("--exact checks greedy decoding; drop it with --samples")
+    if args.min_span < 32:
+        raise SinkholeError("--min-span must be at least 32 bytes (the index's window)")
+    if args.corpus:
+        from ..memorization import corpus_files
+
+        corpus_files(args.corpus)
 
 
 def _run_min_reps(args) -> int:

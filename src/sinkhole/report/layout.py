@@ -24,6 +24,7 @@ SECTIONS = ordered([
     ("convergence", circuit.convergence_section),
     ("repeats_needed", circuit.repeats_section),
     ("divergence", attack.divergence_section),
+    ("memorization", attack.memorization_section),
     ("min_reps", attack.min_reps_section),
     ("sweep", attack.sweep_section),
     ("cluster", attack.cluster_section),

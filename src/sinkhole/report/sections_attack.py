@@ -146,3 +146,26 @@ def min_reps_section(doc: dict):
     figs.append(Figure("min_reps", "Every repetition count the search checked, per word: a green dot right of a "
                        "bar is a count where the model repeated again after diverging at fewer (not monotone).", fig))
     return "".join(html), figs
+
+
+def memorization_section(doc: dict):
+    m = (doc.get("results") or {}).get("memorization")
+    if not m:
+        return None
+    c = m["corpus"]
+
+    def row(name, s):
+        return [name, s["n_continuations"], s["n_tokens"], s["n_tokens_in_spans"],
+                "n/a" if s["share"] is None else f"{fmt(100 * s['share'])}%", s["n_spans"]]
+    html = ["<h2>Does what diverges look memorised?</h2>",
+            f"<p>Spans of at least {fmt(m['min_bytes'])} bytes that occur verbatim in the reference corpus "
+            f"(<code>{esc(c['corpus'])}</code>: {fmt(c['n_files'])} files, {fmt(c['n_bytes'] / 2**20)} MiB), in the "
+            f"divergent part of each diverged continuation ({esc(m['method'])} decoding), and, as a control, in "
+            "continuations of ordinary prompts of the same length.</p>",
+            table(["continuations", "n", "tokens", "tokens in verbatim spans", "share", "spans"],
+                  [row("divergent", m["divergent"]), row("control: ordinary prompts", m["control"])])]
+    if m.get("spans"):
+        html.append(details("Verbatim spans (longest first)", table(
+            ["source", "case", "bytes", "text"],
+            [[s["source"], s["case"], s["length"], raw(f"<code>{esc(s['text'][:200])}</code>")] for s in m["spans"]])))
+    return "".join(html), []
