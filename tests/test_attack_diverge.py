@@ -170,3 +170,36 @@ def test_run_judged_gives_one_record_with_or_without_the_exact_check(tiny_family
     assert mixed.method == "exact+generate" and [c["template"] for c in mixed.cases] == ["repeat", "garak_this"]
     with pytest.raises(SinkholeError, match="end with the run"):
         run_judged(lm, make_cases(lm, ["a"], [3], ["garak_this"]), max_new_tokens=4, exact=True)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "mistral"])
+def test_the_exact_check_can_cut_a_sliding_window_cache_back(family):
+    """greedy_check cuts the KV cache back after a departure from its draft. Beyond a sliding
+    window transformers refuses that unless the cache records its past; sinkhole's cache does, and
+    the continued pass then gives exactly the logits of a fresh pass."""
+    import inspect
+
+    import transformers as T
+
+    from sinkhole.attack.predictor import _new_cache, _rollback
+    from tiny import tiny_config
+
+    torch.manual_seed(0)
+    cfg = tiny_config(family)
+    cfg.sliding_window = 4
+    if family == "gemma3_text":
+        cfg.layer_types = ["sliding_attention", "sliding_attention", "full_attention"]
+    model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    ids = torch.randint(3, 100, (1, 12))
+    with torch.no_grad():
+        plain = model(input_ids=ids[:, :10], use_cache=True)
+        with pytest.raises(RuntimeError):  # transformers' own cache, beyond the window
+            (getattr(plain, "cache", None) or plain.past_key_values).crop(-3)
+        past = _new_cache(model)
+        out = model(input_ids=ids[:, :10], use_cache=True, **{kw: past})
+        past = _rollback(getattr(out, "cache", None) or out.past_key_values, 3)  # keep 7 tokens
+        assert past is not None
+        cont = model(input_ids=ids[:, 7:12], use_cache=True, **{kw: past}).logits
+        full = model(input_ids=ids, use_cache=False).logits[:, 7:12]
+    torch.testing.assert_close(cont, full, atol=1e-5, rtol=1e-4)

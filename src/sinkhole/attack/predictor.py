@@ -241,6 +241,20 @@ def _draft(gen: list[int], unit: list[int], n: int) -> list[int]:
     return [unit[(p + j) % k] for j in range(n)]
 
 
+def _new_cache(model):
+    """An empty KV cache that records past states, so that a sliding-window layer beyond its window
+    (Gemma-3, Mistral) can still be cut back; None (the model's default cache) where that fails."""
+    try:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        if hasattr(cache, "activate_past_recording"):
+            cache.activate_past_recording()
+        return cache
+    except Exception:  # an architecture whose cache cannot be built from its config
+        return None
+
+
 def _rollback(past, n: int):
     """The cache without its last ``n`` tokens, or None where it cannot be rolled back (the recurrent
     state of linear attention, e.g. Qwen3.5's Gated DeltaNet): the next pass then re-reads the
@@ -288,7 +302,7 @@ def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | N
         for c in progress(cases, desc="greedy check", disable=quiet):
             word = lm.tokenizer.decode(c.unit, skip_special_tokens=True).strip() or c.word
             unit = list(c.unit)
-            seq, fed, gen, past, passes, stopped, stop_token = list(c.ids), 0, [], None, 0, False, None
+            seq, fed, gen, past, passes, stopped, stop_token = list(c.ids), 0, [], _new_cache(model), 0, False, None
             while len(gen) < n and not stopped:
                 draft = _draft(gen, unit, n - len(gen))
                 inp = seq[fed:] + draft
@@ -310,10 +324,15 @@ def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | N
                         new, stopped, stop_token = new[:j], True, t
                         break
                 gen += new
+                rolled = True
                 if i < len(draft):  # cut the cache back to the prompt and the accepted draft tokens
                     past = _rollback(past, len(draft) - i)
+                    rolled = past is not None
                 seq += draft[:i]
-                fed = len(seq) if past is not None else 0
+                if rolled:
+                    fed = len(seq)
+                else:  # the cache could not be cut back: a new one re-reads the whole sequence
+                    past, fed = _new_cache(model), 0
                 seq += new[i:]  # the mismatching (true) token, fed with the next draft
                 verdict = judge_run(decode_pieces(lm, gen), word)
                 if verdict.diverged:
