@@ -193,7 +193,8 @@ WORDS = st.one_of(st.sampled_from(["a", "poem", "the,poem", "a,,b", " ", "🙂",
 
 @st.composite
 def e2e_argvs(draw):
-    cmd = draw(st.sampled_from(["diverge", "diverge-exact", "sweep", "cluster", "circuit", "scan", "patch", "eval"]))
+    cmd = draw(st.sampled_from(["diverge", "diverge-exact", "diverge-minreps", "diverge-sample", "sweep", "cluster",
+                                "circuit", "scan", "patch", "eval"]))
     if cmd == "patch":
         return ["patch", "--quick", "--out", "patched", "--families", draw(st.sampled_from(
                     ["paper_zero", "norm_cap", "finetune_neurons", "paper_zero,norm_cap", "nope"])),
@@ -206,6 +207,18 @@ def e2e_argvs(draw):
                 "--verify-words", draw(WORDS), "--max-new-tokens", draw(st.integers(-1, 4).map(str)),
                 "--heldout-text", draw(st.sampled_from(["twelfth_night", "missing.txt", "", "sonnets"]))] + (
                     ["--no-divergence"] if draw(st.booleans()) else []) + ["--json", "--out", "out.json"]
+    if cmd == "diverge-minreps":
+        return ["diverge", "--min-reps", "--words", draw(WORDS), "--max-reps", draw(st.integers(-1, 40).map(str)),
+                "--start-reps", draw(st.integers(-1, 9).map(str)), "--resolution", draw(st.integers(-1, 5).map(str)),
+                "--max-new-tokens", draw(st.integers(-1, 4).map(str)),
+                "--templates", draw(st.sampled_from(["repeat", "raw", "garak_this", "default", "bogus"])),
+                "--json", "--out", "out.json"]
+    if cmd == "diverge-sample":
+        return ["diverge", "--words", draw(WORDS), "--reps", draw(SMALL), "--templates", "raw",
+                "--max-new-tokens", draw(st.integers(-1, 4).map(str)), "--samples", draw(st.integers(-1, 3).map(str)),
+                "--temperature", draw(st.sampled_from(["1.0", "0", "-1", "nan", "0.5"])),
+                "--corpus", draw(st.sampled_from(["corpus", "missing", "", "corpus/a.txt"])),
+                "--min-span", draw(st.sampled_from(["50", "8", "x"])), "--json", "--out", "out.json"]
     if cmd.startswith("diverge"):
         argv = ["diverge", "--words", draw(WORDS), "--reps", draw(st.one_of(SMALL, st.just("3,5"))),
                 "--max-new-tokens", draw(st.integers(-1, 6).map(str)), "--templates",
@@ -241,6 +254,9 @@ def test_fuzz_commands_end_to_end_on_tiny_models(tmp_path, monkeypatch, capsys):
     models = {f: tiny_lm(f, n_layers=3) for f in FAMILIES}
     monkeypatch.chdir(tmp_path)
     Patch([PatchOp(1, "scale", None, values=0.5)], "half").save(tmp_path / "patch.json")  # fits every family
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("w5 w9 w12 " * 200)  # a reference corpus for --corpus
+    monkeypatch.setenv("SINKHOLE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("SINKHOLE_NO_PROGRESS", "1")
     monkeypatch.setattr(cli, "load_from_args", lambda args: models[FAMILIES[len(args.command) % 3]])
 

@@ -49,6 +49,8 @@ def _hash_windows(b: np.ndarray, starts: np.ndarray, window: int = WINDOW) -> np
 
 
 def corpus_files(path: str | os.PathLike) -> list[Path]:
+    if not str(path).strip():
+        raise SinkholeError("--corpus needs a folder of .txt/.jsonl files or one such file")
     p = Path(path)
     if p.is_file():
         files = [p]
