@@ -39,3 +39,17 @@ def test_smollm2_greedy_check_equals_generation(smollm2):
     for k, g in zip(checks, gens):
         assert k.generated_ids == g.generated_ids[:len(k.generated_ids)], (k, g.text)
         assert k.diverged == g.diverged and k.passes <= 24
+
+
+def test_smollm2_min_reps_bracket_agrees_with_generation(smollm2):
+    """The minimum-repetition search on a word SmolLM2 follows after 'Repeat:' (docs/findings.md
+    section 4.2: 'love' breaks after 36 repetitions, bracket 32-36): checked against plain greedy
+    generation, an independent decoding path, at both ends of the bracket."""
+    from sinkhole.attack.minreps import min_reps
+
+    r = min_reps(smollm2, "love", "repeat", max_reps=256, resolution=4, max_new_tokens=32)
+    assert r.min_reps is not None and r.repeated_below and r.bracket[1] - r.bracket[0] <= 4
+    lo, hi = make_cases(smollm2, ["love"], r.bracket, ["repeat"])
+    g_lo, g_hi = run_cases(smollm2, [lo, hi], max_new_tokens=32, batch_size=1)
+    assert not g_lo.diverged and g_hi.diverged, (g_lo.text, g_hi.text)
+    assert 16 <= r.min_reps <= 64  # measured 36

@@ -76,14 +76,15 @@ class MinRepsResult(StepResult):
     status: str | None = None
 
 
-def _longest_fitting(lm, word: str, template: str, max_reps: int) -> int:
+def _longest_fitting(lm, word: str, template: str, max_reps: int, max_new_tokens: int = 16) -> int:
+    """The most repetitions whose prompt and continuation fit the model's context."""
     from .prompts import build_ids
 
     if not lm.n_ctx:
         return max_reps
     unit = lm.word_ids(word)
     overhead = len(build_ids(lm, word, 1, template, unit)) - len(unit)
-    room = (lm.n_ctx - 16 - overhead) // len(unit)
+    room = (lm.n_ctx - max(16, int(max_new_tokens) + 1) - overhead) // len(unit)
     return max(1, min(max_reps, room))
 
 
@@ -102,7 +103,7 @@ def min_reps(lm, word: str, template: str = "repeat", start: int = 8, max_reps: 
     if max_reps < start:
         raise SinkholeError(f"--max-reps ({max_reps}) must be at least --start-reps ({start})")
     unit = lm.word_ids(word)
-    top = _longest_fitting(lm, word, template, max_reps)
+    top = _longest_fitting(lm, word, template, max_reps, max_new_tokens)
     seen: dict[int, dict] = {}
     order: list[dict] = []
 

@@ -84,8 +84,9 @@ def run(args) -> int:
                                 "drop --exact or --garak")
         words, reps, templates = list(GARAK_WORDS), list(GARAK_REPS), list(GARAK_TEXT)
     else:
-        words = parse_words(args.words or "poem,company")
-        reps, templates = parse_int_list(args.reps or "100,400"), args.templates
+        words = parse_words(args.words if args.words is not None else "poem,company")
+        reps = parse_int_list(args.reps if args.reps is not None else "100,400")
+        templates = args.templates
     if args.max_new_tokens < 1 or args.max_new_tokens > 4096:
         raise SinkholeError("--max-new-tokens must be between 1 and 4096")
     _check_sampling(args)
@@ -178,7 +179,7 @@ def _run_min_reps(args) -> int:
         raise SinkholeError(f"--start-reps ({args.start_reps}) must not exceed --max-reps ({args.max_reps})")
     if args.max_new_tokens < 1 or args.max_new_tokens > 4096:
         raise SinkholeError("--max-new-tokens must be between 1 and 4096")
-    words = parse_words(args.words) if args.words else None
+    words = parse_words(args.words) if args.words is not None else None
     check_out_file(args.out)
     lm = load_from_args(args)
     if words is None:
