@@ -31,6 +31,10 @@ def add_parser(sub) -> None:
                    help="no decoding loop: verify drafts of the run against the model (greedy_check). The same "
                         "greedy tokens and both judges, faster on cases that keep repeating; only templates that "
                         "end with the run (raw, repeat, chat_assistant)")
+    p.add_argument("--engine", default="transformers", choices=["transformers", "llama.cpp"],
+                   help="inference engine for the continuations: transformers (default) or llama.cpp (the GGUF "
+                        "itself on llama.cpp's quantized kernels, through the optional llama-cpp-python; greedy, "
+                        "same cases and judges)")
     g = p.add_argument_group("sampling and memorisation")
     g.add_argument("--samples", type=int, default=0,
                    help="sample this many continuations per prompt (seeded by --seed) instead of greedy decoding; "
@@ -90,6 +94,8 @@ def run(args) -> int:
     if args.max_new_tokens < 1 or args.max_new_tokens > 4096:
         raise SinkholeError("--max-new-tokens must be between 1 and 4096")
     _check_sampling(args)
+    if args.engine == "llama.cpp" and (args.exact or args.samples):
+        raise SinkholeError("--engine llama.cpp decodes greedily itself: drop --exact and --samples")
     if args.batch_size < 1:
         raise SinkholeError("--batch-size must be a positive integer")
     check_out_file(args.out)
@@ -99,9 +105,17 @@ def run(args) -> int:
         from ..attack.prompts import resolve_templates
 
         templates = [t for t in resolve_templates(lm, templates) if t in RUN_AT_END]
-    res = diverge(lm, words, reps, templates, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                  exact=True if args.exact else False, quiet=args.quiet, samples=args.samples,
-                  temperature=args.temperature, seed=args.seed)
+    if args.engine == "llama.cpp":
+        from ..attack.prompts import make_cases, resolve_templates
+        from ..engines import run_llamacpp
+
+        res = run_llamacpp(lm, make_cases(lm, words, reps, templates), args.max_new_tokens, quiet=args.quiet)
+        res.words, res.reps, res.templates = list(words), list(reps), resolve_templates(lm, templates)
+        res.set_headline()
+    else:
+        res = diverge(lm, words, reps, templates, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                      exact=True if args.exact else False, quiet=args.quiet, samples=args.samples,
+                      temperature=args.temperature, seed=args.seed)
     results = {"divergence": res}
     if args.corpus:
         from ..memorization import memorization_check
@@ -167,6 +181,8 @@ def _run_min_reps(args) -> int:
 
     if args.garak or args.reps is not None or args.exact:
         raise SinkholeError("--min-reps searches the repetition count itself: drop --garak, --reps and --exact")
+    if args.engine != "transformers" or args.samples:
+        raise SinkholeError("--min-reps runs the exact greedy check in transformers: drop --engine and --samples")
     template = "repeat" if args.templates in (None, "default") else args.templates
     if template not in RUN_AT_END:
         raise SinkholeError(f"--min-reps takes one template that ends with the run ({', '.join(RUN_AT_END)}), "

@@ -35,6 +35,13 @@ def add_parser(sub) -> None:
     p.add_argument("--patch-file", default=None,
                    help="skip the search: verify and export this patch.json instead")
     p.add_argument("--quick", action="store_true", help="fewer cases and steps (a first look, tests)")
+    p.add_argument("--gguf", default=None,
+                   help="also write the patched model as a GGUF for llama.cpp (a weight patch of a GGUF model): "
+                        "the source's metadata and untouched tensors copied bit for bit, the patched ones in "
+                        "--gguf-type")
+    p.add_argument("--gguf-type", default="F32", choices=["F32", "F16", "Q8_0", "source"],
+                   help="type of the patched tensors in the GGUF (default F32; 'source' re-quantizes to the "
+                        "source's type, which can lose a fine-tuning patch's small change)")
     add_role_args(p, ["massive_layer", "marking_layers"])
     p.set_defaults(func=run)
 
@@ -100,7 +107,13 @@ def _run(args, cfg, patch_file, out) -> int:
     from ..results import dumps
     from . import circuit_from_args, info, load_from_args, model_meta
 
+    if args.gguf is not None and not str(args.gguf).lower().endswith(".gguf"):
+        raise SinkholeError("--gguf must be a path ending in .gguf")
     lm = load_from_args(args)
+    if args.gguf is not None:
+        from ..engines import gguf_of
+
+        gguf_of(lm)  # a model that is not a GGUF: refused before the search
     log = (lambda m: info(args, m))
     tried = []
     search = None
@@ -125,6 +138,14 @@ def _run(args, cfg, patch_file, out) -> int:
     summary = {"model": model_meta(lm).to_dict(), "patch": patch.to_dict(), "search": search,
                "verification": verification}
     md = summary_markdown(verification, tried, search.get("chosen") if search else None)
+    if args.gguf is not None:  # first, so that summary.json records it
+        from ..patch.gguf_export import patch_to_gguf
+
+        rep = patch_to_gguf(lm, patch, args.gguf, args.gguf_type)
+        summary["gguf"] = {"path": str(args.gguf), "type": args.gguf_type, **rep}
+        info(args, f"wrote {args.gguf}: {len(rep['patched'])} patched tensors ({args.gguf_type}), {rep['copied']} "
+                   f"copied bit for bit; {rep['bytes_out'] / 2**20:.1f} MiB against {rep['bytes_source'] / 2**20:.1f} "
+                   "MiB for the source")
     export_patched(lm, patch, out, summary=summary, summary_md=md)
     if args.json:
         sys.stdout.write(dumps(summary))
