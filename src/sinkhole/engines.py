@@ -6,7 +6,9 @@ its own quantized kernels, and judges the tokens with the same two judges. The G
 the model was loaded from (an embedded model or a ``.gguf`` path).
 
 ``llama-cpp-python`` is an optional extra (``pip install 'sinkhole[llamacpp]'``); PyPI has it as
-source only, so installing it compiles llama.cpp (docs/benchmarks.md has the measured time).
+source only, so installing it compiles llama.cpp: 3 min 15 s alone on the 2-core CPU (190% CPU,
+680 MiB peak). Build it with ``CMAKE_ARGS='-DGGML_NATIVE=OFF'``: the default native build (AVX-512,
+AMX) segfaulted in its first decode on this machine's Xeon; the generic AVX2 build works.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Sequence
 from .errors import SinkholeError
 
 ENGINES = ("transformers", "llama.cpp")
-INSTALL = ("pip install llama-cpp-python (source only on PyPI: it compiles llama.cpp, about "
-           "20-40 min on 2 CPU cores)")
+INSTALL = ("CMAKE_ARGS='-DGGML_NATIVE=OFF' pip install llama-cpp-python (source only on PyPI: it compiles "
+           "llama.cpp, about 3 min on 2 CPU cores; the native build crashed on an AVX-512/AMX CPU)")
 
 
 def gguf_of(lm) -> Path:
