@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SinkholeError
+from .results import StepResult
 
 WINDOW = 32
 STRIDE = 18
@@ -238,24 +239,6 @@ def build_index(corpus: str | os.PathLike, folder: str | os.PathLike | None = No
         raise
     return CorpusIndex(folder)
 
-
-def token_share(lm, ids: list[int], spans: list[dict]) -> tuple[int, int]:
-    """(tokens of ``ids`` whose text lies wholly inside ``spans``, tokens): byte offsets of each
-    token from decoding the continuation piece by piece."""
-    from .attack.diverge import decode_pieces
-
-    pieces = decode_pieces(lm, ids)
-    inside, pos = 0, 0
-    for piece in pieces:
-        n = len(piece.encode("utf-8"))
-        a, b = pos, pos + n
-        if n and any(sp["start"] <= a and b <= sp["end"] for sp in spans):
-            inside += 1
-        pos = b
-    return inside, len(pieces)
-
-
-from .results import StepResult  # noqa: E402
 
 
 @dataclass

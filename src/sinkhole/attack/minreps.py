@@ -143,30 +143,19 @@ def min_reps(lm, word: str, template: str = "repeat", start: int = 8, max_reps: 
 def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     """Spearman's rank correlation (average ranks for ties); None with fewer than 3 pairs or a
     constant side."""
+    import torch
+
+    from ..circuit.common import average_ranks
+
     if len(xs) < 3:
         return None
-
-    def ranks(v):
-        idx = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(idx):
-            j = i
-            while j + 1 < len(idx) and v[idx[j + 1]] == v[idx[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[idx[k]] = (i + j) / 2 + 1
-            i = j + 1
-        return r
-
-    rx, ry = ranks(list(xs)), ranks(list(ys))
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    vx = sum((a - mx) ** 2 for a in rx)
-    vy = sum((b - my) ** 2 for b in ry)
+    rx = average_ranks(torch.tensor(list(xs), dtype=torch.float64))
+    ry = average_ranks(torch.tensor(list(ys), dtype=torch.float64))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    vx, vy = float((rx * rx).sum()), float((ry * ry).sum())
     if vx == 0 or vy == 0:
         return None
-    return cov / math.sqrt(vx * vy)
+    return float((rx * ry).sum()) / math.sqrt(vx * vy)
 
 
 def min_reps_table(lm, words: Sequence[str], template: str = "repeat", start: int = 8, max_reps: int = 2048,

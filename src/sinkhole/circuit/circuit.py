@@ -161,8 +161,8 @@ def classify_sink(lm, bos_control: tuple | None = None, n_texts: int = 4, n_toke
     return kind, ev
 
 
-def sink_headline(kind: str, ev: dict) -> tuple[str, str | None]:
-    """The report's verdict line for the sink classification, and whether the paper applies."""
+def sink_headline(kind: str, ev: dict) -> str:
+    """The report's verdict line for the sink classification (and whether the paper applies)."""
     def says(k):
         e = ev[k]
         return (f"{'with' if k == 'bos' else 'without'} BOS, the first token's norm reaches {e['norm_ratio']:.3g}x the "
@@ -170,12 +170,12 @@ def sink_headline(kind: str, ev: dict) -> tuple[str, str | None]:
     parts = "; ".join(says(k) for k in ("no_bos", "bos") if k in ev)
     if kind == "any_token":
         return (f"Sink: {SINK_KINDS[kind]} ({parts}): a long run can look like a first token, so the paper's "
-                "mechanism and patch apply.", None)
+                "mechanism and patch apply.")
     if kind == "bos_only":
         return (f"Sink: {SINK_KINDS[kind]} ({parts}): a run of words never becomes a first token, so the paper's "
-                "mechanism does not apply; a divergence found here has another cause.", None)
+                "mechanism does not apply; a divergence found here has another cause.")
     return (f"{SINK_KINDS['none'].capitalize()} ({parts}): the paper's mechanism and patch do not apply, and the "
-            "circuit's layer roles are nominal.", None)
+            "circuit's layer roles are nominal.")
 
 
 def discover(lm, k: int = 8, collapse: float = 0.5, min_gain: float = 0.1, n_texts: int = 8,
@@ -217,10 +217,10 @@ def discover(lm, k: int = 8, collapse: float = 0.5, min_gain: float = 0.1, n_tex
     marking, drift = _roles(list(sl.sink_layers), int(m), ratios)
     kind, ev = classify_sink(lm, bos_control=control if lm.bos_id is not None else None,
                              n_texts=attn_texts, n_tokens=attn_tokens)
-    headline, status = sink_headline(kind, ev)
+    headline = sink_headline(kind, ev)
     return Circuit(model=getattr(lm, "name", "model"), sink_layers=list(sl.sink_layers), massive_layer=int(m),
                    marking_layers=marking, drift_layer=int(drift), paper_sink_layer=sl.paper_layer,
                    first_token_norm=sl.first_token_norm[m], typical_norm=sl.typical_norm[m], sink_neurons=flat,
                    layers=sl.to_dict(), neurons=per_layer, ablation=abl,
                    roles={r: {"rule": ROLE_RULES[r], "source": "circuit"} for r in ROLE_RULES},
-                   sink_kind=kind, sink_evidence={**ev, "rule": SINK_RULE}, headline=headline, status=status)
+                   sink_kind=kind, sink_evidence={**ev, "rule": SINK_RULE}, headline=headline)

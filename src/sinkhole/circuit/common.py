@@ -64,20 +64,23 @@ def fast_attention(lm, enabled: bool = True):
             model.set_attn_implementation(prev)
 
 
+def average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of a 1-D tensor, ties sharing their average rank (float64)."""
+    v = values.double().flatten()
+    order = v.argsort()
+    ranks = torch.empty_like(v)
+    _, inv, counts = torch.unique_consecutive(v[order], return_inverse=True, return_counts=True)
+    avg = counts.cumsum(0).double() - (counts.double() - 1) / 2
+    ranks[order] = avg[inv]
+    return ranks
+
+
 def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
     """Area under the ROC curve of score ``pos`` (label 1) vs ``neg`` (label 0), ties = 1/2
     (the Mann-Whitney U statistic divided by n_pos * n_neg)."""
     pos = pos.double().flatten()
     neg = neg.double().flatten()
-    allv = torch.cat([pos, neg])
-    order = allv.argsort()
-    ranks = torch.empty_like(allv)
-    sorted_v = allv[order]
-    # average ranks for ties
-    _, inv, counts = torch.unique_consecutive(sorted_v, return_inverse=True, return_counts=True)
-    csum = counts.cumsum(0).double()
-    avg = csum - (counts.double() - 1) / 2
-    ranks[order] = avg[inv]
+    ranks = average_ranks(torch.cat([pos, neg]))
     u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
     return float(u / (len(pos) * len(neg)))
 

@@ -164,6 +164,14 @@ def _install_tap(experts: torch.nn.Module) -> None:
         experts.forward = types.MethodType(_dense_experts_forward, experts)
 
 
+def _has(root: torch.nn.Module, path: str) -> bool:
+    try:
+        _get(root, path)
+        return True
+    except AttributeError:
+        return False
+
+
 def _get(root: torch.nn.Module, path: str) -> torch.nn.Module:
     mod = root
     for part in path.split("."):
@@ -189,7 +197,8 @@ class Adapter:
                 _get(self._layers[0], part)
             where = f"{spec.layers}.0.{spec.attn}"
             self.attn(0)
-            if not self.attention_layers:
+            self._attention = tuple(i for i in range(len(self._layers)) if _has(self._layers[i], spec.attn))
+            if not self._attention:
                 raise AttributeError(where)
             if spec.moe:
                 for i in range(len(self._layers)):
@@ -256,19 +265,11 @@ class Adapter:
     def attention_layers(self) -> list[int]:
         """The layers with softmax attention, whose attention weights can be read (every layer but a
         hybrid's linear-attention ones)."""
-        out = []
-        for i in range(len(self._layers)):
-            try:
-                _get(self._layers[i], self.spec.attn)
-                out.append(i)
-            except AttributeError:
-                pass
-        return out
+        return list(self._attention)
 
     def attention_in(self, layers) -> list[int]:
         """The softmax-attention layers among ``layers``."""
-        have = set(self.attention_layers)
-        return [i for i in layers if i in have]
+        return [i for i in layers if i in self._attention]
 
     def mlp(self, i: int) -> torch.nn.Module:
         return _get(self._layers[i], self.spec.mlp)
@@ -287,7 +288,7 @@ class Adapter:
         if site == "neurons":
             return self.down_proj(i).sinkhole_neurons if self.spec.moe else self.down_proj(i)
         if site == "attn_pattern":
-            if i not in self.attention_layers:
+            if i not in self._attention:
                 raise SinkholeError(f"layer {i} of this {self.family} model uses linear attention, which has no "
                                     f"attention weights; softmax-attention layers: {self.attention_layers}")
             return self.attn(i)
