@@ -138,7 +138,12 @@ def test_search_and_verify_on_tiny(tiny):
     if res.patch is not None:
         v = verify_patch(tiny, res.patch, cfg, sink_reps=30, log=lambda m: None)
         assert v["divergence_before"]["n_cases"] == 2 and v["words"] == ["c", "d"]
-        assert set(v["targets"]) >= {"divergence_le_tenth", "ppl_change_le_1pct", "top1_ge_98pct", "kl_le_0.005"}
+        narrow = v.get("narrow_targets", v["targets"])
+        assert set(narrow) >= {"divergence_le_tenth", "ppl_change_le_1pct", "top1_ge_98pct", "kl_le_0.005"}
+        if cfg.broad:  # the broad verification's targets are then the patch's targets
+            assert v["broad"]["methods"][0] == "patch"
+            assert set(v["targets"]) >= {"divergence_every_family", "top1_ge_98pct_every_setting",
+                                         "kl_le_0.005_every_setting", "ppl_le_1pct_every_setting", "all"}
         assert len(v["sink_attention"]["before"]) == tiny.adapter.n_layers
         assert all(0 <= x <= 1.0001 for x in v["sink_attention"]["before"])
 

@@ -59,3 +59,22 @@ def test_exported_patch_reduces_heldout_divergence(smollm2, fixed):
     assert before.method == after.method == "exact"  # 'repeat' ends with the run: the exact check
     assert before.rate > 0, "the held-out cases must diverge unpatched for this test to mean anything"
     assert after.rate < before.rate
+
+
+def test_shipped_default_on_a_slice_of_the_broad_set(smollm2):
+    """The default of `sinkhole patch` (the first candidate family, chosen when it meets the search
+    goal) on a slice of the broad set: long runs after two wordings stop diverging, and a no-BOS
+    64-token window of held-out text is unchanged."""
+    from sinkhole.circuit import discover
+    from sinkhole.patch.broad import verify_broad
+    from sinkhole.patch.search import DEFAULT_FAMILIES, SearchConfig, candidates
+
+    fam, _, build = next(candidates(smollm2, discover(smollm2), SearchConfig()))
+    assert fam == DEFAULT_FAMILIES[0] == "run_gate"
+    res = verify_broad(smollm2, build(), families=("repeat", "open_wording"), reps=(1000, 2000),
+                       sources=("twelfth_night",), windows=(64,), total=256, log=lambda m: None, quiet=True)
+    before, after = res["rates"]["unpatched"], res["rates"]["patch"]
+    assert sum(v["diverged"] for v in before.values()) >= 2, "the slice must diverge unpatched to mean anything"
+    assert sum(v["diverged"] for v in after.values()) == 0
+    no_bos = [r for r in res["fidelity"]["patch"] if not r["bos"]]
+    assert no_bos and all(r["top1_agreement"] == 1.0 and r["mean_kl_nats"] == 0.0 for r in no_bos)

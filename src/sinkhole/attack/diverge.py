@@ -115,8 +115,8 @@ def decode_pieces(lm, ids: Sequence[int]) -> list[str]:
 
 def generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float | None = None,
              seed: int = 0) -> list[list[int]]:
-    """Greedy KV-cache continuation of a batch of prompts (left padded); returns the generated
-    ids of each row, cut after the first stop token. With ``temperature``: pure temperature
+    """Greedy KV-cache continuation of a batch of prompts (left padded, SDPA attention where the
+    model has it); returns the generated ids of each row, cut after the first stop token. With ``temperature``: pure temperature
     sampling (no top-k or top-p), seeded by ``seed``."""
     pad = _pad_id(lm)
     stops = stop_ids(lm)
@@ -130,7 +130,9 @@ def generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperat
     sample = temperature is not None
     if sample:
         torch.manual_seed(int(seed))
-    with torch.no_grad():
+    from ..circuit.common import fast_attention
+
+    with torch.no_grad(), fast_attention(lm):  # no pattern is read while generating: SDPA, as the exact check
         out = lm.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=int(max_new_tokens),
                                 do_sample=sample, num_beams=1, pad_token_id=pad,
                                 eos_token_id=sorted(stops) if stops else None, top_p=1.0 if sample else None,
@@ -300,11 +302,11 @@ def run_judged(lm, cases: Sequence[Case], max_new_tokens: int = 48, batch_size: 
     if int(max_new_tokens) < 1:
         raise SinkholeError("max_new_tokens must be at least 1")
     if exact is True:
-        bad = sorted({c.template for c in cases if c.template not in RUN_AT_END})
+        bad = sorted({c.template for c in cases if not c.run_at_end})
         if bad:
             raise SinkholeError(f"the exact check needs prompts that end with the run; templates {bad} do not "
                                 f"(use {', '.join(RUN_AT_END)}, or generation)")
-    use_exact = [exact is not False and c.template in RUN_AT_END for c in cases]
+    use_exact = [exact is not False and c.run_at_end for c in cases]
     results: list[CaseResult | None] = [None] * len(cases)
     ex_idx = [i for i, u in enumerate(use_exact) if u]
     gen_idx = [i for i, u in enumerate(use_exact) if not u]

@@ -286,7 +286,7 @@ def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | N
     from .diverge import stop_ids, decode_pieces
     from .judge import judge_run
 
-    bad = sorted({c.template for c in cases if c.template not in RUN_AT_END})
+    bad = sorted({c.template for c in cases if not c.run_at_end})
     if bad:
         raise SinkholeError(f"greedy_check needs prompts that end with the run; templates {bad} do not "
                             f"(use {', '.join(RUN_AT_END)})")

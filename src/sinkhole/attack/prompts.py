@@ -62,10 +62,20 @@ class Case:
     ids: list[int] = field(repr=False)
     unit: list[int] = field(repr=False)  # the word's token ids (one repetition)
     note: str = ""
+    ends_with_run: bool | None = None  # None: decided by the template (RUN_AT_END)
 
     @property
     def n_word_tokens(self) -> int:
         return len(self.unit)
+
+    @property
+    def run_at_end(self) -> bool:
+        """Whether the prompt ends with the run (the exact check can draft its continuation)."""
+        if self.ends_with_run is not None:
+            return bool(self.ends_with_run)
+        from .predictor import RUN_AT_END
+
+        return self.template in RUN_AT_END
 
     def to_dict(self) -> dict:
         return {"word": self.word, "reps": self.reps, "template": self.template,

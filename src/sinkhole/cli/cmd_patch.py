@@ -35,6 +35,16 @@ def add_parser(sub) -> None:
     p.add_argument("--patch-file", default=None,
                    help="skip the search: verify and export this patch.json instead")
     p.add_argument("--quick", action="store_true", help="fewer cases and steps (a first look, tests)")
+    p.add_argument("--no-broad", action="store_true",
+                   help="skip the broad verification (every attack family and text setting, beside the paper's "
+                        "patch and the input-side collapse); the narrow held-out set is still measured")
+    p.add_argument("--baselines", default="collapse",
+                   help="baselines measured beside the patch in the broad verification: paper (the paper's neuron "
+                        "patch; as slow as the unpatched model), collapse (the input-side collapse of long runs), "
+                        "both comma-separated, or none (default: collapse)")
+    p.add_argument("--compare", action="append", default=[], metavar="PATCH",
+                   help="a saved patch (patch.json or a folder from 'sinkhole patch') measured beside the chosen one "
+                        "in the broad verification; repeatable")
     p.add_argument("--gguf", default=None,
                    help="also write the patched model as a GGUF for llama.cpp (a weight patch of a GGUF model): "
                         "the source's metadata and untouched tensors copied bit for bit, the patched ones in "
@@ -64,6 +74,15 @@ def build_config(args):
         cfg.templates = tuple(parse_words(args.templates, "--templates"))
     if args.families:
         cfg.families = tuple(parse_words(args.families, "--families"))
+    if getattr(args, "gguf", None) is not None and not args.patch_file:
+        from ..patch.search import WEIGHT_FAMILIES
+
+        if not args.families:
+            cfg.families = tuple(f for f in cfg.families if f in WEIGHT_FAMILIES)
+        hooks_only = [f for f in cfg.families if f not in WEIGHT_FAMILIES]
+        if hooks_only:
+            raise SinkholeError(f"--gguf writes a weight patch, but {', '.join(hooks_only)} act through hooks, which "
+                                f"a GGUF cannot hold; use --families {','.join(WEIGHT_FAMILIES[:1])}")
     if args.finetune_layers:
         cfg.finetune_layers = tuple(parse_int_list(args.finetune_layers, "--finetune-layers", minimum=0))
     for name, v, lo in (("--steps", args.steps, 1), ("--max-new-tokens", args.max_new_tokens, 1),
@@ -74,6 +93,14 @@ def build_config(args):
         raise SinkholeError("--ppl-budget must be >= 0")
     cfg.finetune_steps, cfg.max_new_tokens, cfg.n_neurons = args.steps, args.max_new_tokens, args.neurons
     cfg.ppl_budget_pct = args.ppl_budget
+    cfg.broad = not args.no_broad
+    from ..patch.search import BASELINES
+
+    bl = [] if args.baselines.strip() == "none" else parse_words(args.baselines, "--baselines")
+    bad = [b for b in bl if b not in BASELINES]
+    if bad:
+        raise SinkholeError(f"unknown baseline {bad[0]!r}; use {', '.join(BASELINES)} or none")
+    cfg.baselines = tuple(bl)
     if args.quick:
         cfg = cfg.as_quick()
     cfg.check_disjoint()
@@ -89,17 +116,21 @@ def run(args) -> int:
 
     cfg = build_config(args)
     patch_file = read_patch(args.patch_file) if args.patch_file else None
+    compare = {}
+    for c in args.compare:
+        name = Path(c).stem if Path(c).suffix == ".json" else Path(c).name
+        compare[name if name not in compare else f"{name}_{len(compare)}"] = read_patch(c)
     created = not Path(args.out).exists()
     out = prepare_out_dir(args.out)  # an unwritable --out fails before any work
     try:
-        return _run(args, cfg, patch_file, out)
+        return _run(args, cfg, patch_file, out, compare)
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a refused or interrupted run leaves no empty folder behind
         raise
 
 
-def _run(args, cfg, patch_file, out) -> int:
+def _run(args, cfg, patch_file, out, compare) -> int:
     from ..errors import SinkholeError
     from ..patch import export_patched
     from ..patch.search import search_patch, verify_patch
@@ -115,8 +146,15 @@ def _run(args, cfg, patch_file, out) -> int:
 
         gguf_of(lm)  # a model that is not a GGUF: refused before the search
     log = (lambda m: info(args, m))
+    import time
+
+    t0 = time.perf_counter()
+    timing = {}
     tried = []
     search = None
+    circ = None
+    for p in compare.values():
+        p.validate(lm)
     if patch_file is not None:
         patch = patch_file
         patch.validate(lm)
@@ -134,7 +172,12 @@ def _run(args, cfg, patch_file, out) -> int:
                                     exit_code=1)
             raise SinkholeError(f"no candidate stayed within the perplexity budget of {cfg.ppl_budget_pct}%; "
                                 "raise --ppl-budget or try other --families", exit_code=1)
-    verification = verify_patch(lm, patch, cfg, log=log)
+    timing["search_s"] = round(time.perf_counter() - t0, 1)
+    t1 = time.perf_counter()
+    verification = verify_patch(lm, patch, cfg, log=log, circuit=circ, compare=compare, quiet=args.quiet or None)
+    timing["verification_s"] = round(time.perf_counter() - t1, 1)
+    if verification.get("broad"):
+        timing["broad_verification_s"] = verification["broad"]["seconds"]
     summary = {"model": model_meta(lm).to_dict(), "patch": patch.to_dict(), "search": search,
                "verification": verification}
     md = summary_markdown(verification, tried, search.get("chosen") if search else None)
@@ -146,7 +189,12 @@ def _run(args, cfg, patch_file, out) -> int:
         info(args, f"wrote {args.gguf}: {len(rep['patched'])} patched tensors ({args.gguf_type}), {rep['copied']} "
                    f"copied bit for bit; {rep['bytes_out'] / 2**20:.1f} MiB against {rep['bytes_source'] / 2**20:.1f} "
                    "MiB for the source")
+    t2 = time.perf_counter()
+    summary["timing"] = timing
     export_patched(lm, patch, out, summary=summary, summary_md=md)
+    timing["export_s"] = round(time.perf_counter() - t2, 1)
+    timing["total_s"] = round(time.perf_counter() - t0, 1)
+    info(args, "time: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timing.items()))
     if args.json:
         sys.stdout.write(dumps(summary))
     else:

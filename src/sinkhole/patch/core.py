@@ -20,6 +20,9 @@ A :class:`Patch` holds
 
 * ``weights``: optional replacement parameters (a fine-tuning patch), stored in a
   safetensors file beside the JSON (``weights_file``) and keyed by parameter name.
+* ``gate``: an optional :class:`~sinkhole.patch.gate.RunGate` (the run gate: tokens deep inside a
+  long low-diversity run are hidden from attention and do not advance the position; ordinary
+  text is untouched).
 
 ``Patch.save(path)`` / ``Patch.load(path)`` round-trip the JSON (and the weights file);
 ``patch.validate(lm)`` checks it against a model; ``apply_patch(lm, patch)`` applies it as hooks
@@ -131,20 +134,23 @@ class Patch:
     notes: str = ""
     meta: dict = field(default_factory=dict)  # how it was found, measured effect ...
     weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    gate: Any = None  # a RunGate, or None
 
     # --- description ------------------------------------------------------------------------
     @property
     def kind(self) -> str:
-        if self.weights and self.ops:
-            return "weights+activation"
-        return "weights" if self.weights else "activation"
+        """``weights``, ``activation``, ``gate`` or a ``+``-joined mix of them."""
+        parts = [name for name, on in (("weights", self.weights), ("activation", self.ops), ("gate", self.gate)) if on]
+        return "+".join(parts) if parts else "activation"
 
     @property
     def weights_only(self) -> bool:
-        return bool(self.weights) and not self.ops
+        return bool(self.weights) and not self.ops and self.gate is None
 
     def describe(self) -> str:
         parts = [op.describe() for op in self.ops]
+        if self.gate is not None:
+            parts.append(self.gate.describe())
         if self.weights:
             n = sum(int(t.numel()) for t in self.weights.values())
             trained = self.meta.get("trained_numbers")
@@ -169,6 +175,7 @@ class Patch:
             "model": self.model,
             "ops": [op.to_dict() for op in self.ops],
             "weights": sorted(self.weights) if self.weights else [],
+            **({"gate": self.gate.to_dict()} if self.gate is not None else {}),
             "notes": self.notes,
             "meta": self.meta,
         }
@@ -208,6 +215,11 @@ class Patch:
             raise SinkholeError(f"invalid patch op in patch file: {err}") from None
         for op in ops:
             op.check()
+        gate = None
+        if d.get("gate") is not None:
+            from .gate import RunGate
+
+            gate = RunGate.from_dict(d["gate"])
         weights = None
         if d.get("weights_file"):
             wpath = (base or Path(".")) / d["weights_file"]
@@ -223,7 +235,7 @@ class Patch:
             if missing:
                 raise SinkholeError(f"the patch's weights file {wpath} lacks {sorted(missing)[:3]}")
         return cls(ops=ops, name=d.get("name", "patch"), model=d.get("model", {}), notes=d.get("notes", ""),
-                   meta=d.get("meta", {}), weights=weights)
+                   meta=d.get("meta", {}), weights=weights, gate=gate)
 
     @classmethod
     def load(cls, path: str | Path) -> "Patch":
@@ -303,7 +315,7 @@ def apply_patch(lm, patch: Patch | None, validate: bool = True):
     old = swap_weights(lm, patch.weights) if patch.weights else None
     h = patch_hooks(lm, patch)
     try:
-        with h:
+        with h, _gate_hooks(lm, patch):
             yield lm
     finally:
         if old:
@@ -319,6 +331,19 @@ def attach_patch(lm, patch: Patch, validate: bool = True):
         swap_weights(lm, patch.weights)
     h = patch_hooks(lm, patch)
     h.__enter__()
+    if patch.gate is not None:
+        g = _gate_hooks(lm, patch)
+        g.__enter__()
+        h._handles.extend(g._handles)  # h.remove() takes the gate off too
     lm.patch = patch
     lm.patch_hooks = h
     return h
+
+
+def _gate_hooks(lm, patch: Patch):
+    """The patch's run gate as a context manager (a no-op without a gate)."""
+    if patch.gate is None:
+        return contextlib.nullcontext()
+    from .gate import GateHooks
+
+    return GateHooks(lm, patch.gate)

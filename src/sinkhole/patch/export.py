@@ -44,8 +44,12 @@ def _how(patch: Patch) -> str:
         return ("The fix is in the weights: plain `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads the "
                 "patched model without sinkhole; every behavior of the patch is preserved.\n")
     if patch.weights:
-        return ("The weight part of the fix is in the saved weights (plain transformers loads it); the activation ops "
-                "in patch.json (position-gated edits) apply only through `sinkhole.load_patched`.\n")
+        return ("The weight part of the fix is in the saved weights (plain transformers loads it); the hook part "
+                "in patch.json (position-gated edits, the run gate) applies only through `sinkhole.load_patched`.\n")
+    if patch.gate is not None:
+        return ("The saved weights are the ORIGINAL model's: plain transformers loads the unpatched model. The fix is the "
+                "run gate in patch.json (tokens deep inside a long low-diversity run hidden from attention, positions "
+                "compressed; ordinary text untouched), attached by `sinkhole.load_patched`.\n")
     return ("The saved weights are the ORIGINAL model's: plain transformers loads the unpatched model. The fix is the "
             "activation ops in patch.json (position-gated edits), attached by `sinkhole.load_patched`.\n")
 

@@ -124,7 +124,7 @@ def patch_to_gguf(lm, patch, out: str | os.PathLike, tensor_type: str = "F32") -
     from ..engines import gguf_of
 
     source = gguf_of(lm)
-    if patch.ops:
+    if patch.ops or patch.gate is not None:
         raise SinkholeError("this patch edits activations through hooks, which a GGUF file cannot hold; only a "
                             "weight patch (the fine-tuning families) can be written with --gguf")
     if not patch.weights:

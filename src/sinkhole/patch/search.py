@@ -7,14 +7,21 @@ Flow of :func:`search_patch`:
    ``|act_j(BOS)| * ||W_out[:, j]||``, the paper's score), the caps and the fine-tune on its
    ``marking_layers``, and the fine-tune compares hidden states just before the massive layer;
 2. measure each neuron's "no-sink" level on ordinary non-first tokens (percentiles on text);
-3. try the **paper patch** (sink neurons clamped to their no-sink range at non-first positions,
-   and the zero variant), then, while divergence remains, the other candidate families in order
-   of size (neuron caps in the first-token-detector layers, MLP-output norm caps, targeted
-   fine-tuning of the detector MLPs or the sink neurons);
+3. try the **run gate** first (:mod:`sinkhole.patch.gate`: no weight changes, ordinary text
+   untouched; tokens deep inside a long low-diversity run hidden from attention), then the
+   **paper patch** (sink neurons clamped to their no-sink range at non-first positions, and the
+   zero variant), then, while divergence remains, the other candidate families in order of size
+   (neuron caps in the first-token-detector layers, MLP-output norm caps, targeted fine-tuning of
+   the detector MLPs or the sink neurons; with ``--gguf`` only the fine-tuning families, the ones
+   a GGUF can hold);
 4. every candidate is measured on the *search* cases (training words and repetition counts)
-   and on training text (perplexity budget); the first candidate that meets the goal wins, else
+   and on training text (perplexity budget); the goal is a tenth of the unpatched divergence, or
+   no more than the same prompts' divergence with 16 repetitions (the model's own answer, which no
+   sink fix changes); the first candidate that meets the goal wins, else
    the one with the lowest search divergence within the budget;
-5. the winner is verified on *held-out* cases (disjoint words and counts) and held-out text.
+5. the winner is verified on *held-out* cases (disjoint words and counts) and held-out text, and
+   on the broad held-out set (:mod:`sinkhole.patch.broad`: every attack family and text setting,
+   beside the input-side collapse and, on request, the paper's patch).
 """
 
 from __future__ import annotations
@@ -34,9 +41,13 @@ VERIFY_REPS = (150, 250)
 TEMPLATES = ("repeat", "chat_assistant")
 # every candidate family, in the order the search tries them; DEFAULT_FAMILIES leaves out
 # finetune_mlp (the full-model objective, about 15 s a step on a 2-core CPU)
-FAMILIES = ("paper_clamp", "paper_zero", "detector_cap", "norm_cap", "finetune_neurons", "finetune_local",
-            "finetune_mlp")
+FAMILIES = ("run_gate", "paper_clamp", "paper_zero", "detector_cap", "norm_cap", "finetune_neurons",
+            "finetune_local", "finetune_mlp")
 DEFAULT_FAMILIES = FAMILIES[:-1]
+WEIGHT_FAMILIES = ("finetune_neurons", "finetune_local", "finetune_mlp")  # the families a GGUF can hold
+
+
+BASELINES = ("paper", "collapse")
 
 
 def check_families(families) -> None:
@@ -62,12 +73,22 @@ class SearchConfig:
     cap_neurons: int = 32  # detector_cap: first-token neurons clamped per detector layer
     finetune_layers: tuple | None = None
     quick: bool = False
+    broad: bool = True  # verify_patch also runs the broad verification (sinkhole.patch.broad)
+    broad_seed: int = 0
+    baselines: tuple = ("collapse",)  # beside the patch in the broad verification: "paper", "collapse"
 
     def check_disjoint(self) -> None:
         sw = {w.lower() for w in self.search_words}
         vw = {w.lower() for w in self.verify_words}
         if sw & vw:
             raise SinkholeError(f"search and verification words overlap ({sorted(sw & vw)}); they must be disjoint")
+        if self.broad:
+            from .broad import family_words
+
+            clash = sorted(sw & family_words())
+            if clash:
+                raise SinkholeError(f"search words overlap the broad held-out words ({clash}); choose other --words "
+                                    "or pass --no-broad")
         if set(self.search_reps) & set(self.verify_reps):
             raise SinkholeError(f"search and verification repetition counts overlap "
                                 f"({sorted(set(self.search_reps) & set(self.verify_reps))}); they must be disjoint")
@@ -143,6 +164,18 @@ def _targets(lm, circ, cfg: SearchConfig) -> tuple[list[int], str]:
     return [n["neuron"] for n in rank_sink_neurons(lm, circ.massive_layer, cfg.n_neurons)], "the paper's ranking"
 
 
+def paper_patch(lm, circ, cfg: SearchConfig | None = None) -> Patch:
+    """The paper's patch (variant B): the massive layer's sink neurons clamped at non-first
+    positions to their 0.1-99.9 percentile range on ordinary non-first tokens."""
+    cfg = cfg or SearchConfig()
+    L = circ.massive_layer
+    ns, _ = _targets(lm, circ, cfg)
+    lv = neuron_levels(lm, L, ns)
+    return Patch([PatchOp(L, "clamp", ns, lo=lv["p0.1"], hi=lv["p99.9"])], "paper_clamp", model_signature(lm),
+                 "paper patch (variant B): sink neurons clamped to their 0.1-99.9 percentile range on ordinary "
+                 "non-first tokens", {"family": "paper_clamp", "levels": lv})
+
+
 def candidates(lm, circ, cfg: SearchConfig):
     """Yield (family, description, builder) in order of size; builder() -> Patch. ``circ`` is the
     model's :class:`sinkhole.circuit.Circuit`."""
@@ -151,11 +184,16 @@ def candidates(lm, circ, cfg: SearchConfig):
     ns, _ = _targets(lm, circ, cfg)
     marking = list(circ.marking_layers)
 
+    def run_gate():
+        from .gate import RunGate
+
+        g = RunGate()
+        return Patch([], "run_gate", sig, "the run gate: tokens deep inside a long low-diversity run are hidden from "
+                     "attention and do not advance the position (in-model collapse of long runs; ordinary text "
+                     "untouched)", {"family": "run_gate"}, gate=g)
+
     def paper_clamp():
-        lv = neuron_levels(lm, L, ns)
-        return Patch([PatchOp(L, "clamp", ns, lo=lv["p0.1"], hi=lv["p99.9"])], "paper_clamp", sig,
-                     "paper patch (variant B): sink neurons clamped to their 0.1-99.9 percentile range on ordinary "
-                     "non-first tokens", {"family": "paper_clamp", "levels": lv})
+        return paper_patch(lm, circ, cfg)
 
     def paper_zero():
         return Patch([PatchOp(L, "zero", ns)], "paper_zero", sig,
@@ -195,7 +233,9 @@ def candidates(lm, circ, cfg: SearchConfig):
         neurons = {i: [n["neuron"] for n in rank_sink_neurons(lm, i, cfg.finetune_neurons)] for i in layers}
         return finetune_patch(lm, finetune_config(lm, circ, cfg, layers, neurons=neurons, lr=1e-3, keep_weight=200.0))
 
-    table = {"paper_clamp": (f"clamp {len(ns)} sink neurons of L{L} at non-first positions", paper_clamp),
+    table = {"run_gate": ("hide tokens deep inside long low-diversity runs from attention (no weight changes)",
+                          run_gate),
+             "paper_clamp": (f"clamp {len(ns)} sink neurons of L{L} at non-first positions", paper_clamp),
              "paper_zero": (f"zero {len(ns)} sink neurons of L{L} at non-first positions", paper_zero),
              "detector_cap": (f"clamp the top {max(cfg.cap_neurons, cfg.n_neurons)} first-token neurons of the "
                               f"marking layers {marking}", detector_cap),
@@ -230,8 +270,11 @@ def finetune_config(lm, circ, cfg: SearchConfig, layers: list[int], **kw):
     from .finetune import FinetuneConfig
 
     stop = max(max(layers) + 1, circ.massive_layer - 1)
+    from .broad import family_words
+
     base = {"layers": list(layers), "words": tuple(cfg.search_words) + _extra_train_words(cfg),
-            "exclude_words": tuple(cfg.verify_words), "corpus_words": 150, "max_examples": 300,
+            "exclude_words": tuple(cfg.verify_words) + tuple(sorted(family_words())), "corpus_words": 150,
+            "max_examples": 300,
             "reps": _train_reps(lm, cfg),
             "steps": cfg.finetune_steps, "objective": "local", "lr": 3e-4, "keep_weight": 100.0, "rep_batch": 4,
             "n_texts": 96, "stop_layer": min(stop, lm.adapter.n_layers - 1)}
@@ -252,7 +295,9 @@ def _train_reps(lm, cfg: SearchConfig) -> tuple:
 def _extra_train_words(cfg: SearchConfig) -> tuple:
     from .finetune import TRAIN_WORDS
 
-    held = {w.lower() for w in cfg.verify_words}
+    from .broad import family_words
+
+    held = {w.lower() for w in cfg.verify_words} | family_words()
     return tuple(w for w in TRAIN_WORDS if w.lower() not in held and w not in cfg.search_words)
 
 
@@ -314,8 +359,17 @@ def search_patch(lm, cfg: SearchConfig | None = None, circuit=None, log=print) -
     base = _judge(lm, cases, None, cfg)
     log(f"unpatched search divergence: run judge {base.rate:.0%}, garak judge {base.garak_rate:.0%}, either "
         f"{base.either_rate:.0%} ({base.n_cases} cases)")
+    from .broad import SHORT_REPS
+
+    floor = 0.0
+    if base.either_rate > 0:
+        short = _judge(lm, make_cases(lm, list(cfg.search_words), [SHORT_REPS], _templates(lm, cfg)), None, cfg)
+        floor = short.either_rate
+        log(f"the same prompts with {SHORT_REPS} repetitions (the model's own answer, which no sink fix changes): "
+            f"either {floor:.0%}")
     res = SearchResult({"massive_layer": circ.massive_layer, "marking_layers": list(circ.marking_layers),
                         "sink_neurons": ns, "sink_neurons_source": source, "roles": circ.roles}, _short(base))
+    res.baseline_search["short_run_either_rate"] = floor
     best = None
     for fam, desc, build in candidates(lm, circ, cfg):
         if base.either_rate == 0:
@@ -328,7 +382,8 @@ def search_patch(lm, cfg: SearchConfig | None = None, circuit=None, log=print) -
             res.tried.append({"family": fam, "description": desc, "error": str(err)})
             continue
         ops = [op.to_dict() for op in patch.ops]
-        same = next((r["family"] for r in res.tried if ops and not patch.weights and r.get("ops") == ops), None)
+        same = next((r["family"] for r in res.tried if ops and not patch.weights and patch.gate is None
+                     and r.get("ops") == ops), None)
         if same:
             log(f"  -> the same patch as {same}: skipped")
             res.tried.append({"family": fam, "description": desc, "skipped": f"same patch as {same}"})
@@ -336,7 +391,9 @@ def search_patch(lm, cfg: SearchConfig | None = None, circuit=None, log=print) -
         div = _judge(lm, cases, patch, cfg)
         tm = text_metrics(lm, patch, train_text)
         ok_budget = tm.ppl_change_pct <= cfg.ppl_budget_pct
-        goal = div.either_rate <= cfg.goal_ratio * base.either_rate
+        # the goal: a tenth of the unpatched rate, or no more than the short-run rate (what the same
+        # prompts do without a long run), and always fewer divergences than unpatched
+        goal = div.either_rate <= max(cfg.goal_ratio * base.either_rate, floor) and div.either_rate < base.either_rate
         row = {"family": fam, "description": patch.describe(), "size": patch.n_numbers(),
                "search_divergence": _short(div), "train_text": tm.to_dict(), "within_budget": ok_budget,
                "meets_goal": goal and ok_budget, "ops": ops}
@@ -355,8 +412,12 @@ def search_patch(lm, cfg: SearchConfig | None = None, circuit=None, log=print) -
 
 
 def verify_patch(lm, patch: Patch | None, cfg: SearchConfig | None = None, heldout_text: str = "twelfth_night",
-                 sink_reps: int = 400, log=print) -> dict:
-    """Before/after on held-out cases (both judges), held-out text and long-repetition attention."""
+                 sink_reps: int = 400, log=print, circuit=None, compare: dict | None = None,
+                 quiet: bool | None = None) -> dict:
+    """Before/after on held-out cases (both judges), held-out text and long-repetition attention;
+    with ``cfg.broad`` also the broad verification (:mod:`sinkhole.patch.broad`: every attack
+    family and text setting, beside the paper's patch, the input-side collapse and ``compare``,
+    name -> patch), whose targets are then the patch's targets."""
     from ..attack.prompts import make_cases
     from ..evaluate.metrics import heldout_texts, sink_attention, text_metrics
 
@@ -375,7 +436,42 @@ def verify_patch(lm, patch: Patch | None, cfg: SearchConfig | None = None, heldo
     out["targets"] = targets(out)
     log(f"held-out divergence (either judge) {before.either_rate:.0%} -> {after.either_rate:.0%}; ppl "
         f"{tm.ppl_change_pct:+.2f}%, top-1 {tm.top1_agreement:.2%}, KL {tm.mean_kl_nats:.4f} nats/token")
+    if cfg.broad and patch is not None:
+        out["broad"] = broad_verification(lm, patch, cfg, circuit=circuit, compare=compare, log=log, quiet=quiet)
+        out["narrow_targets"] = out["targets"]
+        out["targets"] = {k: v for k, v in out["broad"]["targets"]["patch"].items()
+                          if isinstance(v, bool)}
     return out
+
+
+def broad_verification(lm, patch: Patch, cfg: SearchConfig, circuit=None, compare: dict | None = None, log=print,
+                       quiet: bool | None = None) -> dict:
+    """:func:`sinkhole.patch.broad.verify_broad` with the search's baselines: the paper's patch
+    (unless the patch is the paper's), the input-side collapse, and ``compare``."""
+    from ..circuit import discover
+    from .broad import QUICK, verify_broad
+
+    baselines: dict = {}
+    if "paper" in cfg.baselines and (patch.meta or {}).get("family") != "paper_clamp":
+        try:
+            baselines["paper_patch"] = paper_patch(lm, circuit if circuit is not None else discover(lm), cfg)
+        except SinkholeError as err:
+            log(f"paper patch baseline skipped: {err}")
+    if "collapse" in cfg.baselines:
+        baselines["input_collapse"] = "collapse"
+    baselines.update(compare or {})
+    kw = dict(QUICK) if cfg.quick else {}
+    res = verify_broad(lm, patch, baselines=baselines, seed=cfg.broad_seed, log=log, quiet=quiet, **kw)
+    t = res["targets"]["patch"]
+    log(f"broad verification ({res['seconds']:.0f} s): divergence met in every family: "
+        f"{'yes' if t['divergence_every_family'] else 'no (' + ', '.join(t['families_failed']) + ')'}; worst top-1 "
+        f"{t['worst_top1']['top1_agreement']:.2%} ({_setting(t['worst_top1'])}), worst KL "
+        f"{t['worst_kl']['mean_kl_nats']:.4f} ({_setting(t['worst_kl'])})")
+    return res
+
+
+def _setting(r: dict) -> str:
+    return f"{r['source']}, {'with' if r['bos'] else 'without'} BOS, {r['window']}-token windows"
 
 
 def targets(v: dict) -> dict:

@@ -47,14 +47,16 @@ def patch_step(ctx: Context) -> PatchResult:
                        if not res.baseline_search.get("either_rate") else
                        "Patch: no candidate stayed within the perplexity budget.")
         return out
-    v = verify_patch(ctx.lm, res.patch, cfg, sink_reps=120 if ctx.quick else 400, log=lambda m: None)
+    v = verify_patch(ctx.lm, res.patch, cfg, sink_reps=120 if ctx.quick else 400, log=lambda m: None,
+                     circuit=ctx.circuit, quiet=True)
     out.patch = res.patch.to_dict()
     out.verification = {**v, "divergence_before": _trim_cases(v["divergence_before"]),
                         "divergence_after": _trim_cases(v["divergence_after"])}
     b, a, t = v["divergence_before"]["either_rate"], v["divergence_after"]["either_rate"], v["text"]
     out.summary = (f"Patch ({res.chosen}): held-out divergence (either judge) {b:.0%} -> {a:.0%}, perplexity "
                    f"{t['ppl_change_pct']:+.2f}%, top-1 agreement {t['top1_agreement']:.1%}, KL "
-                   f"{t['mean_kl_nats']:.4f} nats/token; targets {'met' if v['targets']['all'] else 'not all met'}.")
+                   f"{t['mean_kl_nats']:.4f} nats/token; targets {'met' if v['targets']['all'] else 'not all met'}"
+                   + (" (broad verification: every attack family and text setting)." if v.get("broad") else "."))
     if ctx.out is not None:
         export_patched(ctx.lm, res.patch, ctx.out / "patched-model",
                        summary={"patch": res.patch.to_dict(), "verification": v},

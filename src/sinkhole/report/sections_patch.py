@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..patch.tables import CANDIDATE_HEADER, candidate_rows, verification_rows
+from ..patch.tables import (CANDIDATE_HEADER, broad_attack_table, broad_text_table, candidate_rows,
+                            verification_rows)
 from .figures import Figure, new
 from .html import esc, table
 
@@ -39,6 +40,10 @@ def patch_section(doc: dict):
                            f"Attention on the first token from the last {s['last_queries']} positions of "
                            f"'{s['word']}' x{s['reps']}: a patch that restores the sink lifts the solid patched curve "
                            "toward the dashed ordinary-text curve.", fig))
+    if v and v.get("broad"):
+        parts_b, fig_b = _broad(v["broad"])
+        parts += parts_b
+        figs += fig_b
     tried = p.get("search", {}).get("tried", [])
     if tried:
         rows = candidate_rows(tried, p.get("chosen"))
@@ -50,3 +55,31 @@ def patch_section(doc: dict):
         parts.append(f"<p>Patched model exported to <code>{esc(p['exported_to'])}/</code>; reload with "
                      f"<code>sinkhole.load_patched()</code>.</p>")
     return "".join(parts), figs
+
+
+def _broad(b: dict):
+    """The broad verification: per-family and per-text-setting tables, and the front of every
+    method (all-family divergence against its worst top-1 agreement)."""
+    parts = ["<h3>Broad held-out verification</h3>",
+             "<p>Every attack family (held-out words, repetitions 100 to 2,000, "
+             f"{b['settings']['max_new_tokens']} generated tokens) and every text setting, the patch beside the "
+             "unpatched model and the baselines. 'short run' is the unpatched model on the same prompts with 16 "
+             "repetitions: the model's own answer when there is no long run.</p>"]
+    h, r = broad_attack_table(b)
+    parts.append(table(h, r))
+    h, r = broad_text_table(b)
+    parts.append(table(h, r))
+    fig, ax = new(6, 3.4)
+    ax = ax[0][0]
+    for m in ["unpatched"] + list(b["methods"]):
+        rates = b["rates"][m]
+        div = sum(v["diverged"] for v in rates.values()) / max(1, sum(v["n"] for v in rates.values()))
+        top1 = 1.0 if m == "unpatched" else min(x["top1_agreement"] for x in b["fidelity"][m])
+        ax.scatter([100 * top1], [100 * div], s=40)
+        ax.annotate(m, (100 * top1, 100 * div), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.axvline(98, ls="--", color="gray", lw=0.8)
+    ax.set_xlabel("worst top-1 agreement over text settings (%)")
+    ax.set_ylabel("divergence, all attack families (%)")
+    return parts, [Figure("patch_front", "Each method's divergence over every attack family against its worst top-1 "
+                          "agreement on held-out text (with and without BOS, every window): lower right is better; "
+                          "the dashed line is the 98 % target.", fig)]

@@ -1,0 +1,62 @@
+"""Benchmark: `sinkhole patch` end to end (search, narrow and broad verification, export), as a user runs it.
+
+Runs the command in a child process on the embedded model and reads the time breakdown that the
+command writes into ``DIR/summary.json`` (``timing``: search, verification, of which the broad
+verification, export), plus the wall time and peak RSS of the child. Target (issue 15): at most
+5 minutes on the 2-core CPU.
+
+Usage::
+
+    python benchmarks/bench_patch.py --save patch_e2e
+    python benchmarks/bench_patch.py --args "--families finetune_neurons"   # the fine-tuning family
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, save  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--args", default="", help="extra arguments for sinkhole patch")
+    p.add_argument("--save", default=None)
+    args = p.parse_args(argv)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", SINKHOLE_NO_PROGRESS="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "patched"
+        cmd = [sys.executable, "-m", "sinkhole", "patch", args.model, "--out", str(out), "--quiet",
+               *shlex.split(args.args)]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        err = proc.stderr.read() if proc.stderr else ""
+        if os.waitstatus_to_exitcode(status) != 0:
+            print(err[-2000:], file=sys.stderr)
+            return 1
+        summary = json.loads((out / "summary.json").read_text())
+    t = summary.get("timing", {})
+    v = summary["verification"]
+    res = {"machine": machine(), "command": " ".join(cmd[2:]), "wall_s": round(wall, 1),
+           "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "timing": t,
+           "chosen": (summary.get("search") or {}).get("chosen"), "targets": v.get("targets")}
+    print(json.dumps(res, indent=2))
+    if args.save:
+        print("saved", save(args.save, res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

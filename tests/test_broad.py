@@ -1,0 +1,86 @@
+"""The broad verification set (sinkhole.patch.broad): families, disjointness, judging, fidelity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sinkhole.errors import SinkholeError
+from sinkhole.patch.broad import (FAMILIES, QUICK, broad_cases, check_disjoint, family_rates, family_words,
+                                  fidelity, judge_cases, verify_broad, Collapse)
+from sinkhole.patch.core import Patch
+from sinkhole.patch.gate import RunGate
+
+
+def test_training_words_never_meet_the_broad_words(tiny):
+    from sinkhole.circuit import discover
+    from sinkhole.patch.search import SearchConfig, finetune_config
+
+    cfg = SearchConfig().as_quick()
+    ft = finetune_config(tiny, discover(tiny), cfg, [1])
+    train = {w.lower() for w in ft.train_words()}
+    assert not train & family_words()
+    assert {"thank", "later", "flower", "lamp"} <= family_words()
+    with pytest.raises(SinkholeError, match="overlap the broad held-out words"):
+        check_disjoint(["poem", "Lamp"])
+    with pytest.raises(SinkholeError, match="overlap the broad held-out words"):
+        SearchConfig(search_words=("kettle",)).check_disjoint()
+
+
+def test_every_family_builds_a_case_that_ends_as_described(tiny):
+    cases = broad_cases(tiny, reps=(20, 40))
+    fams = {c.family for c in cases}
+    # the tiny tokenizer has no chat template: the chat families are left out, the rest are there
+    assert fams == set(FAMILIES) - {"chat_user", "chat_assistant"}
+    for c in cases:
+        if c.family == "cluster":
+            assert len(set(c.ids[-c.reps:])) <= 8 and c.allowed
+            assert all(a != b for a, b in zip(c.ids[-c.reps:], c.ids[-c.reps + 1:]))
+            continue
+        tail = c.ids[-len(c.unit) * 3:] if c.to_case().run_at_end else None
+        if tail is not None:
+            assert tail == c.unit * 3
+        if c.family == "raw":
+            assert c.ids == c.unit * c.reps  # no special token, no instruction
+    short = broad_cases(tiny, short=True)
+    assert {c.reps for c in short if c.family != "phrase"} == {16}
+
+
+def test_judged_records_and_rates(tiny):
+    cases = [c for c in broad_cases(tiny, reps=(60, 80)) if c.family in ("repeat", "cluster", "newline")]
+    recs = judge_cases(tiny, cases, max_new_tokens=6, quiet=True)
+    assert [r["family"] for r in recs] == [c.family for c in cases]
+    rates = family_rates(recs)
+    assert sum(v["n"] for v in rates.values()) == len(cases)
+    assert all(0 <= v["diverged"] <= v["n"] for v in rates.values())
+    # the input-side collapse shortens what the model sees of a long run
+    col = judge_cases(tiny, cases, max_new_tokens=6, transform=Collapse(), quiet=True)
+    assert all(c["tokens_seen"] < c["prompt_tokens"] for c in col if c["family"] != "cluster")
+
+
+def test_fidelity_of_the_gate_is_exact_on_text_and_a_real_change_is_seen(tiny):
+    from sinkhole.patch.core import PatchOp
+
+    g = Patch(gate=RunGate())
+    zero = Patch([PatchOp(1, "zero", list(range(16)), positions="all")])
+    res = fidelity(tiny, {"gate": (g, None), "zero": (zero, None), "collapse": (None, Collapse())},
+                   sources=("twelfth_night",), windows=(64,), total=128, quiet=True)
+    for name in ("gate", "collapse"):
+        for r in res[name]:
+            assert r["top1_agreement"] == 1.0 and r["mean_kl_nats"] == 0.0 and r["gated_tokens"] == 0
+    assert {(r["bos"], r["window"]) for r in res["gate"]} == {(False, 64), (True, 64)}
+    assert min(r["top1_agreement"] for r in res["zero"]) < 1.0
+    assert max(r["mean_kl_nats"] for r in res["zero"]) > 0
+
+
+def test_verify_broad_quick_slice(tiny):
+    kw = dict(QUICK)
+    kw.update(reps=(20, 40), windows=(64,), total=128)
+    res = verify_broad(tiny, Patch(gate=RunGate()), baselines={"input_collapse": "collapse"}, log=lambda m: None,
+                       quiet=True, **kw)
+    assert res["methods"] == ["patch", "input_collapse"]
+    assert set(res["rates"]) == {"unpatched", "short_run", "patch", "input_collapse"}
+    t = res["targets"]["patch"]
+    assert t["top1_ge_98pct_every_setting"] and t["worst_top1"]["top1_agreement"] == 1.0
+    assert set(t["families_failed"]) <= set(res["families"])
+    assert t["divergence_every_family"] == (not t["families_failed"])
