@@ -399,7 +399,11 @@ def test_patch_human_and_out_folder(tiny_cli, capsys, tmp_path):
     out = tmp_path / "patched"
     stdout, stderr = run_ok(capsys, PATCH + ["--out", out])
     # the before/after table is the command's output (stdout); the log and the folder line are on stderr
-    assert "| measure (held-out) | unpatched | patched |" in stdout and "Targets: divergence_le_tenth " in stdout
+    assert "| measure (held-out) | unpatched | patched |" in stdout
+    # the quick broad slice runs too: its targets are the patch's, the narrow set's are kept beside them
+    assert "Targets on the narrow set: divergence_le_tenth " in stdout
+    assert "Targets on the broad set (the patch's targets): divergence_every_family " in stdout
+    assert "| attack family | repetitions | short run (16) | unpatched | patch | input_collapse |" in stdout
     assert "patch: massive layer " in stderr and "patch: marking layers [" in stderr
     assert "unpatched search divergence: run judge " in stderr
     assert "candidate paper_clamp: " in stderr
@@ -412,7 +416,8 @@ def test_patch_human_and_out_folder(tiny_cli, capsys, tmp_path):
     assert pj["format"] == "sinkhole-patch" and pj["kind"] == "activation" and pj["weights_in_model"] is False
     assert [op["mode"] for op in pj["ops"]] == ["clamp"]
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"model", "patch", "search", "verification"}
+    assert set(summary) == {"model", "patch", "search", "verification", "timing"}
+    assert {"search_s", "verification_s", "broad_verification_s"} <= set(summary["timing"])
     assert summary["patch"]["ops"] == pj["ops"] and summary["search"]["chosen"] == "paper_clamp"
     md = (out / "SUMMARY.md").read_text()
     assert md.startswith("# Patched model (sinkhole)") and "## Before / after" in md
@@ -426,7 +431,7 @@ def test_patch_json(tiny_cli, capsys, tmp_path):
     out = tmp_path / "patched"
     stdout, stderr = run_ok(capsys, PATCH + ["--out", out, "--json"])
     summary = json.loads(stdout)
-    assert set(summary) == {"model", "patch", "search", "verification"}
+    assert set(summary) == {"model", "patch", "search", "verification", "timing"}
     assert summary["model"]["name"] == "tiny-llama"
     assert summary["patch"]["format"] == "sinkhole-patch"
     v = summary["verification"]

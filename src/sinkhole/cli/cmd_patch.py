@@ -190,7 +190,7 @@ def _run(args, cfg, patch_file, out, compare) -> int:
                    f"copied bit for bit; {rep['bytes_out'] / 2**20:.1f} MiB against {rep['bytes_source'] / 2**20:.1f} "
                    "MiB for the source")
     t2 = time.perf_counter()
-    summary["timing"] = timing
+    summary["timing"] = dict(timing)  # summary.json and --json print the same document
     export_patched(lm, patch, out, summary=summary, summary_md=md)
     timing["export_s"] = round(time.perf_counter() - t2, 1)
     timing["total_s"] = round(time.perf_counter() - t0, 1)

@@ -196,7 +196,9 @@ def judge_cases(lm, cases: list[BroadCase], hooks=None, transform=None, max_new_
     text, and how many prompt tokens the model saw. ``transform`` rewrites the prompt ids first
     (the input-side collapse)."""
     from ..attack.cluster import judge_token_set
-    from ..attack.diverge import _context, generate, run_judged, stop_ids
+    import contextlib
+
+    from ..attack.diverge import generate, run_judged, stop_ids
 
     seen = [list(transform(c.ids)) if transform else list(c.ids) for c in cases]
     out: list[dict | None] = [None] * len(cases)
@@ -213,7 +215,7 @@ def judge_cases(lm, cases: list[BroadCase], hooks=None, transform=None, max_new_
     cl_idx = [i for i, c in enumerate(cases) if c.family == "cluster"]
     if cl_idx:
         stops = stop_ids(lm)
-        with _context(lm, None, hooks):
+        with (hooks() if hooks is not None else contextlib.nullcontext()):
             gens = [generate(lm, [seen[i]], max_new_tokens)[0] for i in cl_idx]
         for i, g in zip(cl_idx, gens):
             div, _ = judge_token_set(lm, g, set(cases[i].allowed or []), stops)
@@ -381,7 +383,10 @@ def fidelity(lm, methods: dict, sources=("twelfth_night", "generated"), windows=
         tgts = [torch.tensor(r[1:], device=lm.device) for r in rows]
         hidden = int(sum(int(excess_mask(torch.tensor([r]), RunGate())[0].sum()) for r in rows))
         for name, (patch, transform) in methods.items():
-            after = _forward(lm, rows, patch, transform)
+            if patch is None and transform is not None and all(list(transform(r)) == r for r in rows):
+                after = base  # the transform leaves every window as it is: the same input, the same forward
+            else:
+                after = _forward(lm, rows, patch, transform)
             nb = na = kl = 0.0
             agree = n = 0
             for lb, la, t in zip(base, after, tgts):

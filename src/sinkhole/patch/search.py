@@ -437,7 +437,12 @@ def verify_patch(lm, patch: Patch | None, cfg: SearchConfig | None = None, heldo
     log(f"held-out divergence (either judge) {before.either_rate:.0%} -> {after.either_rate:.0%}; ppl "
         f"{tm.ppl_change_pct:+.2f}%, top-1 {tm.top1_agreement:.2%}, KL {tm.mean_kl_nats:.4f} nats/token")
     if cfg.broad and patch is not None:
-        out["broad"] = broad_verification(lm, patch, cfg, circuit=circuit, compare=compare, log=log, quiet=quiet)
+        try:
+            out["broad"] = broad_verification(lm, patch, cfg, circuit=circuit, compare=compare, log=log, quiet=quiet)
+        except SinkholeError as err:  # e.g. a model whose context holds no broad case: say so, keep the narrow set
+            out["broad_skipped"] = str(err)
+            log(f"broad verification skipped: {err}")
+            return out
         out["narrow_targets"] = out["targets"]
         out["targets"] = {k: v for k, v in out["broad"]["targets"]["patch"].items()
                           if isinstance(v, bool)}

@@ -112,7 +112,12 @@ def summary_markdown(verification: dict, tried: list | None = None, chosen: str 
         ["measure (held-out)", "unpatched", "patched"], verification_rows(verification))
     tg = verification.get("targets", {})
     lines.append("")
-    lines.append("Targets: " + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in tg.items()))
+    if verification.get("narrow_targets"):
+        lines.append("Targets on the narrow set: " + ", ".join(
+            f"{k} {'yes' if ok else 'NO'}" for k, ok in verification["narrow_targets"].items()))
+        lines.append("")
+    lines.append(("Targets on the broad set (the patch's targets): " if verification.get("broad") else "Targets: ")
+                 + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in tg.items()))
     if verification.get("broad"):
         lines += broad_markdown(verification["broad"])
     if tried:
