@@ -84,3 +84,16 @@ def test_verify_broad_quick_slice(tiny):
     assert t["top1_ge_98pct_every_setting"] and t["worst_top1"]["top1_agreement"] == 1.0
     assert set(t["families_failed"]) <= set(res["families"])
     assert t["divergence_every_family"] == (not t["families_failed"])
+
+
+def test_collapse_position_map_follows_the_kept_tokens():
+    from sinkhole.patch.broad import _kept_index
+    from sinkhole.patch.gate import collapse
+
+    g = RunGate(window=8, max_distinct=3, min_count=2)
+    row = [1, 2, 3] + [7] * 20 + [9]
+    kept = collapse(row, g)
+    idx = _kept_index(row, Collapse(g)).tolist()
+    assert len(idx) == len(row) and idx[-1] == len(kept) - 1
+    # every kept token maps to itself in the collapsed row, a deleted one to the last kept before it
+    assert [kept[i] for i in idx][:3] == [1, 2, 3] and kept[idx[-1]] == 9

@@ -354,11 +354,13 @@ def _forward(lm, rows: list[list[int]], patch=None, transform=None, batch: int =
 
 
 def _kept_index(row: list[int], transform) -> torch.Tensor:
-    from .gate import excess_mask
+    """For each original position, the index in the collapsed row of its last kept position."""
+    from .gate import expiry
 
     gate = getattr(transform, "gate", None)
-    ex = excess_mask(torch.tensor([row]), gate)[0] if gate is not None else torch.zeros(len(row), dtype=torch.bool)
-    keep = (~ex).long()
+    if gate is None:
+        return torch.arange(len(row))
+    keep = (expiry(torch.tensor([row]), gate)[0] >= len(row)).long()
     return (keep.cumsum(0) - 1).clamp_min(0)
 
 
