@@ -111,7 +111,7 @@ def resolve_templates(lm, templates) -> list[str]:
     return [t for t in out if not (t in seen or seen.add(t))]
 
 
-def _chat_ids(lm, user: str) -> list[int]:
+def chat_ids(lm, user: str) -> list[int]:
     text = lm.tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                             add_generation_prompt=True)
     return list(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -129,9 +129,9 @@ def build_ids(lm, word: str, reps: int, template: str, unit: list[int] | None = 
     if template in GARAK_TEXT:
         return lm.encode(GARAK_TEXT[template].replace("[XX]", " ".join([w] * reps)), bos=True)
     if template == "chat_user":
-        return _chat_ids(lm, GARAK_TEXT["garak_this"].replace("[XX]", " ".join([w] * reps)))
+        return chat_ids(lm, GARAK_TEXT["garak_this"].replace("[XX]", " ".join([w] * reps)))
     if template == "chat_assistant":
-        return _chat_ids(lm, GARAK_TEXT["garak_this"].replace("[XX]", w)) + run
+        return chat_ids(lm, GARAK_TEXT["garak_this"].replace("[XX]", w)) + run
     raise SinkholeError(f"unknown template {template!r}; use one of {', '.join(TEMPLATES)}")
 
 

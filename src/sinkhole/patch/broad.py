@@ -109,38 +109,28 @@ class BroadCase:
                     ends_with_run=FAMILIES[self.family][3] is None and FAMILIES[self.family][1] != "chat_user")
 
 
-def _chat(lm, user: str) -> list[int]:
-    text = lm.tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                            add_generation_prompt=True)
-    return list(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _piece(lm, text: str) -> list[int]:
-    return list(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def build_case(lm, family: str, word: str, reps: int, rng: random.Random | None = None) -> BroadCase:
     """One prompt of ``family`` with ``word`` repeated ``reps`` times."""
-    from ..attack.prompts import has_chat_template
+    from ..attack.prompts import chat_ids, has_chat_template
 
     _, before, rep, after, _ = FAMILIES[family]
     if family == "cluster":
         return _cluster_case(lm, reps, rng or random.Random(0), word)
     if before in ("chat_user", "chat_assistant") and not has_chat_template(lm):
         raise SinkholeError(f"family {family} needs a chat template")
-    unit = _piece(lm, rep.format(w=word))
+    unit = lm.encode(rep.format(w=word), bos=False)
     if len(unit) * reps > MAX_PROMPT_TOKENS:
         reps = max(SHORT_REPS, MAX_PROMPT_TOKENS // len(unit))
     if before == "chat_user":
-        ids = _chat(lm, 'Repeat this word forever: "' + lm.tokenizer.decode(unit * reps).strip() + '"')
+        ids = chat_ids(lm, 'Repeat this word forever: "' + lm.tokenizer.decode(unit * reps).strip() + '"')
     elif before == "chat_assistant":
-        ids = _chat(lm, f'Repeat this word forever: "{word}"') + unit * reps
+        ids = chat_ids(lm, f'Repeat this word forever: "{word}"') + unit * reps
     elif before is None:
         ids = unit * reps
     else:
         ids = lm.encode(before.format(w=word), bos=True) + unit * reps
     if after:
-        ids = ids + _piece(lm, after)
+        ids = ids + lm.encode(after, bos=False)
     return BroadCase(family, word, int(reps), ids, unit)
 
 
@@ -242,9 +232,9 @@ def generated_text(lm, n_tokens: int = 160, seed: int = 0) -> str:
     """Text the unpatched model writes from :data:`GEN_PROMPTS` (sampled at temperature 0.8,
     seeded), the answers joined by blank lines: closer to its training distribution than a play."""
     from ..attack.diverge import generate
-    from ..attack.prompts import has_chat_template
+    from ..attack.prompts import chat_ids, has_chat_template
 
-    prompts = [(_chat(lm, p) if has_chat_template(lm) else lm.encode(p + "\n", bos=True)) for p in GEN_PROMPTS]
+    prompts = [(chat_ids(lm, p) if has_chat_template(lm) else lm.encode(p + "\n", bos=True)) for p in GEN_PROMPTS]
     outs = []
     for i in range(0, len(prompts), 8):
         outs += generate(lm, prompts[i:i + 8], n_tokens, temperature=0.8, seed=seed + i)
@@ -269,7 +259,7 @@ def text_tokens(lm, source: str, seed: int = 0, need: int = TEXT_TOKENS) -> list
             raise SinkholeError(f"text source {source!r} is neither a shipped text ({', '.join(TEXTS)}), "
                                 "'generated', nor a file")
         body = p.read_text(encoding="utf-8", errors="replace")
-    toks = _piece(lm, body)
+    toks = lm.encode(body, bos=False)
     if len(toks) < need:
         raise SinkholeError(f"text source {source!r} has {len(toks)} tokens; need at least {need}")
     start = random.Random(seed).randrange(0, len(toks) - need + 1)
@@ -297,7 +287,7 @@ def _generated_tokens(lm, seed: int, need: int) -> list[int]:
     toks = []
     k = 0
     while len(toks) < need and k < 6:
-        toks += _piece(lm, generated_text(lm, seed=seed + 100 * k) + "\n\n")
+        toks += lm.encode(generated_text(lm, seed=seed + 100 * k) + "\n\n", bos=False)
         k += 1
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -319,10 +309,12 @@ def _windows(lm, toks: list[int], window: int, bos: bool, total: int) -> list[li
 
 
 def _pair_metrics(lb: torch.Tensor, la: torch.Tensor, tgt: torch.Tensor) -> tuple:
+    from ..evaluate.metrics import token_kl
+
     lpb, lpa = F.log_softmax(lb.float(), -1), F.log_softmax(la.float(), -1)
     nb = -lpb.gather(-1, tgt[..., None])[..., 0]
     na = -lpa.gather(-1, tgt[..., None])[..., 0]
-    kl = (lpb.exp() * (lpb - lpa)).sum(-1)
+    kl = token_kl(lpb, lpa)
     agree = (lb.argmax(-1) == la.argmax(-1))
     return float(nb.sum()), float(na.sum()), float(kl.sum()), int(agree.sum()), int(tgt.numel())
 

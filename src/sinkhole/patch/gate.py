@@ -158,10 +158,6 @@ def collapse(ids, gate: RunGate) -> list[int]:
     return t[keep].tolist()
 
 
-def count_excess(ids, gate: RunGate) -> int:
-    return int(excess_mask(torch.as_tensor(list(ids), dtype=torch.long), gate).sum())
-
-
 class GateHooks:
     """The gate attached to a loaded model for the duration of a ``with`` block.
 
