@@ -69,6 +69,8 @@ def test_fidelity_of_the_gate_is_exact_on_text_and_a_real_change_is_seen(tiny):
         for r in res[name]:
             assert r["top1_agreement"] == 1.0 and r["mean_kl_nats"] == 0.0 and r["gated_tokens"] == 0
     assert {(r["bos"], r["window"]) for r in res["gate"]} == {(False, 64), (True, 64)}
+    assert all(r["same_forward"] for m in ("gate", "collapse") for r in res[m])
+    assert not any(r["same_forward"] for r in res["zero"])
     assert min(r["top1_agreement"] for r in res["zero"]) < 1.0
     assert max(r["mean_kl_nats"] for r in res["zero"]) > 0
 

@@ -78,3 +78,18 @@ def test_shipped_default_on_a_slice_of_the_broad_set(smollm2):
     assert sum(v["diverged"] for v in after.values()) == 0
     no_bos = [r for r in res["fidelity"]["patch"] if not r["bos"]]
     assert no_bos and all(r["top1_agreement"] == 1.0 and r["mean_kl_nats"] == 0.0 for r in no_bos)
+    # the verification does not run the gated forward twice where it hides nothing: run it here on
+    # the first no-BOS window of the held-out text and on the same window after a long run
+    import torch
+
+    from sinkhole.patch.broad import text_tokens
+    from sinkhole.patch.core import apply_patch
+
+    win = text_tokens(smollm2, "twelfth_night", need=256)[:64]
+    run = smollm2.encode("Repeat:", bos=True) + smollm2.word_ids("flower") * 300 + win
+    with torch.no_grad():
+        plain = [smollm2.model(input_ids=torch.tensor([x])).logits for x in (win, run)]
+        with apply_patch(smollm2, build(), validate=False):
+            gated = [smollm2.model(input_ids=torch.tensor([x])).logits for x in (win, run)]
+    assert torch.equal(plain[0], gated[0])  # bit-identical on text
+    assert not torch.allclose(plain[1][0, -64:], gated[1][0, -64:])  # and it does act after a run

@@ -34,43 +34,106 @@ def gguf_of(lm) -> Path:
 
 
 class LlamaCpp:
-    """Greedy decoding in llama.cpp of prompts given as token ids."""
+    """Greedy decoding, and logits, in llama.cpp of prompts given as token ids; with ``gate`` (a
+    :class:`~sinkhole.patch.gate.RunGate`), the run gate in llama.cpp.
 
-    def __init__(self, gguf: str | os.PathLike, n_ctx: int = 4096, threads: int | None = None):
+    **The gate in llama.cpp.** The gated model equals the plain model on the tokens the gate has
+    not hidden, at consecutive positions (:mod:`sinkhole.patch.gate`). So every step feeds
+    llama.cpp :func:`~sinkhole.patch.gate.collapse` of the history: the KV cache keeps its longest
+    common prefix with it and only the rest is evaluated. A run is shortened by dropping the
+    previous block of the run from the end of the cache when the next one starts, which is one
+    token per step, as in plain decoding; the prompt is read once, collapsed. No kernel of llama.cpp
+    changes: the same loop runs on any GGUF llama.cpp loads.
+
+    ``logits_all`` keeps the logits of every position (for :meth:`logits`; it costs n_ctx x vocab
+    floats of memory)."""
+
+    def __init__(self, gguf: str | os.PathLike, n_ctx: int = 4096, threads: int | None = None, gate=None,
+                 logits_all: bool = False):
         try:
             from llama_cpp import Llama
         except ImportError:
             raise SinkholeError(f"--engine llama.cpp needs llama-cpp-python: {INSTALL}") from None
         self.path = Path(gguf)
+        if not self.path.is_file():
+            raise SinkholeError(f"no GGUF file at {self.path}; pass the path of a .gguf file")
+        self.gate = gate
         self.llm = Llama(model_path=str(self.path), n_ctx=int(n_ctx), n_threads=threads or os.cpu_count() or 1,
-                         n_batch=512, logits_all=False, verbose=False, seed=0)
+                         n_batch=512, logits_all=bool(logits_all), verbose=False, seed=0)
+        self._cached: list[int] = []  # the tokens whose keys and values the cache holds, in order
+
+    def n_ctx(self) -> int:
+        return int(self.llm.n_ctx())
+
+    def _feed(self, target: list[int]):
+        """Make the cache hold exactly ``target`` (keeping its longest common prefix with what it
+        holds, evaluating the rest; at least the last token) and return the logits after it."""
+        import numpy as np
+
+        p = 0
+        for a, b in zip(self._cached, target):
+            if a != b:
+                break
+            p += 1
+        p = min(p, len(target) - 1)
+        self.llm.n_tokens = p  # eval() drops every cache entry from position p on
+        self.llm.eval(list(target[p:]))
+        self._cached = list(target)
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.llm.n_vocab(),))
+
+    def greedy(self, prompt: Sequence[int], max_new_tokens: int, stops: set[int]) -> list[int]:
+        """The greedy continuation of ``prompt`` (cut after the first stop token), gated if the
+        engine has a gate."""
+        from .patch.gate import collapse
+
+        hist, gen = list(prompt), []
+        if len(hist) + int(max_new_tokens) > self.n_ctx():
+            raise SinkholeError(f"a prompt of {len(hist)} tokens plus {max_new_tokens} new ones exceeds the "
+                                f"llama.cpp context of {self.n_ctx()}; use fewer --reps")
+        self._cached = []  # every prompt is read from an empty cache: results do not depend on case order
+        while len(gen) < int(max_new_tokens):
+            t = int(self._feed(collapse(hist, self.gate) if self.gate is not None else hist).argmax())
+            gen.append(t)
+            hist.append(t)
+            if t in stops:
+                break
+        return gen
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stops: set[int]) -> list[list[int]]:
-        out = []
-        for ids in prompts:
-            if len(ids) + int(max_new_tokens) > self.llm.n_ctx():
-                raise SinkholeError(f"a prompt of {len(ids)} tokens plus {max_new_tokens} new ones exceeds the "
-                                    f"llama.cpp context of {self.llm.n_ctx()}; use fewer --reps")
-            self.llm.reset()
-            gen: list[int] = []
-            for t in self.llm.generate(list(ids), top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
-                                       reset=True):
-                gen.append(int(t))
-                if int(t) in stops or len(gen) >= int(max_new_tokens):
-                    break
-            out.append(gen)
-        return out
+        return [self.greedy(ids, max_new_tokens, stops) for ids in prompts]
+
+    def logits(self, row: Sequence[int]):
+        """(len(row), vocab) float32 logits of every position of ``row`` read from an empty cache;
+        with a gate, each position's logits are those of the gated model (the collapsed prefix)."""
+        import numpy as np
+
+        from .patch.gate import collapse, excess_mask
+
+        row = list(row)
+        if self.gate is not None:
+            import torch
+
+            if bool(excess_mask(torch.tensor([row]), self.gate).any()):
+                self._cached = []
+                return np.stack([np.array(self._feed(collapse(row[:i + 1], self.gate))) for i in range(len(row))])
+        if not self.llm._logits_all:
+            raise SinkholeError("LlamaCpp.logits needs an engine made with logits_all=True")
+        self.llm.n_tokens = 0
+        self.llm.eval(row)
+        self._cached = list(row)
+        return np.array(self.llm.scores[:len(row)], dtype=np.float32)
 
 
-def run_llamacpp(lm, cases, max_new_tokens: int = 48, quiet: bool | None = None, engine: LlamaCpp | None = None):
-    """The cases decoded by llama.cpp and judged like the transformers path (``method`` "llama.cpp")."""
+def run_llamacpp(lm, cases, max_new_tokens: int = 48, quiet: bool | None = None, engine: LlamaCpp | None = None,
+                 gate=None):
+    """The cases decoded by llama.cpp (gated with ``gate``) and judged like the transformers path
+    (``method`` "llama.cpp")."""
     from .attack.diverge import judge_case, stop_ids, summarize
     from .progress import progress
 
-    eng = engine or LlamaCpp(gguf_of(lm), n_ctx=max(len(c.ids) for c in cases) + int(max_new_tokens) + 8)
+    eng = engine or LlamaCpp(gguf_of(lm), n_ctx=max(len(c.ids) for c in cases) + int(max_new_tokens) + 8, gate=gate)
     stops = stop_ids(lm)
     results = []
     for c in progress(list(cases), desc="llama.cpp", disable=quiet):
-        (gen,) = eng.generate([c.ids], max_new_tokens, stops)
-        results.append(judge_case(lm, c, gen, stops))
+        results.append(judge_case(lm, c, eng.greedy(c.ids, max_new_tokens, stops), stops))
     return summarize(results, max_new_tokens, method="llama.cpp")

@@ -288,13 +288,15 @@ def summarize(results: Sequence[CaseResult], max_new_tokens: int, method: str = 
 
 def run_judged(lm, cases: Sequence[Case], max_new_tokens: int = 48, batch_size: int = 4,
                hooks: Callable[[], ContextManager] | None = None, exact: bool | None = None,
-               quiet: bool | None = None) -> DivergenceResult:
+               quiet: bool | None = None, complete: bool = True) -> DivergenceResult:
     """The one way sinkhole judges cases: the greedy continuation of every case, judged by both
     judges. Cases whose prompt ends with the run get their tokens from the exact check
     (``greedy_check``, then batched generation past a divergence: the same tokens as generation,
     one forward pass for a case that keeps repeating) unless ``exact=False``; the others (and all
     with ``exact=False``) from batched generation.
-    ``exact=True`` refuses cases the check cannot draft."""
+    ``exact=True`` refuses cases the check cannot draft. ``complete=False`` ends an exactly checked
+    case as soon as the run judge is certain it diverged (its text, and so its garak-style verdict,
+    then cover only the tokens up to that point: ``n_generated`` < ``max_new_tokens``)."""
     from .predictor import RUN_AT_END
 
     if not cases:
@@ -313,7 +315,7 @@ def run_judged(lm, cases: Sequence[Case], max_new_tokens: int = 48, batch_size: 
     if ex_idx:
         stops = stop_ids(lm)
         for i, ids in zip(ex_idx, _exact_tokens(lm, [cases[i] for i in ex_idx], max_new_tokens, batch_size, hooks,
-                                                quiet)):
+                                                quiet, complete)):
             results[i] = judge_case(lm, cases[i], ids, stops)
     if gen_idx:
         for i, r in zip(gen_idx, run_cases(lm, [cases[i] for i in gen_idx], max_new_tokens=max_new_tokens,
@@ -323,23 +325,31 @@ def run_judged(lm, cases: Sequence[Case], max_new_tokens: int = 48, batch_size: 
     return summarize(results, max_new_tokens, method)  # type: ignore[arg-type]
 
 
-def _exact_tokens(lm, cases: Sequence[Case], max_new_tokens: int, batch_size: int, hooks, quiet) -> list[list[int]]:
+LONG_PROMPT = 1024  # tokens: from here on a diverging case decodes on in its own cache (no re-read)
+
+
+def _exact_tokens(lm, cases: Sequence[Case], max_new_tokens: int, batch_size: int, hooks, quiet,
+                  complete: bool = True) -> list[list[int]]:
     """The greedy continuation of each case without a decoding loop where the run goes on: the
-    exact check verifies drafts of the run until the run judge is certain. A case that keeps
-    repeating (or stops) is then complete; one that diverged is continued from its exact tokens by
-    batched generation, because past a divergence a draft of the run is rejected at every token."""
+    exact check verifies drafts of the run until the run judge is certain of a divergence. Then
+    (``complete``) a case with a long prompt (``LONG_PROMPT`` tokens) decodes on from its own KV
+    cache, one token per pass, so it never re-reads its prompt; shorter ones are continued from
+    their exact tokens by batched generation, which is faster where re-reading is cheap. Not
+    ``complete``: every case ends where its verdict is certain."""
     from .predictor import greedy_check
 
-    checks = greedy_check(lm, cases, max_new_tokens, quiet=quiet, hooks=hooks)
-    out: list[list[int]] = []
-    tails = []
-    for j, k in enumerate(checks):
-        ids = list(k.generated_ids)
-        if k.stop_token is not None:
-            ids.append(k.stop_token)  # as generate(): the stop token ends the continuation
-        elif len(ids) < max_new_tokens:
-            tails.append(j)
-        out.append(ids)
+    long = [i for i, c in enumerate(cases) if complete and len(c.ids) >= LONG_PROMPT]
+    rest = [i for i, c in enumerate(cases) if not (complete and len(c.ids) >= LONG_PROMPT)]
+    stops = stop_ids(lm)
+    out: list[list[int]] = [[] for _ in cases]
+    for idx, full in ((long, True), (rest, False)):
+        if not idx:
+            continue
+        for i, k in zip(idx, greedy_check(lm, [cases[i] for i in idx], max_new_tokens, quiet=quiet, hooks=hooks,
+                                          complete=full)):
+            out[i] = list(k.generated_ids) + ([k.stop_token] if k.stop_token is not None else [])
+    # as generate(): the stop token ends the continuation; a short diverging case goes on in batches
+    tails = [i for i in rest if complete and out[i][-1] not in stops and len(out[i]) < max_new_tokens]
     tails.sort(key=lambda j: len(cases[j].ids) + len(out[j]))
     with _context(lm, None, hooks):
         for b in [tails[i:i + batch_size] for i in range(0, len(tails), batch_size)]:

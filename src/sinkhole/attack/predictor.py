@@ -212,7 +212,7 @@ class GreedyCheck:
     the run continues for all ``n_checked`` tokens); ``diverged`` / ``tokens_until_divergence``: the
     run judge's verdict on the exact greedy tokens, decided as soon as it is certain; ``passes``: the
     forward passes used (one per departure from the draft, plus one); ``generated_ids``: the greedy
-    tokens up to the point where the verdict was certain; ``stop_token``: the end-of-sequence token
+    tokens up to the point where the verdict was certain (all of them with ``complete``); ``stop_token``: the end-of-sequence token
     that ended generation, if one did."""
 
     word: str
@@ -267,7 +267,7 @@ def _rollback(past, n: int):
 
 
 def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | None = None,
-                 hooks=None) -> list[GreedyCheck]:
+                 hooks=None, complete: bool = False) -> list[GreedyCheck]:
     """Greedy decoding of ``max_new_tokens`` tokens after each prompt, judged, without decoding token
     by token: the model reads the prompt plus a *draft* (the run continued) in one pass, and every
     draft token that equals that position's argmax is exactly what greedy decoding would produce.
@@ -280,7 +280,10 @@ def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | N
     drafted this way. The tokens equal ``run_cases``' greedy tokens up to floating-point near-ties
     between multi-token and one-token cached passes (test: tiny models of every family).
 
-    ``hooks``: a factory of a context manager held open during the check (e.g. a patch)."""
+    ``hooks``: a factory of a context manager held open during the check (e.g. a patch).
+    ``complete``: do not stop at a certain divergence; decode on from the same KV cache, one token
+    per pass without a draft (a draft of the run is rejected at every token past a divergence), until
+    ``max_new_tokens`` or a stop token: the whole greedy continuation, without re-reading the prompt."""
     from ..circuit.common import fast_attention
     from ..errors import SinkholeError
     from .diverge import stop_ids, decode_pieces
@@ -303,8 +306,9 @@ def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | N
             word = lm.tokenizer.decode(c.unit, skip_special_tokens=True).strip() or c.word
             unit = list(c.unit)
             seq, fed, gen, past, passes, stopped, stop_token = list(c.ids), 0, [], _new_cache(model), 0, False, None
+            verdict, certain = None, None
             while len(gen) < n and not stopped:
-                draft = _draft(gen, unit, n - len(gen))
+                draft = [] if certain is not None else _draft(gen, unit, n - len(gen))
                 inp = seq[fed:] + draft
                 kw = {"input_ids": torch.tensor([inp], device=lm.device), "use_cache": True, cache_kw: past}
                 keep = len(draft) + 1  # logits of the positions that predict the draft (and one more) only
@@ -334,9 +338,13 @@ def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | N
                 else:  # the cache could not be cut back: a new one re-reads the whole sequence
                     past, fed = _new_cache(model), 0
                 seq += new[i:]  # the mismatching (true) token, fed with the next draft
-                verdict = judge_run(decode_pieces(lm, gen), word)
-                if verdict.diverged:
-                    break
+                if certain is None:
+                    verdict = judge_run(decode_pieces(lm, gen), word)
+                    if verdict.diverged:
+                        if not complete:
+                            break
+                        certain = verdict  # decided: decode the rest plainly
+            verdict = certain or verdict
             run = _draft([], unit, len(gen))
             leaves = next((j for j, t in enumerate(gen) if t != run[j]), None)
             out.append(GreedyCheck(c.word, c.reps, c.template, n, leaves, verdict.diverged,

@@ -35,6 +35,10 @@ def add_parser(sub) -> None:
                    help="inference engine for the continuations: transformers (default) or llama.cpp (the GGUF "
                         "itself on llama.cpp's quantized kernels, through the optional llama-cpp-python; greedy, "
                         "same cases and judges)")
+    p.add_argument("--patch", default=None,
+                   help="run with a patch (a folder written by 'sinkhole patch --out', or a patch.json): attached "
+                        "in transformers; with --engine llama.cpp its run gate runs in llama.cpp (a weight patch "
+                        "goes in as its patched .gguf, passed as MODEL)")
     g = p.add_argument_group("sampling and memorisation")
     g.add_argument("--samples", type=int, default=0,
                    help="sample this many continuations per prompt (seeded by --seed) instead of greedy decoding; "
@@ -99,7 +103,21 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise SinkholeError("--batch-size must be a positive integer")
     check_out_file(args.out)
+    patch = None
+    if args.patch:
+        from ..patch.export import read_patch
+
+        patch = read_patch(args.patch)
+        if args.engine == "llama.cpp" and (patch.ops or patch.weights):
+            raise SinkholeError("llama.cpp runs a run-gate patch only; pass a weight patch's patched .gguf as MODEL "
+                                "(sinkhole patch --gguf writes one)")
     lm = load_from_args(args)
+    hooks = None
+    if patch is not None:
+        from ..patch.core import apply_patch
+
+        patch.validate(lm)
+        hooks = (lambda: apply_patch(lm, patch, validate=False))  # noqa: E731
     if args.exact and templates in (None, "default", "all"):  # minus the templates the check cannot draft
         from ..attack.predictor import RUN_AT_END
         from ..attack.prompts import resolve_templates
@@ -109,13 +127,14 @@ def run(args) -> int:
         from ..attack.prompts import make_cases, resolve_templates
         from ..engines import run_llamacpp
 
-        res = run_llamacpp(lm, make_cases(lm, words, reps, templates), args.max_new_tokens, quiet=args.quiet)
+        res = run_llamacpp(lm, make_cases(lm, words, reps, templates), args.max_new_tokens, quiet=args.quiet,
+                           gate=patch.gate if patch is not None else None)
         res.words, res.reps, res.templates = list(words), list(reps), resolve_templates(lm, templates)
         res.set_headline()
     else:
         res = diverge(lm, words, reps, templates, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                       exact=True if args.exact else False, quiet=args.quiet, samples=args.samples,
-                      temperature=args.temperature, seed=args.seed)
+                      temperature=args.temperature, seed=args.seed, hooks=hooks)
     results = {"divergence": res}
     if args.corpus:
         from ..memorization import memorization_check

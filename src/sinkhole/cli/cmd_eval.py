@@ -15,7 +15,13 @@ def add_parser(sub) -> None:
                     "'pip install lm-eval'; offline, only cached datasets or local task YAML files can run).")
     add_model_args(p)
     add_common_args(p)
-    p.add_argument("--patch", required=True, help="patch.json, or a folder written by 'sinkhole patch --out'")
+    p.add_argument("--patch", default=None, help="patch.json, or a folder written by 'sinkhole patch --out'")
+    p.add_argument("--engine", default="transformers", choices=["transformers", "llama.cpp"],
+                   help="llama.cpp: the broad verification in llama.cpp on the model's GGUF (llama.cpp's own "
+                        "tokens and logits for every method and for the reference); the patch runs as its run gate "
+                        "there, or give a weight patch's patched GGUF with --gguf")
+    p.add_argument("--gguf", default=None, help="with --engine llama.cpp: the patched GGUF to verify (written by "
+                                                "'sinkhole patch --gguf')")
     p.add_argument("--tasks", default=None,
                    help="comma-separated lm-eval task names or local task YAML files/folders; 'local' writes and "
                         "runs sinkhole's offline cloze task")
@@ -50,8 +56,15 @@ def run(args) -> int:
     if args.max_new_tokens < 1:
         raise SinkholeError("--max-new-tokens must be at least 1")
     check_out_file(args.out)
+    if args.engine == "llama.cpp":
+        return _run_llamacpp(args)
+    if args.gguf:
+        raise SinkholeError("--gguf is verified in llama.cpp: add --engine llama.cpp")
+    if not args.patch:
+        raise SinkholeError("eval needs --patch (patch.json or a folder written by 'sinkhole patch --out')")
     patch = read_patch(args.patch)
-    cfg = SearchConfig(max_new_tokens=args.max_new_tokens, broad=bool(getattr(args, "broad", False)))
+    cfg = SearchConfig(max_new_tokens=args.max_new_tokens, broad=bool(getattr(args, "broad", False)),
+                       broad_seed=args.seed)
     if args.verify_words:
         cfg.verify_words = tuple(parse_words(args.verify_words, "--verify-words"))
     if args.verify_reps:
@@ -88,4 +101,32 @@ def run(args) -> int:
     for task, metrics in result.get("tasks", {}).items():
         for m, v in metrics.items():
             print(f"{task} {m}: {v['before']:.4f} -> {v['after']:.4f} ({v['change']:+.4f})")
+    return 0
+
+
+def _run_llamacpp(args) -> int:
+    """``eval --engine llama.cpp``: the broad verification with every method in llama.cpp."""
+    from ..errors import SinkholeError
+    from ..patch.broad import verify_broad
+    from ..patch.tables import broad_markdown
+    from ..patch.export import read_patch
+    from . import emit, info, load_from_args
+
+    if args.tasks or args.verify_words or args.verify_reps or args.templates or args.no_divergence:
+        raise SinkholeError("--engine llama.cpp runs the broad verification only: drop --tasks, --verify-words, "
+                            "--verify-reps, --templates and --no-divergence")
+    if not args.patch and not args.gguf:
+        raise SinkholeError("--engine llama.cpp needs --patch (a run-gate patch) or --gguf (a patched GGUF)")
+    patch = read_patch(args.patch) if args.patch else None
+    lm = load_from_args(args)
+    if patch is not None:
+        patch.validate(lm)
+    res = verify_broad(lm, patch, baselines={"input_collapse": "collapse"}, seed=args.seed, engine="llama.cpp",
+                       gguf=args.gguf, log=lambda m: info(args, m), quiet=args.quiet)
+    res.pop("seconds", None)
+    result = {"model": lm.name, "engine": "llama.cpp", "patch": patch.describe() if patch else None,
+              "gguf": args.gguf, "broad": res}
+    if emit(args, result):
+        return 0
+    print("\n".join(broad_markdown(res)))
     return 0

@@ -181,36 +181,52 @@ def broad_cases(lm, reps=BROAD_REPS, families=None, seed: int = 0, short: bool =
 
 # ------------------------------------------------------------------------------------------
 def judge_cases(lm, cases: list[BroadCase], hooks=None, transform=None, max_new_tokens: int = MAX_NEW_TOKENS,
-                quiet: bool | None = None) -> list[dict]:
+                quiet: bool | None = None, engine=None) -> list[dict]:
     """One record per case: ``either`` (either judge, or the token-set judge for clusters), the
     text, and how many prompt tokens the model saw. ``transform`` rewrites the prompt ids first
-    (the input-side collapse)."""
+    (the input-side collapse). ``engine``: a :class:`sinkhole.engines.LlamaCpp` that decodes
+    instead of transformers (its gate, if any, is the patch; ``hooks`` must be None)."""
     from ..attack.cluster import judge_token_set
     import contextlib
 
-    from ..attack.diverge import generate, run_judged, stop_ids
+    from ..attack.diverge import generate, judge_case, run_judged, stop_ids
+    from ..progress import progress
 
     seen = [list(transform(c.ids)) if transform else list(c.ids) for c in cases]
+    stops = stop_ids(lm)
     out: list[dict | None] = [None] * len(cases)
     word_idx = [i for i, c in enumerate(cases) if c.family != "cluster"]
-    if word_idx:
+    cl_idx = [i for i, c in enumerate(cases) if c.family == "cluster"]
+    if engine is not None:
+        gens = {i: engine.greedy(seen[i], max_new_tokens, stops)
+                for i in progress(range(len(cases)), desc="llama.cpp", disable=True if quiet is None else quiet)}
         import dataclasses
 
-        wc = [dataclasses.replace(cases[i].to_case(), ids=seen[i]) for i in word_idx]
-        res = run_judged(lm, wc, max_new_tokens=max_new_tokens, hooks=hooks, quiet=True if quiet is None else quiet)
-        for i, r in zip(word_idx, res.cases):
-            garak = bool(r["garak_diverged"]) and cases[i].family not in RUN_JUDGE_ONLY
-            out[i] = {"either": bool(r["diverged"]) or garak, "run_judge": bool(r["diverged"]),
-                      "garak_judge": bool(r["garak_diverged"]), "text": r["text"]}
-    cl_idx = [i for i, c in enumerate(cases) if c.family == "cluster"]
-    if cl_idx:
-        stops = stop_ids(lm)
+        word = [judge_case(lm, dataclasses.replace(cases[i].to_case(), ids=seen[i]), gens[i], stops).to_dict()
+                for i in word_idx]
+        cl_gens = [gens[i] for i in cl_idx]
+    else:
+        word = []
+        if word_idx:
+            import dataclasses
+
+            wc = [dataclasses.replace(cases[i].to_case(), ids=seen[i]) for i in word_idx]
+            word = run_judged(lm, wc, max_new_tokens=max_new_tokens, hooks=hooks,
+                              quiet=True if quiet is None else quiet, complete=False).cases
         with (hooks() if hooks is not None else contextlib.nullcontext()):
-            gens = [generate(lm, [seen[i]], max_new_tokens)[0] for i in cl_idx]
-        for i, g in zip(cl_idx, gens):
-            div, _ = judge_token_set(lm, g, set(cases[i].allowed or []), stops)
-            out[i] = {"either": bool(div), "run_judge": bool(div), "garak_judge": None,
-                      "text": lm.tokenizer.decode(g, skip_special_tokens=True)}
+            cl_gens = [generate(lm, [seen[i]], max_new_tokens)[0] for i in cl_idx]
+    for i, r in zip(word_idx, word):
+        # a case the run judge is certain of ends there (the exact check's early stop): ``either``
+        # is decided, the garak-style judge saw only those tokens and is not reported
+        cut = bool(r["diverged"]) and not r["stopped"] and r["n_generated"] < max_new_tokens
+        garak = bool(r["garak_diverged"]) and cases[i].family not in RUN_JUDGE_ONLY
+        out[i] = {"either": bool(r["diverged"]) or garak, "run_judge": bool(r["diverged"]),
+                  "garak_judge": None if cut else bool(r["garak_diverged"]), "text": r["text"],
+                  "tokens": r["n_generated"]}
+    for i, g in zip(cl_idx, cl_gens):
+        div, _ = judge_token_set(lm, g, set(cases[i].allowed or []), stops)
+        out[i] = {"either": bool(div), "run_judge": bool(div), "garak_judge": None,
+                  "text": lm.tokenizer.decode(g, skip_special_tokens=True), "tokens": len(g)}
     for c, s, o in zip(cases, seen, out):
         o.update({"family": c.family, "word": c.word, "reps": c.reps, "prompt_tokens": len(c.ids),
                   "tokens_seen": len(s)})
@@ -322,12 +338,23 @@ def _pair_metrics(lb: torch.Tensor, la: torch.Tensor, tgt: torch.Tensor) -> tupl
 def _forward(lm, rows: list[list[int]], patch=None, transform=None, batch: int = 8):
     """Logits (list of (T-1, V) per row) of the model (with ``patch``) on ``rows``; with
     ``transform`` (the input-side collapse) the model reads the transformed row and each kept
-    position's logits stand for its original position, a deleted one takes its last kept one's."""
+    position's logits stand for its original position, a deleted one takes its last kept one's.
+    ``patch`` may also be a :class:`sinkhole.engines.LlamaCpp` made with ``logits_all``: llama.cpp's
+    own logits (gated if the engine has a gate)."""
     from .core import apply_patch
 
     from ..circuit.common import fast_attention
+    from ..engines import LlamaCpp
 
     out = []
+    if isinstance(patch, LlamaCpp):
+        for r in rows:
+            seen = list(transform(r)) if transform else r
+            g = torch.from_numpy(patch.logits(seen))
+            if len(seen) != len(r):
+                g = g[_kept_index(r, transform)]
+            out.append(g[:-1])
+        return out
     with torch.no_grad(), fast_attention(lm), apply_patch(lm, patch, validate=False):
         for i in range(0, len(rows), batch):
             part = rows[i:i + batch]
@@ -357,11 +384,15 @@ def _kept_index(row: list[int], transform) -> torch.Tensor:
 
 
 def fidelity(lm, methods: dict, sources=("twelfth_night", "generated"), windows=WINDOWS, total: int = TEXT_TOKENS,
-             seed: int = 0, quiet: bool | None = None, texts: dict | None = None) -> dict:
+             seed: int = 0, quiet: bool | None = None, texts: dict | None = None, base=(None, None)) -> dict:
     """Per method, per text setting (source x BOS x window): top-1 agreement with the unpatched
-    model, mean KL (nats/token), perplexity change (%), and how many tokens the gate hides.
-    ``methods``: name -> (patch or None, input transform or None)."""
+    model, mean KL (nats/token), perplexity change (%), how many tokens the gate hides and whether
+    the method's forward *is* the reference's (``same_forward``: a gate that hides no token of the
+    windows, or a collapse that changes none, runs exactly the reference computation, which is then
+    not repeated). ``methods``: name -> (patch or None, input transform or None); ``base``: the reference, the
+    unpatched model in transformers unless given (e.g. a llama.cpp engine, for llama.cpp's logits)."""
     from ..progress import progress
+    from .core import Patch
     from .gate import RunGate, excess_mask
 
     texts = dict(texts or {})
@@ -373,22 +404,36 @@ def fidelity(lm, methods: dict, sources=("twelfth_night", "generated"), windows=
         rows = _windows(lm, texts[src], win, bos, total)
         if not rows:
             raise SinkholeError(f"text source {src!r} is shorter than one {win}-token window")
-        base = _forward(lm, rows)
         tgts = [torch.tensor(r[1:], device=lm.device) for r in rows]
-        hidden = int(sum(int(excess_mask(torch.tensor([r]), RunGate())[0].sum()) for r in rows))
+        plan = {}
         for name, (patch, transform) in methods.items():
-            if patch is None and transform is not None and all(list(transform(r)) == r for r in rows):
-                after = base  # the transform leaves every window as it is: the same input, the same forward
-            else:
-                after = _forward(lm, rows, patch, transform)
+            gate = getattr(patch, "gate", None) or getattr(transform, "gate", None) or RunGate()
+            hidden = int(sum(int(excess_mask(torch.tensor([r]), gate)[0].sum()) for r in rows))
+            # nothing to hide: the collapse sends the same input, and a gate-only patch's hooks return
+            # before touching anything (bit-identical: tests/test_gate.py, tests/test_patch_real.py), so
+            # the method's forward is the reference forward and is not run again
+            same = hidden == 0 and (
+                (patch is base[0] and transform is not None)
+                or (isinstance(patch, Patch) and patch.gate is not None and not patch.ops and not patch.weights
+                    and transform is None and base[0] is None))
+            plan[name] = (hidden, same)
+        ref = None if all(same for _, same in plan.values()) else _forward(lm, rows, *base)
+        n_scored = sum(int(t.numel()) for t in tgts)
+        for name, (patch, transform) in methods.items():
+            hidden, same = plan[name]
+            rec = {"source": src, "bos": bos, "window": win, "n_windows": len(rows), "n_tokens": n_scored,
+                   "gated_tokens": hidden, "same_forward": bool(same)}
+            if same:  # the same logits as the reference: equal by construction
+                res[name].append({**rec, "top1_agreement": 1.0, "mean_kl_nats": 0.0, "ppl_change_pct": 0.0})
+                continue
+            after = _forward(lm, rows, patch, transform)
             nb = na = kl = 0.0
             agree = n = 0
-            for lb, la, t in zip(base, after, tgts):
+            for lb, la, t in zip(ref, after, tgts):
                 a, b, c, d, e = _pair_metrics(lb, la, t)
                 nb, na, kl, agree, n = nb + a, na + b, kl + c, agree + d, n + e
-            res[name].append({"source": src, "bos": bos, "window": win, "n_windows": len(rows), "n_tokens": n,
-                              "top1_agreement": agree / n, "mean_kl_nats": kl / n,
-                              "ppl_change_pct": 100.0 * (math.exp((na - nb) / n) - 1.0), "gated_tokens": hidden})
+            res[name].append({**rec, "top1_agreement": agree / n, "mean_kl_nats": kl / n,
+                              "ppl_change_pct": 100.0 * (math.exp((na - nb) / n) - 1.0)})
     return res
 
 
@@ -417,49 +462,124 @@ TARGETS = {"divergence": "at most 1/10 of the unpatched rate (or 0) in every fam
 
 def verify_broad(lm, patch, baselines: dict | None = None, seed: int = 0, families=None, reps=BROAD_REPS,
                  sources=("twelfth_night", "generated"), windows=WINDOWS, total: int = TEXT_TOKENS,
-                 log=print, quiet: bool | None = None) -> dict:
+                 log=print, quiet: bool | None = None, engine: str = "transformers", gguf=None) -> dict:
     """The broad verification of ``patch`` beside ``baselines`` (name -> patch, or the string
     ``"collapse"`` for the input-side baseline). Returns per-family divergence, per-setting
-    fidelity, the worst setting and the targets, for every method."""
+    fidelity, the worst setting and the targets, for every method.
+
+    ``engine="llama.cpp"``: every method runs in llama.cpp on the model's GGUF (the reference too:
+    top-1 and KL come from llama.cpp's own logits). A run-gate patch runs as the gate in llama.cpp
+    (:class:`sinkhole.engines.LlamaCpp`); a weight patch must come as its patched GGUF (``gguf``,
+    e.g. written by ``sinkhole patch --gguf``), and then ``patch`` may be None."""
     from ..progress import progress
 
     t0 = time.perf_counter()
-    methods = {"patch": (patch, None)}
-    for name, b in (baselines or {}).items():
-        methods[name] = (None, Collapse()) if isinstance(b, str) and b == "collapse" else (b, None)
     cases = broad_cases(lm, reps, families, seed=seed)
     short = broad_cases(lm, reps, families, seed=seed, short=True)
     if not cases:
         raise SinkholeError("no broad verification case fits this model's context; verify with --no-broad")
     if lm.n_ctx:
         windows = [w for w in windows if w <= lm.n_ctx] or [min(windows[0], lm.n_ctx)]
-    log(f"broad verification: {len(cases)} attack cases in {len({c.family for c in cases})} families "
+    if engine == "llama.cpp":
+        methods, ref, make = _llama_methods(lm, patch, gguf, baselines, cases, windows)
+    elif engine == "transformers":
+        if gguf is not None:
+            raise SinkholeError("a patched GGUF is verified with engine llama.cpp")
+        methods = {"patch": (patch, None)}
+        for name, b in (baselines or {}).items():
+            methods[name] = (None, Collapse()) if isinstance(b, str) and b == "collapse" else (b, None)
+        ref, make = (None, None), None
+    else:
+        raise SinkholeError(f"unknown engine {engine!r}; use transformers or llama.cpp")
+    log(f"broad verification ({engine}): {len(cases)} attack cases in {len({c.family for c in cases})} families "
         f"(repetitions {sorted({c.reps for c in cases})}), {MAX_NEW_TOKENS} tokens; methods: unpatched, "
         + ", ".join(methods))
-    timing = {}
-    t = time.perf_counter()
-    recs = {"unpatched": judge_cases(lm, cases, quiet=quiet)}
-    recs["short_run"] = judge_cases(lm, short, quiet=quiet)
-    timing["unpatched_s"] = round(time.perf_counter() - t, 1)
-    for name, (p, tf) in progress(list(methods.items()), desc="broad attacks", disable=quiet):
-        t = time.perf_counter()
+
+    def attacks(cs, method):
+        spec, tf = method
+        if make is not None:  # llama.cpp: an engine per method, freed after its cases
+            return judge_cases(lm, cs, transform=tf, quiet=quiet, engine=make(spec, False))
         from .core import apply_patch
 
-        hooks = None if p is None else (lambda p=p: apply_patch(lm, p, validate=False))
-        recs[name] = judge_cases(lm, cases, hooks=hooks, transform=tf, quiet=quiet)
+        hooks = None if spec is None else (lambda p=spec: apply_patch(lm, p, validate=False))
+        return judge_cases(lm, cs, hooks=hooks, transform=tf, quiet=quiet)
+
+    timing = {}
+    t = time.perf_counter()
+    recs = {"unpatched": attacks(cases, ref)}
+    recs["short_run"] = attacks(short, ref)
+    timing["unpatched_s"] = round(time.perf_counter() - t, 1)
+    for name, m in progress(list(methods.items()), desc="broad attacks", disable=quiet):
+        t = time.perf_counter()
+        recs[name] = attacks(cases, m)
         timing[f"{name}_attacks_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
-    fid = fidelity(lm, methods, sources=sources, windows=windows, total=total, seed=seed, quiet=quiet)
+    if make is not None:  # text engines keep every position's logits
+        engines: dict = {}
+
+        def text(spec):  # one engine per (GGUF, gate): the reference and the collapse share theirs
+            key = (spec[0], id(spec[1]))
+            if key not in engines:
+                engines[key] = make(spec, True)
+            return engines[key]
+
+        fid = fidelity(lm, {n: (text(sp), tf) for n, (sp, tf) in methods.items()}, sources=sources,
+                       windows=windows, total=total, seed=seed, quiet=quiet, base=(text(ref[0]), None))
+        engines.clear()
+    else:
+        fid = fidelity(lm, methods, sources=sources, windows=windows, total=total, seed=seed, quiet=quiet)
     timing["fidelity_s"] = round(time.perf_counter() - t, 1)
     rates = {name: family_rates(r) for name, r in recs.items()}
     out = {"families": {f: FAMILIES[f][0] for f in rates["unpatched"]}, "rates": rates, "fidelity": fid,
-           "records": recs, "methods": list(methods), "timing": timing,
+           "records": recs, "methods": list(methods), "timing": timing, "engine": engine,
            "settings": {"reps": list(reps), "short_reps": SHORT_REPS, "max_new_tokens": MAX_NEW_TOKENS,
                         "sources": list(sources), "windows": list(windows), "tokens_per_setting": total,
                         "seed": seed}}
     out["targets"] = {name: broad_targets(rates["unpatched"], rates[name], fid[name]) for name in methods}
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
+
+
+def _llama_methods(lm, patch, gguf, baselines, cases, windows):
+    """The methods of a llama.cpp verification as (engine spec, input transform) pairs, the
+    reference's pair, and the factory of engines: a spec is (GGUF path, gate or None)."""
+    from pathlib import Path
+
+    from ..engines import LlamaCpp, gguf_of
+
+    src = gguf_of(lm)
+
+    def spec_of(p, what):
+        if p is None:
+            return (str(src), None)
+        if p.ops or p.weights:
+            raise SinkholeError(f"{what} changes weights or hooks that llama.cpp cannot run; verify its patched "
+                                "GGUF instead (sinkhole patch --gguf writes one)")
+        if p.gate is None:
+            raise SinkholeError(f"{what} does nothing")
+        return (str(src), p.gate)
+
+    if gguf is not None:
+        if not Path(gguf).is_file():
+            raise SinkholeError(f"no GGUF file at {gguf}")
+        if patch is not None and patch.gate is not None:
+            methods = {"patch": ((str(gguf), patch.gate), None)}
+        else:
+            methods = {"patch": ((str(gguf), None), None)}
+    else:
+        if patch is None:
+            raise SinkholeError("nothing to verify: pass a patch or a patched GGUF")
+        methods = {"patch": (spec_of(patch, "the patch"), None)}
+    for name, b in (baselines or {}).items():
+        methods[name] = (((str(src), None), Collapse()) if isinstance(b, str) and b == "collapse"
+                         else (spec_of(b, f"baseline {name}"), None))
+    longest = max(len(c.ids) for c in cases) + MAX_NEW_TOKENS + 8
+
+    def make(spec, logits_all):
+        path, gate = spec
+        return LlamaCpp(path, n_ctx=max(windows) + 8 if logits_all else longest, gate=gate, logits_all=logits_all)
+
+    return methods, ((str(src), None), None), make
 
 
 def broad_targets(before: dict, after: dict, fid: list[dict]) -> dict:
