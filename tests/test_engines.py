@@ -150,6 +150,17 @@ def test_smollm2_gguf_in_llamacpp_beside_transformers(smollm2):
     b = run_llamacpp(smollm2, cases, max_new_tokens=24, quiet=True)
     agree = sum(x["diverged"] == y["diverged"] for x, y in zip(a.cases, b.cases))
     assert agree >= 6, (a.cases, b.cases)
+    # the run gate in llama.cpp: the continuation transformers' hooks give, and no divergence
+    from sinkhole.patch.core import Patch, apply_patch
+    from sinkhole.patch.gate import RunGate
+
+    gate = Patch(gate=RunGate())
+    long = make_cases(smollm2, ["flower"], [1000], ["repeat"])
+    before = run_llamacpp(smollm2, long, max_new_tokens=24, quiet=True)
+    a2 = run_judged(smollm2, long, max_new_tokens=24, hooks=lambda: apply_patch(smollm2, gate, validate=False))
+    b2 = run_llamacpp(smollm2, long, max_new_tokens=24, quiet=True, gate=gate.gate)
+    assert before.cases[0]["diverged"], "the unpatched case must diverge for this to mean anything"
+    assert not b2.cases[0]["diverged"] and b2.cases[0]["text"] == a2.cases[0]["text"]
 
 
 def test_broad_verification_in_llamacpp_matches_transformers(tiny, torch_llama, tmp_path, monkeypatch):
