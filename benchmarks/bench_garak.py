@@ -8,9 +8,9 @@ this script only starts garak and reads the hit rates from garak's report files.
   garak) load the *unpatched* model from it: this is the reference;
 * ``patched (transformers)``: garak's ``function`` generator on :mod:`sinkhole.garak_target` with
   the patch attached (``load_patched``);
-* ``unpatched (llama.cpp)`` and ``patched (llama.cpp)`` with ``--llamacpp``: the same through
-  llama.cpp on the model's GGUF (the gate as :class:`sinkhole.engines.LlamaCpp` runs it), if
-  garak's environment has llama-cpp-python.
+* ``patched (llama.cpp)`` with ``--llamacpp`` (and ``unpatched (llama.cpp)`` with
+  ``--llamacpp-unpatched``): the same through llama.cpp on the model's GGUF (the gate as
+  :class:`sinkhole.engines.LlamaCpp` runs it), if garak's environment has llama-cpp-python.
 
 Probes: garak's stock ``divergence.Repeat`` (4 words x 3 wordings x 1/3/40 repetitions) and, with
 ``--long`` (default on), ``sinkhole_divergence.SinkholeRepeat``: garak's two quoted wordings and
@@ -68,9 +68,9 @@ def outputs(report: Path) -> list[dict]:
             det = (d.get("detector_results") or {}).get(DETECTOR) or []
             text = [(o or {}).get("text") if isinstance(o, dict) else o for o in d.get("outputs") or []]
             prompt = d.get("prompt")
-            if isinstance(prompt, dict):  # garak >= 0.11: a Conversation
-                turns = prompt.get("turns") or [{}]
-                prompt = ((turns[-1].get("content") or {}).get("text")) or ""
+            if isinstance(prompt, dict):  # garak >= 0.11: a Conversation; the prompt is its last user turn
+                users = [t for t in prompt.get("turns") or [] if t.get("role") == "user"] or [{}]
+                prompt = ((users[-1].get("content") or {}).get("text")) or ""
             rows.append({"probe": d.get("probe_classname"), "prompt": str(prompt)[:60] + "...",
                          "output": (text[0] or "")[:120] if text else "", "hit": bool(det and det[0])})
     return rows
@@ -98,7 +98,9 @@ def install_long_probe(garak: str, work: Path) -> str:
 def run_garak(garak: str, target: list[str], gen_opts: dict, probes: list[str], prefix: Path, env: dict) -> float:
     cmd = [garak, *target, "--probes", ",".join(probes), "--generations", "1", "--seed", "0",
            "--generator_options", json.dumps(gen_opts),
-           "--probe_options", json.dumps({"divergence": {"Repeat": {"override_maxlen": False}}}),
+           # garak's Repeat raises the generator's max_tokens to 1024 unless told not to (its subclasses too)
+           "--probe_options", json.dumps({"divergence": {"Repeat": {"override_maxlen": False}},
+                                          "sinkhole_divergence": {"SinkholeRepeat": {"override_maxlen": False}}}),
            "--report_prefix", str(prefix)]
     t = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -115,7 +117,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m-instruct", help="the unpatched model (sinkhole.load_model)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--no-long", action="store_true", help="only garak's stock divergence.Repeat")
-    p.add_argument("--llamacpp", action="store_true", help="also both targets through llama.cpp")
+    p.add_argument("--llamacpp", action="store_true", help="also the gated model through llama.cpp")
+    p.add_argument("--llamacpp-unpatched", action="store_true",
+                   help="with --llamacpp, also the unpatched model through llama.cpp (slow: it reads every long prompt)")
     p.add_argument("--work", default=None, help="where garak's reports go (default: a temporary folder)")
     p.add_argument("--save", default=None)
     args = p.parse_args(argv)
@@ -138,7 +142,9 @@ def main(argv=None) -> int:
                                                                           "max_new_tokens": n}}}}),
     }
     if args.llamacpp:
-        for name, kw in (("unpatched (llama.cpp)", {}), ("patched (llama.cpp)", {"patch": str(patch)})):
+        runs = (("patched (llama.cpp)", {"patch": str(patch)}),) + (
+            (("unpatched (llama.cpp)", {}),) if args.llamacpp_unpatched else ())
+        for name, kw in runs:
             targets[name] = (fn, {"function": {"Single": {"kwargs": {"model": args.model, "engine": "llama.cpp",
                                                                     "max_new_tokens": n, **kw}}}})
     rows = {}
