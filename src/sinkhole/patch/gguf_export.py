@@ -126,7 +126,8 @@ def patch_to_gguf(lm, patch, out: str | os.PathLike, tensor_type: str = "F32") -
     source = gguf_of(lm)
     if patch.ops or patch.gate is not None:
         raise SinkholeError("this patch edits activations through hooks, which a GGUF file cannot hold; only a "
-                            "weight patch (the fine-tuning families) can be written with --gguf")
+                            "weight patch (the fine-tuning families) can be written with --gguf (a run gate runs "
+                            "in llama.cpp with --engine llama.cpp --patch DIR)")
     if not patch.weights:
         raise SinkholeError("the patch has no weights to write")
     changed = {}
