@@ -33,6 +33,18 @@ def gguf_of(lm) -> Path:
     return Path(p)
 
 
+def llamacpp_gate(patch, patched_gguf: bool = False, what: str = "the patch"):
+    """What llama.cpp runs of ``patch``: its run gate (None for no patch or no gate). llama.cpp
+    cannot run hooks, so a patch with activation edits is refused, and one with weights too unless
+    its patched GGUF is what llama.cpp loads (``patched_gguf``)."""
+    if patch is None:
+        return None
+    if patch.ops or (patch.weights and not patched_gguf):
+        raise SinkholeError(f"{what} changes weights or hooks that llama.cpp cannot run; run its patched GGUF "
+                            "instead (sinkhole patch --gguf writes one)")
+    return patch.gate
+
+
 class LlamaCpp:
     """Greedy decoding, and logits, in llama.cpp of prompts given as token ids; with ``gate`` (a
     :class:`~sinkhole.patch.gate.RunGate`), the run gate in llama.cpp.
@@ -57,7 +69,7 @@ class LlamaCpp:
         self.path = Path(gguf)
         if not self.path.is_file():
             raise SinkholeError(f"no GGUF file at {self.path}; pass the path of a .gguf file")
-        self.gate = gate
+        self.gate, self.logits_all = gate, bool(logits_all)
         self.llm = Llama(model_path=str(self.path), n_ctx=int(n_ctx), n_threads=threads or os.cpu_count() or 1,
                          n_batch=512, logits_all=bool(logits_all), verbose=False, seed=0)
         self._cached: list[int] = []  # the tokens whose keys and values the cache holds, in order
@@ -99,9 +111,6 @@ class LlamaCpp:
                 break
         return gen
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stops: set[int]) -> list[list[int]]:
-        return [self.greedy(ids, max_new_tokens, stops) for ids in prompts]
-
     def logits(self, row: Sequence[int]):
         """(len(row), vocab) float32 logits of every position of ``row`` read from an empty cache;
         with a gate, each position's logits are those of the gated model (the collapsed prefix)."""
@@ -116,7 +125,7 @@ class LlamaCpp:
             if bool(excess_mask(torch.tensor([row]), self.gate).any()):
                 self._cached = []
                 return np.stack([np.array(self._feed(collapse(row[:i + 1], self.gate))) for i in range(len(row))])
-        if not self.llm._logits_all:
+        if not self.logits_all:
             raise SinkholeError("LlamaCpp.logits needs an engine made with logits_all=True")
         self.llm.n_tokens = 0
         self.llm.eval(row)

@@ -72,12 +72,10 @@ def _runner(model: str, patch, engine: str, gguf):
         lm = load_model(model, progress=False)
         gate = None
         if patch:
+            from .engines import llamacpp_gate
             from .patch.export import read_patch
 
-            p = read_patch(patch)
-            if p.ops or (p.weights and not gguf):
-                raise SinkholeError("llama.cpp runs only a run-gate patch; pass a weight patch as its patched gguf")
-            gate = p.gate
+            gate = llamacpp_gate(read_patch(patch), patched_gguf=bool(gguf))
         eng = LlamaCpp(gguf or gguf_of(lm), n_ctx=min(lm.n_ctx or 8192, 8192), gate=gate)
         stops = stop_ids(lm)
 

@@ -338,11 +338,11 @@ def _exact_tokens(lm, cases: Sequence[Case], max_new_tokens: int, batch_size: in
     ``complete``: every case ends where its verdict is certain."""
     from .predictor import greedy_check
 
-    long = [i for i, c in enumerate(cases) if complete and len(c.ids) >= LONG_PROMPT]
-    rest = [i for i, c in enumerate(cases) if not (complete and len(c.ids) >= LONG_PROMPT)]
+    in_cache = [complete and len(c.ids) >= LONG_PROMPT for c in cases]
+    rest = [i for i, x in enumerate(in_cache) if not x]
     stops = stop_ids(lm)
     out: list[list[int]] = [[] for _ in cases]
-    for idx, full in ((long, True), (rest, False)):
+    for idx, full in (([i for i, x in enumerate(in_cache) if x], True), (rest, False)):
         if not idx:
             continue
         for i, k in zip(idx, greedy_check(lm, [cases[i] for i in idx], max_new_tokens, quiet=quiet, hooks=hooks,

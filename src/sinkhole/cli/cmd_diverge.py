@@ -108,9 +108,10 @@ def run(args) -> int:
         from ..patch.export import read_patch
 
         patch = read_patch(args.patch)
-        if args.engine == "llama.cpp" and (patch.ops or patch.weights):
-            raise SinkholeError("llama.cpp runs a run-gate patch only; pass a weight patch's patched .gguf as MODEL "
-                                "(sinkhole patch --gguf writes one)")
+        if args.engine == "llama.cpp":
+            from ..engines import llamacpp_gate
+
+            llamacpp_gate(patch, what="--patch")  # refused before loading: pass a weight patch's GGUF as MODEL
     lm = load_from_args(args)
     hooks = None
     if patch is not None:

@@ -186,9 +186,10 @@ def judge_cases(lm, cases: list[BroadCase], hooks=None, transform=None, max_new_
     text, and how many prompt tokens the model saw. ``transform`` rewrites the prompt ids first
     (the input-side collapse). ``engine``: a :class:`sinkhole.engines.LlamaCpp` that decodes
     instead of transformers (its gate, if any, is the patch; ``hooks`` must be None)."""
-    from ..attack.cluster import judge_token_set
     import contextlib
+    import dataclasses
 
+    from ..attack.cluster import judge_token_set
     from ..attack.diverge import generate, judge_case, run_judged, stop_ids
     from ..progress import progress
 
@@ -197,20 +198,15 @@ def judge_cases(lm, cases: list[BroadCase], hooks=None, transform=None, max_new_
     out: list[dict | None] = [None] * len(cases)
     word_idx = [i for i, c in enumerate(cases) if c.family != "cluster"]
     cl_idx = [i for i, c in enumerate(cases) if c.family == "cluster"]
+    wc = [dataclasses.replace(cases[i].to_case(), ids=seen[i]) for i in word_idx]  # the cases as the model sees them
     if engine is not None:
         gens = {i: engine.greedy(seen[i], max_new_tokens, stops)
                 for i in progress(range(len(cases)), desc="llama.cpp", disable=True if quiet is None else quiet)}
-        import dataclasses
-
-        word = [judge_case(lm, dataclasses.replace(cases[i].to_case(), ids=seen[i]), gens[i], stops).to_dict()
-                for i in word_idx]
+        word = [judge_case(lm, c, gens[i], stops).to_dict() for i, c in zip(word_idx, wc)]
         cl_gens = [gens[i] for i in cl_idx]
     else:
         word = []
         if word_idx:
-            import dataclasses
-
-            wc = [dataclasses.replace(cases[i].to_case(), ids=seen[i]) for i in word_idx]
             word = run_judged(lm, wc, max_new_tokens=max_new_tokens, hooks=hooks,
                               quiet=True if quiet is None else quiet, complete=False).cases
         with (hooks() if hooks is not None else contextlib.nullcontext()):
@@ -545,27 +541,20 @@ def _llama_methods(lm, patch, gguf, baselines, cases, windows):
     reference's pair, and the factory of engines: a spec is (GGUF path, gate or None)."""
     from pathlib import Path
 
-    from ..engines import LlamaCpp, gguf_of
+    from ..engines import LlamaCpp, gguf_of, llamacpp_gate
 
     src = gguf_of(lm)
 
     def spec_of(p, what):
-        if p is None:
-            return (str(src), None)
-        if p.ops or p.weights:
-            raise SinkholeError(f"{what} changes weights or hooks that llama.cpp cannot run; verify its patched "
-                                "GGUF instead (sinkhole patch --gguf writes one)")
-        if p.gate is None:
+        gate = llamacpp_gate(p, what=what)
+        if gate is None:
             raise SinkholeError(f"{what} does nothing")
-        return (str(src), p.gate)
+        return (str(src), gate)
 
     if gguf is not None:
         if not Path(gguf).is_file():
             raise SinkholeError(f"no GGUF file at {gguf}")
-        if patch is not None and patch.gate is not None:
-            methods = {"patch": ((str(gguf), patch.gate), None)}
-        else:
-            methods = {"patch": ((str(gguf), None), None)}
+        methods = {"patch": ((str(gguf), llamacpp_gate(patch, patched_gguf=True)), None)}
     else:
         if patch is None:
             raise SinkholeError("nothing to verify: pass a patch or a patched GGUF")
