@@ -221,3 +221,39 @@ def test_garak_target_is_the_patched_model(smollm2, tmp_path):
     assert garak_target.generate(Conv(), patch=str(tmp_path / "gate.json"), max_new_tokens=12) == [want]
     with pytest.raises(SinkholeError, match="unknown engine"):
         garak_target.generate(prompt, engine="vllm")
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+                                    "gpt2", "gpt_neox", "opt", "olmo", "olmo2", "mixtral", "olmoe", "qwen3_5_text"])
+def test_torch_gate_equals_the_gate_hooks_where_exact(family):
+    """``engines.TorchGate`` (the llama.cpp way of running the gate, in transformers, with each
+    distinct collapsed history fed once) gives the greedy tokens of the gate's hooks on every family
+    where ``gate_feed_exact`` says so, on prompts with runs, on a run the model keeps writing, and
+    on a prompt without a run; the families it declines are the sliding-window and hybrid ones."""
+    from tiny import tiny_lm
+
+    from sinkhole.attack.diverge import generate, stop_ids
+    from sinkhole.engines import TorchGate, gate_feed_exact
+    from sinkhole.patch.core import Patch, apply_patch
+    from sinkhole.patch.gate import RunGate
+
+    lm = tiny_lm(family)
+    exact = gate_feed_exact(lm)
+    assert exact == (family not in {"mistral", "gemma2", "gemma3_text", "qwen3_5_text"})  # windows, linear attn
+    if not exact:
+        return
+    gate = RunGate(window=8, max_distinct=3, min_count=2)
+    eng = TorchGate(lm, gate)
+    feeds = []
+    real_feed = eng._feed
+    eng._feed = lambda t: (feeds.append(len(t)), real_feed(t))[1]
+    prompts = [[5, 6, 7] + [11] * 40, [5, 6] + [21, 22, 23] * 15 + [9], list(range(30, 70)),
+               [5, 6] + [21, 22, 23] * 6]
+    for ids in prompts:
+        feeds.clear()
+        got = eng.greedy(ids, 16, stop_ids(lm))
+        with apply_patch(lm, Patch(gate=gate), validate=False):
+            want = generate(lm, [ids], 16)[0]
+        assert got == want, (family, ids, got, want)
+        if ids[0] == 5 and ids[-1] == 11:
+            assert feeds[0] < 20  # the 43-token prompt is read collapsed

@@ -8,7 +8,7 @@ import torch
 
 from sinkhole.errors import SinkholeError
 from sinkhole.patch.core import Patch, apply_patch
-from sinkhole.patch.gate import NEVER, RunGate, collapse, excess_mask, expiry
+from sinkhole.patch.gate import NEVER, RunGate, collapse, excess_mask, expiry, hidden_mask
 
 G = RunGate(window=8, max_distinct=3, min_count=2)
 
@@ -155,3 +155,58 @@ def test_gguf_export_refuses_a_gate(tiny, tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"GGUF")
     with pytest.raises(SinkholeError, match="hooks, which a GGUF file cannot hold"):
         patch_to_gguf(tiny, Patch(gate=G), tmp_path / "y.gguf")
+
+
+def test_hold_keeps_short_stretches_whole_and_cuts_long_ones_as_before():
+    """``hold``: a stretch of at most ``hold`` excess tokens is never hidden; a longer one is hidden
+    from its ``hold``-th excess token on exactly as without ``hold`` (the same collapse at the end)."""
+    import dataclasses
+
+    a, q = 11, 13
+    held = dataclasses.replace(G, hold=12)
+    short = [1, 2, 3] + [a] * 18 + [q, 4]  # 12 excess tokens (the run's tokens 7..18)
+    assert int(excess_mask(torch.tensor(short), G).sum()) == 12
+    assert not hidden_mask([short], held).any() and collapse(short, held) == short
+    assert hidden_mask([short], G).any() and len(collapse(short, G)) < len(short)
+    long = [1, 2, 3] + [a] * 40 + [q, 4]
+    assert collapse(long, held) == collapse(long, G)
+    e0, e1 = expiry(torch.tensor(long), G)[0], expiry(torch.tensor(long), held)[0]
+    r0 = int(torch.nonzero(excess_mask(torch.tensor(long), G)[0])[0])
+    fin = e0 < NEVER
+    assert torch.equal(e1[fin], e0[fin].clamp_min(r0 + 12)) and torch.equal(e1 < NEVER, fin)
+    with pytest.raises(SinkholeError, match="non-negative"):
+        RunGate.from_dict({"window": 8, "hold": -1})
+    assert RunGate.from_dict(held.to_dict()) == held
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_hold_gate_equals_collapse_and_is_untouched_below_hold(family):
+    """With ``hold`` the gated model still equals the plain model on the collapsed input (and under
+    a KV cache, token by token), and a run too short to pass ``hold`` leaves it bit-identical."""
+    import dataclasses
+
+    from tiny import tiny_lm
+    from sinkhole.attack.diverge import generate, stop_ids
+
+    lm = tiny_lm(family)
+    held = dataclasses.replace(G, hold=10)
+    ids = _ids(lm)
+    with torch.no_grad():
+        with apply_patch(lm, Patch(gate=held), validate=False):
+            gated = lm.model(input_ids=torch.tensor([ids])).logits[0, -1]
+        ref = lm.model(input_ids=torch.tensor([collapse(ids, held)])).logits[0, -1]
+    torch.testing.assert_close(gated, ref, atol=1e-4, rtol=1e-4)
+    short = ids[:4] + [ids[5]] * 16 + ids[-3:]  # at most 10 excess tokens: held whole
+    assert not hidden_mask([short], held).any() and hidden_mask([short], G).any()
+    with torch.no_grad():
+        plain = lm.model(input_ids=torch.tensor([short])).logits
+        with apply_patch(lm, Patch(gate=held), validate=False):
+            same = lm.model(input_ids=torch.tensor([short])).logits
+    assert torch.equal(plain, same)
+    # a run the model goes on writing crosses ``hold`` while decoding: hooks and the fed engine agree
+    from sinkhole.engines import TorchGate
+
+    prompt = ids[:4] + [ids[5]] * 14
+    with apply_patch(lm, Patch(gate=held), validate=False):
+        want = generate(lm, [prompt], 20)[0]
+    assert TorchGate(lm, held).greedy(prompt, 20, stop_ids(lm)) == want

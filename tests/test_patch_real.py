@@ -93,3 +93,16 @@ def test_shipped_default_on_a_slice_of_the_broad_set(smollm2):
             gated = [smollm2.model(input_ids=torch.tensor([x])).logits for x in (win, run)]
     assert torch.equal(plain[0], gated[0])  # bit-identical on text
     assert not torch.allclose(plain[1][0, -64:], gated[1][0, -64:])  # and it does act after a run
+    # the broad check runs a gate-only patch's attacks through engines.TorchGate (the collapsed
+    # history fed each step): on this slice it gives the hooks' verdicts and tokens
+    from sinkhole.engines import TorchGate
+    from sinkhole.patch.broad import broad_cases, judge_cases
+
+    assert res["settings"]["gate_attacks"] == "collapse fed (engines.TorchGate)"
+    cases = broad_cases(smollm2, (1000, 2000), ("repeat", "garak_word", "raw"))
+    hooked = judge_cases(smollm2, cases, hooks=lambda: apply_patch(smollm2, build(), validate=False), quiet=True)
+    fed = {(r["family"], r["word"]): r
+           for r in judge_cases(smollm2, cases, quiet=True, engine=TorchGate(smollm2, build().gate))}
+    for h in hooked:
+        f = fed[(h["family"], h["word"])]
+        assert f["either"] == h["either"] and f["text"].startswith(h["text"]), (h, f)

@@ -45,7 +45,63 @@ def llamacpp_gate(patch, patched_gguf: bool = False, what: str = "the patch"):
     return patch.gate
 
 
-class LlamaCpp:
+class _Fed:
+    """Greedy decoding by feeding an engine the (collapsed) history each step: subclasses hold a KV
+    cache of the tokens in ``_cached`` and implement ``_feed(target) -> logits after target``.
+
+    With a gate, a run the model keeps writing leaves the collapsed history unchanged (a one-token
+    run: the new token replaces the last visible one) or cycling through its unit's ``p`` phases,
+    and the logits after a token list do not depend on when it is fed: each distinct collapsed
+    history is fed once and its argmax reused, so a repeating continuation costs ``p + 1`` passes."""
+
+    gate = None
+    _cached: list[int]
+
+    def n_ctx(self) -> int | None:
+        return None
+
+    def greedy(self, prompt: Sequence[int], max_new_tokens: int, stops: set[int]) -> list[int]:
+        """The greedy continuation of ``prompt`` (cut after the first stop token), gated if the
+        engine has a gate."""
+        from .patch.gate import collapse
+
+        hist, gen = list(prompt), []
+        limit = self.n_ctx()
+        if limit is not None and len(hist) + int(max_new_tokens) > limit:
+            raise SinkholeError(f"a prompt of {len(hist)} tokens plus {max_new_tokens} new ones exceeds the "
+                                f"llama.cpp context of {limit}; use fewer --reps")
+        self._reset()  # every prompt is read from an empty cache: results do not depend on case order
+        seen: dict[tuple, int] = {}  # collapsed history -> its argmax (a gated run revisits the same few)
+        while len(gen) < int(max_new_tokens):
+            if self.gate is None:
+                t = int(self._feed(hist).argmax())
+            else:
+                key = tuple(collapse(hist, self.gate))
+                if key not in seen:
+                    if len(seen) >= 4 * self.gate.max_distinct:
+                        seen.clear()
+                    seen[key] = int(self._feed(list(key)).argmax())
+                t = seen[key]
+            gen.append(t)
+            hist.append(t)
+            if t in stops:
+                break
+        return gen
+
+    def _reset(self) -> None:
+        self._cached = []
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    p = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        p += 1
+    return p
+
+
+class LlamaCpp(_Fed):
     """Greedy decoding, and logits, in llama.cpp of prompts given as token ids; with ``gate`` (a
     :class:`~sinkhole.patch.gate.RunGate`), the run gate in llama.cpp.
 
@@ -82,47 +138,22 @@ class LlamaCpp:
         holds, evaluating the rest; at least the last token) and return the logits after it."""
         import numpy as np
 
-        p = 0
-        for a, b in zip(self._cached, target):
-            if a != b:
-                break
-            p += 1
-        p = min(p, len(target) - 1)
+        p = min(_common(self._cached, target), len(target) - 1)
         self.llm.n_tokens = p  # eval() drops every cache entry from position p on
         self.llm.eval(list(target[p:]))
         self._cached = list(target)
         return np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.llm.n_vocab(),))
-
-    def greedy(self, prompt: Sequence[int], max_new_tokens: int, stops: set[int]) -> list[int]:
-        """The greedy continuation of ``prompt`` (cut after the first stop token), gated if the
-        engine has a gate."""
-        from .patch.gate import collapse
-
-        hist, gen = list(prompt), []
-        if len(hist) + int(max_new_tokens) > self.n_ctx():
-            raise SinkholeError(f"a prompt of {len(hist)} tokens plus {max_new_tokens} new ones exceeds the "
-                                f"llama.cpp context of {self.n_ctx()}; use fewer --reps")
-        self._cached = []  # every prompt is read from an empty cache: results do not depend on case order
-        while len(gen) < int(max_new_tokens):
-            t = int(self._feed(collapse(hist, self.gate) if self.gate is not None else hist).argmax())
-            gen.append(t)
-            hist.append(t)
-            if t in stops:
-                break
-        return gen
 
     def logits(self, row: Sequence[int]):
         """(len(row), vocab) float32 logits of every position of ``row`` read from an empty cache;
         with a gate, each position's logits are those of the gated model (the collapsed prefix)."""
         import numpy as np
 
-        from .patch.gate import collapse, excess_mask
+        from .patch.gate import collapse, hidden_mask
 
         row = list(row)
         if self.gate is not None:
-            import torch
-
-            if bool(excess_mask(torch.tensor([row]), self.gate).any()):
+            if bool(hidden_mask([row], self.gate).any()):
                 self._cached = []
                 return np.stack([np.array(self._feed(collapse(row[:i + 1], self.gate))) for i in range(len(row))])
         if not self.logits_all:
@@ -131,6 +162,65 @@ class LlamaCpp:
         self.llm.eval(row)
         self._cached = list(row)
         return np.array(self.llm.scores[:len(row)], dtype=np.float32)
+
+
+class TorchGate(_Fed):
+    """The run gate the way :class:`LlamaCpp` runs it, in transformers: each step feeds the model
+    :func:`~sinkhole.patch.gate.collapse` of the history, keeping the KV cache's longest common
+    prefix with it. It gives the tokens of the gate's hooks (``apply_patch(lm, Patch(gate=...))``;
+    test: tiny models, and SmolLM2 on the broad set) but reads a long run's prompt collapsed, so a
+    prompt of thousands of repeated tokens costs what its first ~30 cost. Exact only where every
+    layer is full softmax attention (:func:`gate_feed_exact`): a sliding-window layer counts its
+    window in raw tokens, and a linear-attention layer cannot forget a token."""
+
+    def __init__(self, lm, gate):
+        import inspect
+
+        self.lm, self.gate = lm, gate
+        model = lm.model
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._past = None
+        self._cached = []
+
+    def _reset(self) -> None:
+        self._cached, self._past = [], None
+
+    def _feed(self, target: list[int]):
+        import torch
+
+        from .attack.predictor import _new_cache
+        from .circuit.common import fast_attention
+
+        p = min(_common(self._cached, target), len(target) - 1)
+        if self._past is None or p == 0:
+            self._past, p = _new_cache(self.lm.model), 0
+        elif p < len(self._cached):
+            self._past.crop(p - len(self._cached))  # negative: drop that many from the end
+        pos = torch.arange(p, len(target), device=self.lm.device)
+        kw = {"input_ids": torch.tensor([target[p:]], device=self.lm.device), "position_ids": pos[None],
+              "use_cache": True, self._cache_kw: self._past}
+        if self._keep:
+            kw["logits_to_keep"] = 1
+        with torch.no_grad(), fast_attention(self.lm):
+            res = self.lm.model(**kw)
+        self._past = getattr(res, "cache", None) or res.past_key_values
+        self._cached = list(target)
+        return res.logits[0, -1].float()
+
+
+def gate_feed_exact(lm) -> bool:
+    """Whether :class:`TorchGate` runs the gate exactly on ``lm``: every layer full softmax
+    attention (no sliding window, no linear attention)."""
+    cfg = getattr(lm.model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    types = set(getattr(cfg, "layer_types", None) or [])
+    if types - {"full_attention"}:
+        return False
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) is not False \
+            and not types:
+        return False
+    return len(list(lm.adapter.attention_layers)) == lm.adapter.n_layers
 
 
 def run_llamacpp(lm, cases, max_new_tokens: int = 48, quiet: bool | None = None, engine: LlamaCpp | None = None,

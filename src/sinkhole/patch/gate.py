@@ -51,26 +51,29 @@ class RunGate:
     window: int = 32
     max_distinct: int = 8
     min_count: int = 2
+    hold: int = 0
 
     def check(self) -> None:
-        for name in ("window", "max_distinct", "min_count"):
+        for name in ("window", "max_distinct", "min_count", "hold"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise SinkholeError(f"run gate {name} must be a positive integer (got {v!r})")
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "hold" else 1):
+                what = "a non-negative" if name == "hold" else "a positive"
+                raise SinkholeError(f"run gate {name} must be {what} integer (got {v!r})")
         if self.max_distinct > self.window or self.min_count > self.window:
             raise SinkholeError("run gate max_distinct and min_count must not exceed its window")
 
     def to_dict(self) -> dict:
-        return {"window": self.window, "max_distinct": self.max_distinct, "min_count": self.min_count}
+        return {"window": self.window, "max_distinct": self.max_distinct, "min_count": self.min_count,
+                "hold": self.hold}
 
     @classmethod
     def from_dict(cls, d) -> "RunGate":
         if not isinstance(d, dict):
             raise SinkholeError("the patch's 'gate' must be an object with window, max_distinct and min_count")
-        unknown = set(d) - {"window", "max_distinct", "min_count"}
+        unknown = set(d) - {"window", "max_distinct", "min_count", "hold"}
         if unknown:
             raise SinkholeError(f"the patch's gate has unknown field(s) {sorted(unknown)}; "
-                                "use window, max_distinct, min_count")
+                                "use window, max_distinct, min_count, hold")
         g = cls(**d)
         g.check()
         return g
@@ -78,7 +81,8 @@ class RunGate:
     def describe(self) -> str:
         return (f"run gate: a token already seen {self.min_count}+ times among the previous {self.window} tokens, "
                 f"when those hold at most {self.max_distinct} distinct tokens, is hidden from later attention and "
-                "does not advance the position")
+                "does not advance the position"
+                + (f", once its run has more than {self.hold} such tokens" if self.hold else ""))
 
 
 def excess_mask(ids: torch.Tensor, gate: RunGate) -> torch.Tensor:
@@ -135,10 +139,20 @@ def expiry(ids: torch.Tensor, gate: RunGate, ex: torch.Tensor | None = None) -> 
         ends = torch.cat([idx[breaks], idx[-1:]]).tolist()
         for r0, r1 in zip(starts, ends):
             p = _period(ids[b], r0, gate.max_distinct)
+            if r1 - r0 < gate.hold:  # a stretch of at most ``hold`` excess tokens stays whole
+                continue
             k = torch.arange(r0, r1 + 1, device=ids.device)
             nxt = r0 + ((k - r0) // p + 1) * p  # where the next block starts
-            out[b, r0:r1 + 1] = torch.where(nxt <= r1, nxt, torch.full_like(nxt, NEVER))
+            nxt_held = nxt.clamp_min(r0 + gate.hold)  # nothing is hidden before the stretch passes ``hold``
+            out[b, r0:r1 + 1] = torch.where(nxt <= r1, nxt_held, torch.full_like(nxt, NEVER))
     return out
+
+
+def hidden_mask(ids, gate: RunGate) -> torch.Tensor:
+    """Boolean (B, n): which tokens of ``ids`` the gate hides from some later token (excess tokens
+    of a stretch that passed ``hold``, except the stretch's last block)."""
+    t = torch.as_tensor(ids, dtype=torch.long)
+    return expiry(t, gate) < NEVER
 
 
 def hidden_before(exp: torch.Tensor) -> torch.Tensor:
@@ -200,9 +214,9 @@ class GateHooks:
         else:
             self.hist = torch.cat([self.hist[:, :past], new], 1)
         ex = excess_mask(self.hist, self.gate)
-        if not bool(ex.any()):
+        exp = expiry(self.hist, self.gate, ex) if bool(ex.any()) else None
+        if exp is None or not bool((exp < NEVER).any()):
             return None  # nothing to gate: the call runs untouched (bit-identical)
-        exp = expiry(self.hist, self.gate, ex)
         self._exp, self._q = exp, q
         real = self.hist >= 0
         pos = (real.long().cumsum(1) - 1 - hidden_before(exp)).clamp_min(0)
