@@ -122,13 +122,15 @@ def case_features(lm, cases: Sequence[Case], drift_layer: int | None = None, k: 
 
 
 def auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
-    """Area under the ROC curve (probability a positive outscores a negative; ties count 1/2)."""
-    pos = [s for s, y in zip(scores, labels) if y]
-    neg = [s for s, y in zip(scores, labels) if not y]
+    """Area under the ROC curve (probability a positive outscores a negative; ties count 1/2) of
+    labelled scores: :func:`sinkhole.circuit.common.auc`, None where a class is empty."""
+    from ..circuit.common import auc as auc_of
+
+    pos = [float(s) for s, y in zip(scores, labels) if y]
+    neg = [float(s) for s, y in zip(scores, labels) if not y]
     if not pos or not neg:
         return None
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(pos) * len(neg))
+    return auc_of(torch.tensor(pos, dtype=torch.float64), torch.tensor(neg, dtype=torch.float64))
 
 
 @dataclass

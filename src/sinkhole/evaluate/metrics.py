@@ -90,6 +90,23 @@ def _logits(lm, ids, mask, patch):
         return lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
 
 
+def pair_sums(lb: torch.Tensor, la: torch.Tensor, tgt: torch.Tensor, valid: torch.Tensor | None = None) -> dict:
+    """Sums over the (``valid``) positions of two models' logits ``lb`` (reference) and ``la`` on
+    the next tokens ``tgt``: negative log-likelihoods, KL(before || after) and its max, top-1
+    agreements, and the count. The one place both text comparisons (``text_metrics`` and the broad
+    verification's fidelity) turn logits into these numbers."""
+    lpb, lpa = F.log_softmax(lb.float(), -1), F.log_softmax(la.float(), -1)
+    nb = -lpb.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+    na = -lpa.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+    kl = token_kl(lpb, lpa)
+    agree = lb.argmax(-1) == la.argmax(-1)
+    if valid is None:
+        valid = torch.ones_like(agree)
+    return {"nll_before": float(nb[valid].sum()), "nll_after": float(na[valid].sum()),
+            "kl": float(kl[valid].sum()), "kl_max": float(kl[valid].max()) if valid.any() else 0.0,
+            "agree": int(agree[valid].sum()), "n": int(valid.sum())}
+
+
 def text_metrics(lm, patch, texts: list[str] | None = None, batch_size: int = 8, max_tokens: int = 128,
                  before=None) -> TextMetrics:
     """Compare the patched with the unpatched model on ``texts`` (held-out text by default).
@@ -105,18 +122,11 @@ def text_metrics(lm, patch, texts: list[str] | None = None, batch_size: int = 8,
         ids, mask = encode_batch(lm, texts[i:i + batch_size], max_tokens)
         lb = _logits(lm, ids, mask, before)[:, :-1]
         la = _logits(lm, ids, mask, patch)[:, :-1]
-        tgt = ids[:, 1:]
         valid = (mask[:, :-1] > 0) & (mask[:, 1:] > 0)
-        lpb, lpa = F.log_softmax(lb, -1), F.log_softmax(la, -1)
-        nb = -lpb.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-        na = -lpa.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-        kl = token_kl(lpb, lpa)
-        nll_b += float(nb[valid].sum())
-        nll_a += float(na[valid].sum())
-        kl_sum += float(kl[valid].sum())
-        kl_max = max(kl_max, float(kl[valid].max())) if valid.any() else kl_max
-        agree += int((lb.argmax(-1) == la.argmax(-1))[valid].sum())
-        n += int(valid.sum())
+        s = pair_sums(lb, la, ids[:, 1:], valid)
+        nll_b, nll_a, kl_sum = nll_b + s["nll_before"], nll_a + s["nll_after"], kl_sum + s["kl"]
+        kl_max = max(kl_max, s["kl_max"])
+        agree, n = agree + s["agree"], n + s["n"]
     if n == 0:
         raise SinkholeError("the held-out texts produced no tokens to score; pass longer texts")
     pb, pa = math.exp(nll_b / n), math.exp(nll_a / n)

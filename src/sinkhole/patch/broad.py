@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import SinkholeError
 
@@ -321,17 +320,6 @@ def _windows(lm, toks: list[int], window: int, bos: bool, total: int) -> list[li
     return rows
 
 
-def _pair_metrics(lb: torch.Tensor, la: torch.Tensor, tgt: torch.Tensor) -> tuple:
-    from ..evaluate.metrics import token_kl
-
-    lpb, lpa = F.log_softmax(lb.float(), -1), F.log_softmax(la.float(), -1)
-    nb = -lpb.gather(-1, tgt[..., None])[..., 0]
-    na = -lpa.gather(-1, tgt[..., None])[..., 0]
-    kl = token_kl(lpb, lpa)
-    agree = (lb.argmax(-1) == la.argmax(-1))
-    return float(nb.sum()), float(na.sum()), float(kl.sum()), int(agree.sum()), int(tgt.numel())
-
-
 def _forward(lm, rows: list[list[int]], patch=None, transform=None, batch: int = 8):
     """Logits (list of (T-1, V) per row) of the model (with ``patch``) on ``rows``; with
     ``transform`` (the input-side collapse) the model reads the transformed row and each kept
@@ -388,6 +376,7 @@ def fidelity(lm, methods: dict, sources=("twelfth_night", "generated"), windows=
     windows, or a collapse that changes none, runs exactly the reference computation, which is then
     not repeated). ``methods``: name -> (patch or None, input transform or None); ``base``: the reference, the
     unpatched model in transformers unless given (e.g. a llama.cpp engine, for llama.cpp's logits)."""
+    from ..evaluate.metrics import pair_sums
     from ..progress import progress
     from .core import Patch
     from .gate import RunGate, hidden_mask
@@ -424,11 +413,8 @@ def fidelity(lm, methods: dict, sources=("twelfth_night", "generated"), windows=
                 res[name].append({**rec, "top1_agreement": 1.0, "mean_kl_nats": 0.0, "ppl_change_pct": 0.0})
                 continue
             after = _forward(lm, rows, patch, transform)
-            nb = na = kl = 0.0
-            agree = n = 0
-            for lb, la, t in zip(ref, after, tgts):
-                a, b, c, d, e = _pair_metrics(lb, la, t)
-                nb, na, kl, agree, n = nb + a, na + b, kl + c, agree + d, n + e
+            sums = [pair_sums(lb, la, t) for lb, la, t in zip(ref, after, tgts)]
+            nb, na, kl, agree, n = (sum(x[k] for x in sums) for k in ("nll_before", "nll_after", "kl", "agree", "n"))
             res[name].append({**rec, "top1_agreement": agree / n, "mean_kl_nats": kl / n,
                               "ppl_change_pct": 100.0 * (math.exp((na - nb) / n) - 1.0)})
     return res
