@@ -51,6 +51,8 @@ def main(argv=None) -> int:
     v = summary["verification"]
     res = {"machine": machine(), "command": " ".join(cmd[2:]), "wall_s": round(wall, 1),
            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "timing": t,
+           "broad_timing": (v.get("broad") or {}).get("timing"),
+           "gate_attacks": ((v.get("broad") or {}).get("settings") or {}).get("gate_attacks"),
            "chosen": (summary.get("search") or {}).get("chosen"), "targets": v.get("targets")}
     print(json.dumps(res, indent=2))
     if args.save:
