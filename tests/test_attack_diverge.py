@@ -181,7 +181,7 @@ def test_the_exact_check_can_cut_a_sliding_window_cache_back(family):
 
     import transformers as T
 
-    from sinkhole.attack.predictor import _new_cache, _rollback
+    from sinkhole.attack.predictor import new_cache, _rollback
     from tiny import tiny_config
 
     torch.manual_seed(0)
@@ -196,7 +196,7 @@ def test_the_exact_check_can_cut_a_sliding_window_cache_back(family):
         plain = model(input_ids=ids[:, :10], use_cache=True)
         with pytest.raises(RuntimeError):  # transformers' own cache, beyond the window
             (getattr(plain, "cache", None) or plain.past_key_values).crop(-3)
-        past = _new_cache(model)
+        past = new_cache(model)
         out = model(input_ids=ids[:, :10], use_cache=True, **{kw: past})
         past = _rollback(getattr(out, "cache", None) or out.past_key_values, 3)  # keep 7 tokens
         assert past is not None

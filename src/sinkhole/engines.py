@@ -189,12 +189,12 @@ class TorchGate(_Fed):
     def _feed(self, target: list[int]):
         import torch
 
-        from .attack.predictor import _new_cache
+        from .attack.predictor import new_cache
         from .circuit.common import fast_attention
 
         p = min(_common(self._cached, target), len(target) - 1)
         if self._past is None or p == 0:
-            self._past, p = _new_cache(self.lm.model), 0
+            self._past, p = new_cache(self.lm.model), 0
         elif p < len(self._cached):
             self._past.crop(p - len(self._cached))  # negative: drop that many from the end
         pos = torch.arange(p, len(target), device=self.lm.device)

@@ -243,7 +243,7 @@ def _draft(gen: list[int], unit: list[int], n: int) -> list[int]:
     return [unit[(p + j) % k] for j in range(n)]
 
 
-def _new_cache(model):
+def new_cache(model):
     """An empty KV cache that records past states, so that a sliding-window layer beyond its window
     (Gemma-3, Mistral) can still be cut back; None (the model's default cache) where that fails."""
     try:
@@ -307,7 +307,7 @@ def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | N
         for c in progress(cases, desc="greedy check", disable=quiet):
             word = lm.tokenizer.decode(c.unit, skip_special_tokens=True).strip() or c.word
             unit = list(c.unit)
-            seq, fed, gen, past, passes, stopped, stop_token = list(c.ids), 0, [], _new_cache(model), 0, False, None
+            seq, fed, gen, past, passes, stopped, stop_token = list(c.ids), 0, [], new_cache(model), 0, False, None
             verdict, certain = None, None
             while len(gen) < n and not stopped:
                 draft = [] if certain is not None else _draft(gen, unit, n - len(gen))
@@ -338,7 +338,7 @@ def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | N
                 if rolled:
                     fed = len(seq)
                 else:  # the cache could not be cut back: a new one re-reads the whole sequence
-                    past, fed = _new_cache(model), 0
+                    past, fed = new_cache(model), 0
                 seq += new[i:]  # the mismatching (true) token, fed with the next draft
                 if certain is None:
                     verdict = judge_run(decode_pieces(lm, gen), word)
