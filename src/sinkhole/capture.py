@@ -161,13 +161,18 @@ def real_positions(args: tuple, kwargs: dict) -> torch.Tensor | None:
         m = mask.to(torch.long)
         pos = (m.cumsum(-1) - 1)[:, -q:]
         return torch.where(m[:, -q:] > 0, pos, torch.full_like(pos, -1))
-    past = 0
+    return (torch.arange(q, device=ref.device) + past_length(kwargs)).expand(bsz, q)
+
+
+def past_length(kwargs: dict) -> int:
+    """How many tokens a forward call's KV cache already holds (0 without one), read from the cache
+    (``past_key_values``, or ``cache`` in transformers >= 5.2x) or from ``cache_position``."""
     cache = kwargs.get("past_key_values", kwargs.get("cache"))
     if cache is not None and hasattr(cache, "get_seq_length"):
-        past = int(cache.get_seq_length())
-    elif isinstance(kwargs.get("cache_position"), torch.Tensor):
-        past = int(kwargs["cache_position"][0])
-    return (torch.arange(q, device=ref.device) + past).expand(bsz, q)
+        return int(cache.get_seq_length())
+    if isinstance(kwargs.get("cache_position"), torch.Tensor):
+        return int(kwargs["cache_position"][0])
+    return 0
 
 
 def _first(out):

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..capture import past_length
 from ..errors import SinkholeError
 
 
@@ -200,12 +201,11 @@ class GateHooks:
             return None
         q = ids.shape[1]
         mask = kwargs.get("attention_mask")
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             past = mask.shape[1] - q
             new = torch.where(mask[:, -q:] > 0, ids, torch.full_like(ids, -1))
         else:
-            past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+            past = past_length(kwargs)
             new = ids
         if past == 0 or self.hist is None or self.hist.shape[0] != ids.shape[0] or self.hist.shape[1] < past:
             # a new sequence (or history this gate never saw): start over from what is known
