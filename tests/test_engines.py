@@ -90,7 +90,7 @@ def test_gate_in_llamacpp_equals_the_gate_hooks(family, monkeypatch, tmp_path):
     monkeypatch.setattr(TorchLlama, "lm", lm)
     monkeypatch.setitem(sys.modules, "llama_cpp", mod)
     (tmp_path / "m.gguf").write_bytes(b"")
-    gate = RunGate(window=8, max_distinct=3, min_count=2)
+    gate = RunGate(window=12, max_distinct=3, min_count=2)  # 12: a 3-token unit's period is read inside the run
     eng = LlamaCpp(tmp_path / "m.gguf", n_ctx=256, gate=gate)
     prompts = [[5, 6, 7] + [11] * 40, [5, 6] + [21, 22, 23] * 15 + [9], list(range(30, 70))]
     for ids in prompts:

@@ -39,18 +39,26 @@ def test_excess_rule():
     # the input-side collapse keeps what is not excess plus the run's last repetition (period 1 here)
     assert collapse(ids, G) == [1, 2, 3] + [a] * 7 + [q, 4]
     # a three-token unit is shortened by whole repetitions: what is kept of the run is still periodic
+    # (a window of 12: the period is read from three repetitions before the first excess token)
+    g12 = RunGate(window=12, max_distinct=3, min_count=2)
     run = [21, 22, 23] * 20
-    kept = collapse([1, 2] + run + [q], G)
+    kept = collapse([1, 2] + run + [q], g12)
     assert kept[-4:] == [21, 22, 23, q] and len(kept) < 30
     body = kept[2:-1]
     assert body == run[:len(body)] and len(body) % 3 == 0
-    # the period is found although the window before the first excess token starts in the prompt:
     # the stretch is cut in blocks of 3 and only its last (partial or whole) block is never hidden
     seq = torch.tensor([7, 8, 9] + run)
-    exc = excess_mask(seq, G)[0]
+    exc = excess_mask(seq, g12)[0]
     n_ex = int(exc.sum())
-    never = (expiry(seq, G)[0] == NEVER) & exc
+    never = (expiry(seq, g12)[0] == NEVER) & exc
     assert int(never.sum()) == (n_ex % 3 or 3) and bool(never[-1])
+    # a stretch with no exact unit (a cluster sequence in random order; the digits of close numbers)
+    # is excess but left alone, unless the gate is told to cut clusters too
+    g4 = RunGate(window=8, max_distinct=4, min_count=2)
+    cl_seq = [5, 6] + [30 + int(i * 1.6180339887) % 4 for i in range(60)]  # aperiodic (a Beatty sequence)
+    assert excess_mask(torch.tensor(cl_seq), g4).any()
+    assert not hidden_mask([cl_seq], g4).any() and collapse(cl_seq, g4) == cl_seq
+    assert hidden_mask([cl_seq], RunGate(window=8, max_distinct=4, min_count=2, cluster=True)).any()
 
 
 def test_gate_checks_its_fields():

@@ -13,7 +13,10 @@ token the model generates, with the KV cache intact:
   is not excess, because it is not among the run's tokens.
 * **which are hidden, and from whom** (:func:`expiry`): a stretch of excess tokens is cut into
   blocks of the run's period (one repetition of its unit: 1 token for ``w w w``, 3 for a
-  three-token phrase; 1 for a cluster sequence). A block is hidden from every query from the start
+  three-token phrase). A stretch with no exact repeating unit (a cluster sequence; the digits of a
+  column of close numbers, which SmolLM2 writes one token each) is left alone unless ``cluster``
+  is set (then it is cut token by token: hiding digits changes the numbers the model reads, the
+  ninth session's finding); a stretch of at most ``hold`` excess tokens is left whole. A block is hidden from every query from the start
   of the next block of its stretch on; the stretch's last block is never hidden. So each query
   sees the run's first tokens and then the repetition it is in (after the run: the run's last
   repetition) whole: the run is shortened by whole repetitions, never cut inside one.
@@ -53,8 +56,11 @@ class RunGate:
     max_distinct: int = 8
     min_count: int = 2
     hold: int = 0
+    cluster: bool = False  # also hide stretches with no exact repeating unit (cluster sequences, and digits)
 
     def check(self) -> None:
+        if not isinstance(self.cluster, bool):
+            raise SinkholeError(f"run gate cluster must be true or false (got {self.cluster!r})")
         for name in ("window", "max_distinct", "min_count", "hold"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "hold" else 1):
@@ -65,16 +71,16 @@ class RunGate:
 
     def to_dict(self) -> dict:
         return {"window": self.window, "max_distinct": self.max_distinct, "min_count": self.min_count,
-                "hold": self.hold}
+                "hold": self.hold, "cluster": self.cluster}
 
     @classmethod
     def from_dict(cls, d) -> "RunGate":
         if not isinstance(d, dict):
             raise SinkholeError("the patch's 'gate' must be an object with window, max_distinct and min_count")
-        unknown = set(d) - {"window", "max_distinct", "min_count", "hold"}
+        unknown = set(d) - {"window", "max_distinct", "min_count", "hold", "cluster"}
         if unknown:
             raise SinkholeError(f"the patch's gate has unknown field(s) {sorted(unknown)}; "
-                                "use window, max_distinct, min_count, hold")
+                                "use window, max_distinct, min_count, hold, cluster")
         g = cls(**d)
         g.check()
         return g
@@ -83,7 +89,9 @@ class RunGate:
         return (f"run gate: a token already seen {self.min_count}+ times among the previous {self.window} tokens, "
                 f"when those hold at most {self.max_distinct} distinct tokens, is hidden from later attention and "
                 "does not advance the position"
-                + (f", once its run has more than {self.hold} such tokens" if self.hold else ""))
+                + (f", once its run has more than {self.hold} such tokens" if self.hold else "")
+                + ("; runs without a repeating unit too" if self.cluster else
+                   "; only in runs that repeat a unit exactly"))
 
 
 def excess_mask(ids: torch.Tensor, gate: RunGate) -> torch.Tensor:
@@ -108,14 +116,15 @@ NEVER = 2 ** 62
 
 
 def _period(ids: torch.Tensor, r0: int, most: int) -> int:
-    """The run's period at ``r0``: the smallest p <= ``most`` with ids[r0] == ids[r0 - p] and the
-    3p tokens before r0 (as many as there are) repeating with period p; 1 when there is none (a
-    cluster sequence has no unit to keep whole)."""
+    """The run's period at ``r0``: the smallest p <= ``most`` with the 3p tokens before r0 and r0
+    itself repeating with period p (three whole repetitions of the unit, then its first token
+    again; with the default window of 32 and at most 8 distinct tokens they always lie inside the
+    run); 0 when there is none (a cluster sequence, or the digits of close numbers, have no unit)."""
     for p in range(1, most + 1):
         span = ids[max(0, r0 - 3 * p):r0 + 1]
         if len(span) > p and torch.equal(span[p:], span[:-p]):
             return p
-    return 1
+    return 0
 
 
 def expiry(ids: torch.Tensor, gate: RunGate, ex: torch.Tensor | None = None) -> torch.Tensor:
@@ -140,6 +149,10 @@ def expiry(ids: torch.Tensor, gate: RunGate, ex: torch.Tensor | None = None) -> 
         ends = torch.cat([idx[breaks], idx[-1:]]).tolist()
         for r0, r1 in zip(starts, ends):
             p = _period(ids[b], r0, gate.max_distinct)
+            if p == 0:  # no repeating unit: hidden only with ``cluster`` (then token by token)
+                if not gate.cluster:
+                    continue
+                p = 1
             if r1 - r0 < gate.hold:  # a stretch of at most ``hold`` excess tokens stays whole
                 continue
             k = torch.arange(r0, r1 + 1, device=ids.device)
