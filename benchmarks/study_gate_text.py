@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from sinkhole import load_model
+    from sinkhole.data import TEXTS, load_text
     from sinkhole.patch.broad import TEXT_TOKENS, fidelity, text_tokens
     from sinkhole.patch.core import Patch
     from sinkhole.patch.gate import RunGate, hidden_mask
@@ -70,8 +71,7 @@ def main(argv=None) -> int:
     res: dict = {"machine": machine(), "gate": RunGate().to_dict(), "sources": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, src in sources(Path(tmp)).items():
-            toks = lm.encode(Path(src).read_text(encoding="utf-8") if name != "sonnets" else
-                             __import__("sinkhole.data", fromlist=["load_text"]).load_text("sonnets"), bos=False)
+            toks = lm.encode(load_text(src) if src in TEXTS else Path(src).read_text(encoding="utf-8"), bos=False)
             whole = int(hidden_mask([toks], RunGate()).sum())
             rec = {"tokens": len(toks), "hidden_whole": whole, "hidden_pct": round(100 * whole / len(toks), 3),
                    "seeds": {}}

@@ -72,21 +72,28 @@ class _Fed:
                                 f"llama.cpp context of {limit}; use fewer --reps")
         self._reset()  # every prompt is read from an empty cache: results do not depend on case order
         seen: dict[tuple, int] = {}  # collapsed history -> its argmax (a gated run revisits the same few)
-        while len(gen) < int(max_new_tokens):
-            if self.gate is None:
-                t = int(self._feed(hist).argmax())
-            else:
-                key = tuple(collapse(hist, self.gate))
-                if key not in seen:
-                    if len(seen) >= 4 * self.gate.max_distinct:
-                        seen.clear()
-                    seen[key] = int(self._feed(list(key)).argmax())
-                t = seen[key]
-            gen.append(t)
-            hist.append(t)
-            if t in stops:
-                break
+        with self._session():
+            while len(gen) < int(max_new_tokens):
+                if self.gate is None:
+                    t = int(self._feed(hist).argmax())
+                else:
+                    key = tuple(collapse(hist, self.gate))
+                    if key not in seen:
+                        if len(seen) >= 4 * self.gate.max_distinct:
+                            seen.clear()
+                        seen[key] = int(self._feed(list(key)).argmax())
+                    t = seen[key]
+                gen.append(t)
+                hist.append(t)
+                if t in stops:
+                    break
         return gen
+
+    def _session(self):
+        """Held open around one greedy decoding (an engine's per-call setup)."""
+        import contextlib
+
+        return contextlib.nullcontext()
 
     def _reset(self) -> None:
         self._cached = []
@@ -186,11 +193,15 @@ class TorchGate(_Fed):
     def _reset(self) -> None:
         self._cached, self._past = [], None
 
+    def _session(self):
+        from .circuit.common import fast_attention
+
+        return fast_attention(self.lm)  # SDPA switched on once per decoding, not once per step
+
     def _feed(self, target: list[int]):
         import torch
 
         from .attack.predictor import new_cache
-        from .circuit.common import fast_attention
 
         p = min(_common(self._cached, target), len(target) - 1)
         if self._past is None or p == 0:
@@ -202,7 +213,7 @@ class TorchGate(_Fed):
               "use_cache": True, self._cache_kw: self._past}
         if self._keep:
             kw["logits_to_keep"] = 1
-        with torch.no_grad(), fast_attention(self.lm):
+        with torch.no_grad():
             res = self.lm.model(**kw)
         self._past = getattr(res, "cache", None) or res.past_key_values
         self._cached = list(target)
