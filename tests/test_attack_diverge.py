@@ -181,7 +181,7 @@ def test_the_exact_check_can_cut_a_sliding_window_cache_back(family):
 
     import transformers as T
 
-    from sinkhole.attack.predictor import new_cache, _rollback
+    from sinkhole.attack.predictor import new_cache, rollback
     from tiny import tiny_config
 
     torch.manual_seed(0)
@@ -198,7 +198,41 @@ def test_the_exact_check_can_cut_a_sliding_window_cache_back(family):
             (getattr(plain, "cache", None) or plain.past_key_values).crop(-3)
         past = new_cache(model)
         out = model(input_ids=ids[:, :10], use_cache=True, **{kw: past})
-        past = _rollback(getattr(out, "cache", None) or out.past_key_values, 3)  # keep 7 tokens
+        past = rollback(getattr(out, "cache", None) or out.past_key_values, 3)  # keep 7 tokens
+        assert past is not None
+        cont = model(input_ids=ids[:, 7:12], use_cache=True, **{kw: past}).logits
+        full = model(input_ids=ids, use_cache=False).logits[:, 7:12]
+    torch.testing.assert_close(cont, full, atol=1e-5, rtol=1e-4)
+
+
+def test_the_exact_check_cuts_a_linear_attention_cache_back_exactly_or_not_at_all():
+    """Qwen3.5's Gated DeltaNet layers carry a recurrent state that cannot forget a token. From
+    transformers 5.25 the cache keeps the states a rollback needs when asked before the pass
+    (keep_for_rollback); the cut cache then continues exactly like a fresh pass. Before 5.25 it
+    keeps none, and rollback must decline rather than hand back a cache with a stale state."""
+    import inspect
+
+    import transformers as T
+    from transformers import cache_utils
+
+    from sinkhole.attack.predictor import keep_for_rollback, new_cache, rollback
+    from tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(tiny_config("qwen3_5_text"), attn_implementation="eager").eval()
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    mixin = getattr(cache_utils, "LinearAttentionCacheLayerMixin", None)
+    keeps = mixin is not None and "recurrent_states_to_keep" in inspect.signature(mixin.activate_past_recording).parameters
+    ids = torch.randint(3, 100, (1, 12))
+    with torch.no_grad():
+        past = new_cache(model)
+        model(input_ids=ids[:, :4], use_cache=True, **{kw: past})  # a prompt, then a pass of a 6-token draft
+        keep_for_rollback(past, 6)
+        out = model(input_ids=ids[:, 4:10], use_cache=True, **{kw: past})
+        past = rollback(getattr(out, "cache", None) or out.past_key_values, 3)  # keep 7 tokens
+        if not keeps:
+            assert past is None
+            return
         assert past is not None
         cont = model(input_ids=ids[:, 7:12], use_cache=True, **{kw: past}).logits
         full = model(input_ids=ids, use_cache=False).logits[:, 7:12]

@@ -251,20 +251,42 @@ def new_cache(model):
 
         cache = DynamicCache(config=model.config)
         if hasattr(cache, "activate_past_recording"):
-            cache.activate_past_recording()
+            _record_past(cache, 0)
         return cache
     except Exception:  # an architecture whose cache cannot be built from its config
         return None
 
 
-def _rollback(past, n: int):
-    """The cache without its last ``n`` tokens, or None where it cannot be rolled back (the recurrent
-    state of linear attention, e.g. Qwen3.5's Gated DeltaNet): the next pass then re-reads the
-    whole sequence."""
+def _record_past(cache, states: int) -> None:
+    """Record past states; linear-attention layers also keep their recurrent state after each of a
+    pass's last ``states`` positions (the argument exists from transformers 5.25, where leaving it
+    out breaks the next pass)."""
+    try:
+        cache.activate_past_recording(recurrent_states_to_keep=states)
+    except TypeError:  # transformers < 5.25
+        cache.activate_past_recording()
+
+
+def keep_for_rollback(past, n: int) -> None:
+    """Before a pass whose last ``n`` tokens may be rolled back: a linear-attention layer
+    (Qwen3.5's Gated DeltaNet) keeps its recurrent state after each of the pass's last ``n + 1``
+    positions (transformers >= 5.25, ``activate_past_recording(recurrent_states_to_keep=...)``), so
+    that :func:`rollback` restores the state exactly. Older versions record no recurrent states:
+    their linear layers report themselves not croppable and :func:`rollback` declines."""
+    if past is not None and hasattr(past, "activate_past_recording"):
+        _record_past(past, int(n) + 1)
+
+
+def rollback(past, n: int):
+    """The cache without its last ``n`` tokens, or None where it cannot be put back exactly (the
+    recurrent state of linear attention without :func:`keep_for_rollback`, e.g. Qwen3.5's Gated
+    DeltaNet before transformers 5.25): the next pass then re-reads the whole sequence."""
+    if past is None or not getattr(past, "is_croppable", True):
+        return None
     try:
         past.crop(-n)  # negative: remove that many (every transformers version reads it so)
         return past
-    except RuntimeError:
+    except (RuntimeError, IndexError):  # a layer that kept too little history to go back n tokens
         return None
 
 
@@ -312,6 +334,7 @@ def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | N
             while len(gen) < n and not stopped:
                 draft = [] if certain is not None else _draft(gen, unit, n - len(gen))
                 inp = seq[fed:] + draft
+                keep_for_rollback(past, len(draft))
                 kw = {"input_ids": torch.tensor([inp], device=lm.device), "use_cache": True, cache_kw: past}
                 keep = len(draft) + 1  # logits of the positions that predict the draft (and one more) only
                 try:
@@ -332,7 +355,7 @@ def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | N
                 gen += new
                 rolled = True
                 if i < len(draft):  # cut the cache back to the prompt and the accepted draft tokens
-                    past = _rollback(past, len(draft) - i)
+                    past = rollback(past, len(draft) - i)
                     rolled = past is not None
                 seq += draft[:i]
                 if rolled:
