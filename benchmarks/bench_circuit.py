@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     import torch
 
     from sinkhole import load_model
-    from sinkhole.circuit import analyze, discover
+    from sinkhole.pipeline.analyze import analyze
+    from sinkhole.circuit import discover
 
     t0 = time.perf_counter()
     lm = load_model(args.model, progress=False)

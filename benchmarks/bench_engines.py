@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     from sinkhole import load_model
     from sinkhole.attack.diverge import run_cases, summarize
     from sinkhole.attack.prompts import make_cases
-    from sinkhole.engines import run_llamacpp
+    from sinkhole.attack.diverge import run_llamacpp
 
     lm = load_model(args.gguf or args.model, progress=False)
     cases = make_cases(lm, args.words.split(","), [int(r) for r in args.reps.split(",")], args.templates.split(","))

@@ -83,7 +83,7 @@ def garak_python(garak: str) -> str:
 
 def install_long_probe(garak: str, work: Path) -> str:
     """Write the long-run probe with sinkhole's exporter and copy it into garak's probes package."""
-    from sinkhole.attack.export import write_export
+    from sinkhole.integrations.export import write_export
 
     prompts = [{"prompt": w.replace("[XX]", " ".join([word] * r)), "word": word, "reps": r, "source": "bench"}
                for w in LONG_WORDINGS for word in LONG_WORDS for r in LONG_REPS]

@@ -45,7 +45,8 @@ def flops(cfg, T: int, n_new: int, probe_layers: int | None = None) -> dict:
 def main(argv=None):
     from sinkhole import load_model
     from sinkhole.attack.diverge import run_cases
-    from sinkhole.attack.predictor import Predictor, case_features, default_layers, greedy_check
+    from sinkhole.attack.predictor import Predictor, case_features, default_layers
+    from sinkhole.attack.exact import greedy_check
     from sinkhole.attack.prompts import make_cases
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--save", default=None)
     p.add_argument("--build-only-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    from sinkhole.memorization import build_index
+    from sinkhole.attack.memorization import build_index
 
     if args.build_only_child:
         corpus, folder = args.build_only_child.split("::")
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         child = subprocess.run([sys.executable, __file__, "--build-only-child", f"{root / 'corpus'}::{root / 'index'}"],
                                capture_output=True, text=True, check=True)
         build = json.loads(child.stdout.strip().splitlines()[-1])
-        from sinkhole.memorization import CorpusIndex
+        from sinkhole.attack.memorization import CorpusIndex
 
         idx = CorpusIndex(root / "index")
         rng = random.Random(1)

@@ -26,7 +26,7 @@ def main(argv=None):
 
     from sinkhole import load_model
     from sinkhole.attack.prompts import make_cases
-    from sinkhole.circuit.common import fast_attention
+    from sinkhole.models.attention import fast_attention
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("result", help="a bench_greedy_check.py result")

@@ -70,7 +70,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from sinkhole.scan import ScanOptions, run_scan
+    from sinkhole.pipeline.engine import ScanOptions
+    from sinkhole.pipeline.registry import run_scan
 
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():

@@ -109,7 +109,7 @@ def main(argv=None):
 
     from sinkhole import load_model
     from sinkhole.attack.diverge import run_cases
-    from sinkhole.attack.predictor import greedy_check
+    from sinkhole.attack.exact import greedy_check
     from sinkhole.attack.prompts import make_cases
     from bench_predictor import HELD_OUT, TRAIN
 

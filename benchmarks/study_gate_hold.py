@@ -51,8 +51,9 @@ def tuning_words() -> list[str]:
 
 
 def gated_runs(lm, cases, gate, n: int) -> list[dict]:
-    from sinkhole.attack.diverge import judge_case, stop_ids
-    from sinkhole.engines import TorchGate
+    from sinkhole.attack.diverge import judge_case
+    from sinkhole.decoding.tokens import stop_ids
+    from sinkhole.decoding.engines import TorchGate
 
     eng, stops = TorchGate(lm, gate), stop_ids(lm)
     out = []
@@ -79,8 +80,8 @@ def main(argv=None) -> int:
     from sinkhole.attack.prompts import make_cases
     from sinkhole.patch.broad import broad_cases, family_rates, fidelity, judge_cases
     from sinkhole.patch.core import Patch
-    from sinkhole.engines import TorchGate
-    from sinkhole.patch.gate import RunGate
+    from sinkhole.decoding.engines import TorchGate
+    from sinkhole.decoding.gate import RunGate
 
     holds = _ints(args.holds)
     lm = load_model("smollm2-135m-instruct")

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     from sinkhole.data import TEXTS, load_text
     from sinkhole.patch.broad import TEXT_TOKENS, fidelity, text_tokens
     from sinkhole.patch.core import Patch
-    from sinkhole.patch.gate import RunGate, hidden_mask
+    from sinkhole.decoding.gate import RunGate, hidden_mask
 
     lm = load_model("smollm2-135m-instruct")
     gate = Patch(gate=RunGate())

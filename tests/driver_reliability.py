@@ -17,10 +17,10 @@ import time
 def main() -> None:
     from dataclasses import dataclass
 
-    import sinkhole.scan_steps as scan_steps
+    import sinkhole.pipeline.registry as scan_steps
     from sinkhole.cli import entry
     from sinkhole.results import StepResult
-    from sinkhole.scan import Step, pipeline
+    from sinkhole.pipeline.engine import Step, pipeline
 
     @dataclass
     class Gate(StepResult):

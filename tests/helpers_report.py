@@ -17,7 +17,7 @@ def tiny_scan() -> tuple[dict, Path, tuple]:
     (with --patch, so every section has data) of a tiny random Llama."""
     from sinkhole.report.html import write_report, render
     from sinkhole.results import write_json
-    from sinkhole.scan import run_scan
+    from sinkhole.pipeline.registry import run_scan
     from tiny import tiny_lm
 
     out = Path(tempfile.mkdtemp(prefix="sinkhole-tiny-report-"))

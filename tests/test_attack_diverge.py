@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from sinkhole.attack.diverge import decode_pieces, generate, run_cases, summarize
+from sinkhole.decoding.tokens import decode_pieces
+from sinkhole.decoding.generate import generate
+from sinkhole.attack.diverge import run_cases, summarize
 from sinkhole.attack.prompts import build_ids, make_cases, resolve_templates
 from sinkhole.capture import Edit
 from sinkhole.errors import SinkholeError
@@ -113,7 +115,7 @@ def test_generate_left_padding_batch_equals_single(tiny):
 
 
 def test_greedy_check_equals_generation(tiny_family):
-    from sinkhole.attack.predictor import greedy_check
+    from sinkhole.attack.exact import greedy_check
 
     lm = tiny_family  # every supported family
     cases = make_cases(lm, ["a", "b", "c d"], [3, 9], ["raw", "repeat"])
@@ -132,7 +134,7 @@ def test_greedy_check_equals_generation(tiny_family):
 
 
 def test_greedy_check_one_pass_for_a_repeating_model_and_bad_templates(tiny):
-    from sinkhole.attack.predictor import greedy_check
+    from sinkhole.attack.exact import greedy_check
 
     cases = make_cases(tiny, ["a"], [5], ["raw"])
     unit = cases[0].unit[0]
@@ -181,7 +183,7 @@ def test_the_exact_check_can_cut_a_sliding_window_cache_back(family):
 
     import transformers as T
 
-    from sinkhole.attack.predictor import new_cache, rollback
+    from sinkhole.decoding.cache import new_cache, rollback
     from tiny import tiny_config
 
     torch.manual_seed(0)
@@ -215,7 +217,7 @@ def test_the_exact_check_cuts_a_linear_attention_cache_back_exactly_or_not_at_al
     import transformers as T
     from transformers import cache_utils
 
-    from sinkhole.attack.predictor import keep_for_rollback, new_cache, rollback
+    from sinkhole.decoding.cache import keep_for_rollback, new_cache, rollback
     from tiny import tiny_config
 
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import types
 import pytest
 import yaml
 
-from sinkhole.attack.export import collect_prompts, prompt_text, write_export
+from sinkhole.integrations.export import collect_prompts, prompt_text, write_export
 from sinkhole.errors import SinkholeError
 
 DOC = {"schema_version": 2, "model": {"name": "m"}, "results": {

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-import sinkhole.attack.predictor as predictor
+import sinkhole.attack.exact as exact
+import sinkhole.attack.minreps as minreps
 import sinkhole.cli as cli
 from sinkhole.attack.minreps import min_reps, min_reps_table, spearman
 from sinkhole.errors import SinkholeError
@@ -23,7 +24,7 @@ def _fake_check(diverges):
         for c in cases:
             asked.append(c.reps)
             d = bool(diverges(c.reps))
-            out.append(predictor.GreedyCheck(c.word, c.reps, c.template, max_new_tokens, 0 if d else None, d,
+            out.append(exact.GreedyCheck(c.word, c.reps, c.template, max_new_tokens, 0 if d else None, d,
                                              0 if d else max_new_tokens, 1))
         return out
     return check, asked
@@ -32,7 +33,7 @@ def _fake_check(diverges):
 @pytest.mark.parametrize("threshold", [1, 5, 37, 100, 129, 600])
 def test_bisection_finds_a_monotone_threshold_within_the_resolution(tiny, monkeypatch, threshold):
     check, asked = _fake_check(lambda n: n >= threshold)
-    monkeypatch.setattr(predictor, "greedy_check", check)
+    monkeypatch.setattr(minreps, "greedy_check", check)  # the name min_reps calls
     r = min_reps(tiny, "poem", "repeat", start=8, max_reps=400, resolution=4)
     if threshold > 400:
         assert r.min_reps is None and r.bracket is None and asked == [8, 16, 32, 64, 128, 256, 400]
@@ -48,7 +49,7 @@ def test_bisection_finds_a_monotone_threshold_within_the_resolution(tiny, monkey
 def test_a_word_that_repeats_again_above_its_minimum_is_reported_not_monotone(tiny, monkeypatch):
     # diverges only for 60 <= n < 100: the doubling meets it at 64, the probes above find 128 repeating
     check, _ = _fake_check(lambda n: 60 <= n < 100)
-    monkeypatch.setattr(predictor, "greedy_check", check)
+    monkeypatch.setattr(minreps, "greedy_check", check)  # the name min_reps calls
     r = min_reps(tiny, "poem", "repeat", start=8, max_reps=400, resolution=2)
     assert r.min_reps is not None and 58 <= r.bracket[0] < 60 <= r.min_reps <= 61
     assert not r.monotone and r.not_diverged_above and min(r.not_diverged_above) >= 100

@@ -31,7 +31,7 @@ def test_smollm2_long_run_looks_like_a_first_token(smollm2):
 
 def test_smollm2_greedy_check_equals_generation(smollm2):
     # measured on 80 cases (docs/benchmarks.md, item 4): the draft-verified check gives the generated tokens
-    from sinkhole.attack.predictor import greedy_check
+    from sinkhole.attack.exact import greedy_check
 
     cases = make_cases(smollm2, ["poem", "ocean"], [30, 150], ["repeat"])
     checks = greedy_check(smollm2, cases, max_new_tokens=24, quiet=True)

@@ -9,7 +9,7 @@ from sinkhole.errors import SinkholeError
 from sinkhole.patch.broad import (FAMILIES, QUICK, broad_cases, check_disjoint, family_rates, family_words,
                                   fidelity, judge_cases, verify_broad, Collapse)
 from sinkhole.patch.core import Patch
-from sinkhole.patch.gate import RunGate
+from sinkhole.decoding.gate import RunGate
 
 
 def test_training_words_never_meet_the_broad_words(tiny):
@@ -90,7 +90,7 @@ def test_verify_broad_quick_slice(tiny):
 
 def test_collapse_position_map_follows_the_kept_tokens():
     from sinkhole.patch.broad import _kept_index
-    from sinkhole.patch.gate import collapse
+    from sinkhole.decoding.gate import collapse
 
     g = RunGate(window=8, max_distinct=3, min_count=2)
     row = [1, 2, 3] + [7] * 20 + [9]

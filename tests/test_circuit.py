@@ -10,7 +10,8 @@ import torch
 
 from sinkhole.capture import Edit, run
 from sinkhole.circuit.attention import attention_sinks
-from sinkhole.circuit import analyze, discover
+from sinkhole.pipeline.analyze import analyze
+from sinkhole.circuit import discover
 from sinkhole.circuit.common import auc, histogram
 from sinkhole.circuit.convergence import convergence_curve, identity_check
 from sinkhole.circuit.detector import first_token_detector
@@ -192,7 +193,7 @@ def test_cli_rejects_bad_input(capsys):
 
 def test_scan_steps_and_report_sections_on_tiny(tmp_path):
     from sinkhole.report.html import render
-    from sinkhole.scan import run_scan
+    from sinkhole.pipeline.registry import run_scan
 
     lm = tiny_lm("llama")
     _plant_sink(lm, 1)

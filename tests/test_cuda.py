@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_scan_step_runs_on_cuda(dtype):
-    from sinkhole.scan import run_scan, selected_steps
+    from sinkhole.pipeline.registry import run_scan, selected_steps
     from helpers_report import TINY_OPTIONS
 
     lm = tiny_lm("llama", n_layers=3)

@@ -15,7 +15,8 @@ import torch
 
 import sinkhole.cli as cli
 from sinkhole.attack.prompts import make_cases
-from sinkhole.engines import LlamaCpp, gguf_of, run_llamacpp
+from sinkhole.decoding.engines import LlamaCpp, gguf_of
+from sinkhole.attack.diverge import run_llamacpp
 from sinkhole.errors import SinkholeError
 
 
@@ -80,9 +81,9 @@ def test_gate_in_llamacpp_equals_the_gate_hooks(family, monkeypatch, tmp_path):
     and on a run the model keeps writing (forced here by a unit the tiny model repeats)."""
     from tiny import tiny_lm
 
-    from sinkhole.attack.diverge import generate
+    from sinkhole.decoding.generate import generate
     from sinkhole.patch.core import Patch, apply_patch
-    from sinkhole.patch.gate import RunGate, collapse
+    from sinkhole.decoding.gate import RunGate, collapse
 
     lm = tiny_lm(family)
     mod = types.ModuleType("llama_cpp")
@@ -152,7 +153,7 @@ def test_smollm2_gguf_in_llamacpp_beside_transformers(smollm2):
     assert agree >= 6, (a.cases, b.cases)
     # the run gate in llama.cpp: the continuation transformers' hooks give, and no divergence
     from sinkhole.patch.core import Patch, apply_patch
-    from sinkhole.patch.gate import RunGate
+    from sinkhole.decoding.gate import RunGate
 
     gate = Patch(gate=RunGate())
     long = make_cases(smollm2, ["flower"], [1000], ["repeat"])
@@ -169,7 +170,7 @@ def test_broad_verification_in_llamacpp_matches_transformers(tiny, torch_llama, 
     engine that computes what transformers computes, finds what the transformers path finds."""
     from sinkhole.patch.broad import QUICK, verify_broad
     from sinkhole.patch.core import Patch, PatchOp
-    from sinkhole.patch.gate import RunGate
+    from sinkhole.decoding.gate import RunGate
 
     (tmp_path / "m.gguf").write_bytes(b"")
     monkeypatch.setitem(tiny.info, "gguf", str(tmp_path / "m.gguf"))
@@ -200,10 +201,10 @@ def test_broad_verification_in_llamacpp_matches_transformers(tiny, torch_llama, 
 def test_garak_target_is_the_patched_model(smollm2, tmp_path):
     """garak's function generator gets the model's greedy continuation of the chat prompt, with the
     patch attached: the same text as sinkhole's own gated generation."""
-    from sinkhole import garak_target
-    from sinkhole.attack.diverge import generate
+    from sinkhole.integrations import garak as garak_target
+    from sinkhole.decoding.generate import generate
     from sinkhole.patch.core import Patch, apply_patch
-    from sinkhole.patch.gate import RunGate
+    from sinkhole.decoding.gate import RunGate
 
     gate = Patch(gate=RunGate(), name="run_gate")
     gate.save(tmp_path / "gate.json")
@@ -232,10 +233,11 @@ def test_torch_gate_equals_the_gate_hooks_where_exact(family):
     on a prompt without a run; the families it declines are the sliding-window and hybrid ones."""
     from tiny import tiny_lm
 
-    from sinkhole.attack.diverge import generate, stop_ids
-    from sinkhole.engines import TorchGate, gate_feed_exact
+    from sinkhole.decoding.generate import generate
+    from sinkhole.decoding.tokens import stop_ids
+    from sinkhole.decoding.engines import TorchGate, gate_feed_exact
     from sinkhole.patch.core import Patch, apply_patch
-    from sinkhole.patch.gate import RunGate
+    from sinkhole.decoding.gate import RunGate
 
     lm = tiny_lm(family)
     exact = gate_feed_exact(lm)

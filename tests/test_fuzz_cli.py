@@ -40,7 +40,7 @@ class ReachedModelLoad(BaseException):
 
 def _fixtures(root: Path) -> dict[str, str]:
     """Paths of every awkward kind, made once per test in ``root``."""
-    from sinkhole.scan import document
+    from sinkhole.pipeline.engine import document
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "folder").mkdir(exist_ok=True)

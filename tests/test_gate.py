@@ -8,7 +8,7 @@ import torch
 
 from sinkhole.errors import SinkholeError
 from sinkhole.patch.core import Patch, apply_patch
-from sinkhole.patch.gate import NEVER, RunGate, collapse, excess_mask, expiry, hidden_mask
+from sinkhole.decoding.gate import NEVER, RunGate, collapse, excess_mask, expiry, hidden_mask
 
 G = RunGate(window=8, max_distinct=3, min_count=2)
 
@@ -121,8 +121,8 @@ def test_gate_under_kv_cache_equals_one_pass(family):
 
 def test_gate_in_the_exact_check_equals_generation(tiny):
     """greedy_check crops the cache back after a rejected draft: the gate's history follows it."""
-    from sinkhole.attack.diverge import generate
-    from sinkhole.attack.predictor import greedy_check
+    from sinkhole.decoding.generate import generate
+    from sinkhole.attack.exact import greedy_check
     from sinkhole.attack.prompts import make_cases
 
     cases = make_cases(tiny, ["poem", "cat"], [30], ["raw"])
@@ -194,7 +194,8 @@ def test_hold_gate_equals_collapse_and_is_untouched_below_hold(family):
     import dataclasses
 
     from tiny import tiny_lm
-    from sinkhole.attack.diverge import generate, stop_ids
+    from sinkhole.decoding.generate import generate
+    from sinkhole.decoding.tokens import stop_ids
 
     lm = tiny_lm(family)
     held = dataclasses.replace(G, hold=10)
@@ -212,7 +213,7 @@ def test_hold_gate_equals_collapse_and_is_untouched_below_hold(family):
             same = lm.model(input_ids=torch.tensor([short])).logits
     assert torch.equal(plain, same)
     # a run the model goes on writing crosses ``hold`` while decoding: hooks and the fed engine agree
-    from sinkhole.engines import TorchGate
+    from sinkhole.decoding.engines import TorchGate
 
     prompt = ids[:4] + [ids[5]] * 14
     with apply_patch(lm, Patch(gate=held), validate=False):

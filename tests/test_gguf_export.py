@@ -26,7 +26,7 @@ def test_patched_gguf_round_trip(smollm2, tmp_path, monkeypatch):
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    from sinkhole.engines import gguf_of
+    from sinkhole.decoding.engines import gguf_of
 
     src = gguf_of(smollm2)
     w = dict(smollm2.model.named_parameters())[NAME].detach().float().clone()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sinkhole.errors import SinkholeError
-from sinkhole.memorization import MIN_BYTES, STRIDE, WINDOW, build_index
+from sinkhole.attack.memorization import MIN_BYTES, STRIDE, WINDOW, build_index
 
 
 def _corpus(tmp_path, planted: str):
@@ -63,7 +63,7 @@ def test_a_model_trained_to_emit_a_planted_string_is_caught(tmp_path):
     prompts) is measured the same way."""
     from helpers_reliability import WORDS, make_tiny_folder
     from sinkhole.attack.diverge import diverge
-    from sinkhole.memorization import memorization_check
+    from sinkhole.attack.memorization import memorization_check
     from sinkhole.models.loading import load_model
 
     planted = " ".join(random.Random(3).choice(WORDS[5:]) for _ in range(24))

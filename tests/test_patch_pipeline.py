@@ -57,7 +57,7 @@ def test_finetune_neurons_changes_only_their_rows_and_columns(tiny):
 
 
 def test_corpus_training_words_never_include_excluded_words():
-    from sinkhole.patch.finetune import corpus_words
+    from sinkhole.data import corpus_words
 
     cfg = FinetuneConfig(words=("poem", "ocean"), corpus_words=40, exclude_words=("ocean", "The", "and"))
     ws = cfg.train_words()
@@ -111,7 +111,7 @@ def test_local_finetune_keep_at_logits(tiny):
 
 
 def test_search_skips_a_candidate_equal_to_an_earlier_one(tiny, monkeypatch):
-    import sinkhole.attack.diverge as dv
+    import sinkhole.patch.search as search  # the name the search calls
 
     class Div:  # every patch leaves half the cases diverging: the search tries every family
         rate = garak_rate = either_rate = 0.5
@@ -120,7 +120,7 @@ def test_search_skips_a_candidate_equal_to_an_earlier_one(tiny, monkeypatch):
         def to_dict(self):
             return {"rate": 0.5, "garak_rate": 0.5, "either_rate": 0.5, "n_cases": 2}
 
-    monkeypatch.setattr(dv, "run_judged", lambda *a, **k: Div())
+    monkeypatch.setattr(search, "run_judged", lambda *a, **k: Div())
     cfg = SearchConfig(**CFG, families=("paper_clamp", "paper_clamp", "detector_cap"), n_neurons=2, cap_neurons=3)
     res = search_patch(tiny, cfg, log=lambda m: None)
     fams = [(t["family"], "skipped" in t) for t in res.tried]
@@ -164,9 +164,9 @@ def test_targets_logic():
 
 
 def test_scan_step_and_report(tiny, tmp_path):
-    from sinkhole.patch import steps
+    from sinkhole.pipeline import steps_patch as steps
     from sinkhole.report.sections_patch import patch_section
-    from sinkhole.scan import Context, ScanOptions
+    from sinkhole.pipeline.engine import Context, ScanOptions
 
     opts = ScanOptions(quick=True, patch=True, patch_words=["a", "b"], patch_families=["paper_zero", "norm_cap"])
     ctx = Context(lm=tiny, options=opts.resolved(), out=tmp_path)
@@ -185,7 +185,7 @@ def test_scan_step_and_report(tiny, tmp_path):
 
 def test_lm_eval_adapter_matches_direct_scores(tiny, tmp_path):
     pytest.importorskip("lm_eval")
-    from sinkhole.evaluate.harness import compare_tasks, make_lm_class, write_local_task
+    from sinkhole.integrations.lm_eval import compare_tasks, make_lm_class, write_local_task
 
     class Req:
         def __init__(self, *args):

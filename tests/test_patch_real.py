@@ -95,7 +95,7 @@ def test_shipped_default_on_a_slice_of_the_broad_set(smollm2):
     assert not torch.allclose(plain[1][0, -64:], gated[1][0, -64:])  # and it does act after a run
     # the broad check runs a gate-only patch's attacks through engines.TorchGate (the collapsed
     # history fed each step): on this slice it gives the hooks' verdicts and tokens
-    from sinkhole.engines import TorchGate
+    from sinkhole.decoding.engines import TorchGate
     from sinkhole.patch.broad import broad_cases, judge_cases
 
     assert res["settings"]["gate_attacks"] == "collapse fed (engines.TorchGate)"

@@ -102,7 +102,7 @@ def test_foundation_analyses_leave_the_model_unchanged(tiny_family):
 def test_every_scan_step_leaves_the_model_unchanged(tmp_path):
     """All registered scan steps (circuit, attack, patch search when asked ...) on a tiny Llama:
     afterwards the model's weights, kernel and outputs are bit-identical and no hook remains."""
-    from sinkhole.scan import run_scan
+    from sinkhole.pipeline.registry import run_scan
 
     lm = tiny_lm("llama", n_layers=4)
     ref = run(lm, IDS)["logits"]

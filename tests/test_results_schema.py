@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sinkhole.scan import ScanOptions, load_steps
+from sinkhole.pipeline.engine import ScanOptions
+from sinkhole.pipeline.registry import load_steps
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "results-schema.md"
 
@@ -54,7 +55,7 @@ def test_step_names_are_unique_and_typed():
     from sinkhole.results import StepResult
 
     assert all(issubclass(s.result, StepResult) for s in steps)
-    from sinkhole.scan import Step, pipeline
+    from sinkhole.pipeline.engine import Step, pipeline
 
     with pytest.raises(ValueError, match="duplicate scan step"):
         pipeline([steps[0], Step(steps[0].name, steps[0].fn, "again", steps[0].result)])

@@ -9,10 +9,11 @@ import json
 import pytest
 
 import sinkhole.cli as cli
-import sinkhole.scan as scan
-import sinkhole.scan_steps as scan_steps
+import sinkhole.pipeline.registry as scan
+import sinkhole.pipeline.registry as scan_steps
 from sinkhole.results import StepResult
-from sinkhole.scan import PARTIAL, Context, Step, run_scan
+from sinkhole.pipeline.engine import PARTIAL, Context, Step
+from sinkhole.pipeline.registry import run_scan
 from tiny import tiny_lm
 
 QUICK = {"seed": 0, "quick": True, "patch": False, "words": ["the", "poem"],
@@ -293,7 +294,7 @@ def test_cli_scan_options_from_a_config_file_and_flags(tiny_cli, tmp_path, capsy
 
 
 def test_every_scan_option_has_a_flag():
-    from sinkhole.scan import ScanOptions
+    from sinkhole.pipeline.engine import ScanOptions
 
     parser = cli.build_parser()
     scan_parser = parser._subparsers._group_actions[0].choices["scan"]
@@ -302,7 +303,7 @@ def test_every_scan_option_has_a_flag():
 
 
 def test_cli_scan_role_overrides(tiny_cli, tmp_path, capsys, monkeypatch):
-    import sinkhole.scan_steps as scan_steps
+    import sinkhole.pipeline.registry as scan_steps
 
     light = [s for s in scan.load_steps() if s.name in ("model", "circuit", "norm_curves", "sweep")]
     monkeypatch.setattr(scan_steps, "PIPELINE", scan.pipeline(light))

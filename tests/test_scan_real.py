@@ -11,13 +11,13 @@ import os
 import pytest
 
 import sinkhole.cli as cli
-import sinkhole.scan as scan
+import sinkhole.pipeline.registry as scan
 from sinkhole.report.browser import find_chromium
 
 
 @pytest.fixture
 def light_steps(monkeypatch):
-    import sinkhole.scan_steps as scan_steps
+    import sinkhole.pipeline.registry as scan_steps
 
     if not os.environ.get("SINKHOLE_FULL_REAL"):  # norm_curves finds the circuit itself (about a second)
         light = [s for s in scan.load_steps() if s.name in ("model", "layer_norms", "norm_curves")]

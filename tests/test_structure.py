@@ -1,50 +1,240 @@
-"""The package's layering, checked on the source: the CLI is an adapter (nothing outside ``cli/``
-imports it), no module imports another module's private names, and the benchmarks use only the
-library's public names."""
+"""The package's layering, checked on the source over the AST (imports inside functions included).
+
+The layers and their order are read from docs/architecture.md (the ```layers block), so the drawing
+there is what this test enforces: every import points down or stays in its layer, nothing forms a
+circle, nothing outside ``cli/`` imports inside a function, and the shims at old import paths are used
+by nothing inside the package. ``python tests/test_structure.py`` prints the four numbers that
+docs/architecture.md quotes."""
 
 from __future__ import annotations
 
 import ast
+import re
+import sys
+from collections import defaultdict
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "sinkhole"
+SHIM = "This path is a shim"  # the docstring mark of a module kept at an old import path
+LAZY = "# lazy:"  # the mark of an import inside a function that buys start-up time (CLI only)
+
+
+def layers(doc: Path = ROOT / "docs" / "architecture.md") -> list[tuple[str, list[str]]]:
+    """[(layer name, module prefixes)] from the ```layers block, lowest layer first."""
+    m = re.search(r"```layers\n(.*?)```", doc.read_text(encoding="utf-8"), re.S)
+    assert m, "docs/architecture.md has no ```layers block"
+    out = []
+    for line in m.group(1).splitlines():
+        if ":" in line:
+            name, mods = line.split(":", 1)
+            out.append((name.strip(), mods.split("#")[0].split()))
+    return out
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def is_shim(path: Path) -> bool:
+    return SHIM in (ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or "")
 
 
 def _imports(path: Path):
-    """(module, names) of every import in a file, relative imports resolved to sinkhole.*."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    pkg = ["sinkhole", *path.relative_to(SRC).parent.parts] if path.is_relative_to(SRC) else []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = pkg[:len(pkg) - node.level + 1]
-                mod = ".".join(base + ([node.module] if node.module else []))
-            else:
-                mod = node.module or ""
-            yield mod, [a.name for a in node.names]
-        elif isinstance(node, ast.Import):
-            for a in node.names:
-                yield a.name, []
+    """(module, names, line, inside a function, source line) of every import in a file, relative imports
+    resolved to sinkhole.*; an imported submodule counts as that module."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    tree = ast.parse(text)
+    pkg = module_name(path).split(".") if path.is_relative_to(SRC) else []
+    if path.is_relative_to(SRC) and path.name != "__init__.py":
+        pkg = pkg[:-1]
+    known = {module_name(p) for p in SRC.rglob("*.py")}
+
+    def walk(node, local):
+        for ch in ast.iter_child_nodes(node):
+            inner = local or isinstance(ch, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if isinstance(ch, ast.ImportFrom):
+                if ch.level:
+                    mod = ".".join(pkg[:len(pkg) - ch.level + 1] + ([ch.module] if ch.module else []))
+                else:
+                    mod = ch.module or ""
+                names = [a.name for a in ch.names]
+                subs = [f"{mod}.{n}" for n in names if f"{mod}.{n}" in known]
+                for target in subs or [mod]:
+                    yield target, names, ch.lineno, local, lines[ch.lineno - 1]
+            elif isinstance(ch, ast.Import):
+                for a in ch.names:
+                    yield a.name, [], ch.lineno, local, lines[ch.lineno - 1]
+            yield from walk(ch, inner)
+
+    yield from walk(tree, False)
+
+
+def library_files():
+    return sorted(p for p in SRC.rglob("*.py"))
+
+
+def layer_of(module: str, order) -> int:
+    best, rank = -1, None
+    for i, (_, prefixes) in enumerate(order):
+        for pre in prefixes:
+            if (module == pre or module.startswith(pre + ".")) and len(pre) > best:
+                best, rank = len(pre), i
+    return rank
+
+
+def edges():
+    """(importer, imported, file, line, local, source) for every sinkhole import in the package, shims left out."""
+    out = []
+    for p in library_files():
+        if is_shim(p):
+            continue
+        me = module_name(p)
+        for mod, _, line, local, src in _imports(p):
+            if mod == "sinkhole" or mod.startswith("sinkhole."):
+                out.append((me, mod, p, line, local, src))
+    return out
+
+
+def upward(order=None):
+    order = order or layers()
+    bad = []
+    for me, mod, p, line, _, src in edges():
+        a, b = layer_of(me, order), layer_of(mod, order)
+        if a is None or b is None or b > a:
+            bad.append(f"{p.relative_to(ROOT)}:{line}: {me} ({order[a][0] if a is not None else '?'}) imports "
+                       f"{mod} ({order[b][0] if b is not None else 'no layer'}): {src.strip()}")
+    return bad
+
+
+def circles():
+    """Strongly connected components of more than one module (or a module importing itself)."""
+    graph = defaultdict(set)
+    for me, mod, *_ in edges():
+        graph[me].add(mod)
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+    sys.setrecursionlimit(10000)
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1 or v in graph[v]:
+                out.append(sorted(comp))
+
+    for v in list(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def local_imports(cli: bool = False):
+    """Imports of sinkhole modules inside functions: in the library (``cli=False``) or in ``cli/``."""
+    return [(p, line, src) for me, _, p, line, local, src in edges()
+            if local and me.startswith("sinkhole.cli") == cli]
+
+
+def test_every_module_has_a_layer():
+    order = layers()
+    missing = [module_name(p) for p in library_files() if layer_of(module_name(p), order) is None and not is_shim(p)]
+    assert missing == []
+
+
+def test_every_import_points_down():
+    bad = upward()
+    assert bad == [], "imports that point up a layer:\n" + "\n".join(bad)
+
+
+def test_no_import_circle():
+    assert circles() == []
+
+
+def test_the_library_imports_nothing_of_its_own_inside_functions():
+    bad = [f"{p.relative_to(ROOT)}:{line}: {src.strip()}" for p, line, src in local_imports()]
+    assert bad == [], "function-local imports in the library:\n" + "\n".join(bad)
+
+
+def test_the_cli_marks_its_lazy_imports():
+    bad = [f"{p.relative_to(ROOT)}:{line}: {src.strip()}" for p, line, src in local_imports(cli=True)
+           if LAZY not in src]
+    assert bad == [], f"CLI imports inside functions without the '{LAZY}' mark:\n" + "\n".join(bad)
+
+
+def test_nothing_inside_the_package_uses_a_shim():
+    shims = {module_name(p) for p in library_files() if is_shim(p)}
+    assert shims, "the old import paths are kept as shims for one release"
+    bad = [f"{p.relative_to(ROOT)}:{line}: {src.strip()}" for _, mod, p, line, _, src in edges() if mod in shims]
+    assert bad == []
+
+
+def test_the_shims_still_import():
+    import importlib
+    import warnings
+
+    for p in library_files():
+        if is_shim(p):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                mod = importlib.import_module(module_name(p))
+            assert mod.__name__.startswith("sinkhole")
+
+
+def test_the_checker_sees_upward_and_local_imports(tmp_path):
+    """The checks can fail: a fake layer order in which circuit sits below capture flags circuit's imports."""
+    order = layers()
+    names = [n for n, _ in order]
+    swapped = list(order)
+    i, j = names.index("capture"), names.index("circuit")
+    swapped[i], swapped[j] = swapped[j], swapped[i]
+    assert any("sinkhole.circuit" in b and "imports sinkhole.capture" in b for b in upward(swapped))
+    f = SRC / "report" / "html.py"
+    assert ("sinkhole.pipeline.registry", True) not in {(m, loc) for m, _, _, loc, _ in _imports(f)}
+    assert "sinkhole.pipeline.registry" in {m for m, *_ in _imports(f)}
 
 
 def test_nothing_outside_cli_imports_cli():
-    library = [p for p in SRC.rglob("*.py") if "cli" not in p.relative_to(SRC).parts and p.name != "__main__.py"]
-    bad = [(str(p.relative_to(SRC)), mod) for p in library
-           for mod, _ in _imports(p) if mod == "sinkhole.cli" or mod.startswith("sinkhole.cli.")]
+    bad = [(str(p.relative_to(SRC)), mod) for me, mod, p, *_ in edges()
+           if not me.startswith("sinkhole.cli") and me != "sinkhole.__main__" and mod.startswith("sinkhole.cli")]
     assert bad == []
 
 
 def test_no_module_imports_private_names_of_another():
     bad = []
     for p in list(SRC.rglob("*.py")) + list((ROOT / "benchmarks").glob("*.py")):
-        for mod, names in _imports(p):
+        for mod, names, *_ in _imports(p):
             if mod.startswith("sinkhole"):
                 bad += [(p.name, mod, n) for n in names if n.startswith("_") and n != "__version__"]
     assert bad == []
 
 
-def test_the_checker_sees_relative_imports():
-    f = SRC / "attack" / "steps.py"  # imports ..scan and .diverge relatively
-    mods = {m for m, _ in _imports(f)}
-    assert "sinkhole.scan" in mods and "sinkhole.attack.diverge" in mods
+def metrics() -> dict:
+    return {"import circles": len(circles()), "upward imports": len(upward()),
+            "function-local imports in the library": len(local_imports())}
+
+
+if __name__ == "__main__":
+    for k, v in metrics().items():
+        print(f"{k}: {v}")
+    for b in upward():
+        print("  up:", b)
+    for c in circles():
+        print("  circle:", c)

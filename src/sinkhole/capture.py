@@ -31,6 +31,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .errors import NumericalError
+from .models.adapters import get_adapter
+from .attn_first import switch_off
+from .attn_first import switch_on
+from .attn_first import first_column
 
 SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out", "neurons", "attn_pattern")
 READ_SITES = SITES + ("attn_first",)  # attn_first: read only, see attn_first.py
@@ -209,7 +213,6 @@ class Hooks:
         self.model = getattr(lm, "model", lm)
         self.adapter = adapter or getattr(lm, "adapter", None)
         if self.adapter is None:
-            from .models.adapters import get_adapter
 
             self.adapter = get_adapter(self.model)
         self.check_finite = check_finite
@@ -299,7 +302,6 @@ class Hooks:
         self._handles.clear()
         self._in_top = False
         if self._attn_undo:
-            from .attn_first import switch_off
 
             switch_off(self._attn_undo)
             self._attn_undo = []
@@ -309,7 +311,6 @@ class Hooks:
         """attn_first reads without attn_pattern reads: fused attention, no T x T pattern."""
         sites = {r.site for r in self._reads}
         if "attn_first" in sites and "attn_pattern" not in sites:
-            from .attn_first import switch_on
 
             mods = [self.adapter.attn(r.layer) for r in self._reads if r.site == "attn_first"]
             self._attn_undo = switch_on(self.model, mods)
@@ -349,7 +350,6 @@ class Hooks:
 
     def _attach_read(self, r: _Read):
         if r.site == "attn_first":
-            from .attn_first import first_column
 
             def fhook(m, a, out):
                 w = out[1] if isinstance(out, tuple) and len(out) > 1 else None

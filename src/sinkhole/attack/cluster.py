@@ -32,6 +32,11 @@ from ..capture import Hooks
 from ..progress import progress
 from .judge import is_sep
 from .predictor import default_layers, sink_probe
+from dataclasses import dataclass
+from ..results import StepResult
+from ..decoding.tokens import stop_ids
+from ..decoding.generate import generate
+from .sweep import frequent_tokens
 
 
 def token_features(lm, tokens: Sequence[int], space: str = "layer0", batch_size: int = 256) -> torch.Tensor:
@@ -113,9 +118,6 @@ def cluster_attack(lm, pool_size: int = 1000, n_seeds: int = 12, size: int = 8, 
                    seqs_per_cluster: int = 2, n_examples: int = 4, max_new_tokens: int = 32, seed: int = 0,
                    prefix: str = "Repeat:", seeds: Sequence[int] | None = None, quiet: bool | None = None) -> dict:
     """Run the cluster attack and its random control (see the module docstring)."""
-    from .diverge import stop_ids, generate
-    from .sweep import frequent_tokens
-
     rng = random.Random(seed)
     drift_layer = default_layers(lm, drift_layer)[0]
     pool = frequent_tokens(lm, pool_size)
@@ -193,3 +195,19 @@ def _max_run(seq: Sequence[int]) -> int:
 
 def _mean(v):
     return round(sum(v) / len(v), 4) if v else None
+
+
+@dataclass
+class ClusterResult(StepResult):
+    method: dict
+    sink_rate_cluster: float | None
+    sink_rate_random: float | None
+    mean_norm_ratio_cluster: float | None
+    mean_norm_ratio_random: float | None
+    mean_bos_attn_cluster: float | None
+    mean_bos_attn_random: float | None
+    diverged_examples_cluster: str
+    diverged_examples_random: str
+    rows: list
+    examples: list
+    model: str | None = None

@@ -24,14 +24,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Sequence
 
-import torch
 
 from ..capture import Edit, Hooks
+from ..decoding.engines import LlamaCpp, gguf_of
+from ..decoding.generate import generate
+from ..decoding.tokens import decode_pieces, stop_ids
 from ..errors import SinkholeError
 from ..progress import progress
 from ..results import StepResult
+from .exact import greedy_check
 from .judge import judge_garak, judge_run
-from .prompts import Case, make_cases  # noqa: F401  (re-exported: part of the API)
+from .prompts import RUN_AT_END, Case, make_cases, resolve_templates  # Case, make_cases: re-exported (the API)
 
 
 @dataclass
@@ -63,89 +66,6 @@ class CaseResult:
         if ids:
             d["generated_ids"] = list(self.generated_ids)
         return d
-
-
-def stop_ids(lm) -> set[int]:
-    ids: set[int] = set()
-    for src in (getattr(lm.model, "generation_config", None), lm.model.config, lm.tokenizer):
-        e = getattr(src, "eos_token_id", None)
-        if isinstance(e, int):
-            ids.add(e)
-        elif isinstance(e, (list, tuple)):
-            ids.update(int(x) for x in e)
-    return ids
-
-
-def _pad_id(lm) -> int:
-    for src in (lm.tokenizer, getattr(lm.model, "generation_config", None), lm.model.config):
-        p = getattr(src, "pad_token_id", None)
-        if isinstance(p, int):
-            return p
-    stops = stop_ids(lm)
-    return min(stops) if stops else 0
-
-
-def _special_ids(lm) -> set[int]:
-    s = set(stop_ids(lm))
-    extra = getattr(lm.tokenizer, "all_special_ids", None)
-    if extra:
-        s.update(int(i) for i in extra)
-    return s
-
-
-def decode_pieces(lm, ids: Sequence[int]) -> list[str]:
-    """One string per token such that ``"".join(pieces)`` is the decoded text (special tokens
-    give empty strings). Decoding token by token breaks byte-level merges, so pieces are the
-    differences of cumulative decodes."""
-    special = _special_ids(lm)
-    pieces, prev, keep = [], "", []
-    for t in ids:
-        if int(t) in special:
-            pieces.append("")
-            continue
-        keep.append(int(t))
-        cur = lm.tokenizer.decode(keep, skip_special_tokens=True)
-        if cur.startswith(prev):
-            pieces.append(cur[len(prev):])
-        else:  # a merge rewrote earlier text (rare): attribute the whole difference here
-            pieces.append(cur[len(prev):] if len(cur) > len(prev) else "")
-        prev = cur
-    return pieces
-
-
-def generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float | None = None,
-             seed: int = 0) -> list[list[int]]:
-    """Greedy KV-cache continuation of a batch of prompts (left padded, SDPA attention where the
-    model has it); returns the generated ids of each row, cut after the first stop token. With ``temperature``: pure temperature
-    sampling (no top-k or top-p), seeded by ``seed``."""
-    pad = _pad_id(lm)
-    stops = stop_ids(lm)
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    dev = lm.device
-    sample = temperature is not None
-    if sample:
-        torch.manual_seed(int(seed))
-    from ..circuit.common import fast_attention
-
-    with torch.no_grad(), fast_attention(lm):  # no pattern is read while generating: SDPA, as the exact check
-        out = lm.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=int(max_new_tokens),
-                                do_sample=sample, num_beams=1, pad_token_id=pad,
-                                eos_token_id=sorted(stops) if stops else None, top_p=1.0 if sample else None,
-                                top_k=0 if sample else None, temperature=float(temperature) if sample else None)
-    rows = []
-    for r in out[:, width:].tolist():
-        cut = []
-        for t in r:
-            cut.append(t)
-            if t in stops:
-                break
-        rows.append(cut)
-    return rows
 
 
 def _context(lm, edits, hooks) -> ContextManager:
@@ -297,8 +217,6 @@ def run_judged(lm, cases: Sequence[Case], max_new_tokens: int = 48, batch_size: 
     ``exact=True`` refuses cases the check cannot draft. ``complete=False`` ends an exactly checked
     case as soon as the run judge is certain it diverged (its text, and so its garak-style verdict,
     then cover only the tokens up to that point: ``n_generated`` < ``max_new_tokens``)."""
-    from .predictor import RUN_AT_END
-
     if not cases:
         raise SinkholeError("no divergence cases to run; pass at least one word and one repetition count")
     if int(max_new_tokens) < 1:
@@ -336,8 +254,6 @@ def _exact_tokens(lm, cases: Sequence[Case], max_new_tokens: int, batch_size: in
     cache, one token per pass, so it never re-reads its prompt; shorter ones are continued from
     their exact tokens by batched generation, which is faster where re-reading is cheap. Not
     ``complete``: every case ends where its verdict is certain."""
-    from .predictor import greedy_check
-
     in_cache = [complete and len(c.ids) >= LONG_PROMPT for c in cases]
     rest = [i for i, x in enumerate(in_cache) if not x]
     stops = stop_ids(lm)
@@ -364,8 +280,6 @@ def diverge(lm, words, reps, templates=None, max_new_tokens: int = 48, batch_siz
             temperature: float | None = None, seed: int = 0) -> DivergenceResult:
     """Build the cases for ``words`` x ``reps`` x ``templates`` and judge them (``run_judged``; with
     ``samples``, ``sample_judged`` at ``temperature``)."""
-    from .prompts import resolve_templates
-
     cases = make_cases(lm, words, reps, templates)
     if samples:
         res = sample_judged(lm, cases, samples, temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -404,3 +318,15 @@ def sample_judged(lm, cases: Sequence[Case], samples: int, temperature: float, m
     res.samples, res.temperature = int(samples), float(temperature)
     res.rate_ci = wilson(sum(r.diverged for r in rs), len(rs))
     return res
+
+
+def run_llamacpp(lm, cases, max_new_tokens: int = 48, quiet: bool | None = None, engine: LlamaCpp | None = None,
+                 gate=None):
+    """The cases decoded by llama.cpp (gated with ``gate``) and judged like the transformers path
+    (``method`` "llama.cpp")."""
+    eng = engine or LlamaCpp(gguf_of(lm), n_ctx=max(len(c.ids) for c in cases) + int(max_new_tokens) + 8, gate=gate)
+    stops = stop_ids(lm)
+    results = []
+    for c in progress(list(cases), desc="llama.cpp", disable=quiet):
+        results.append(judge_case(lm, c, eng.greedy(c.ids, max_new_tokens, stops), stops))
+    return summarize(results, max_new_tokens, method="llama.cpp")

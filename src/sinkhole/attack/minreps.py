@@ -35,6 +35,14 @@ from typing import Sequence
 from ..errors import SinkholeError
 from ..progress import progress
 from ..results import StepResult
+from .prompts import build_ids
+from .prompts import RUN_AT_END
+from .exact import greedy_check
+from .prompts import Case, build_ids
+from ..circuit.common import average_ranks
+from .prompts import parse_words
+from .sweep import sweep_tokens
+from ..data import corpus_words
 
 PROBE_FACTORS = (1.5, 2.0, 4.0)
 
@@ -78,8 +86,6 @@ class MinRepsResult(StepResult):
 
 def _longest_fitting(lm, word: str, template: str, max_reps: int, max_new_tokens: int = 16) -> int:
     """The most repetitions whose prompt and continuation fit the model's context."""
-    from .prompts import build_ids
-
     if not lm.n_ctx:
         return max_reps
     unit = lm.word_ids(word)
@@ -92,9 +98,6 @@ def min_reps(lm, word: str, template: str = "repeat", start: int = 8, max_reps: 
              max_new_tokens: int = 32, hooks=None) -> MinReps:
     """The smallest repetition count of ``word`` (in ``template``) whose greedy continuation
     diverges, by doubling then bisection, with monotonicity probes (module docstring)."""
-    from .predictor import RUN_AT_END, greedy_check
-    from .prompts import Case, build_ids
-
     if template not in RUN_AT_END:
         raise SinkholeError(f"the minimum-repetition search needs a template that ends with the run "
                             f"({', '.join(RUN_AT_END)}), not {template!r}")
@@ -145,8 +148,6 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     constant side."""
     import torch
 
-    from ..circuit.common import average_ranks
-
     if len(xs) < 3:
         return None
     rx = average_ranks(torch.tensor(list(xs), dtype=torch.float64))
@@ -162,13 +163,10 @@ def min_reps_table(lm, words: Sequence[str], template: str = "repeat", start: in
                    resolution: int = 4, max_new_tokens: int = 32, drift_layer: int | None = None,
                    norm_based: bool = True, quiet: bool | None = None) -> MinRepsResult:
     """:func:`min_reps` for every word, beside the sweep's norm-based repetitions to a sink."""
-    from .prompts import parse_words
-
     words = parse_words(words)
     rows = [min_reps(lm, w, template, start, max_reps, resolution, max_new_tokens)
             for w in progress(words, desc="min reps", disable=quiet)]
     if norm_based:
-        from .sweep import sweep_tokens
 
         single = {r.word: lm.word_ids(r.word)[0] for r in rows if r.n_tokens_per_word == 1}
         if single:
@@ -212,8 +210,6 @@ def min_reps_table(lm, words: Sequence[str], template: str = "repeat", start: in
 
 def default_words(lm, n: int = 30) -> list[str]:
     """``n`` frequent words of the shipped texts (3+ letters) that are one token each."""
-    from ..patch.finetune import corpus_words
-
     out = []
     for w in corpus_words("sonnets", 400):
         if len(lm.word_ids(w)) == 1:

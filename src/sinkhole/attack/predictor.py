@@ -20,8 +20,6 @@ with accuracy and AUC (``evaluate``). Attention patterns are reduced inside the 
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -30,6 +28,9 @@ import torch
 from ..capture import Hooks
 from ..progress import progress
 from .prompts import Case
+from ..decoding.tokens import pad_left
+from ..circuit import discover
+from ..circuit.common import auc as auc_of
 
 FEATURES = ("attn_drop", "norm_ratio", "norm_growth")
 
@@ -64,7 +65,6 @@ def default_layers(lm, drift_layer: int | None = None) -> tuple[int, int, int]:
     later; everything stops well before the end of the model."""
     n = lm.adapter.n_layers
     if drift_layer is None:
-        from ..circuit import discover
 
         drift_layer = discover(lm).drift_layer
     s = min(max(int(drift_layer), 0), n - 1)
@@ -101,12 +101,7 @@ def case_features(lm, cases: Sequence[Case], drift_layer: int | None = None, k: 
                       // max(batch_size, 1), disable=quiet):
         idx = order[s:s + batch_size]
         width = max(len(cases[i].ids) for i in idx)
-        ids = torch.zeros((len(idx), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(idx):
-            p = cases[i].ids
-            ids[r, width - len(p):] = torch.as_tensor(p)
-            mask[r, width - len(p):] = 1
+        ids, mask = pad_left(lm, [cases[i].ids for i in idx])
         norms, att = sink_probe(lm, ids, norm_layer, a0, max_layer, k, attention_mask=mask)
         for r, i in enumerate(idx):
             c = cases[i]
@@ -124,8 +119,6 @@ def case_features(lm, cases: Sequence[Case], drift_layer: int | None = None, k: 
 def auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
     """Area under the ROC curve (probability a positive outscores a negative; ties count 1/2) of
     labelled scores: :func:`sinkhole.circuit.common.auc`, None where a class is empty."""
-    from ..circuit.common import auc as auc_of
-
     pos = [float(s) for s, y in zip(scores, labels) if y]
     neg = [float(s) for s, y in zip(scores, labels) if not y]
     if not pos or not neg:
@@ -201,178 +194,3 @@ def _best_threshold(scores, labels):
         yield best
 
 
-# ------------------------------------------------------------------------------------------
-# The exact check: greedy decoding verified against a repetition draft (no token-by-token decoding)
-RUN_AT_END = ("raw", "repeat", "chat_assistant")
-
-
-@dataclass
-class GreedyCheck:
-    """The greedy continuation of one case, found by verifying drafts of the run.
-
-    ``leaves_at``: index of the first generated token that is not the run's next token (``None``:
-    the run continues for all ``n_checked`` tokens); ``diverged`` / ``tokens_until_divergence``: the
-    run judge's verdict on the exact greedy tokens, decided as soon as it is certain; ``passes``: the
-    forward passes used (one per departure from the draft, plus one); ``generated_ids``: the greedy
-    tokens up to the point where the verdict was certain (all of them with ``complete``); ``stop_token``: the end-of-sequence token
-    that ended generation, if one did."""
-
-    word: str
-    reps: int
-    template: str
-    n_checked: int
-    leaves_at: int | None
-    diverged: bool
-    tokens_until_divergence: int
-    passes: int
-    generated_ids: list[int] = field(default_factory=list, repr=False)
-    stop_token: int | None = None  # the stop token that ended the continuation (not in generated_ids)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _draft(gen: list[int], unit: list[int], n: int) -> list[int]:
-    """The next ``n`` tokens if the model goes on repeating: continue the unit's cycle after a
-    word token, restart it after anything else."""
-    k = len(unit)
-    p = 0
-    if gen:
-        last = gen[-1]
-        p = (unit.index(last) + 1) % k if last in unit else 0
-    return [unit[(p + j) % k] for j in range(n)]
-
-
-def new_cache(model):
-    """An empty KV cache that records past states, so that a sliding-window layer beyond its window
-    (Gemma-3, Mistral) can still be cut back; None (the model's default cache) where that fails."""
-    try:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=model.config)
-        if hasattr(cache, "activate_past_recording"):
-            _record_past(cache, 0)
-        return cache
-    except Exception:  # an architecture whose cache cannot be built from its config
-        return None
-
-
-def _record_past(cache, states: int) -> None:
-    """Record past states; linear-attention layers also keep their recurrent state after each of a
-    pass's last ``states`` positions (the argument exists from transformers 5.25, where leaving it
-    out breaks the next pass)."""
-    try:
-        cache.activate_past_recording(recurrent_states_to_keep=states)
-    except TypeError:  # transformers < 5.25
-        cache.activate_past_recording()
-
-
-def keep_for_rollback(past, n: int) -> None:
-    """Before a pass whose last ``n`` tokens may be rolled back: a linear-attention layer
-    (Qwen3.5's Gated DeltaNet) keeps its recurrent state after each of the pass's last ``n + 1``
-    positions (transformers >= 5.25, ``activate_past_recording(recurrent_states_to_keep=...)``), so
-    that :func:`rollback` restores the state exactly. Older versions record no recurrent states:
-    their linear layers report themselves not croppable and :func:`rollback` declines."""
-    if past is not None and hasattr(past, "activate_past_recording"):
-        _record_past(past, int(n) + 1)
-
-
-def rollback(past, n: int):
-    """The cache without its last ``n`` tokens, or None where it cannot be put back exactly (the
-    recurrent state of linear attention without :func:`keep_for_rollback`, e.g. Qwen3.5's Gated
-    DeltaNet before transformers 5.25): the next pass then re-reads the whole sequence."""
-    if past is None or not getattr(past, "is_croppable", True):
-        return None
-    try:
-        past.crop(-n)  # negative: remove that many (every transformers version reads it so)
-        return past
-    except (RuntimeError, IndexError):  # a layer that kept too little history to go back n tokens
-        return None
-
-
-def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | None = None,
-                 hooks=None, complete: bool = False) -> list[GreedyCheck]:
-    """Greedy decoding of ``max_new_tokens`` tokens after each prompt, judged, without decoding token
-    by token: the model reads the prompt plus a *draft* (the run continued) in one pass, and every
-    draft token that equals that position's argmax is exactly what greedy decoding would produce.
-    At the first mismatch the argmax is the true next token; it is kept, the KV cache is cut back
-    to the accepted tokens, and a new draft is verified from there. The run judge decides after each
-    pass and the check stops once divergence is certain. Passes = departures from the draft + 1, so
-    a model that keeps repeating needs one pass where ``generate`` needs ``max_new_tokens`` steps.
-
-    Only prompts that end with the run (templates ``raw``, ``repeat``, ``chat_assistant``) are
-    drafted this way. The tokens equal ``run_cases``' greedy tokens up to floating-point near-ties
-    between multi-token and one-token cached passes (test: tiny models of every family).
-
-    ``hooks``: a factory of a context manager held open during the check (e.g. a patch).
-    ``complete``: do not stop at a certain divergence; decode on from the same KV cache, one token
-    per pass without a draft (a draft of the run is rejected at every token past a divergence), until
-    ``max_new_tokens`` or a stop token: the whole greedy continuation, without re-reading the prompt."""
-    from ..circuit.common import fast_attention
-    from ..errors import SinkholeError
-    from .diverge import stop_ids, decode_pieces
-    from .judge import judge_run
-
-    bad = sorted({c.template for c in cases if not c.run_at_end})
-    if bad:
-        raise SinkholeError(f"greedy_check needs prompts that end with the run; templates {bad} do not "
-                            f"(use {', '.join(RUN_AT_END)})")
-    n = int(max_new_tokens)
-    if n < 1:
-        raise SinkholeError("greedy_check needs max_new_tokens >= 1")
-    stops = stop_ids(lm)
-    model = lm.model
-    # transformers >= 5.2x names the KV cache argument ``cache`` (``past_key_values`` before)
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out = []
-    with fast_attention(lm), torch.no_grad(), (hooks() if hooks is not None else contextlib.nullcontext()):
-        for c in progress(cases, desc="greedy check", disable=quiet):
-            word = lm.tokenizer.decode(c.unit, skip_special_tokens=True).strip() or c.word
-            unit = list(c.unit)
-            seq, fed, gen, past, passes, stopped, stop_token = list(c.ids), 0, [], new_cache(model), 0, False, None
-            verdict, certain = None, None
-            while len(gen) < n and not stopped:
-                draft = [] if certain is not None else _draft(gen, unit, n - len(gen))
-                inp = seq[fed:] + draft
-                keep_for_rollback(past, len(draft))
-                kw = {"input_ids": torch.tensor([inp], device=lm.device), "use_cache": True, cache_kw: past}
-                keep = len(draft) + 1  # logits of the positions that predict the draft (and one more) only
-                try:
-                    res = model(**kw, logits_to_keep=keep)
-                except TypeError:  # a signature without logits_to_keep
-                    res = model(**kw)
-                past, passes = getattr(res, "cache", None) or res.past_key_values, passes + 1
-                pred = res.logits[0, -keep:].argmax(-1).tolist()  # pred[j] is the argmax where draft[j] stands
-                i = 0
-                while i < len(draft) and pred[i] == draft[i]:
-                    i += 1
-                new = draft[:i] + [pred[i]]
-                new = new[:n - len(gen)]
-                for j, t in enumerate(new):
-                    if t in stops:  # generation ends here: stopping is not diverging
-                        new, stopped, stop_token = new[:j], True, t
-                        break
-                gen += new
-                rolled = True
-                if i < len(draft):  # cut the cache back to the prompt and the accepted draft tokens
-                    past = rollback(past, len(draft) - i)
-                    rolled = past is not None
-                seq += draft[:i]
-                if rolled:
-                    fed = len(seq)
-                else:  # the cache could not be cut back: a new one re-reads the whole sequence
-                    past, fed = new_cache(model), 0
-                seq += new[i:]  # the mismatching (true) token, fed with the next draft
-                if certain is None:
-                    verdict = judge_run(decode_pieces(lm, gen), word)
-                    if verdict.diverged:
-                        if not complete:
-                            break
-                        certain = verdict  # decided: decode the rest plainly
-            verdict = certain or verdict
-            run = _draft([], unit, len(gen))
-            leaves = next((j for j, t in enumerate(gen) if t != run[j]), None)
-            out.append(GreedyCheck(c.word, c.reps, c.template, n, leaves, verdict.diverged,
-                                   verdict.tokens_until_divergence if verdict.diverged else len(gen), passes, gen,
-                                   stop_token))
-    return out

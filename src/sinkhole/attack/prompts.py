@@ -73,7 +73,6 @@ class Case:
         """Whether the prompt ends with the run (the exact check can draft its continuation)."""
         if self.ends_with_run is not None:
             return bool(self.ends_with_run)
-        from .predictor import RUN_AT_END
 
         return self.template in RUN_AT_END
 
@@ -189,3 +188,8 @@ def make_cases(lm, words, reps, templates=None) -> list[Case]:
                                         f"model's context of {n_ctx}; use fewer --reps")
                 cases.append(Case(w, int(r), t, ids, unit, note))
     return cases
+
+
+# ------------------------------------------------------------------------------------------
+# The exact check: greedy decoding verified against a repetition draft (no token-by-token decoding)
+RUN_AT_END = ("raw", "repeat", "chat_assistant")

@@ -35,6 +35,11 @@ from ..errors import SinkholeError
 from ..progress import progress
 from ..results import write_json
 from .predictor import default_layers, sink_probe
+from dataclasses import dataclass
+from ..results import StepResult
+from ..data import load_text
+from .diverge import run_cases
+from .prompts import Case
 
 SWEEP_VERSION = 2  # 2: the layer is the circuit's drift layer (config key drift_layer)
 
@@ -43,8 +48,6 @@ def frequent_tokens(lm, n: int | None, texts: Sequence[str] | None = None) -> li
     """The ``n`` most frequent tokens in the shipped texts (ties by id), then the lowest
     remaining ids (early BPE merges are frequent) until there are ``n``; None = whole
     vocabulary. Special tokens are left out."""
-    from ..data import load_text
-
     vocab = int(getattr(lm.model.config, "vocab_size", 0) or len(lm.tokenizer))
     special = set(int(i) for i in (getattr(lm.tokenizer, "all_special_ids", None) or []))
     for v in (lm.bos_id, getattr(lm.tokenizer, "eos_token_id", None), getattr(lm.tokenizer, "pad_token_id", None)):
@@ -129,8 +132,6 @@ def sweep_tokens(lm, tokens: Sequence[int], drift_layer: int | None = None, max_
 
 
 def _generate_batch(lm, batch, records, head, reps, n_new, prefix):
-    from .diverge import run_cases
-    from .prompts import Case
 
     tname = "repeat" if prefix == "Repeat:" else ("raw" if not prefix else "custom")
     cases = [Case(lm.tokenizer.decode([t]).strip() or str(t), reps, tname, head + [t] * reps, [t]) for t in batch]
@@ -188,3 +189,14 @@ def merge(paths: Sequence[str | Path]) -> dict:
     if cfg is None:
         raise SinkholeError("no shard checkpoints to merge")
     return {"config": cfg, "records": records}
+
+
+@dataclass
+class SweepSummary(StepResult):
+    config: dict
+    n_tokens: int
+    frac_sink_within_max_reps: float | None
+    median_reps_to_sink: int | None
+    top: list
+    safest: list
+    generation_rate: float | None = None

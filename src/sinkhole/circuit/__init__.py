@@ -22,16 +22,3 @@ __all__ = [
 ]
 
 
-def analyze(lm, **options) -> dict:
-    """``discover`` plus every analysis of the paper's sections 3-4: the steps of ``sinkhole
-    circuit`` (``scan_steps.CIRCUIT_STEPS``) run through the scan pipeline with ``options``
-    (fields of :class:`sinkhole.scan.ScanOptions`); returns ``{step name: typed result}``."""
-    from ..scan import ScanOptions, run_scan
-    from ..scan_steps import CIRCUIT_STEPS
-
-    res = run_scan(lm, ScanOptions(**options), steps=CIRCUIT_STEPS, log=lambda m: None, command="circuit")
-    errors = res["doc"].get("errors")
-    if errors:
-        name, msg = next(iter(errors.items()))
-        raise RuntimeError(f"circuit step {name} failed: {msg}")
-    return res["results"]

@@ -29,6 +29,7 @@ from ..capture import Hooks
 from ..results import StepResult
 from .common import text_batch
 from .norms import repeat_ids
+from ..capture import READ_SITES
 
 
 @dataclass
@@ -71,8 +72,6 @@ def _profile(lm, ids: torch.Tensor, label: str, run_start: int | None = None, ep
     """Per-layer attention metrics of one input. When the run starts right after the first token
     (or there is no run) only the weight on the first token is needed, read from the fused
     ``attn_first`` site (no T x T pattern); otherwise the eager pattern, reduced in the hook."""
-    from ..capture import READ_SITES
-
     L = lm.adapter.n_layers
     q0 = 1 if run_start is None else max(run_start, 1)
     fused = "attn_first" in READ_SITES and run_start in (None, 0, 1)

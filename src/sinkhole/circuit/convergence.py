@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..capture import Hooks
-from .common import fast_attention
+from ..models.attention import fast_attention
+from ..results import StepResult
 
 
 @dataclass
@@ -94,3 +95,9 @@ def identity_check(lm, word: str = "the", n_tokens: int = 32, tolerance: float =
     dev = [float(h.cache[f"resid_post.{i}"][0]) for i in range(L)]
     return IdentityCheck(word=word, n_tokens=n_tokens, layers=list(range(L)), max_relative_deviation=dev,
                          identical=bool(max(dev) <= tolerance), tolerance=tolerance)
+
+
+@dataclass
+class ConvergenceResult(StepResult):
+    curves: list  # ConvergenceCurve.to_dict() per word
+    identity: dict  # IdentityCheck.to_dict()

@@ -17,7 +17,8 @@ import torch
 
 from ..capture import Hooks
 from ..results import StepResult
-from .common import auc, fast_attention, histogram, text_batch
+from .common import auc, histogram, text_batch
+from ..models.attention import fast_attention
 
 
 def _auc_columns(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:

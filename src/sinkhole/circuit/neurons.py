@@ -23,8 +23,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..capture import Edit, Hooks
-from .common import fast_attention, norm_reduce, text_batch
+from ..models.attention import fast_attention
+from .common import norm_reduce, text_batch
 from .norms import repeat_ids
+from ..capture import READ_SITES
 
 
 @dataclass
@@ -141,8 +143,6 @@ def rank_and_filter(lm, layer: int, k: int = 8, collapse: float = 0.5, min_gain:
 def norms_and_attention(lm, ids: torch.Tensor, last: int, edit: Edit | None = None):
     """Per layer up to ``last``: mean first-token norm, mean typical norm and mean attention
     mass on position 0 (over heads and queries > 0), with an optional edit."""
-    from ..capture import READ_SITES
-
     site = "attn_first" if "attn_first" in READ_SITES else "attn_pattern"
     h = Hooks(lm)
     if edit is not None:

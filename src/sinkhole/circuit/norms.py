@@ -10,6 +10,7 @@ from ..capture import Hooks
 from ..results import StepResult
 from ..data import snippets
 from ..progress import progress
+from ..models.attention import fast_attention
 
 
 def _norm_reduce(x: torch.Tensor, pos) -> torch.Tensor:
@@ -98,7 +99,6 @@ def norm_curve(lm, word: str, n_reps: int, layer: int, typical_norm: float | Non
     h = Hooks(lm)
     h.read("resid_post", layer, reduce=_norm_reduce)
     h.stop_after(layer)
-    from .common import fast_attention
 
     with torch.no_grad(), fast_attention(lm), h:  # no pattern is read: SDPA, ~3x faster on long runs
         h.forward(torch.tensor([ids], device=lm.device), use_cache=False)
@@ -140,8 +140,6 @@ def norm_curves(lm, words: list[str], n_reps: int, layers: list[int], typical: d
                 quiet: bool | None = None) -> list[NormCurve]:
     """Norm curves of every word at several layers, one forward pass per word (stopped at the
     deepest layer asked for; SDPA attention, since no pattern is read)."""
-    from .common import fast_attention
-
     last = max(layers)
     out = []
     for word in progress(list(words), desc="norm curves", disable=quiet):
@@ -161,3 +159,15 @@ def norm_curves(lm, words: list[str], n_reps: int, layers: list[int], typical: d
                                  norm=[float(v) for v in norms[idx]], first_token_norm=float(norms[0]),
                                  typical_norm=(typical or {}).get(layer)))
     return out
+
+
+@dataclass
+class NormCurves(StepResult):
+    layer: int  # the massive layer (Figure 2)
+    layers: list  # every layer with curves: the sink layers and the massive layer
+    curves: list  # curves at ``layer``
+    all_curves: list  # curves at every layer of ``layers``
+    repeats_needed: list
+    repeats_rule: str
+    headline: str = ""
+    status: str | None = None

@@ -31,7 +31,7 @@ def _terminate(signum, frame):
 
 
 def add_model_args(p: argparse.ArgumentParser, model_optional: bool = True) -> None:
-    from ..models.loading import DEFAULT_MODEL, EMBEDDED
+    from ..models.loading import DEFAULT_MODEL, EMBEDDED  # lazy: start-up time
 
     p.add_argument("model", nargs="?" if model_optional else None, default=DEFAULT_MODEL,
                    help=f"embedded name ({', '.join(EMBEDDED)}), local HF folder, .gguf file or hub id "
@@ -70,8 +70,8 @@ def add_role_args(p: argparse.ArgumentParser, roles: list[str]) -> None:
 def circuit_from_args(args, lm, roles: list[str]):
     """The model's circuit (``circuit.discover``) with the command's role overrides; prints which
     role and layer the command uses."""
-    from ..attack.prompts import parse_int_list
-    from ..circuit import discover
+    from ..attack.prompts import parse_int_list  # lazy: start-up time
+    from ..circuit import discover  # lazy: start-up time
 
     c = discover(lm)
     vals = {r: getattr(args, r, None) for r in roles}
@@ -84,7 +84,7 @@ def circuit_from_args(args, lm, roles: list[str]):
 
 
 def load_from_args(args):
-    from ..models.loading import load_model
+    from ..models.loading import load_model  # lazy: start-up time
 
     return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
                       progress=not getattr(args, "quiet", False), strict_cache=args.strict_cache)
@@ -97,7 +97,7 @@ def check_out_file(path, flag: str = "--out"):
         return None
     from pathlib import Path
 
-    from ..errors import SinkholeError
+    from ..errors import SinkholeError  # lazy: start-up time
 
     p = Path(path)
     if p.is_dir():
@@ -118,14 +118,14 @@ def vars_of(args) -> dict:
 
 
 def model_meta(lm):
-    from ..scan_steps import model_info
+    from ..models.loading import model_info  # lazy: start-up time
 
     return model_info(lm)
 
 
 def emit(args, doc) -> bool:
     """Write ``doc`` to ``--out`` (atomically) and print it with ``--json``; True when printed."""
-    from ..results import dumps, write_json
+    from ..results import dumps, write_json  # lazy: start-up time
 
     if getattr(args, "out", None):
         write_json(args.out, doc)
@@ -148,7 +148,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from ..version import __version__  # lazy: start-up time
 
     parser = _Parser(
         prog="sinkhole",
@@ -182,7 +182,7 @@ def _say(text: str) -> None:
 
 
 def _main(argv: list[str] | None) -> int:
-    from ..errors import SinkholeError
+    from ..errors import SinkholeError  # lazy: start-up time
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if any("\x00" in a for a in (sys.argv[1:] if argv is None else argv)):  # only possible in-process
@@ -194,7 +194,7 @@ def _main(argv: list[str] | None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    from ..progress import set_quiet
+    from ..progress import set_quiet  # lazy: start-up time
 
     quiet = bool(getattr(args, "quiet", False))
     set_quiet(quiet)  # every call sets it: one process may run several commands (tests, notebooks)

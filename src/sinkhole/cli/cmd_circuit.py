@@ -6,7 +6,7 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    from . import add_common_args, add_model_args
+    from . import add_common_args, add_model_args  # lazy: start-up time
 
     p = sub.add_parser("circuit", help="find the sink circuit: sink layers, sink neurons, first-token detector, "
                                        "layer-0 convergence, attention-sink metrics",
@@ -30,11 +30,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..attack.prompts import parse_int_list, parse_words
-    from ..errors import SinkholeError
-    from ..scan import ScanOptions, load_document, run_scan
-    from ..scan_steps import CIRCUIT_STEPS
-    from . import check_out_file, emit, info, load_from_args
+    from ..attack.prompts import parse_int_list, parse_words  # lazy: start-up time
+    from ..errors import SinkholeError  # lazy: start-up time
+    from ..pipeline.engine import ScanOptions  # lazy: start-up time
+    from ..pipeline.registry import load_document, run_scan  # lazy: start-up time
+    from ..pipeline.registry import CIRCUIT_STEPS  # lazy: start-up time
+    from . import check_out_file, emit, info, load_from_args  # lazy: start-up time
 
     for flag, v in (("--reps", args.reps), ("--conv-reps", args.conv_reps), ("--top-k", args.top_k)):
         if v <= 0:

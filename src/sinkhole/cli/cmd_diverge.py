@@ -7,7 +7,7 @@ import os
 
 
 def add_parser(sub) -> None:
-    from . import add_common_args, add_model_args
+    from . import add_common_args, add_model_args  # lazy: start-up time
 
     p = sub.add_parser("diverge", help="measure repeated-word divergence by greedy generation",
                        description="Greedily decode after prompts that repeat each word n times (templates: raw, "
@@ -74,11 +74,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..attack.diverge import diverge
-    from ..attack.prompts import GARAK_REPS, GARAK_TEXT, GARAK_WORDS, parse_int_list, parse_words
-    from ..errors import SinkholeError
-    from ..scan import document
-    from . import check_out_file, emit, info, load_from_args, model_meta, vars_of
+    from ..attack.diverge import diverge  # lazy: start-up time
+    from ..attack.prompts import GARAK_REPS, GARAK_TEXT, GARAK_WORDS, parse_int_list, parse_words  # lazy: start-up time
+    from ..errors import SinkholeError  # lazy: start-up time
+    from ..pipeline.engine import document  # lazy: start-up time
+    from . import check_out_file, emit, info, load_from_args, model_meta, vars_of  # lazy: start-up time
 
     if args.export or args.from_results or args.export_file:
         _check_export(args)
@@ -105,28 +105,28 @@ def run(args) -> int:
     check_out_file(args.out)
     patch = None
     if args.patch:
-        from ..patch.export import read_patch
+        from ..patch.export import read_patch  # lazy: start-up time
 
         patch = read_patch(args.patch)
         if args.engine == "llama.cpp":
-            from ..engines import llamacpp_gate
+            from ..patch.core import llamacpp_gate  # lazy: start-up time
 
             llamacpp_gate(patch, what="--patch")  # refused before loading: pass a weight patch's GGUF as MODEL
     lm = load_from_args(args)
     hooks = None
     if patch is not None:
-        from ..patch.core import apply_patch
+        from ..patch.core import apply_patch  # lazy: start-up time
 
         patch.validate(lm)
         hooks = (lambda: apply_patch(lm, patch, validate=False))  # noqa: E731
     if args.exact and templates in (None, "default", "all"):  # minus the templates the check cannot draft
-        from ..attack.predictor import RUN_AT_END
-        from ..attack.prompts import resolve_templates
+        from ..attack.prompts import RUN_AT_END  # lazy: start-up time
+        from ..attack.prompts import resolve_templates  # lazy: start-up time
 
         templates = [t for t in resolve_templates(lm, templates) if t in RUN_AT_END]
     if args.engine == "llama.cpp":
-        from ..attack.prompts import make_cases, resolve_templates
-        from ..engines import run_llamacpp
+        from ..attack.prompts import make_cases, resolve_templates  # lazy: start-up time
+        from ..attack.diverge import run_llamacpp  # lazy: start-up time
 
         res = run_llamacpp(lm, make_cases(lm, words, reps, templates), args.max_new_tokens, quiet=args.quiet,
                            gate=patch.gate if patch is not None else None)
@@ -138,7 +138,7 @@ def run(args) -> int:
                       temperature=args.temperature, seed=args.seed, hooks=hooks)
     results = {"divergence": res}
     if args.corpus:
-        from ..memorization import memorization_check
+        from ..attack.memorization import memorization_check  # lazy: start-up time
 
         results["memorization"] = memorization_check(lm, res, args.corpus, min_bytes=args.min_span,
                                                      temperature=args.temperature, seed=args.seed, quiet=args.quiet)
@@ -171,7 +171,7 @@ def run(args) -> int:
 
 
 def _check_sampling(args) -> None:
-    from ..errors import SinkholeError
+    from ..errors import SinkholeError  # lazy: start-up time
 
     if args.samples < 0:
         raise SinkholeError("--samples must be a positive integer")
@@ -186,18 +186,18 @@ def _check_sampling(args) -> None:
     if args.min_span < 32:
         raise SinkholeError("--min-span must be at least 32 bytes (the index's window)")
     if args.corpus:
-        from ..memorization import corpus_files
+        from ..attack.memorization import corpus_files  # lazy: start-up time
 
         corpus_files(args.corpus)
 
 
 def _run_min_reps(args) -> int:
-    from ..attack.minreps import default_words, min_reps_table
-    from ..attack.predictor import RUN_AT_END
-    from ..attack.prompts import parse_words
-    from ..errors import SinkholeError
-    from ..scan import document
-    from . import check_out_file, emit, info, load_from_args, model_meta, vars_of
+    from ..attack.minreps import default_words, min_reps_table  # lazy: start-up time
+    from ..attack.prompts import RUN_AT_END  # lazy: start-up time
+    from ..attack.prompts import parse_words  # lazy: start-up time
+    from ..errors import SinkholeError  # lazy: start-up time
+    from ..pipeline.engine import document  # lazy: start-up time
+    from . import check_out_file, emit, info, load_from_args, model_meta, vars_of  # lazy: start-up time
 
     if args.garak or args.reps is not None or args.exact:
         raise SinkholeError("--min-reps searches the repetition count itself: drop --garak, --reps and --exact")
@@ -244,7 +244,7 @@ def _run_min_reps(args) -> int:
 
 
 def _check_export(args) -> None:
-    from ..errors import SinkholeError
+    from ..errors import SinkholeError  # lazy: start-up time
 
     if not args.export:
         raise SinkholeError("--export-file and --from need --export garak|garak-payload|pyrit")
@@ -261,8 +261,8 @@ def _check_export(args) -> None:
 def _maybe_export(args, doc: dict) -> None:
     if not args.export:
         return
-    from ..attack.export import collect_prompts, write_export
-    from . import info
+    from ..integrations.export import collect_prompts, write_export  # lazy: start-up time
+    from . import info  # lazy: start-up time
 
     prompts = collect_prompts(doc)
     if not prompts:
@@ -273,9 +273,9 @@ def _maybe_export(args, doc: dict) -> None:
 
 
 def _export_from(args) -> int:
-    from ..attack.export import collect_prompts, write_export
-    from ..results import load_results
-    from . import info
+    from ..integrations.export import collect_prompts, write_export  # lazy: start-up time
+    from ..results import load_results  # lazy: start-up time
+    from . import info  # lazy: start-up time
 
     doc = load_results(args.from_results)
     prompts = collect_prompts(doc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    from . import add_common_args, add_model_args
+    from . import add_common_args, add_model_args  # lazy: start-up time
 
     p = sub.add_parser(
         "eval", help="compare a model with and without a patch",
@@ -44,12 +44,12 @@ def run(args) -> int:
     import tempfile
     from pathlib import Path
 
-    from ..attack.prompts import parse_int_list, parse_words
-    from ..errors import SinkholeError
-    from ..patch.export import read_patch
-    from ..patch.search import SearchConfig, verify_patch
-    from ..patch.tables import summary_markdown
-    from . import check_out_file, emit, info, load_from_args
+    from ..attack.prompts import parse_int_list, parse_words  # lazy: start-up time
+    from ..errors import SinkholeError  # lazy: start-up time
+    from ..patch.export import read_patch  # lazy: start-up time
+    from ..patch.search import SearchConfig, verify_patch  # lazy: start-up time
+    from ..patch.tables import summary_markdown  # lazy: start-up time
+    from . import check_out_file, emit, info, load_from_args  # lazy: start-up time
 
     if args.limit is not None and args.limit < 1:
         raise SinkholeError("--limit must be a positive integer")
@@ -79,11 +79,12 @@ def run(args) -> int:
     if not args.no_divergence:
         result["verification"] = verify_patch(lm, patch, cfg, heldout_text=args.heldout_text, log=log)
     else:
-        from ..evaluate.metrics import heldout_texts, text_metrics
+        from ..data import heldout_texts  # lazy: start-up time
+        from ..evaluate.metrics import text_metrics  # lazy: start-up time
 
         result["text"] = text_metrics(lm, patch, heldout_texts(args.heldout_text, n=24, n_words=64)).to_dict()
     if args.tasks:
-        from ..evaluate.harness import compare_tasks, write_local_task
+        from ..integrations.lm_eval import compare_tasks, write_local_task  # lazy: start-up time
 
         tasks = args.tasks
         if "local" in [t.strip() for t in tasks.split(",")]:
@@ -106,11 +107,11 @@ def run(args) -> int:
 
 def _run_llamacpp(args) -> int:
     """``eval --engine llama.cpp``: the broad verification with every method in llama.cpp."""
-    from ..errors import SinkholeError
-    from ..patch.broad import verify_broad
-    from ..patch.tables import broad_markdown
-    from ..patch.export import read_patch
-    from . import emit, info, load_from_args
+    from ..errors import SinkholeError  # lazy: start-up time
+    from ..patch.broad import verify_broad  # lazy: start-up time
+    from ..patch.tables import broad_markdown  # lazy: start-up time
+    from ..patch.export import read_patch  # lazy: start-up time
+    from . import emit, info, load_from_args  # lazy: start-up time
 
     if args.tasks or args.verify_words or args.verify_reps or args.templates or args.no_divergence:
         raise SinkholeError("--engine llama.cpp runs the broad verification only: drop --tasks, --verify-words, "

@@ -15,8 +15,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import importlib.util
 
-    from ..models.adapters import SUPPORTED
-    from ..models.loading import EMBEDDED
+    from ..models.adapters import SUPPORTED  # lazy: start-up time
+    from ..models.loading import EMBEDDED  # lazy: start-up time
 
     rows = []
     for name, e in EMBEDDED.items():

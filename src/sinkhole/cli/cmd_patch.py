@@ -6,8 +6,8 @@ import sys
 
 
 def add_parser(sub) -> None:
-    from . import add_common_args, add_model_args, add_role_args
-    from ..patch.search import DEFAULT_FAMILIES, FAMILIES
+    from . import add_common_args, add_model_args, add_role_args  # lazy: start-up time
+    from ..patch.search import DEFAULT_FAMILIES, FAMILIES  # lazy: start-up time
 
     p = sub.add_parser(
         "patch", help="search, verify and export a patch that stops divergence",
@@ -57,9 +57,9 @@ def add_parser(sub) -> None:
 
 
 def build_config(args):
-    from ..attack.prompts import parse_int_list, parse_words
-    from ..errors import SinkholeError
-    from ..patch.search import SearchConfig, check_families
+    from ..attack.prompts import parse_int_list, parse_words  # lazy: start-up time
+    from ..errors import SinkholeError  # lazy: start-up time
+    from ..patch.search import SearchConfig, check_families  # lazy: start-up time
 
     cfg = SearchConfig()
     if args.words:
@@ -75,7 +75,7 @@ def build_config(args):
     if args.families:
         cfg.families = tuple(parse_words(args.families, "--families"))
     if getattr(args, "gguf", None) is not None and not args.patch_file:
-        from ..patch.search import WEIGHT_FAMILIES
+        from ..patch.search import WEIGHT_FAMILIES  # lazy: start-up time
 
         if not args.families:
             cfg.families = tuple(f for f in cfg.families if f in WEIGHT_FAMILIES)
@@ -94,7 +94,7 @@ def build_config(args):
     cfg.finetune_steps, cfg.max_new_tokens, cfg.n_neurons = args.steps, args.max_new_tokens, args.neurons
     cfg.ppl_budget_pct = args.ppl_budget
     cfg.broad = not args.no_broad
-    from ..patch.search import BASELINES
+    from ..patch.search import BASELINES  # lazy: start-up time
 
     bl = [] if args.baselines.strip() == "none" else parse_words(args.baselines, "--baselines")
     bad = [b for b in bl if b not in BASELINES]
@@ -111,8 +111,8 @@ def build_config(args):
 def run(args) -> int:
     from pathlib import Path
 
-    from ..patch.export import read_patch
-    from ..results import prepare_out_dir
+    from ..patch.export import read_patch  # lazy: start-up time
+    from ..results import prepare_out_dir  # lazy: start-up time
 
     cfg = build_config(args)
     patch_file = read_patch(args.patch_file) if args.patch_file else None
@@ -131,18 +131,18 @@ def run(args) -> int:
 
 
 def _run(args, cfg, patch_file, out, compare) -> int:
-    from ..errors import SinkholeError
-    from ..patch import export_patched
-    from ..patch.search import search_patch, verify_patch
-    from ..patch.tables import summary_markdown
-    from ..results import dumps
-    from . import circuit_from_args, info, load_from_args, model_meta
+    from ..errors import SinkholeError  # lazy: start-up time
+    from ..patch import export_patched  # lazy: start-up time
+    from ..patch.search import search_patch, verify_patch  # lazy: start-up time
+    from ..patch.tables import summary_markdown  # lazy: start-up time
+    from ..results import dumps  # lazy: start-up time
+    from . import circuit_from_args, info, load_from_args, model_meta  # lazy: start-up time
 
     if args.gguf is not None and not str(args.gguf).lower().endswith(".gguf"):
         raise SinkholeError("--gguf must be a path ending in .gguf")
     lm = load_from_args(args)
     if args.gguf is not None:
-        from ..engines import gguf_of
+        from ..decoding.engines import gguf_of  # lazy: start-up time
 
         gguf_of(lm)  # a model that is not a GGUF: refused before the search
     log = (lambda m: info(args, m))
@@ -182,7 +182,7 @@ def _run(args, cfg, patch_file, out, compare) -> int:
                "verification": verification}
     md = summary_markdown(verification, tried, search.get("chosen") if search else None)
     if args.gguf is not None:  # first, so that summary.json records it
-        from ..patch.gguf_export import patch_to_gguf
+        from ..patch.gguf_export import patch_to_gguf  # lazy: start-up time
 
         rep = patch_to_gguf(lm, patch, args.gguf, args.gguf_type)
         summary["gguf"] = {"path": str(args.gguf), "type": args.gguf_type, **rep}

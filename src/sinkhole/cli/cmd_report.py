@@ -23,9 +23,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..report.browser import check_page, find_chromium
-    from ..report.html import write_report
-    from ..results import load_results, prepare_out_dir
+    from ..report.browser import check_page, find_chromium  # lazy: start-up time
+    from ..report.html import write_report  # lazy: start-up time
+    from ..results import load_results, prepare_out_dir  # lazy: start-up time
 
     doc = load_results(args.dir)
     src = Path(args.dir)
@@ -37,7 +37,7 @@ def run(args) -> int:
             timings = None
     except (OSError, ValueError):
         timings = None
-    from ..errors import SinkholeError
+    from ..errors import SinkholeError  # lazy: start-up time
 
     if args.width < 320 or args.height < 200:
         raise SinkholeError("--width must be at least 320 and --height at least 200 pixels")

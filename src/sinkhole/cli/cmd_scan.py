@@ -7,7 +7,7 @@ import sys
 
 
 def add_parser(sub) -> None:
-    from . import add_common_args, add_model_args
+    from . import add_common_args, add_model_args  # lazy: start-up time
 
     p = sub.add_parser("scan", help="run the whole pipeline and write results.json and report.html",
                        description="Run every analysis on a model and write DIR/results.json, DIR/report.html, "
@@ -35,7 +35,7 @@ def _flag(name: str) -> str:
 
 def add_option_args(p) -> None:
     """One flag per ScanOptions field, with the field's help and its quick/full defaults."""
-    from ..scan import ScanOptions
+    from ..pipeline.engine import ScanOptions  # lazy: start-up time
 
     for f in dataclasses.fields(ScanOptions):
         if f.name in _COMMON:
@@ -55,9 +55,9 @@ def add_option_args(p) -> None:
 
 
 def _parse(kind: str, text, flag: str):
-    from ..attack.prompts import parse_int_list, parse_words
-    from ..errors import SinkholeError
-    from ..patch.search import check_families
+    from ..attack.prompts import parse_int_list, parse_words  # lazy: start-up time
+    from ..errors import SinkholeError  # lazy: start-up time
+    from ..patch.search import check_families  # lazy: start-up time
 
     if kind == "words":
         return parse_words(text, flag)
@@ -88,9 +88,9 @@ def _parse(kind: str, text, flag: str):
 
 def build_options(args):
     """The scan options from --config and the flags (checked before any model loads)."""
-    from ..errors import SinkholeError
-    from ..results import read_json_file
-    from ..scan import ScanOptions
+    from ..errors import SinkholeError  # lazy: start-up time
+    from ..results import read_json_file  # lazy: start-up time
+    from ..pipeline.engine import ScanOptions  # lazy: start-up time
 
     values: dict = {}
     if args.config:
@@ -122,9 +122,9 @@ def build_options(args):
 def fit_context(opts, lm, explicit: bool):
     """Check the options against the loaded model: role overrides within its layers, norm-curve runs
     shortened to its context (an error when the user asked for more)."""
-    from ..errors import SinkholeError
+    from ..errors import SinkholeError  # lazy: start-up time
 
-    from ..circuit.circuit import ROLE_NAMES, role_value
+    from ..circuit.circuit import ROLE_NAMES, role_value  # lazy: start-up time
 
     for role in ROLE_NAMES:  # before any step: the circuit step applies them (Circuit.with_roles)
         if getattr(opts, role) is not None:
@@ -143,10 +143,11 @@ def fit_context(opts, lm, explicit: bool):
 def run(args) -> int:
     import time
 
-    from ..report.html import write_report
-    from ..results import dumps, prepare_out_dir, write_json
-    from ..scan import PARTIAL, ScanInterrupted, run_scan
-    from . import info, load_from_args
+    from ..report.html import write_report  # lazy: start-up time
+    from ..results import dumps, prepare_out_dir, write_json  # lazy: start-up time
+    from ..pipeline.engine import PARTIAL, ScanInterrupted  # lazy: start-up time
+    from ..pipeline.registry import run_scan  # lazy: start-up time
+    from . import info, load_from_args  # lazy: start-up time
 
     options = build_options(args)  # bad options fail before the model loads
     out = prepare_out_dir(args.out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    from . import add_common_args, add_model_args, add_role_args
+    from . import add_common_args, add_model_args, add_role_args  # lazy: start-up time
 
     p = sub.add_parser("sweep", help="sweep the vocabulary for sink-prone tokens (resumable, shardable)",
                        description="For the N most frequent tokens (or --all), run '<bos> Repeat: t t ... t' once, "
@@ -54,11 +54,11 @@ def default_checkpoint(model: str, layer: int, args) -> str:
 def run(args) -> int:
     import os
 
-    from ..attack.sweep import frequent_tokens, merge, shard_from_env, summarize, sweep_tokens
-    from ..errors import SinkholeError
-    from ..scan import document
-    from ..attack.steps import SweepSummary
-    from . import check_out_file, circuit_from_args, emit, info, load_from_args, model_meta, vars_of
+    from ..attack.sweep import frequent_tokens, merge, shard_from_env, summarize, sweep_tokens  # lazy: start-up time
+    from ..errors import SinkholeError  # lazy: start-up time
+    from ..pipeline.engine import document  # lazy: start-up time
+    from ..attack.sweep import SweepSummary  # lazy: start-up time
+    from . import check_out_file, circuit_from_args, emit, info, load_from_args, model_meta, vars_of  # lazy: start-up time
 
     check_out_file(args.out)
     model = None

@@ -11,57 +11,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..capture import Hooks
 from ..errors import SinkholeError
-
-
-def heldout_texts(source: str = "twelfth_night", n: int = 16, n_words: int = 64, seed: int = 1) -> list[str]:
-    """Held-out snippets: a shipped text name (``twelfth_night`` by default) or a .txt path."""
-    from ..data import TEXTS, snippets
-
-    if source in TEXTS:
-        return snippets(source, n=n, n_words=n_words, seed=seed)
-    p = Path(source)
-    if not p.exists():
-        raise SinkholeError(f"held-out text {source!r} is neither a shipped text ({', '.join(TEXTS)}) nor a file")
-    import random
-    import re
-
-    ws = re.findall(r"\S+", p.read_text(encoding="utf-8", errors="replace"))
-    if len(ws) < n_words + 1:
-        raise SinkholeError(f"held-out text {p} has only {len(ws)} words; need at least {n_words + 1}")
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        i = rng.randrange(0, len(ws) - n_words)
-        out.append(" ".join(ws[i:i + n_words]))
-    return out
+from ..data import heldout_texts
+from ..decoding.tokens import pad_left
+from ..circuit.norms import repeat_ids
 
 
 def encode_batch(lm, texts: list[str], max_tokens: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ids and attention mask, BOS first, at most ``max_tokens`` tokens each."""
     rows = [lm.encode(t, bos=True)[:max_tokens] for t in texts]
     return pad_left(lm, rows)
-
-
-def pad_left(lm, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    pad = getattr(lm.tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(lm.tokenizer, "eos_token_id", None) or 0
-    ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.as_tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids.to(lm.device), mask.to(lm.device)
 
 
 def token_kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -83,10 +50,15 @@ class TextMetrics:
         return asdict(self)
 
 
-def _logits(lm, ids, mask, patch):
-    from ..patch.core import apply_patch
+def _held(lm, patch):
+    """``patch`` held on ``lm`` (a :class:`sinkhole.patch.Patch`, or anything with ``applied(lm, validate=...)``);
+    nothing for None."""
+    return contextlib.nullcontext() if patch is None else patch.applied(lm, validate=False)
 
-    with torch.no_grad(), apply_patch(lm, patch, validate=False):
+
+def _logits(lm, ids, mask, patch):
+
+    with torch.no_grad(), _held(lm, patch):
         return lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
 
 
@@ -150,9 +122,6 @@ def _mass_reduce(last: int):
 def sink_attention(lm, patch, word: str = "poem", reps: int = 400, last: int = 32, prefix: str = "") -> dict:
     """Attention mass on position 0 per layer (mean over heads and the last ``last`` queries) for
     ``<bos> prefix w*reps``, unpatched and patched. Also the same for ordinary text as reference."""
-    from ..circuit.norms import repeat_ids
-    from ..patch.core import apply_patch
-
     ids, _ = repeat_ids(lm, word, reps, bos=True, prefix=prefix)
     if lm.n_ctx and len(ids) > lm.n_ctx:
         raise SinkholeError(f"{reps} repetitions exceed the model's context of {lm.n_ctx} tokens; use fewer")
@@ -163,7 +132,7 @@ def sink_attention(lm, patch, word: str = "poem", reps: int = 400, last: int = 3
         h = Hooks(lm, check_finite=False)
         for layer in att_layers:
             h.read("attn_pattern", layer, reduce=_mass_reduce(last))
-        with torch.no_grad(), apply_patch(lm, p, validate=False), h:
+        with torch.no_grad(), _held(lm, p), h:
             h.forward(x, use_cache=False)
         out[tag] = [float(h.cache[f"attn_pattern.{i}"][0]) if i in att_layers else None
                     for i in range(lm.adapter.n_layers)]

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ import torch
 
 from ..errors import ModelLoadError, SinkholeError
 from .adapters import Adapter, get_adapter
+from ..results import StepResult
+from ..version import __version__
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -285,7 +287,6 @@ def cache_problem(folder: Path, key: str) -> str | None:
 
 
 def _write_manifest(folder: Path, source: Path, key: str, dtype: str, seconds: float) -> None:
-    from .. import __version__
 
     files = {}
     for p in sorted(folder.iterdir()):
@@ -576,3 +577,36 @@ def from_pretrained_model(model, tokenizer, name: str = "custom") -> LoadedModel
     """Wrap an already loaded transformers model (and tokenizer) for sinkhole."""
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=get_adapter(model), name=name, source="in-memory")
+
+
+@dataclass
+class ModelInfo(StepResult):
+    """What was scanned (``results.json`` ``model``); machine-specific paths stay out."""
+
+    name: str
+    source: str
+    family: str
+    model_class: str
+    n_layers: int
+    d_model: int
+    d_mlp: int
+    n_heads: int | None
+    vocab_size: int | None
+    n_ctx: int | None
+    bos_id: int | None
+    dtype: str
+    n_params: int
+    embedded: bool | None = None
+    quantization: str | None = None
+    hf_name: str | None = None
+    hub_id: str | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in super().to_dict().items() if v is not None or k in {
+            f.name for f in fields(self) if f.name in ("n_heads", "vocab_size", "n_ctx", "bos_id")}}
+
+
+def model_info(lm) -> ModelInfo:
+    meta = lm.metadata()
+    meta.pop("gguf", None)  # machine-specific paths stay out of results.json
+    return ModelInfo.from_dict(meta)

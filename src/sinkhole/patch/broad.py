@@ -33,6 +33,32 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SinkholeError
+from ..attack.prompts import Case
+from ..attack.prompts import chat_ids, has_chat_template
+from ..attack.cluster import clusters_for, sequence, token_features
+from ..attack.sweep import frequent_tokens
+from ..attack.prompts import has_chat_template
+from ..attack.cluster import judge_token_set
+from ..decoding.generate import generate
+from ..attack.diverge import judge_case, run_judged
+from ..decoding.tokens import stop_ids
+from ..progress import progress
+from ..data import TEXTS, load_text as shipped
+from ..models.loading import cache_dir
+from ..results import write_atomic
+from .core import apply_patch
+from ..models.attention import fast_attention
+from ..decoding.engines import LlamaCpp
+from ..decoding.gate import expiry
+from ..evaluate.metrics import pair_sums
+from .core import Patch
+from ..decoding.gate import RunGate, hidden_mask
+from ..decoding.gate import RunGate
+from ..decoding.gate import collapse
+from ..decoding.engines import TorchGate
+from ..decoding.engines import gate_feed_exact
+from ..decoding.engines import LlamaCpp, gguf_of
+from .core import llamacpp_gate
 
 # family -> (what it is, prompt text before the run (None: no text, no special token), one repetition,
 #            text after the run (None: the run ends the prompt), held-out words)
@@ -102,7 +128,6 @@ class BroadCase:
     allowed: list | None = None  # cluster: the tokens the continuation may use
 
     def to_case(self):
-        from ..attack.prompts import Case
 
         return Case(self.word, self.reps, self.family, list(self.ids), list(self.unit),
                     ends_with_run=FAMILIES[self.family][3] is None and FAMILIES[self.family][1] != "chat_user")
@@ -110,8 +135,6 @@ class BroadCase:
 
 def build_case(lm, family: str, word: str, reps: int, rng: random.Random | None = None) -> BroadCase:
     """One prompt of ``family`` with ``word`` repeated ``reps`` times."""
-    from ..attack.prompts import chat_ids, has_chat_template
-
     _, before, rep, after, _ = FAMILIES[family]
     if family == "cluster":
         return _cluster_case(lm, reps, rng or random.Random(0), word)
@@ -139,9 +162,6 @@ _CLUSTERS: dict = {}
 def _cluster_case(lm, length: int, rng: random.Random, label: str) -> BroadCase:
     """Tokens of one layer-0 embedding cluster (8 tokens around a frequent word token), in random
     order with no token twice in a row, after 'Repeat:'."""
-    from ..attack.cluster import clusters_for, sequence, token_features
-    from ..attack.sweep import frequent_tokens
-
     key = id(lm.model)
     if key not in _CLUSTERS:
         pool = frequent_tokens(lm, 1000)
@@ -159,8 +179,6 @@ def broad_cases(lm, reps=BROAD_REPS, families=None, seed: int = 0, short: bool =
     """Two cases per family: its two held-out words at two different repetition counts (the counts
     rotate over the families and with ``seed``, so every count is used and each seed pairs words,
     families and counts differently), or every word at ``SHORT_REPS`` repetitions."""
-    from ..attack.prompts import has_chat_template
-
     rng = random.Random(seed)
     fams = [f for f in (families or FAMILIES) if has_chat_template(lm) or FAMILIES[f][1] not in
             ("chat_user", "chat_assistant")]
@@ -188,10 +206,6 @@ def judge_cases(lm, cases: list[BroadCase], hooks=None, transform=None, max_new_
     is the patch; ``hooks`` must be None)."""
     import contextlib
     import dataclasses
-
-    from ..attack.cluster import judge_token_set
-    from ..attack.diverge import generate, judge_case, run_judged, stop_ids
-    from ..progress import progress
 
     seen = [list(transform(c.ids)) if transform else list(c.ids) for c in cases]
     stops = stop_ids(lm)
@@ -243,9 +257,6 @@ def family_rates(records: list[dict]) -> dict:
 def generated_text(lm, n_tokens: int = 160, seed: int = 0) -> str:
     """Text the unpatched model writes from :data:`GEN_PROMPTS` (sampled at temperature 0.8,
     seeded), the answers joined by blank lines: closer to its training distribution than a play."""
-    from ..attack.diverge import generate
-    from ..attack.prompts import chat_ids, has_chat_template
-
     prompts = [(chat_ids(lm, p) if has_chat_template(lm) else lm.encode(p + "\n", bos=True)) for p in GEN_PROMPTS]
     outs = []
     for i in range(0, len(prompts), 8):
@@ -259,7 +270,6 @@ def text_tokens(lm, source: str, seed: int = 0, need: int = TEXT_TOKENS) -> list
     .txt path (a random stretch of it, chosen by ``seed``)."""
     if source == "generated":
         return _generated_tokens(lm, seed, need)
-    from ..data import TEXTS, load_text as shipped
 
     if source in TEXTS:
         body = shipped(source)
@@ -281,9 +291,6 @@ def text_tokens(lm, source: str, seed: int = 0, need: int = TEXT_TOKENS) -> list
 def _generated_tokens(lm, seed: int, need: int) -> list[int]:
     import hashlib
     import json
-
-    from ..models.loading import cache_dir
-    from ..results import write_atomic
 
     sig = {"name": lm.name, "n_layers": lm.adapter.n_layers, "d_model": lm.adapter.d_model,
            "vocab": int(lm.model.config.vocab_size), "prompts": GEN_PROMPTS, "seed": seed,
@@ -326,11 +333,6 @@ def _forward(lm, rows: list[list[int]], patch=None, transform=None, batch: int =
     position's logits stand for its original position, a deleted one takes its last kept one's.
     ``patch`` may also be a :class:`sinkhole.engines.LlamaCpp` made with ``logits_all``: llama.cpp's
     own logits (gated if the engine has a gate)."""
-    from .core import apply_patch
-
-    from ..circuit.common import fast_attention
-    from ..engines import LlamaCpp
-
     out = []
     if isinstance(patch, LlamaCpp):
         for r in rows:
@@ -359,8 +361,6 @@ def _forward(lm, rows: list[list[int]], patch=None, transform=None, batch: int =
 
 def _kept_index(row: list[int], transform) -> torch.Tensor:
     """For each original position, the index in the collapsed row of its last kept position."""
-    from .gate import expiry
-
     gate = getattr(transform, "gate", None)
     if gate is None:
         return torch.arange(len(row))
@@ -376,11 +376,6 @@ def fidelity(lm, methods: dict, sources=("twelfth_night", "generated"), windows=
     windows, or a collapse that changes none, runs exactly the reference computation, which is then
     not repeated). ``methods``: name -> (patch or None, input transform or None); ``base``: the reference, the
     unpatched model in transformers unless given (e.g. a llama.cpp engine, for llama.cpp's logits)."""
-    from ..evaluate.metrics import pair_sums
-    from ..progress import progress
-    from .core import Patch
-    from .gate import RunGate, hidden_mask
-
     texts = dict(texts or {})
     settings = [(s, b, w) for s in sources for b in (False, True) for w in windows]
     res: dict = {name: [] for name in methods}
@@ -425,12 +420,10 @@ class Collapse:
     """The input-side baseline as a prompt transform (with its rule, for the position map)."""
 
     def __init__(self, gate=None):
-        from .gate import RunGate
 
         self.gate = gate or RunGate()
 
     def __call__(self, ids):
-        from .gate import collapse
 
         return collapse(ids, self.gate)
 
@@ -454,8 +447,6 @@ def verify_broad(lm, patch, baselines: dict | None = None, seed: int = 0, famili
     top-1 and KL come from llama.cpp's own logits). A run-gate patch runs as the gate in llama.cpp
     (:class:`sinkhole.engines.LlamaCpp`); a weight patch must come as its patched GGUF (``gguf``,
     e.g. written by ``sinkhole patch --gguf``), and then ``patch`` may be None."""
-    from ..progress import progress
-
     t0 = time.perf_counter()
     cases = broad_cases(lm, reps, families, seed=seed)
     short = broad_cases(lm, reps, families, seed=seed, short=True)
@@ -482,10 +473,8 @@ def verify_broad(lm, patch, baselines: dict | None = None, seed: int = 0, famili
         spec, tf = method
         if make is not None:  # llama.cpp: an engine per method, freed after its cases
             return judge_cases(lm, cs, transform=tf, quiet=quiet, engine=make(spec, False))
-        from .core import apply_patch
 
         if spec is not None and fed_gate(lm, spec):
-            from ..engines import TorchGate
 
             return judge_cases(lm, cs, transform=tf, quiet=quiet, engine=TorchGate(lm, spec.gate))
         hooks = None if spec is None else (lambda p=spec: apply_patch(lm, p, validate=False))
@@ -537,8 +526,6 @@ def fed_gate(lm, patch) -> bool:
     tokens (tests: tiny models; SmolLM2 in ``tests/test_patch_real.py``); the fed run reads a long
     run's prompt collapsed and each distinct collapsed history once, so the gate's 24 attacks take
     ~20 s instead of ~95 s on the 2-core CPU."""
-    from ..engines import gate_feed_exact
-
     return getattr(patch, "kind", None) == "gate" and gate_feed_exact(lm)
 
 
@@ -546,8 +533,6 @@ def _llama_methods(lm, patch, gguf, baselines, cases, windows):
     """The methods of a llama.cpp verification as (engine spec, input transform) pairs, the
     reference's pair, and the factory of engines: a spec is (GGUF path, gate or None)."""
     from pathlib import Path
-
-    from ..engines import LlamaCpp, gguf_of, llamacpp_gate
 
     src = gguf_of(lm)
 

@@ -42,6 +42,10 @@ import torch
 
 from ..capture import SITES, Edit, Hooks
 from ..errors import SinkholeError
+from ..results import write_atomic, dumps
+from ..decoding.gate import RunGate
+from ..results import read_json_file
+from ..decoding.gate import GateHooks
 
 FORMAT = "sinkhole-patch"
 FORMAT_VERSION = 1
@@ -183,8 +187,6 @@ class Patch:
     # --- persistence ------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the JSON (and ``<stem>.safetensors`` beside it when the patch has weights)."""
-        from ..results import write_atomic, dumps
-
         path = Path(path)
         if path.suffix != ".json":
             raise SinkholeError(f"a patch file must end in .json (got {path.name})")
@@ -217,7 +219,6 @@ class Patch:
             op.check()
         gate = None
         if d.get("gate") is not None:
-            from .gate import RunGate
 
             gate = RunGate.from_dict(d["gate"])
         weights = None
@@ -239,7 +240,6 @@ class Patch:
 
     @classmethod
     def load(cls, path: str | Path) -> "Patch":
-        from ..results import read_json_file
 
         path, d = read_json_file(path, "patch.json",
                                  missing="patch file {path} not found; pass the patch.json written by 'sinkhole patch'",
@@ -247,6 +247,11 @@ class Patch:
         return cls.from_dict(d, base=path.parent)
 
     # --- checks -----------------------------------------------------------------------------
+    def applied(self, lm, validate: bool = True):
+        """This patch on ``lm`` for the duration of a ``with`` block (:func:`apply_patch`): the one way
+        lower layers (text metrics, decoding) hold a patch without importing this package."""
+        return apply_patch(lm, self, validate=validate)
+
     def validate(self, lm) -> None:
         """Raise a SinkholeError if the patch does not fit ``lm`` (layers, neurons, weights)."""
         ad = lm.adapter
@@ -344,6 +349,17 @@ def _gate_hooks(lm, patch: Patch):
     """The patch's run gate as a context manager (a no-op without a gate)."""
     if patch.gate is None:
         return contextlib.nullcontext()
-    from .gate import GateHooks
 
     return GateHooks(lm, patch.gate)
+
+
+def llamacpp_gate(patch, patched_gguf: bool = False, what: str = "the patch"):
+    """What llama.cpp runs of ``patch``: its run gate (None for no patch or no gate). llama.cpp
+    cannot run hooks, so a patch with activation edits is refused, and one with weights too unless
+    its patched GGUF is what llama.cpp loads (``patched_gguf``)."""
+    if patch is None:
+        return None
+    if patch.ops or (patch.weights and not patched_gguf):
+        raise SinkholeError(f"{what} changes weights or hooks that llama.cpp cannot run; run its patched GGUF "
+                            "instead (sinkhole patch --gguf writes one)")
+    return patch.gate

@@ -24,6 +24,9 @@ from pathlib import Path
 
 from ..errors import SinkholeError
 from .core import Patch, attach_patch, swap_weights
+from ..results import dumps, write_atomic
+from ..models.loading import quiet_hf
+from ..models.loading import from_pretrained_model, load_model
 
 README = """# Patched model (sinkhole)
 
@@ -58,8 +61,6 @@ def export_patched(lm, patch: Patch, out: str | os.PathLike, summary: dict | Non
                    summary_md: str | None = None) -> Path:
     """Write the patched model, patch.json and the summary to ``out`` (atomically: a temp
     folder renamed into place)."""
-    from ..results import dumps, write_atomic
-
     patch.validate(lm)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -70,7 +71,6 @@ def export_patched(lm, patch: Patch, out: str | os.PathLike, summary: dict | Non
     try:
         if patch.weights:
             old = swap_weights(lm, patch.weights)
-        from ..models.loading import quiet_hf
 
         try:
             with quiet_hf():
@@ -109,8 +109,6 @@ def load_patched(path: str | os.PathLike, tokenizer=None, **load_kwargs):
     """Load a folder written by ``sinkhole patch --out DIR`` (or :func:`export_patched`) with
     its patch attached. ``tokenizer`` overrides the saved one (for models without tokenizer
     files); other keyword arguments go to :func:`sinkhole.load_model`."""
-    from ..models.loading import from_pretrained_model, load_model
-
     path = Path(path)
     pj = path / "patch.json"
     if not path.is_dir() or not pj.exists():

@@ -22,7 +22,6 @@ local objective take minutes.
 from __future__ import annotations
 
 import random
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -31,6 +30,14 @@ import torch.nn.functional as F
 
 from ..errors import SinkholeError
 from .core import Patch, model_signature
+from ..data import corpus_words
+from ..attack.prompts import CHAT_TEMPLATES, has_chat_template, make_cases
+from ..models.attention import fast_attention
+from ..data import snippets
+from ..evaluate.metrics import encode_batch, token_kl
+from ..decoding.tokens import pad_left
+from ..progress import progress
+from ..capture import Hooks
 
 TRAIN_WORDS = ("poem", "company", "book", "house", "water", "time", "music", "light", "river", "dog", "green",
                "stone", "paper", "city", "window", "apple", "story", "money", "garden", "song")
@@ -76,17 +83,6 @@ class FinetuneConfig:
         return out
 
 
-def corpus_words(text: str, n: int, exclude=frozenset()) -> list[str]:
-    """The ``n`` most frequent lowercase alphabetic words (3+ letters) of a shipped text."""
-    from collections import Counter
-
-    from ..data import words
-
-    counts = Counter(w.lower() for w in (re.sub(r"[^A-Za-z]", "", x) for x in words(text))
-                     if len(w) >= 3 and w.islower())
-    return [w for w, _ in counts.most_common() if w not in exclude][:n]
-
-
 def _trainable(lm, cfg: FinetuneConfig) -> tuple[dict, dict]:
     """(name -> parameter, name -> gradient mask or None)."""
     ad = lm.adapter
@@ -110,8 +106,6 @@ def _trainable(lm, cfg: FinetuneConfig) -> tuple[dict, dict]:
 
 def _rep_examples(lm, cfg: FinetuneConfig):
     """(ids, first scored position) for every training word x reps x template."""
-    from ..attack.prompts import CHAT_TEMPLATES, has_chat_template, make_cases
-
     templates = [t for t in (cfg.templates or ("raw",)) if t not in CHAT_TEMPLATES or has_chat_template(lm)]
     cases = make_cases(lm, cfg.train_words(), list(cfg.reps), templates or ["raw"])
     if cfg.max_examples and len(cases) > cfg.max_examples:
@@ -159,8 +153,6 @@ def finetune_patch(lm, cfg: FinetuneConfig | None = None, log=None) -> Patch:
 
     Training runs with PyTorch SDPA attention when the model can switch (no pattern is read;
     about 2x faster than eager on long runs); the previous kernel is restored afterwards."""
-    from ..circuit.common import fast_attention
-
     cfg = cfg or FinetuneConfig()
     if cfg.objective not in ("local", "logits"):
         raise SinkholeError(f"unknown fine-tuning objective {cfg.objective!r}; use 'local' or 'logits'")
@@ -170,10 +162,6 @@ def finetune_patch(lm, cfg: FinetuneConfig | None = None, log=None) -> Patch:
 
 def _finetune_logits(lm, cfg: FinetuneConfig, log=None) -> Patch:
     """The full-model objective: KL to the original on text + next-word CE inside runs."""
-    from ..data import snippets
-    from ..evaluate.metrics import encode_batch, pad_left, token_kl
-    from ..progress import progress
-
     model = lm.model
     params, masks = _trainable(lm, cfg)
     original = {k: p.detach().clone() for k, p in params.items()}
@@ -239,7 +227,6 @@ def _finetune_logits(lm, cfg: FinetuneConfig, log=None) -> Patch:
 
 
 def _resid(lm, layer: int, ids, mask, grad: bool):
-    from ..capture import Hooks
 
     h = Hooks(lm, check_finite=False)
     h.read("resid_post", layer, reduce=(lambda x, pos: x) if grad else None)
@@ -291,10 +278,6 @@ def finetune_local(lm, cfg: FinetuneConfig, log=None) -> Patch:
 
     Much cheaper than the full-model objective because the long runs' forward passes stop at ``S``.
     """
-    from ..data import snippets
-    from ..evaluate.metrics import encode_batch, pad_left, token_kl
-    from ..progress import progress
-
     if cfg.keep_at not in ("stop", "logits"):
         raise SinkholeError(f"unknown keep_at {cfg.keep_at!r}; use 'stop' or 'logits'")
     params, masks = _trainable(lm, cfg)

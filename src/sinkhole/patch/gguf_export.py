@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SinkholeError
+from ..decoding.engines import gguf_of
 
 TENSOR_TYPES = ("F32", "F16", "Q8_0", "source")
 _MLP = {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
@@ -121,8 +122,6 @@ def write_patched_gguf(source: str | os.PathLike, changed: dict[str, np.ndarray]
 def patch_to_gguf(lm, patch, out: str | os.PathLike, tensor_type: str = "F32") -> dict:
     """The weights of ``patch`` (a fine-tuning patch) written into a copy of the GGUF ``lm`` was loaded
     from. A patch that acts through hooks cannot live in a GGUF and is refused."""
-    from ..engines import gguf_of
-
     source = gguf_of(lm)
     if patch.ops or patch.gate is not None:
         raise SinkholeError("this patch edits activations through hooks, which a GGUF file cannot hold; only a "

@@ -33,6 +33,22 @@ import torch
 from ..capture import run
 from ..errors import SinkholeError
 from .core import Patch, PatchOp, apply_patch, model_signature
+from .broad import family_words
+from ..data import snippets
+from ..evaluate.metrics import encode_batch
+from ..decoding.gate import RunGate
+from .finetune import finetune_patch
+from .finetune import FinetuneConfig
+from .finetune import TRAIN_WORDS
+from ..attack.prompts import CHAT_TEMPLATES, has_chat_template
+from ..attack.diverge import run_judged
+from ..attack.prompts import make_cases
+from ..circuit import discover
+from ..evaluate.metrics import text_metrics
+from .broad import SHORT_REPS
+from ..data import heldout_texts
+from ..evaluate.metrics import sink_attention, text_metrics
+from .broad import QUICK, verify_broad
 
 SEARCH_WORDS = ("poem", "company", "book", "music")
 SEARCH_REPS = (100, 300)
@@ -83,7 +99,6 @@ class SearchConfig:
         if sw & vw:
             raise SinkholeError(f"search and verification words overlap ({sorted(sw & vw)}); they must be disjoint")
         if self.broad:
-            from .broad import family_words
 
             clash = sorted(sw & family_words())
             if clash:
@@ -121,9 +136,6 @@ def rank_sink_neurons(lm, layer: int, k: int = 8) -> list[dict]:
 
 def neuron_levels(lm, layer: int, neurons: list[int], texts: list[str] | None = None) -> dict:
     """Per-neuron activation percentiles on ordinary non-first tokens (the 'no-sink' level)."""
-    from ..data import snippets
-    from ..evaluate.metrics import encode_batch
-
     texts = texts or snippets("sonnets", n=8, n_words=48, seed=2)
     ids, mask = encode_batch(lm, texts, 96)
     idx = torch.as_tensor(neurons, dtype=torch.long)
@@ -141,9 +153,6 @@ def neuron_levels(lm, layer: int, neurons: list[int], texts: list[str] | None = 
 
 def mlp_out_typical(lm, layers: list[int]) -> dict[int, float]:
     """99.9th percentile of the MLP-output norm at non-first positions on text, per layer."""
-    from ..data import snippets
-    from ..evaluate.metrics import encode_batch
-
     ids, mask = encode_batch(lm, snippets("sonnets", n=8, n_words=48, seed=2), 96)
 
     def red(x, pos):
@@ -185,7 +194,6 @@ def candidates(lm, circ, cfg: SearchConfig):
     marking = list(circ.marking_layers)
 
     def run_gate():
-        from .gate import RunGate
 
         g = RunGate()
         return Patch([], "run_gate", sig, "the run gate: tokens deep inside a long low-diversity run are hidden from "
@@ -215,19 +223,16 @@ def candidates(lm, circ, cfg: SearchConfig):
                      "positions of the detector layers", {"family": "norm_cap", "caps": typ})
 
     def finetune_mlp():
-        from .finetune import finetune_patch
 
         layers = list(cfg.finetune_layers) if cfg.finetune_layers else marking[:2]
         return finetune_patch(lm, finetune_config(lm, circ, cfg, layers, objective="logits", keep_weight=20.0,
                                              rep_batch=2, n_texts=32, max_examples=120))
 
     def finetune_local():
-        from .finetune import finetune_patch
 
         return finetune_patch(lm, finetune_config(lm, circ, cfg, _local_layers(lm, circ, cfg)))
 
     def finetune_neurons():
-        from .finetune import finetune_patch
 
         layers = _local_layers(lm, circ, cfg)
         neurons = {i: [n["neuron"] for n in rank_sink_neurons(lm, i, cfg.finetune_neurons)] for i in layers}
@@ -267,10 +272,7 @@ def finetune_config(lm, circ, cfg: SearchConfig, layers: list[int], **kw):
     """The measured fine-tuning setting (docs/findings.md, section 3): many training words from the
     training text (never a held-out word), repetition counts around and beyond the search ones, the
     local comparison just before the massive-activation layer, a strong keep weight on 96 snippets."""
-    from .finetune import FinetuneConfig
-
     stop = max(max(layers) + 1, circ.massive_layer - 1)
-    from .broad import family_words
 
     base = {"layers": list(layers), "words": tuple(cfg.search_words) + _extra_train_words(cfg),
             "exclude_words": tuple(cfg.verify_words) + tuple(sorted(family_words())), "corpus_words": 150,
@@ -293,9 +295,6 @@ def _train_reps(lm, cfg: SearchConfig) -> tuple:
 
 
 def _extra_train_words(cfg: SearchConfig) -> tuple:
-    from .finetune import TRAIN_WORDS
-
-    from .broad import family_words
 
     held = {w.lower() for w in cfg.verify_words} | family_words()
     return tuple(w for w in TRAIN_WORDS if w.lower() not in held and w not in cfg.search_words)
@@ -318,7 +317,6 @@ class SearchResult:
 
 
 def _templates(lm, cfg: SearchConfig):
-    from ..attack.prompts import CHAT_TEMPLATES, has_chat_template
 
     if not cfg.templates:
         return None
@@ -334,19 +332,12 @@ def _short(div) -> dict:
 def _judge(lm, cases, patch, cfg: SearchConfig):
     """The held-out or search cases judged with ``patch`` attached (``attack.diverge.run_judged``:
     the exact check for templates that end with the run, generation for the rest)."""
-    from ..attack.diverge import run_judged
-
     hooks = None if patch is None else (lambda: apply_patch(lm, patch, validate=False))
     return run_judged(lm, cases, max_new_tokens=cfg.max_new_tokens, hooks=hooks)
 
 
 def search_patch(lm, cfg: SearchConfig | None = None, circuit=None, log=print) -> SearchResult:
     """``circuit``: the model's :class:`sinkhole.circuit.Circuit` (found with ``discover`` when not given)."""
-    from ..attack.prompts import make_cases
-    from ..circuit import discover
-    from ..data import snippets
-    from ..evaluate.metrics import text_metrics
-
     cfg = cfg or SearchConfig()
     cfg.check_disjoint()
     check_families(cfg.families)
@@ -359,7 +350,6 @@ def search_patch(lm, cfg: SearchConfig | None = None, circuit=None, log=print) -
     base = _judge(lm, cases, None, cfg)
     log(f"unpatched search divergence: run judge {base.rate:.0%}, garak judge {base.garak_rate:.0%}, either "
         f"{base.either_rate:.0%} ({base.n_cases} cases)")
-    from .broad import SHORT_REPS
 
     floor = 0.0
     if base.either_rate > 0:
@@ -418,9 +408,6 @@ def verify_patch(lm, patch: Patch | None, cfg: SearchConfig | None = None, heldo
     with ``cfg.broad`` also the broad verification (:mod:`sinkhole.patch.broad`: every attack
     family and text setting, beside the paper's patch, the input-side collapse and ``compare``,
     name -> patch), whose targets are then the patch's targets."""
-    from ..attack.prompts import make_cases
-    from ..evaluate.metrics import heldout_texts, sink_attention, text_metrics
-
     cfg = cfg or SearchConfig()
     cfg.check_disjoint()
     cases = make_cases(lm, list(cfg.verify_words), list(cfg.verify_reps), _templates(lm, cfg))
@@ -453,9 +440,6 @@ def broad_verification(lm, patch: Patch, cfg: SearchConfig, circuit=None, compar
                        quiet: bool | None = None) -> dict:
     """:func:`sinkhole.patch.broad.verify_broad` with the search's baselines: the paper's patch
     (unless the patch is the paper's), the input-side collapse, and ``compare``."""
-    from ..circuit import discover
-    from .broad import QUICK, verify_broad
-
     baselines: dict = {}
     if "paper" in cfg.baselines and (patch.meta or {}).get("family") != "paper_clamp":
         try:

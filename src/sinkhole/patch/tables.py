@@ -1,6 +1,8 @@
 """The rows of the patch tables, built once for both formats (SUMMARY.md and the HTML report)."""
 
 from __future__ import annotations
+from dataclasses import dataclass
+from ..results import StepResult
 
 
 def _pct(x, nd: int = 1) -> str:
@@ -123,3 +125,14 @@ def summary_markdown(verification: dict, tried: list | None = None, chosen: str 
     if tried:
         lines += [""] + markdown_table(CANDIDATE_HEADER, candidate_rows(tried, chosen))
     return "\n".join(lines)
+
+
+@dataclass
+class PatchResult(StepResult):
+    search: dict  # SearchResult.to_dict() without the patch
+    chosen: str | None
+    config: dict  # SearchConfig.to_dict()
+    summary: str
+    patch: dict | None = None
+    verification: dict | None = None
+    exported_to: str | None = None

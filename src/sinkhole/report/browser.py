@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ..errors import SinkholeError
+from ..results import write_atomic
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -183,7 +184,6 @@ def check_page(path: str | os.PathLike, screenshot: str | os.PathLike | None = N
                                                             **({"clip": {"x": 0, "y": 0, "width": width,
                                                                          "height": info["page_height"], "scale": 1}}
                                                                if full_page else {})}, session=sid, timeout=timeout)
-                from ..results import write_atomic
 
                 write_atomic(screenshot, base64.b64decode(shot["data"]))
             pipe.drain(0.1)

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from ..results import write_atomic
 
 plt.rcParams.update({
     "svg.hashsalt": "sinkhole",
@@ -40,7 +41,6 @@ class Figure:
         plt.close(fig)
 
     def save(self, folder: Path) -> list[Path]:
-        from ..results import write_atomic
 
         folder.mkdir(parents=True, exist_ok=True)
         p1, p2 = folder / f"{self.name}.png", folder / f"{self.name}.svg"

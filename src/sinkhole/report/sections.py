@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .figures import Figure, new
-from .html import esc, fmt
+from .markup import esc, fmt
 
 
 def _fallback_line(name: str, r: dict) -> tuple[str, str | None] | None:

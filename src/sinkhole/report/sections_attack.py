@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .figures import Figure, new
-from .html import details, esc, fmt, note, pre, raw, table
+from .markup import details, esc, fmt, note, pre, raw, table
 
 
 def divergence_section(doc: dict):

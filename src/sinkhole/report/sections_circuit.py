@@ -4,7 +4,7 @@ position 0, sink layers and neurons, repeats needed). Built only from results.js
 from __future__ import annotations
 
 from .figures import Figure, new
-from .html import esc, fmt, note, table
+from .markup import esc, fmt, note, table
 
 
 def _res(doc: dict, key: str):

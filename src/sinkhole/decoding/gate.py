@@ -1,0 +1,288 @@
+"""The run gate: a patch that acts only inside long low-diversity runs, so ordinary text is untouched.
+
+A long run of one token (or of a few tokens: a phrase, ``w, w, w``, a cluster sequence) is what
+breaks the attention sink (the paper's Theorem 4.1: attention over many identical keys returns
+the same value as a first token attending to itself). A serving stack's defence is to collapse
+such runs in the prompt. The gate does the same *inside* the model, for the prompt and for every
+token the model generates, with the KV cache intact:
+
+* **which tokens are excess** (:func:`excess_mask`): token ``t`` is excess when the ``window``
+  tokens before it hold at most ``max_distinct`` distinct tokens and token ``t`` is already among
+  them at least ``min_count`` times. So a run keeps its first tokens (about ``window`` minus the
+  few other tokens still in the window); the token that ends a run (a closing quote, a new word)
+  is not excess, because it is not among the run's tokens.
+* **which are hidden, and from whom** (:func:`expiry`): a stretch of excess tokens is cut into
+  blocks of the run's period (one repetition of its unit: 1 token for ``w w w``, 3 for a
+  three-token phrase). A stretch with no exact repeating unit (a cluster sequence; the digits of a
+  column of close numbers, which SmolLM2 writes one token each) is left alone unless ``cluster``
+  is set (then it is cut token by token: hiding digits changes the numbers the model reads, the
+  ninth session's finding); a stretch of at most ``hold`` excess tokens is left whole. A block is hidden from every query from the start
+  of the next block of its stretch on; the stretch's last block is never hidden. So each query
+  sees the run's first tokens and then the repetition it is in (after the run: the run's last
+  repetition) whole: the run is shortened by whole repetitions, never cut inside one.
+* **what the gate does**: hidden tokens are masked out of attention and do not advance the
+  position counter (``pos(t) = t - #tokens hidden from t``). So every token sees exactly what it
+  would see if the hidden tokens had been deleted from the input: the gated model on a prompt
+  equals the plain model on :func:`collapse` of it at the prompt's last token (test: tiny models of
+  every family); every token it generates sees its run shortened the same way.
+
+On text with no excess token the hooks return without touching anything, so ordinary text is
+bit-identical. Unlike the input-side collapse, the gate also collapses a run the model builds
+itself while generating (a chat model asked to repeat a word writes the run), and it needs no
+change to the prompt; like every hook patch it needs ``sinkhole.load_patched`` (plain
+transformers loads the original model, and a GGUF cannot hold it); llama.cpp runs it through
+:class:`sinkhole.engines.LlamaCpp`, which feeds llama.cpp the collapsed history each step.
+
+Limits: hybrid models' linear-attention layers (Qwen3.5 Gated DeltaNet) cannot hide a token, so
+there the gate compresses positions only; sliding-window layers count the window in raw tokens,
+so on them the equivalence with ``collapse`` holds only while the run fits the window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..capture import past_length
+from ..errors import SinkholeError
+
+
+@dataclass
+class RunGate:
+    """The gate's rule (see the module docstring); stored in a patch's JSON under ``gate``."""
+
+    window: int = 32
+    max_distinct: int = 8
+    min_count: int = 2
+    hold: int = 0
+    cluster: bool = False  # also hide stretches with no exact repeating unit (cluster sequences, and digits)
+
+    def check(self) -> None:
+        if not isinstance(self.cluster, bool):
+            raise SinkholeError(f"run gate cluster must be true or false (got {self.cluster!r})")
+        for name in ("window", "max_distinct", "min_count", "hold"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "hold" else 1):
+                what = "a non-negative" if name == "hold" else "a positive"
+                raise SinkholeError(f"run gate {name} must be {what} integer (got {v!r})")
+        if self.max_distinct > self.window or self.min_count > self.window:
+            raise SinkholeError("run gate max_distinct and min_count must not exceed its window")
+
+    def to_dict(self) -> dict:
+        return {"window": self.window, "max_distinct": self.max_distinct, "min_count": self.min_count,
+                "hold": self.hold, "cluster": self.cluster}
+
+    @classmethod
+    def from_dict(cls, d) -> "RunGate":
+        if not isinstance(d, dict):
+            raise SinkholeError("the patch's 'gate' must be an object with window, max_distinct and min_count")
+        unknown = set(d) - {"window", "max_distinct", "min_count", "hold", "cluster"}
+        if unknown:
+            raise SinkholeError(f"the patch's gate has unknown field(s) {sorted(unknown)}; "
+                                "use window, max_distinct, min_count, hold, cluster")
+        g = cls(**d)
+        g.check()
+        return g
+
+    def describe(self) -> str:
+        return (f"run gate: a token already seen {self.min_count}+ times among the previous {self.window} tokens, "
+                f"when those hold at most {self.max_distinct} distinct tokens, is hidden from later attention and "
+                "does not advance the position"
+                + (f", once its run has more than {self.hold} such tokens" if self.hold else "")
+                + ("; runs without a repeating unit too" if self.cluster else
+                   "; only in runs that repeat a unit exactly"))
+
+
+def excess_mask(ids: torch.Tensor, gate: RunGate) -> torch.Tensor:
+    """Boolean (B, n): which tokens of ``ids`` (B, n; -1 marks padding) the gate hides."""
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    b, n = ids.shape
+    out = torch.zeros(b, n, dtype=torch.bool, device=ids.device)
+    w = gate.window
+    if n <= w:
+        return out
+    win = ids[:, :-1].unfold(1, w, 1)  # the w tokens before t, for t = w .. n-1: (B, n - w, w)
+    s = win.sort(-1).values
+    distinct = 1 + (s[..., 1:] != s[..., :-1]).sum(-1)
+    cur = ids[:, w:]
+    seen = (win == cur[..., None]).sum(-1)
+    out[:, w:] = (distinct <= gate.max_distinct) & (seen >= gate.min_count) & (win >= 0).all(-1) & (cur >= 0)
+    return out
+
+
+NEVER = 2 ** 62
+
+
+def _period(ids: torch.Tensor, r0: int, most: int) -> int:
+    """The run's period at ``r0``: the smallest p <= ``most`` with the 3p tokens before r0 and r0
+    itself repeating with period p (three whole repetitions of the unit, then its first token
+    again; with the default window of 32 and at most 8 distinct tokens they always lie inside the
+    run); 0 when there is none (a cluster sequence, or the digits of close numbers, have no unit)."""
+    for p in range(1, most + 1):
+        span = ids[max(0, r0 - 3 * p):r0 + 1]
+        if len(span) > p and torch.equal(span[p:], span[:-p]):
+            return p
+    return 0
+
+
+def expiry(ids: torch.Tensor, gate: RunGate, ex: torch.Tensor | None = None) -> torch.Tensor:
+    """Long (B, n): from which position on each token is hidden (``NEVER`` for tokens never hidden).
+
+    The excess tokens of a stretch are cut into blocks of the run's period p (one repetition of its
+    unit, found in the window before the stretch): a block stays visible until the next block of
+    the same stretch starts, and the stretch's last block stays visible for good. So every query
+    sees the run's first tokens, then the repetition it is in (or, after the run, the run's last
+    repetition) whole: the run is shortened by whole repetitions, never cut inside one."""
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    ex = excess_mask(ids, gate) if ex is None else ex
+    out = torch.full(ids.shape, NEVER, dtype=torch.long, device=ids.device)
+    for b in range(ids.shape[0]):
+        row = ex[b]
+        if not bool(row.any()):
+            continue
+        idx = torch.nonzero(row).flatten()
+        breaks = torch.nonzero(idx[1:] != idx[:-1] + 1).flatten()
+        starts = torch.cat([idx[:1], idx[breaks + 1]]).tolist()
+        ends = torch.cat([idx[breaks], idx[-1:]]).tolist()
+        for r0, r1 in zip(starts, ends):
+            p = _period(ids[b], r0, gate.max_distinct)
+            if p == 0:  # no repeating unit: hidden only with ``cluster`` (then token by token)
+                if not gate.cluster:
+                    continue
+                p = 1
+            if r1 - r0 < gate.hold:  # a stretch of at most ``hold`` excess tokens stays whole
+                continue
+            k = torch.arange(r0, r1 + 1, device=ids.device)
+            nxt = r0 + ((k - r0) // p + 1) * p  # where the next block starts
+            nxt_held = nxt.clamp_min(r0 + gate.hold)  # nothing is hidden before the stretch passes ``hold``
+            out[b, r0:r1 + 1] = torch.where(nxt <= r1, nxt_held, torch.full_like(nxt, NEVER))
+    return out
+
+
+def hidden_mask(ids, gate: RunGate) -> torch.Tensor:
+    """Boolean (B, n): which tokens of ``ids`` the gate hides from some later token (excess tokens
+    of a stretch that passed ``hold``, except the stretch's last block)."""
+    t = torch.as_tensor(ids, dtype=torch.long)
+    return expiry(t, gate) < NEVER
+
+
+def hidden_before(exp: torch.Tensor) -> torch.Tensor:
+    """Long (B, n): how many tokens before each position are hidden from it (its position shift)."""
+    b, n = exp.shape
+    cnt = torch.zeros(b, n + 1, dtype=torch.long, device=exp.device)
+    fin = exp < n
+    cnt.scatter_add_(1, torch.where(fin, exp, torch.full_like(exp, n)), fin.long())
+    return cnt[:, :n].cumsum(1)
+
+
+def collapse(ids, gate: RunGate) -> list[int]:
+    """The input-side baseline: ``ids`` without the tokens the gate hides from the end of the
+    prompt (what a serving stack that shortens long runs, by whole repetitions, before the model
+    sees them would send)."""
+    t = torch.as_tensor(list(ids), dtype=torch.long)
+    keep = expiry(t, gate)[0] >= len(t)
+    return t[keep].tolist()
+
+
+class GateHooks:
+    """The gate attached to a loaded model for the duration of a ``with`` block.
+
+    A pre-hook on the module that takes ``input_ids`` keeps the token history of the current
+    sequence (reset when a call starts at position 0, cut back when a cache was cropped), computes
+    the excess tokens and replaces ``position_ids``; a pre-hook on every softmax-attention module
+    adds the hidden keys to its attention mask."""
+
+    def __init__(self, lm, gate: RunGate):
+        self.lm, self.gate = lm, gate
+        self.adapter = lm.adapter
+        self._handles: list = []
+        self.hist: torch.Tensor | None = None
+        self._exp: torch.Tensor | None = None  # (B, n) expiry of every token of the history, or None
+        self._q = 0
+
+    # --- the token history ----------------------------------------------------------------
+    def _track(self, module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+            ids = args[0]
+        self._exp = None
+        if not isinstance(ids, torch.Tensor):  # inputs_embeds: the tokens are unknown, nothing is gated
+            self.hist = None
+            return None
+        q = ids.shape[1]
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            past = mask.shape[1] - q
+            new = torch.where(mask[:, -q:] > 0, ids, torch.full_like(ids, -1))
+        else:
+            past = past_length(kwargs)
+            new = ids
+        if past == 0 or self.hist is None or self.hist.shape[0] != ids.shape[0] or self.hist.shape[1] < past:
+            # a new sequence (or history this gate never saw): start over from what is known
+            prefix = torch.full((ids.shape[0], past), -1, dtype=ids.dtype, device=ids.device)
+            self.hist = torch.cat([prefix, new], 1)
+        else:
+            self.hist = torch.cat([self.hist[:, :past], new], 1)
+        ex = excess_mask(self.hist, self.gate)
+        exp = expiry(self.hist, self.gate, ex) if bool(ex.any()) else None
+        if exp is None or not bool((exp < NEVER).any()):
+            return None  # nothing to gate: the call runs untouched (bit-identical)
+        self._exp, self._q = exp, q
+        real = self.hist >= 0
+        pos = (real.long().cumsum(1) - 1 - hidden_before(exp)).clamp_min(0)
+        kwargs = dict(kwargs)
+        kwargs["position_ids"] = pos[:, -q:]
+        if kwargs.get("attention_mask") is None:  # no packed-sequence guess from repeated position ids
+            kwargs["attention_mask"] = torch.ones(self.hist.shape, dtype=torch.long, device=ids.device)
+        return args, kwargs
+
+    # --- the attention mask -----------------------------------------------------------------
+    def _attn(self, module, args, kwargs):
+        if self._exp is None or "attention_mask" not in kwargs:
+            return None  # nothing to gate, or a module that takes its mask positionally (positions only)
+        mask = kwargs["attention_mask"]
+        q = self._q
+        n = self._exp.shape[1]
+        kv = n if mask is None else mask.shape[-1]
+        exp = self._exp[:, -kv:] if kv <= n else torch.nn.functional.pad(self._exp, (kv - n, 0), value=NEVER)
+        qpos = torch.arange(n - q, n, device=exp.device)  # query positions in the history
+        hidden = exp[:, None, :] <= qpos[None, :, None]  # (B, q, kv)
+        if not bool(hidden.any()):
+            return None
+        if mask is None:
+            kpos = torch.arange(n - kv, n, device=exp.device)
+            allowed = (kpos[None, :] <= qpos[:, None])[None, None].expand(exp.shape[0], 1, q, kv)
+            new = allowed & ~hidden[:, None]
+        elif mask.dtype == torch.bool:
+            new = mask & ~hidden[:, None]
+        else:
+            new = mask.masked_fill(hidden[:, None], torch.finfo(mask.dtype).min)
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = new
+        return args, kwargs
+
+    # --- attach / detach --------------------------------------------------------------------
+    def __enter__(self):
+        base = self.adapter.base_model or self.lm.model
+        try:
+            self._handles.append(base.register_forward_pre_hook(self._track, with_kwargs=True))
+            for i in self.adapter.attention_layers:
+                self._handles.append(self.adapter.attn(i).register_forward_pre_hook(self._attn, with_kwargs=True))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.hist = None
+        self._exp = None
