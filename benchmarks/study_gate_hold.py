@@ -41,7 +41,7 @@ def _ints(s: str) -> list[int]:
 
 
 def tuning_words() -> list[str]:
-    from sinkhole.patch.broad import family_words
+    from sinkhole.attack.families import family_words
     from sinkhole.patch.finetune import TRAIN_WORDS
     from sinkhole.patch.search import SEARCH_WORDS, VERIFY_WORDS
 
@@ -78,7 +78,8 @@ def main(argv=None) -> int:
     from sinkhole import load_model
     from sinkhole.attack.diverge import run_judged
     from sinkhole.attack.prompts import make_cases
-    from sinkhole.patch.broad import broad_cases, family_rates, fidelity, judge_cases
+    from sinkhole.attack.families import broad_cases, family_rates, judge_cases
+    from sinkhole.patch.fidelity import fidelity
     from sinkhole.patch.core import Patch
     from sinkhole.decoding.engines import TorchGate
     from sinkhole.decoding.gate import RunGate

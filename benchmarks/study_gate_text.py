@@ -62,7 +62,7 @@ def main(argv=None) -> int:
 
     from sinkhole import load_model
     from sinkhole.data import TEXTS, load_text
-    from sinkhole.patch.broad import TEXT_TOKENS, fidelity, text_tokens
+    from sinkhole.patch.fidelity import TEXT_TOKENS, fidelity, text_tokens
     from sinkhole.patch.core import Patch
     from sinkhole.decoding.gate import RunGate, hidden_mask
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from sinkhole.errors import SinkholeError
-from sinkhole.patch.broad import (FAMILIES, QUICK, broad_cases, check_disjoint, family_rates, family_words,
-                                  fidelity, judge_cases, verify_broad, Collapse)
+from sinkhole.attack.families import FAMILIES, broad_cases, check_disjoint, family_rates, family_words, judge_cases
+from sinkhole.patch.verify import QUICK, verify_broad, Collapse
+from sinkhole.patch.fidelity import fidelity
 from sinkhole.patch.core import Patch
 from sinkhole.decoding.gate import RunGate
 
@@ -89,7 +90,7 @@ def test_verify_broad_quick_slice(tiny):
 
 
 def test_collapse_position_map_follows_the_kept_tokens():
-    from sinkhole.patch.broad import _kept_index
+    from sinkhole.patch.fidelity import _kept_index
     from sinkhole.decoding.gate import collapse
 
     g = RunGate(window=8, max_distinct=3, min_count=2)

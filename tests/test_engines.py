@@ -168,7 +168,7 @@ def test_broad_verification_in_llamacpp_matches_transformers(tiny, torch_llama, 
     """verify_broad(engine="llama.cpp") runs every method through the engine (the gate as the
     engine runs it, the collapse on the engine, the text logits from the engine) and, with an
     engine that computes what transformers computes, finds what the transformers path finds."""
-    from sinkhole.patch.broad import QUICK, verify_broad
+    from sinkhole.patch.verify import QUICK, verify_broad
     from sinkhole.patch.core import Patch, PatchOp
     from sinkhole.decoding.gate import RunGate
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import sinkhole.models.gguf_cache as C
 import sinkhole.models.loading as L
 from helpers_reliability import files_in, make_tiny_folder
 from sinkhole import load_model
@@ -197,7 +198,7 @@ def test_model_folder(tiny_folder, tmp_path, monkeypatch):
     anything else a one-line error."""
     assert L.model_folder(str(tiny_folder)) == tiny_folder
     monkeypatch.setattr(L, "_resolve_embedded", lambda name: tmp_path / f"{name}.gguf")
-    monkeypatch.setattr(L, "_dequantized_folder", lambda gguf, progress=True: tmp_path / "deq" / gguf.stem)
+    monkeypatch.setattr(L, "dequantized_folder", lambda gguf, progress=True: tmp_path / "deq" / gguf.stem)
     assert L.model_folder("smollm2-135m-instruct") == tmp_path / "deq" / "smollm2-135m-instruct"
     g = tmp_path / "m.gguf"
     g.write_bytes(b"GGUF")
@@ -222,7 +223,7 @@ def test_unreadable_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr("builtins.open", deny)
     with pytest.raises(ModelLoadError) as ei:
-        L.check_gguf(p)
+        C.check_gguf(p)
     assert "Permission denied" in _one_line(ei.value)
 
 
@@ -295,14 +296,14 @@ def fake_gguf(tmp_path, monkeypatch):
         time.sleep(float(os.environ.get("FAKE_BUILD_S", "0")))
         tiny_lm("llama").model.save_pretrained(tmp, safe_serialization=True)
 
-    monkeypatch.setattr(L, "_build_cache", build)
-    monkeypatch.setattr(L, "check_gguf", lambda path: None)  # the fake file is not a parsable GGUF
+    monkeypatch.setattr(C, "_build_cache", build)
+    monkeypatch.setattr(C, "check_gguf", lambda path: None)  # the fake file is not a parsable GGUF
     return src, builds
 
 
 def _entry(src):
-    folder = L._dequantized_folder(src, progress=False)
-    return folder, L.cache_problem(folder, L._file_key(src.resolve()))
+    folder = C.dequantized_folder(src, progress=False)
+    return folder, C.cache_problem(folder, C._file_key(src.resolve()))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip-header-byte", "missing-file", "foreign"])
@@ -310,7 +311,7 @@ def test_a_damaged_cache_entry_is_detected_and_rebuilt(fake_gguf, damage, caplog
     src, builds = fake_gguf
     folder, problem = _entry(src)
     assert problem is None and len(list(builds.iterdir())) == 1
-    assert L._dequantized_folder(src, progress=False) == folder and len(list(builds.iterdir())) == 1  # reused
+    assert C.dequantized_folder(src, progress=False) == folder and len(list(builds.iterdir())) == 1  # reused
     w = folder / "model.safetensors"
     data = w.read_bytes()
     if damage == "truncate":  # a full disk or a killed copy
@@ -320,14 +321,14 @@ def test_a_damaged_cache_entry_is_detected_and_rebuilt(fake_gguf, damage, caplog
     elif damage == "missing-file":
         w.unlink()
     else:  # an entry written by something else: no manifest
-        (folder / L.MANIFEST).unlink()
-    problem = L.cache_problem(folder, L._file_key(src.resolve()))
+        (folder / C.MANIFEST).unlink()
+    problem = C.cache_problem(folder, C._file_key(src.resolve()))
     assert problem and problem != "missing"
     with pytest.raises(SinkholeError, match="cannot be used"):  # --strict-cache
-        L._dequantized_folder(src, progress=False, strict=True)
+        C.dequantized_folder(src, progress=False, strict=True)
     monkeypatch.setenv("SINKHOLE_CACHE_STRICT", "1")
     with pytest.raises(SinkholeError, match="cannot be used"):
-        L._dequantized_folder(src, progress=False)
+        C.dequantized_folder(src, progress=False)
     monkeypatch.delenv("SINKHOLE_CACHE_STRICT")
     with caplog.at_level("WARNING", logger="sinkhole"):
         again, problem = _entry(src)
@@ -343,12 +344,12 @@ def test_safetensors_structure_check(tmp_path):
 
     tiny_lm("llama").model.save_pretrained(tmp_path, safe_serialization=True)
     w = tmp_path / "model.safetensors"
-    assert L._safetensors_problem(w) == ""
+    assert C._safetensors_problem(w) == ""
     data = w.read_bytes()
     w.write_bytes(data[:-1])
-    assert "bytes where its header needs" in L._safetensors_problem(w)
+    assert "bytes where its header needs" in C._safetensors_problem(w)
     w.write_bytes(data[:6])
-    assert L._safetensors_problem(w) == "its header is cut short"
+    assert C._safetensors_problem(w) == "its header is cut short"
 
 
 def test_two_concurrent_first_loads_build_one_entry(fake_gguf, monkeypatch):
@@ -360,10 +361,10 @@ def test_two_concurrent_first_loads_build_one_entry(fake_gguf, monkeypatch):
     monkeypatch.setenv("FAKE_BUILD_S", "1.5")
     ctx = mp.get_context("fork")  # the children inherit the fake builder
     with ctx.Pool(2) as pool:
-        folders = pool.map(L._dequantized_folder, [src, src])
+        folders = pool.map(C.dequantized_folder, [src, src])
     assert folders[0] == folders[1]
     assert len(list(builds.iterdir())) == 1
-    assert L.cache_problem(folders[0], L._file_key(src.resolve())) is None
+    assert C.cache_problem(folders[0], C._file_key(src.resolve())) is None
     assert [p.name for p in folders[0].parent.iterdir() if p.name.startswith(".tmp-")] == []
 
 

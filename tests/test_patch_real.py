@@ -66,7 +66,7 @@ def test_shipped_default_on_a_slice_of_the_broad_set(smollm2):
     goal) on a slice of the broad set: long runs after two wordings stop diverging, and a no-BOS
     64-token window of held-out text is unchanged."""
     from sinkhole.circuit import discover
-    from sinkhole.patch.broad import verify_broad
+    from sinkhole.patch.verify import verify_broad
     from sinkhole.patch.search import DEFAULT_FAMILIES, SearchConfig, candidates
 
     fam, _, build = next(candidates(smollm2, discover(smollm2), SearchConfig()))
@@ -82,7 +82,7 @@ def test_shipped_default_on_a_slice_of_the_broad_set(smollm2):
     # the first no-BOS window of the held-out text and on the same window after a long run
     import torch
 
-    from sinkhole.patch.broad import text_tokens
+    from sinkhole.patch.fidelity import text_tokens
     from sinkhole.patch.core import apply_patch
 
     win = text_tokens(smollm2, "twelfth_night", need=256)[:64]
@@ -96,7 +96,7 @@ def test_shipped_default_on_a_slice_of_the_broad_set(smollm2):
     # the broad check runs a gate-only patch's attacks through engines.TorchGate (the collapsed
     # history fed each step): on this slice it gives the hooks' verdicts and tokens
     from sinkhole.decoding.engines import TorchGate
-    from sinkhole.patch.broad import broad_cases, judge_cases
+    from sinkhole.attack.families import broad_cases, judge_cases
 
     assert res["settings"]["gate_attacks"] == "collapse fed (engines.TorchGate)"
     cases = broad_cases(smollm2, (1000, 2000), ("repeat", "garak_word", "raw"))

@@ -65,10 +65,10 @@ def _imports(path: Path):
                 names = [a.name for a in ch.names]
                 subs = [f"{mod}.{n}" for n in names if f"{mod}.{n}" in known]
                 for target in subs or [mod]:
-                    yield target, names, ch.lineno, local, lines[ch.lineno - 1]
+                    yield target, names, ch.lineno, local, " ".join(lines[ch.lineno - 1:ch.end_lineno])
             elif isinstance(ch, ast.Import):
                 for a in ch.names:
-                    yield a.name, [], ch.lineno, local, lines[ch.lineno - 1]
+                    yield a.name, [], ch.lineno, local, " ".join(lines[ch.lineno - 1:ch.end_lineno])
             yield from walk(ch, inner)
 
     yield from walk(tree, False)

@@ -30,11 +30,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .attn_first import first_column, switch_off, switch_on
 from .errors import NumericalError
 from .models.adapters import get_adapter
-from .attn_first import switch_off
-from .attn_first import switch_on
-from .attn_first import first_column
 
 SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out", "neurons", "attn_pattern")
 READ_SITES = SITES + ("attn_first",)  # attn_first: read only, see attn_first.py

@@ -24,19 +24,18 @@ The success rates of cluster and random sequences of the same length are reporte
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from ..capture import Hooks
-from ..progress import progress
-from .judge import is_sep
-from .predictor import default_layers, sink_probe
-from dataclasses import dataclass
-from ..results import StepResult
-from ..decoding.tokens import stop_ids
 from ..decoding.generate import generate
-from .sweep import frequent_tokens
+from ..decoding.tokens import stop_ids
+from ..progress import progress
+from ..results import StepResult
+from .judge import is_sep
+from .sweep import default_layers, frequent_tokens, sink_probe
 
 
 def token_features(lm, tokens: Sequence[int], space: str = "layer0", batch_size: int = 256) -> torch.Tensor:

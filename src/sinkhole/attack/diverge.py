@@ -24,7 +24,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Sequence
 
-
 from ..capture import Edit, Hooks
 from ..decoding.engines import LlamaCpp, gguf_of
 from ..decoding.generate import generate

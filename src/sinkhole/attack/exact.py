@@ -10,12 +10,12 @@ from typing import Sequence
 import torch
 
 from ..decoding.cache import keep_for_rollback, new_cache, rollback
-from ..progress import progress
-from .prompts import RUN_AT_END, Case
-from ..models.attention import fast_attention
+from ..decoding.tokens import decode_pieces, stop_ids
 from ..errors import SinkholeError
-from ..decoding.tokens import stop_ids, decode_pieces
+from ..models.attention import fast_attention
+from ..progress import progress
 from .judge import judge_run
+from .prompts import RUN_AT_END, Case
 
 
 @dataclass

@@ -29,13 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import SinkholeError
-from ..results import StepResult
-from ..models.loading import cache_dir
-from ..progress import progress
-from ..decoding.tokens import decode_pieces
-from ..decoding.generate import generate
 from ..data import heldout_texts
+from ..decoding.generate import generate
+from ..decoding.tokens import decode_pieces
+from ..errors import SinkholeError
+from ..models.gguf_cache import cache_dir
+from ..progress import progress
+from ..results import StepResult
 
 WINDOW = 32
 STRIDE = 18

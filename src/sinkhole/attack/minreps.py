@@ -32,17 +32,14 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+from ..circuit.common import average_ranks
+from ..data import corpus_words
 from ..errors import SinkholeError
 from ..progress import progress
 from ..results import StepResult
-from .prompts import build_ids
-from .prompts import RUN_AT_END
 from .exact import greedy_check
-from .prompts import Case, build_ids
-from ..circuit.common import average_ranks
-from .prompts import parse_words
+from .prompts import RUN_AT_END, Case, build_ids, parse_words
 from .sweep import sweep_tokens
-from ..data import corpus_words
 
 PROBE_FACTORS = (1.5, 2.0, 4.0)
 

@@ -25,24 +25,13 @@ from typing import Sequence
 
 import torch
 
-from ..capture import Hooks
+from ..circuit.common import auc as auc_of
+from ..decoding.tokens import pad_left
 from ..progress import progress
 from .prompts import Case
-from ..decoding.tokens import pad_left
-from ..circuit import discover
-from ..circuit.common import auc as auc_of
+from .sweep import default_layers, sink_probe
 
 FEATURES = ("attn_drop", "norm_ratio", "norm_growth")
-
-
-def _attn_to_first(k: int):
-    def reduce(w: torch.Tensor, pos):  # w: (B, H, T), weight on each row's real first token
-        return w[:, :, -k:].float().mean(1).detach()  # (B, k)
-    return reduce
-
-
-def _norms(x: torch.Tensor, pos):
-    return x.detach().float().norm(dim=-1)  # (B, T)
 
 
 @dataclass
@@ -57,38 +46,6 @@ class CaseFeatures:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def default_layers(lm, drift_layer: int | None = None) -> tuple[int, int, int]:
-    """(norm_layer, first_attn_layer, max_layer): the norm at the circuit's drift layer (found
-    with ``circuit.discover`` when not given), attention from just after it to a few layers
-    later; everything stops well before the end of the model."""
-    n = lm.adapter.n_layers
-    if drift_layer is None:
-
-        drift_layer = discover(lm).drift_layer
-    s = min(max(int(drift_layer), 0), n - 1)
-    first_attn = min(s + 1, n - 1)
-    return s, first_attn, min(n - 1, first_attn + 3)
-
-
-def sink_probe(lm, ids: torch.Tensor, norm_layer: int, a0: int, max_layer: int, k: int,
-               attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One truncated forward pass: the residual norm at ``norm_layer`` for every position (B, T)
-    and the attention on the first real token from the last ``k`` positions, averaged over
-    layers ``a0..max_layer`` and heads (B, k). Both on the CPU."""
-    h = Hooks(lm)
-    att_layers = lm.adapter.attention_in(range(a0, max_layer + 1)) or \
-        [min(lm.adapter.attention_layers, key=lambda i: (abs(i - a0), i))]  # a hybrid's nearest attention layer
-    for L in att_layers:
-        h.read("attn_first", L, reduce=_attn_to_first(k))
-    h.read("resid_post", norm_layer, reduce=_norms)
-    h.stop_after(max(max_layer, norm_layer, *att_layers))
-    kw = {} if attention_mask is None else {"attention_mask": attention_mask.to(lm.device)}
-    with torch.no_grad(), h:
-        h.forward(ids.to(lm.device), use_cache=False, **kw)
-    att = torch.stack([h.cache[f"attn_first.{L}"] for L in att_layers]).mean(0)
-    return h.cache[f"resid_post.{norm_layer}"].cpu(), att.cpu()
 
 
 def case_features(lm, cases: Sequence[Case], drift_layer: int | None = None, k: int = 8, batch_size: int = 4,

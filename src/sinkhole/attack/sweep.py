@@ -26,18 +26,18 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from ..capture import Hooks
+from ..circuit import discover
+from ..data import load_text
 from ..errors import SinkholeError
 from ..progress import progress
-from ..results import write_json
-from .predictor import default_layers, sink_probe
-from dataclasses import dataclass
-from ..results import StepResult
-from ..data import load_text
+from ..results import StepResult, write_json
 from .diverge import run_cases
 from .prompts import Case
 
@@ -200,3 +200,44 @@ class SweepSummary(StepResult):
     top: list
     safest: list
     generation_rate: float | None = None
+
+
+def _attn_to_first(k: int):
+    def reduce(w: torch.Tensor, pos):  # w: (B, H, T), weight on each row's real first token
+        return w[:, :, -k:].float().mean(1).detach()  # (B, k)
+    return reduce
+
+
+def _norms(x: torch.Tensor, pos):
+    return x.detach().float().norm(dim=-1)  # (B, T)
+
+
+def default_layers(lm, drift_layer: int | None = None) -> tuple[int, int, int]:
+    """(norm_layer, first_attn_layer, max_layer): the norm at the circuit's drift layer (found
+    with ``circuit.discover`` when not given), attention from just after it to a few layers
+    later; everything stops well before the end of the model."""
+    n = lm.adapter.n_layers
+    if drift_layer is None:
+        drift_layer = discover(lm).drift_layer
+    s = min(max(int(drift_layer), 0), n - 1)
+    first_attn = min(s + 1, n - 1)
+    return s, first_attn, min(n - 1, first_attn + 3)
+
+
+def sink_probe(lm, ids: torch.Tensor, norm_layer: int, a0: int, max_layer: int, k: int,
+               attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One truncated forward pass: the residual norm at ``norm_layer`` for every position (B, T)
+    and the attention on the first real token from the last ``k`` positions, averaged over
+    layers ``a0..max_layer`` and heads (B, k). Both on the CPU."""
+    h = Hooks(lm)
+    att_layers = lm.adapter.attention_in(range(a0, max_layer + 1)) or \
+        [min(lm.adapter.attention_layers, key=lambda i: (abs(i - a0), i))]  # a hybrid's nearest attention layer
+    for L in att_layers:
+        h.read("attn_first", L, reduce=_attn_to_first(k))
+    h.read("resid_post", norm_layer, reduce=_norms)
+    h.stop_after(max(max_layer, norm_layer, *att_layers))
+    kw = {} if attention_mask is None else {"attention_mask": attention_mask.to(lm.device)}
+    with torch.no_grad(), h:
+        h.forward(ids.to(lm.device), use_cache=False, **kw)
+    att = torch.stack([h.cache[f"attn_first.{L}"] for L in att_layers]).mean(0)
+    return h.cache[f"resid_post.{norm_layer}"].cpu(), att.cpu()

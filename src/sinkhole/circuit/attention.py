@@ -25,11 +25,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..capture import Hooks
+from ..capture import READ_SITES, Hooks
 from ..results import StepResult
 from .common import text_batch
 from .norms import repeat_ids
-from ..capture import READ_SITES
 
 
 @dataclass

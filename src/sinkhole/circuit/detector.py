@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..capture import Hooks
+from ..models.attention import fast_attention
 from ..results import StepResult
 from .common import auc, histogram, text_batch
-from ..models.attention import fast_attention
 
 
 def _auc_columns(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:

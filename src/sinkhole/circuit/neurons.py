@@ -22,11 +22,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..capture import Edit, Hooks
+from ..capture import READ_SITES, Edit, Hooks
 from ..models.attention import fast_attention
 from .common import norm_reduce, text_batch
 from .norms import repeat_ids
-from ..capture import READ_SITES
 
 
 @dataclass

@@ -7,10 +7,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..capture import Hooks
-from ..results import StepResult
 from ..data import snippets
-from ..progress import progress
 from ..models.attention import fast_attention
+from ..progress import progress
+from ..results import StepResult
 
 
 def _norm_reduce(x: torch.Tensor, pos) -> torch.Tensor:

@@ -4,7 +4,6 @@ paper's sections 3-4, as a table or JSON."""
 from __future__ import annotations
 
 
-
 def add_parser(sub) -> None:
     from . import add_common_args, add_model_args  # lazy: start-up time
 
@@ -33,8 +32,11 @@ def run(args) -> int:
     from ..attack.prompts import parse_int_list, parse_words  # lazy: start-up time
     from ..errors import SinkholeError  # lazy: start-up time
     from ..pipeline.engine import ScanOptions  # lazy: start-up time
-    from ..pipeline.registry import load_document, run_scan  # lazy: start-up time
-    from ..pipeline.registry import CIRCUIT_STEPS  # lazy: start-up time
+    from ..pipeline.registry import (  # lazy: start-up time
+        CIRCUIT_STEPS,  # lazy: start-up time
+        load_document,
+        run_scan,
+    )
     from . import check_out_file, emit, info, load_from_args  # lazy: start-up time
 
     for flag, v in (("--reps", args.reps), ("--conv-reps", args.conv_reps), ("--top-k", args.top_k)):

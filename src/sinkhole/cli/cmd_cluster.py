@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 def add_parser(sub) -> None:
     from . import add_common_args, add_model_args, add_role_args  # lazy: start-up time
 
@@ -30,11 +29,21 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
 
-    from ..attack.cluster import cluster_attack  # lazy: start-up time
+    from ..attack.cluster import (
+        ClusterResult,  # lazy: start-up time
+        cluster_attack,  # lazy: start-up time
+    )
     from ..errors import SinkholeError  # lazy: start-up time
-    from ..attack.cluster import ClusterResult  # lazy: start-up time
     from ..pipeline.engine import document  # lazy: start-up time
-    from . import check_out_file, circuit_from_args, emit, info, load_from_args, model_meta, vars_of  # lazy: start-up time
+    from . import (  # lazy: start-up time
+        check_out_file,
+        circuit_from_args,
+        emit,
+        info,
+        load_from_args,
+        model_meta,
+        vars_of,
+    )
 
     if min(args.pool, args.clusters, args.length, args.seqs) < 1 or args.size < 2 or args.max_new_tokens < 0:
         raise SinkholeError("--pool, --clusters, --length and --seqs must be positive and --size at least 2")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 
-
 def add_parser(sub) -> None:
     from . import add_common_args, add_model_args  # lazy: start-up time
 
@@ -120,13 +119,15 @@ def run(args) -> int:
         patch.validate(lm)
         hooks = (lambda: apply_patch(lm, patch, validate=False))  # noqa: E731
     if args.exact and templates in (None, "default", "all"):  # minus the templates the check cannot draft
-        from ..attack.prompts import RUN_AT_END  # lazy: start-up time
-        from ..attack.prompts import resolve_templates  # lazy: start-up time
+        from ..attack.prompts import (
+            RUN_AT_END,  # lazy: start-up time
+            resolve_templates,  # lazy: start-up time
+        )
 
         templates = [t for t in resolve_templates(lm, templates) if t in RUN_AT_END]
     if args.engine == "llama.cpp":
-        from ..attack.prompts import make_cases, resolve_templates  # lazy: start-up time
         from ..attack.diverge import run_llamacpp  # lazy: start-up time
+        from ..attack.prompts import make_cases, resolve_templates  # lazy: start-up time
 
         res = run_llamacpp(lm, make_cases(lm, words, reps, templates), args.max_new_tokens, quiet=args.quiet,
                            gate=patch.gate if patch is not None else None)
@@ -193,8 +194,10 @@ def _check_sampling(args) -> None:
 
 def _run_min_reps(args) -> int:
     from ..attack.minreps import default_words, min_reps_table  # lazy: start-up time
-    from ..attack.prompts import RUN_AT_END  # lazy: start-up time
-    from ..attack.prompts import parse_words  # lazy: start-up time
+    from ..attack.prompts import (
+        RUN_AT_END,  # lazy: start-up time
+        parse_words,  # lazy: start-up time
+    )
     from ..errors import SinkholeError  # lazy: start-up time
     from ..pipeline.engine import document  # lazy: start-up time
     from . import check_out_file, emit, info, load_from_args, model_meta, vars_of  # lazy: start-up time

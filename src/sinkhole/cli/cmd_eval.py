@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 def add_parser(sub) -> None:
     from . import add_common_args, add_model_args  # lazy: start-up time
 
@@ -108,9 +107,9 @@ def run(args) -> int:
 def _run_llamacpp(args) -> int:
     """``eval --engine llama.cpp``: the broad verification with every method in llama.cpp."""
     from ..errors import SinkholeError  # lazy: start-up time
-    from ..patch.broad import verify_broad  # lazy: start-up time
-    from ..patch.tables import broad_markdown  # lazy: start-up time
     from ..patch.export import read_patch  # lazy: start-up time
+    from ..patch.tables import broad_markdown  # lazy: start-up time
+    from ..patch.verify import verify_broad  # lazy: start-up time
     from . import emit, info, load_from_args  # lazy: start-up time
 
     if args.tasks or args.verify_words or args.verify_reps or args.templates or args.no_divergence:

@@ -6,8 +6,8 @@ import sys
 
 
 def add_parser(sub) -> None:
-    from . import add_common_args, add_model_args, add_role_args  # lazy: start-up time
     from ..patch.search import DEFAULT_FAMILIES, FAMILIES  # lazy: start-up time
+    from . import add_common_args, add_model_args, add_role_args  # lazy: start-up time
 
     p = sub.add_parser(
         "patch", help="search, verify and export a patch that stops divergence",

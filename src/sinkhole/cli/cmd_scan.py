@@ -89,8 +89,8 @@ def _parse(kind: str, text, flag: str):
 def build_options(args):
     """The scan options from --config and the flags (checked before any model loads)."""
     from ..errors import SinkholeError  # lazy: start-up time
-    from ..results import read_json_file  # lazy: start-up time
     from ..pipeline.engine import ScanOptions  # lazy: start-up time
+    from ..results import read_json_file  # lazy: start-up time
 
     values: dict = {}
     if args.config:
@@ -122,9 +122,8 @@ def build_options(args):
 def fit_context(opts, lm, explicit: bool):
     """Check the options against the loaded model: role overrides within its layers, norm-curve runs
     shortened to its context (an error when the user asked for more)."""
-    from ..errors import SinkholeError  # lazy: start-up time
-
     from ..circuit.circuit import ROLE_NAMES, role_value  # lazy: start-up time
+    from ..errors import SinkholeError  # lazy: start-up time
 
     for role in ROLE_NAMES:  # before any step: the circuit step applies them (Circuit.with_roles)
         if getattr(opts, role) is not None:
@@ -143,10 +142,10 @@ def fit_context(opts, lm, explicit: bool):
 def run(args) -> int:
     import time
 
-    from ..report.html import write_report  # lazy: start-up time
-    from ..results import dumps, prepare_out_dir, write_json  # lazy: start-up time
     from ..pipeline.engine import PARTIAL, ScanInterrupted  # lazy: start-up time
     from ..pipeline.registry import run_scan  # lazy: start-up time
+    from ..report.html import write_report  # lazy: start-up time
+    from ..results import dumps, prepare_out_dir, write_json  # lazy: start-up time
     from . import info, load_from_args  # lazy: start-up time
 
     options = build_options(args)  # bad options fail before the model loads

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 def add_parser(sub) -> None:
     from . import add_common_args, add_model_args, add_role_args  # lazy: start-up time
 
@@ -54,11 +53,25 @@ def default_checkpoint(model: str, layer: int, args) -> str:
 def run(args) -> int:
     import os
 
-    from ..attack.sweep import frequent_tokens, merge, shard_from_env, summarize, sweep_tokens  # lazy: start-up time
+    from ..attack.sweep import (  # lazy: start-up time
+        SweepSummary,  # lazy: start-up time
+        frequent_tokens,
+        merge,
+        shard_from_env,
+        summarize,
+        sweep_tokens,
+    )
     from ..errors import SinkholeError  # lazy: start-up time
     from ..pipeline.engine import document  # lazy: start-up time
-    from ..attack.sweep import SweepSummary  # lazy: start-up time
-    from . import check_out_file, circuit_from_args, emit, info, load_from_args, model_meta, vars_of  # lazy: start-up time
+    from . import (  # lazy: start-up time
+        check_out_file,
+        circuit_from_args,
+        emit,
+        info,
+        load_from_args,
+        model_meta,
+        vars_of,
+    )
 
     check_out_file(args.out)
     model = None

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import SinkholeError
-from .gate import collapse
-from .gate import collapse, hidden_mask
 from ..models.attention import fast_attention
 from .cache import new_cache
+from .gate import collapse, hidden_mask
 
 ENGINES = ("transformers", "llama.cpp")
 INSTALL = ("CMAKE_ARGS='-DGGML_NATIVE=OFF' pip install llama-cpp-python (source only on PyPI: it compiles "

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from ..models.attention import fast_attention
-from .tokens import pad_left, pad_id, stop_ids
+from .tokens import pad_id, pad_left, stop_ids
 
 
 def generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float | None = None,

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from ..capture import Hooks
-from ..errors import SinkholeError
+from ..circuit.norms import repeat_ids
 from ..data import heldout_texts
 from ..decoding.tokens import pad_left
-from ..circuit.norms import repeat_ids
+from ..errors import SinkholeError
 
 
 def encode_batch(lm, texts: list[str], max_tokens: int = 128) -> tuple[torch.Tensor, torch.Tensor]:

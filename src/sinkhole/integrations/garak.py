@@ -27,16 +27,15 @@ loaded once per process.
 from __future__ import annotations
 
 import os
-from ..errors import SinkholeError
-from ..models.loading import load_model
-from ..patch.export import load_patched
-from ..patch.core import attach_patch
-from ..patch.export import read_patch
+
+from ..attack.prompts import chat_ids, has_chat_template
+from ..decoding.engines import LlamaCpp, gguf_of
 from ..decoding.generate import generate
 from ..decoding.tokens import stop_ids
-from ..decoding.engines import LlamaCpp, gguf_of
-from ..patch.core import llamacpp_gate
-from ..attack.prompts import chat_ids, has_chat_template
+from ..errors import SinkholeError
+from ..models.loading import load_model
+from ..patch.core import attach_patch, llamacpp_gate
+from ..patch.export import load_patched, read_patch
 
 _LOADED: dict = {}
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..data import load_text
+from ..decoding.tokens import pad_left
 from ..errors import SinkholeError
 from ..patch.core import apply_patch
-from ..decoding.tokens import pad_left
-from ..data import load_text
 
 
 def _require_lm_eval():

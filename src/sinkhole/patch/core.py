@@ -41,11 +41,9 @@ from typing import Any
 import torch
 
 from ..capture import SITES, Edit, Hooks
+from ..decoding.gate import GateHooks, RunGate
 from ..errors import SinkholeError
-from ..results import write_atomic, dumps
-from ..decoding.gate import RunGate
-from ..results import read_json_file
-from ..decoding.gate import GateHooks
+from ..results import dumps, read_json_file, write_atomic
 
 FORMAT = "sinkhole-patch"
 FORMAT_VERSION = 1

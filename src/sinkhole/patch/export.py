@@ -23,10 +23,9 @@ import tempfile
 from pathlib import Path
 
 from ..errors import SinkholeError
-from .core import Patch, attach_patch, swap_weights
+from ..models.loading import from_pretrained_model, load_model, quiet_hf
 from ..results import dumps, write_atomic
-from ..models.loading import quiet_hf
-from ..models.loading import from_pretrained_model, load_model
+from .core import Patch, attach_patch, swap_weights
 
 README = """# Patched model (sinkhole)
 

@@ -28,16 +28,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..errors import SinkholeError
-from .core import Patch, model_signature
-from ..data import corpus_words
 from ..attack.prompts import CHAT_TEMPLATES, has_chat_template, make_cases
-from ..models.attention import fast_attention
-from ..data import snippets
-from ..evaluate.metrics import encode_batch, token_kl
-from ..decoding.tokens import pad_left
-from ..progress import progress
 from ..capture import Hooks
+from ..data import corpus_words, snippets
+from ..decoding.tokens import pad_left
+from ..errors import SinkholeError
+from ..evaluate.metrics import encode_batch, token_kl
+from ..models.attention import fast_attention
+from ..progress import progress
+from .core import Patch, model_signature
 
 TRAIN_WORDS = ("poem", "company", "book", "house", "water", "time", "music", "light", "river", "dog", "green",
                "stone", "paper", "city", "window", "apple", "story", "money", "garden", "song")

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import SinkholeError
 from ..decoding.engines import gguf_of
+from ..errors import SinkholeError
 
 TENSOR_TYPES = ("F32", "F16", "Q8_0", "source")
 _MLP = {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
@@ -36,27 +36,6 @@ def gguf_name(hf_name: str) -> str | None:
     """The GGUF tensor name of a Llama/Gemma-style MLP weight (``blk.N.ffn_*.weight``), else None."""
     m = _HF.match(hf_name)
     return f"blk.{m.group(1)}.{_MLP[m.group(2)]}.weight" if m else None
-
-
-def changed_mlp_weights(original, patched, atol: float = 0.0) -> dict[str, np.ndarray]:
-    """``{gguf tensor name: float32 array}`` of the MLP weights that differ between two models."""
-    import torch
-
-    orig = dict(original.named_parameters())
-    out = {}
-    for name, p in patched.named_parameters():
-        g = gguf_name(name)
-        if g is None or name not in orig:
-            continue
-        a, b = orig[name].detach().float().cpu(), p.detach().float().cpu()
-        if a.shape == b.shape and not torch.allclose(a, b, rtol=0, atol=atol):
-            out[g] = b.numpy().astype(np.float32)
-    other = [n for n, p in patched.named_parameters() if gguf_name(n) is None and n in orig
-             and not torch.equal(orig[n].detach().cpu(), p.detach().cpu())]
-    if other:
-        raise SinkholeError(f"the patch changes weights the GGUF writer does not map yet ({other[0]}, ...): "
-                            "only MLP gate/up/down weights of Llama/Gemma-style models can be written")
-    return out
 
 
 def write_patched_gguf(source: str | os.PathLike, changed: dict[str, np.ndarray], out: str | os.PathLike,

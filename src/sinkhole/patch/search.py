@@ -30,25 +30,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..capture import run
-from ..errors import SinkholeError
-from .core import Patch, PatchOp, apply_patch, model_signature
-from .broad import family_words
-from ..data import snippets
-from ..evaluate.metrics import encode_batch
-from ..decoding.gate import RunGate
-from .finetune import finetune_patch
-from .finetune import FinetuneConfig
-from .finetune import TRAIN_WORDS
-from ..attack.prompts import CHAT_TEMPLATES, has_chat_template
 from ..attack.diverge import run_judged
-from ..attack.prompts import make_cases
+from ..attack.families import SHORT_REPS, family_words
+from ..attack.prompts import CHAT_TEMPLATES, has_chat_template, make_cases
+from ..capture import run
 from ..circuit import discover
-from ..evaluate.metrics import text_metrics
-from .broad import SHORT_REPS
-from ..data import heldout_texts
-from ..evaluate.metrics import sink_attention, text_metrics
-from .broad import QUICK, verify_broad
+from ..data import heldout_texts, snippets
+from ..decoding.gate import RunGate
+from ..errors import SinkholeError
+from ..evaluate.metrics import encode_batch, sink_attention, text_metrics
+from .core import Patch, PatchOp, apply_patch, model_signature
+from .finetune import TRAIN_WORDS, FinetuneConfig, finetune_patch
+from .verify import QUICK, verify_broad
 
 SEARCH_WORDS = ("poem", "company", "book", "music")
 SEARCH_REPS = (100, 300)

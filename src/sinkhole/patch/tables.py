@@ -1,7 +1,9 @@
 """The rows of the patch tables, built once for both formats (SUMMARY.md and the HTML report)."""
 
 from __future__ import annotations
+
 from dataclasses import dataclass
+
 from ..results import StepResult
 
 

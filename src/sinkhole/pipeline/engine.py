@@ -30,8 +30,7 @@ import torch
 from ..circuit.circuit import discover
 from ..errors import SinkholeError
 from ..progress import progress as _progress
-from ..results import SCHEMA_VERSION, StepResult, clean, check_unique, write_json
-
+from ..results import SCHEMA_VERSION, StepResult, check_unique, clean, write_json
 from ..version import __version__
 
 PARTIAL = ".partial.json"

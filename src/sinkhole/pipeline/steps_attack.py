@@ -8,18 +8,14 @@ and their --quick values); the CLI commands ``sinkhole diverge``, ``sinkhole swe
 
 from __future__ import annotations
 
-
-from .engine import Context
-from ..attack.diverge import DivergenceResult
-from ..attack.cluster import ClusterResult
-from ..attack.sweep import SweepSummary
-from ..attack.diverge import diverge
-from ..attack.prompts import has_chat_template
+from ..attack.cluster import ClusterResult, cluster_attack
+from ..attack.diverge import DivergenceResult, diverge
 from ..attack.memorization import memorization_check
-from ..errors import SinkholeError
 from ..attack.minreps import default_words, min_reps_table
-from ..attack.sweep import frequent_tokens, summarize, sweep_tokens
-from ..attack.cluster import cluster_attack
+from ..attack.prompts import has_chat_template
+from ..attack.sweep import SweepSummary, frequent_tokens, summarize, sweep_tokens
+from ..errors import SinkholeError
+from .engine import Context
 
 
 def divergence_step(ctx: Context) -> DivergenceResult:

@@ -6,17 +6,14 @@ pipeline, so its JSON is a results document that ``sinkhole report`` renders.
 
 from __future__ import annotations
 
-
-from .engine import Context, find_circuit
 from ..circuit.attention import AttentionSinks, attention_sinks, fig1_layers
 from ..circuit.circuit import Circuit
-from ..circuit.convergence import convergence_curve, identity_check
+from ..circuit.controls import circuit_controls
+from ..circuit.convergence import ConvergenceResult, convergence_curve, identity_check
 from ..circuit.detector import FirstTokenDetector, first_token_detector
 from ..circuit.neurons import repetition_firing_layers
-from ..circuit.norms import REPEATS_RULE, norm_curves, repeats_needed
-from ..circuit.convergence import ConvergenceResult
-from ..circuit.norms import NormCurves
-from ..circuit.controls import circuit_controls
+from ..circuit.norms import REPEATS_RULE, NormCurves, norm_curves, repeats_needed
+from .engine import Context, find_circuit
 
 
 def circuit_step(ctx: Context) -> Circuit:

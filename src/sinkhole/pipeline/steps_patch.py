@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-
-from .engine import Context
-from ..patch.tables import PatchResult
 from ..patch.export import export_patched
 from ..patch.search import SearchConfig, search_patch, verify_patch
-from ..patch.tables import summary_markdown
+from ..patch.tables import PatchResult, summary_markdown
+from .engine import Context
 
 
 def _trim_cases(div: dict, keep: int = 12) -> dict:

@@ -17,13 +17,11 @@ import os
 import re
 from pathlib import Path
 
+from ..pipeline.registry import load_document
 from ..results import dumps, write_atomic
 from .figures import Figure
 from .layout import SECTIONS
-from ..pipeline.registry import load_document
 from .markup import esc, fmt, table
-
-
 
 # ----------------------------------------------------------------------------- page
 

@@ -5,7 +5,10 @@ returns ``(html, [Figure, ...])`` or None when its data is absent."""
 from __future__ import annotations
 
 from ..results import check_unique
-from . import sections as base, sections_attack as attack, sections_circuit as circuit, sections_patch as patch
+from . import sections as base
+from . import sections_attack as attack
+from . import sections_circuit as circuit
+from . import sections_patch as patch
 
 
 def ordered(sections):

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ..patch.tables import (CANDIDATE_HEADER, broad_attack_table, broad_text_table, candidate_rows,
-                            verification_rows)
+from ..patch.tables import CANDIDATE_HEADER, broad_attack_table, broad_text_table, candidate_rows, verification_rows
 from .figures import Figure, new
 from .markup import esc, table
 

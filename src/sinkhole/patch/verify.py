@@ -1,0 +1,191 @@
+"""The broad held-out verification of a patch: every attack family, every text setting, side by side.
+
+**Attacks**: the families of :mod:`sinkhole.attack.families` (exact runs after several wordings, runs
+with separators, multi-token phrases, a raw run, cluster sequences), each with its own held-out words,
+repetition counts from 100 to 2,000 and its short-run rate (the unpatched model at 16 repetitions: no
+sink fix goes below it). **Text**: :func:`sinkhole.patch.fidelity.fidelity`, two sources with and without
+BOS in windows of 64, 512 and 2,048 tokens.
+
+**Methods** (:func:`verify_broad`): the patch, beside the unpatched model, the paper's neuron patch
+and the input-side collapse of long runs (:func:`sinkhole.decoding.gate.collapse`, applied once to
+the prompt, as a serving stack would); in transformers or in llama.cpp.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..attack.families import BROAD_REPS, FAMILIES, MAX_NEW_TOKENS, SHORT_REPS, broad_cases, family_rates, judge_cases
+from ..decoding.engines import LlamaCpp, TorchGate, gate_feed_exact, gguf_of
+from ..decoding.gate import RunGate, collapse
+from ..errors import SinkholeError
+from ..progress import progress
+from .core import apply_patch, llamacpp_gate
+from .fidelity import TEXT_TOKENS, WINDOWS, fidelity
+
+
+class Collapse:
+    """The input-side baseline as a prompt transform (with its rule, for the position map)."""
+
+    def __init__(self, gate=None):
+
+        self.gate = gate or RunGate()
+
+    def __call__(self, ids):
+
+        return collapse(ids, self.gate)
+
+
+# the quick slice (tests, --quick): three families, one text source, short windows
+QUICK = {"families": ("repeat", "chat_assistant", "cluster"), "reps": (100, 1000), "sources": ("twelfth_night",),
+         "windows": (64, 512), "total": 512}
+
+TARGETS = {"divergence": "at most 1/10 of the unpatched rate (or 0) in every family",
+           "top1": 0.98, "kl": 0.005, "ppl": 1.0}
+
+
+def verify_broad(lm, patch, baselines: dict | None = None, seed: int = 0, families=None, reps=BROAD_REPS,
+                 sources=("twelfth_night", "generated"), windows=WINDOWS, total: int = TEXT_TOKENS,
+                 log=print, quiet: bool | None = None, engine: str = "transformers", gguf=None) -> dict:
+    """The broad verification of ``patch`` beside ``baselines`` (name -> patch, or the string
+    ``"collapse"`` for the input-side baseline). Returns per-family divergence, per-setting
+    fidelity, the worst setting and the targets, for every method.
+
+    ``engine="llama.cpp"``: every method runs in llama.cpp on the model's GGUF (the reference too:
+    top-1 and KL come from llama.cpp's own logits). A run-gate patch runs as the gate in llama.cpp
+    (:class:`sinkhole.engines.LlamaCpp`); a weight patch must come as its patched GGUF (``gguf``,
+    e.g. written by ``sinkhole patch --gguf``), and then ``patch`` may be None."""
+    t0 = time.perf_counter()
+    cases = broad_cases(lm, reps, families, seed=seed)
+    short = broad_cases(lm, reps, families, seed=seed, short=True)
+    if not cases:
+        raise SinkholeError("no broad verification case fits this model's context; verify with --no-broad")
+    if lm.n_ctx:
+        windows = [w for w in windows if w <= lm.n_ctx] or [min(windows[0], lm.n_ctx)]
+    if engine == "llama.cpp":
+        methods, ref, make = _llama_methods(lm, patch, gguf, baselines, cases, windows)
+    elif engine == "transformers":
+        if gguf is not None:
+            raise SinkholeError("a patched GGUF is verified with engine llama.cpp")
+        methods = {"patch": (patch, None)}
+        for name, b in (baselines or {}).items():
+            methods[name] = (None, Collapse()) if isinstance(b, str) and b == "collapse" else (b, None)
+        ref, make = (None, None), None
+    else:
+        raise SinkholeError(f"unknown engine {engine!r}; use transformers or llama.cpp")
+    log(f"broad verification ({engine}): {len(cases)} attack cases in {len({c.family for c in cases})} families "
+        f"(repetitions {sorted({c.reps for c in cases})}), {MAX_NEW_TOKENS} tokens; methods: unpatched, "
+        + ", ".join(methods))
+
+    def attacks(cs, method):
+        spec, tf = method
+        if make is not None:  # llama.cpp: an engine per method, freed after its cases
+            return judge_cases(lm, cs, transform=tf, quiet=quiet, engine=make(spec, False))
+
+        if spec is not None and fed_gate(lm, spec):
+
+            return judge_cases(lm, cs, transform=tf, quiet=quiet, engine=TorchGate(lm, spec.gate))
+        hooks = None if spec is None else (lambda p=spec: apply_patch(lm, p, validate=False))
+        return judge_cases(lm, cs, hooks=hooks, transform=tf, quiet=quiet)
+
+    timing = {}
+    t = time.perf_counter()
+    recs = {"unpatched": attacks(cases, ref)}
+    recs["short_run"] = attacks(short, ref)
+    timing["unpatched_s"] = round(time.perf_counter() - t, 1)
+    for name, m in progress(list(methods.items()), desc="broad attacks", disable=quiet):
+        t = time.perf_counter()
+        recs[name] = attacks(cases, m)
+        timing[f"{name}_attacks_s"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    if make is not None:  # text engines keep every position's logits
+        engines: dict = {}
+
+        def text(spec):  # one engine per (GGUF, gate): the reference and the collapse share theirs
+            key = (spec[0], id(spec[1]))
+            if key not in engines:
+                engines[key] = make(spec, True)
+            return engines[key]
+
+        fid = fidelity(lm, {n: (text(sp), tf) for n, (sp, tf) in methods.items()}, sources=sources,
+                       windows=windows, total=total, seed=seed, quiet=quiet, base=(text(ref[0]), None))
+        engines.clear()
+    else:
+        fid = fidelity(lm, methods, sources=sources, windows=windows, total=total, seed=seed, quiet=quiet)
+    timing["fidelity_s"] = round(time.perf_counter() - t, 1)
+    rates = {name: family_rates(r) for name, r in recs.items()}
+    out = {"families": {f: FAMILIES[f].description for f in rates["unpatched"]}, "rates": rates, "fidelity": fid,
+           "records": recs, "methods": list(methods), "timing": timing, "engine": engine,
+           "settings": {"reps": list(reps), "short_reps": SHORT_REPS, "max_new_tokens": MAX_NEW_TOKENS,
+                        "sources": list(sources), "windows": list(windows), "tokens_per_setting": total,
+                        "seed": seed,
+                        "gate_attacks": ("llama.cpp" if engine == "llama.cpp" else
+                                         "collapse fed (engines.TorchGate)" if any(
+                                             sp is not None and fed_gate(lm, sp) for sp, _ in methods.values())
+                                         else "hooks")}}
+    out["targets"] = {name: broad_targets(rates["unpatched"], rates[name], fid[name]) for name in methods}
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def fed_gate(lm, patch) -> bool:
+    """Whether the attacks of ``patch`` run through :class:`sinkhole.engines.TorchGate` rather than
+    its hooks: a patch that is only a run gate, on a model where that is exact. Both give the same
+    tokens (tests: tiny models; SmolLM2 in ``tests/test_patch_real.py``); the fed run reads a long
+    run's prompt collapsed and each distinct collapsed history once, so the gate's 24 attacks take
+    ~20 s instead of ~95 s on the 2-core CPU."""
+    return getattr(patch, "kind", None) == "gate" and gate_feed_exact(lm)
+
+
+def _llama_methods(lm, patch, gguf, baselines, cases, windows):
+    """The methods of a llama.cpp verification as (engine spec, input transform) pairs, the
+    reference's pair, and the factory of engines: a spec is (GGUF path, gate or None)."""
+    from pathlib import Path
+
+    src = gguf_of(lm)
+
+    def spec_of(p, what):
+        gate = llamacpp_gate(p, what=what)
+        if gate is None:
+            raise SinkholeError(f"{what} does nothing")
+        return (str(src), gate)
+
+    if gguf is not None:
+        if not Path(gguf).is_file():
+            raise SinkholeError(f"no GGUF file at {gguf}")
+        methods = {"patch": ((str(gguf), llamacpp_gate(patch, patched_gguf=True)), None)}
+    else:
+        if patch is None:
+            raise SinkholeError("nothing to verify: pass a patch or a patched GGUF")
+        methods = {"patch": (spec_of(patch, "the patch"), None)}
+    for name, b in (baselines or {}).items():
+        methods[name] = (((str(src), None), Collapse()) if isinstance(b, str) and b == "collapse"
+                         else (spec_of(b, f"baseline {name}"), None))
+    longest = max(len(c.ids) for c in cases) + MAX_NEW_TOKENS + 8
+
+    def make(spec, logits_all):
+        path, gate = spec
+        return LlamaCpp(path, n_ctx=max(windows) + 8 if logits_all else longest, gate=gate, logits_all=logits_all)
+
+    return methods, ((str(src), None), None), make
+
+
+def broad_targets(before: dict, after: dict, fid: list[dict]) -> dict:
+    """The issue's targets, per family and per text setting, with the worst of each."""
+    fam = {}
+    for f, b in before.items():
+        a = after.get(f, {"diverged": 0, "n": 0})
+        rb, ra = b["diverged"] / max(b["n"], 1), a["diverged"] / max(a["n"], 1)
+        fam[f] = a["diverged"] == 0 or (rb > 0 and ra <= 0.1 * rb)
+    worst_top1 = min(fid, key=lambda r: r["top1_agreement"])
+    worst_kl = max(fid, key=lambda r: r["mean_kl_nats"])
+    worst_ppl = max(fid, key=lambda r: r["ppl_change_pct"])
+    checks = {"divergence_every_family": all(fam.values()), "families_failed": [f for f, ok in fam.items() if not ok],
+              "top1_ge_98pct_every_setting": worst_top1["top1_agreement"] >= TARGETS["top1"],
+              "kl_le_0.005_every_setting": worst_kl["mean_kl_nats"] <= TARGETS["kl"],
+              "ppl_le_1pct_every_setting": worst_ppl["ppl_change_pct"] <= TARGETS["ppl"],
+              "worst_top1": {k: worst_top1[k] for k in ("source", "bos", "window", "top1_agreement")},
+              "worst_kl": {k: worst_kl[k] for k in ("source", "bos", "window", "mean_kl_nats")},
+              "worst_ppl": {k: worst_ppl[k] for k in ("source", "bos", "window", "ppl_change_pct")}}
+    checks["all"] = all(v for k, v in checks.items() if k.endswith("setting") or k == "divergence_every_family")
+    return checks
