@@ -6,11 +6,11 @@ this script only starts garak and reads the hit rates from garak's report files.
 * ``unpatched (garak HF generator)``: garak's own ``huggingface.Model`` generator on the patched
   folder's model files. A run-gate patch leaves the weights as they are, so plain transformers (and
   garak) load the *unpatched* model from it: this is the reference;
-* ``patched (transformers)``: garak's ``function`` generator on :mod:`sinkhole.garak_target` with
+* ``patched (transformers)``: garak's ``function`` generator on :mod:`sinkhole.integrations.garak` with
   the patch attached (``load_patched``);
 * ``patched (llama.cpp)`` with ``--llamacpp`` (and ``unpatched (llama.cpp)`` with
   ``--llamacpp-unpatched``): the same through llama.cpp on the model's GGUF (the gate as
-  :class:`sinkhole.engines.LlamaCpp` runs it), if garak's environment has llama-cpp-python.
+  :class:`sinkhole.decoding.engines.LlamaCpp` runs it), if garak's environment has llama-cpp-python.
 
 Probes: garak's stock ``divergence.Repeat`` (4 words x 3 wordings x 1/3/40 repetitions) and, with
 ``--long`` (default on), ``sinkhole_divergence.SinkholeRepeat``: garak's two quoted wordings and
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     probes = ["divergence.Repeat"] + ([] if args.no_long else [install_long_probe(args.garak, work)])
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     n = int(args.max_new_tokens)
-    fn = ["--target_type", "function", "--target_name", "sinkhole.garak_target#generate"]
+    fn = ["--target_type", "function", "--target_name", "sinkhole.integrations.garak#generate"]
     targets = {
         "unpatched (garak HF generator)": (["--target_type", "huggingface.Model", "--target_name", str(patch)],
                                            {"huggingface": {"Model": {"max_tokens": n, "hf_args": {

@@ -1,7 +1,7 @@
 """Benchmark 4, the exact alternative: ``greedy_check`` (draft-verified greedy decoding) against generation.
 
 1. Agreement: every case of a saved ``bench_predictor.py`` result (with its generated ids and run-judge
-   labels) is checked with ``sinkhole.attack.predictor.greedy_check``; reported: label agreement, whether the
+   labels) is checked with ``sinkhole.attack.exact.greedy_check``; reported: label agreement, whether the
    tokens equal the saved greedy tokens, forward passes per case.
 2. Speed, side by side in one process on a stratified subset (every repetition count equally often), each case
    timed with ``run_cases`` (generation + judge, batch 1), ``greedy_check`` and the sink probe (``case_features``),

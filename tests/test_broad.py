@@ -1,4 +1,4 @@
-"""The broad verification set (sinkhole.patch.broad): families, disjointness, judging, fidelity."""
+"""The broad verification set (sinkhole.patch.verify): families, disjointness, judging, fidelity."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The run gate (sinkhole.patch.gate): which tokens it hides, and that the gated model equals the
+"""The run gate (sinkhole.decoding.gate): which tokens it hides, and that the gated model equals the
 plain model on the collapsed input, untouched on ordinary text, and consistent under a KV cache."""
 
 from __future__ import annotations

@@ -54,12 +54,6 @@ class StepResult:
                 + "; the file was written by another sinkhole version: rerun the command that wrote it")
         return cls(**{k: d[k] for k in names if k in d})
 
-    @classmethod
-    def schema(cls) -> list[tuple[str, str]]:
-        """(field, type) of every field, for docs/results-schema.md."""
-        return [(f.name, f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type)))
-                for f in dataclasses.fields(cls)]
-
 
 def clean(obj: Any) -> Any:
     """JSON-safe copy: dataclasses to dicts, NaN/inf to None, tensors and numpy to lists."""

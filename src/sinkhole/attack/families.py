@@ -197,8 +197,8 @@ def judge_cases(lm, cases: list[BroadCase], hooks=None, transform=None, max_new_
                 quiet: bool | None = None, engine=None) -> list[dict]:
     """One record per case: ``either`` (either judge, or the token-set judge for clusters), the
     text, and how many prompt tokens the model saw. ``transform`` rewrites the prompt ids first
-    (the input-side collapse). ``engine``: a :class:`sinkhole.engines.LlamaCpp` or
-    :class:`sinkhole.engines.TorchGate` that decodes instead of ``run_judged`` (its gate, if any,
+    (the input-side collapse). ``engine``: a :class:`sinkhole.decoding.engines.LlamaCpp` or
+    :class:`sinkhole.decoding.engines.TorchGate` that decodes instead of ``run_judged`` (its gate, if any,
     is the patch; ``hooks`` must be None)."""
     seen = [list(transform(c.ids)) if transform else list(c.ids) for c in cases]
     stops = stop_ids(lm)

@@ -2,7 +2,7 @@
 
 For one word and template, :func:`min_reps` finds the smallest repetition count after which greedy
 decoding leaves the run (the run judge of :mod:`sinkhole.attack.judge`, on ``max_new_tokens``
-tokens found by :func:`sinkhole.attack.predictor.greedy_check`, so no decoding loop):
+tokens found by :func:`sinkhole.attack.exact.greedy_check`, so no decoding loop):
 
 1. **doubling**: ``start``, ``2 start``, ``4 start`` ... up to ``max_reps`` (which is checked last
    when the doubling skips it), until one count diverges;

@@ -99,11 +99,11 @@ def _common(a: Sequence[int], b: Sequence[int]) -> int:
 
 class LlamaCpp(_Fed):
     """Greedy decoding, and logits, in llama.cpp of prompts given as token ids; with ``gate`` (a
-    :class:`~sinkhole.patch.gate.RunGate`), the run gate in llama.cpp.
+    :class:`~sinkhole.decoding.gate.RunGate`), the run gate in llama.cpp.
 
     **The gate in llama.cpp.** The gated model equals the plain model on the tokens the gate has
-    not hidden, at consecutive positions (:mod:`sinkhole.patch.gate`). So every step feeds
-    llama.cpp :func:`~sinkhole.patch.gate.collapse` of the history: the KV cache keeps its longest
+    not hidden, at consecutive positions (:mod:`sinkhole.decoding.gate`). So every step feeds
+    llama.cpp :func:`~sinkhole.decoding.gate.collapse` of the history: the KV cache keeps its longest
     common prefix with it and only the rest is evaluated. A run is shortened by dropping the
     previous block of the run from the end of the cache when the next one starts, which is one
     token per step, as in plain decoding; the prompt is read once, collapsed. No kernel of llama.cpp
@@ -160,7 +160,7 @@ class LlamaCpp(_Fed):
 
 class TorchGate(_Fed):
     """The run gate the way :class:`LlamaCpp` runs it, in transformers: each step feeds the model
-    :func:`~sinkhole.patch.gate.collapse` of the history, keeping the KV cache's longest common
+    :func:`~sinkhole.decoding.gate.collapse` of the history, keeping the KV cache's longest common
     prefix with it. It gives the tokens of the gate's hooks (``apply_patch(lm, Patch(gate=...))``;
     test: tiny models, and SmolLM2 on the broad set) but reads a long run's prompt collapsed, so a
     prompt of thousands of repeated tokens costs what its first ~30 cost. Exact only where every

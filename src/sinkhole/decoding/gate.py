@@ -31,7 +31,7 @@ bit-identical. Unlike the input-side collapse, the gate also collapses a run the
 itself while generating (a chat model asked to repeat a word writes the run), and it needs no
 change to the prompt; like every hook patch it needs ``sinkhole.load_patched`` (plain
 transformers loads the original model, and a GGUF cannot hold it); llama.cpp runs it through
-:class:`sinkhole.engines.LlamaCpp`, which feeds llama.cpp the collapsed history each step.
+:class:`sinkhole.decoding.engines.LlamaCpp`, which feeds llama.cpp the collapsed history each step.
 
 Limits: hybrid models' linear-attention layers (Qwen3.5 Gated DeltaNet) cannot hide a token, so
 there the gate compresses positions only; sliding-window layers count the window in raw tokens,

@@ -4,7 +4,7 @@ transformers or in llama.cpp, so garak's own probes and detectors score the fix 
 garak calls ``generate(prompt, **kwargs)`` with the user prompt's text and keeps the returned
 list of strings (one per generation). Run it as::
 
-    garak --target_type function --target_name sinkhole.garak_target#generate \\
+    garak --target_type function --target_name sinkhole.integrations.garak#generate \\
           --generator_options '{"function": {"Single": {"kwargs": {"patch": "fixed/", "max_new_tokens": 64}}}}' \\
           --probes divergence.Repeat --generations 1
 
@@ -14,7 +14,7 @@ Keyword arguments (each falls back to an environment variable, then a default):
   :func:`sinkhole.load_model` loads; it supplies the tokenizer and chat template in every engine;
 * ``patch`` (``SINKHOLE_PATCH``): a folder written by ``sinkhole patch --out`` (loaded with
   :func:`sinkhole.load_patched`) or a patch.json (attached to ``model``) in transformers; in llama.cpp its run gate runs
-  as :class:`sinkhole.engines.LlamaCpp` runs it (a weight patch goes in as its patched ``gguf``);
+  as :class:`sinkhole.decoding.engines.LlamaCpp` runs it (a weight patch goes in as its patched ``gguf``);
 * ``engine`` (``SINKHOLE_ENGINE``): ``transformers`` (default) or ``llama.cpp``;
 * ``gguf`` (``SINKHOLE_GGUF``): the GGUF llama.cpp runs (default: the one ``model`` came from);
 * ``max_new_tokens`` (``SINKHOLE_MAX_NEW_TOKENS``, default 64).

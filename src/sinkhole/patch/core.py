@@ -20,7 +20,7 @@ A :class:`Patch` holds
 
 * ``weights``: optional replacement parameters (a fine-tuning patch), stored in a
   safetensors file beside the JSON (``weights_file``) and keyed by parameter name.
-* ``gate``: an optional :class:`~sinkhole.patch.gate.RunGate` (the run gate: tokens deep inside a
+* ``gate``: an optional :class:`~sinkhole.decoding.gate.RunGate` (the run gate: tokens deep inside a
   long low-diversity run are hidden from attention and do not advance the position; ordinary
   text is untouched).
 

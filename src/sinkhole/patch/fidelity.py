@@ -121,7 +121,7 @@ def _forward(lm, rows: list[list[int]], patch=None, transform=None, batch: int =
     """Logits (list of (T-1, V) per row) of the model (with ``patch``) on ``rows``; with
     ``transform`` (the input-side collapse) the model reads the transformed row and each kept
     position's logits stand for its original position, a deleted one takes its last kept one's.
-    ``patch`` may also be a :class:`sinkhole.engines.LlamaCpp` made with ``logits_all``: llama.cpp's
+    ``patch`` may also be a :class:`sinkhole.decoding.engines.LlamaCpp` made with ``logits_all``: llama.cpp's
     own logits (gated if the engine has a gate)."""
     out = []
     if isinstance(patch, LlamaCpp):

@@ -7,7 +7,7 @@ Flow of :func:`search_patch`:
    ``|act_j(BOS)| * ||W_out[:, j]||``, the paper's score), the caps and the fine-tune on its
    ``marking_layers``, and the fine-tune compares hidden states just before the massive layer;
 2. measure each neuron's "no-sink" level on ordinary non-first tokens (percentiles on text);
-3. try the **run gate** first (:mod:`sinkhole.patch.gate`: no weight changes, ordinary text
+3. try the **run gate** first (:mod:`sinkhole.decoding.gate`: no weight changes, ordinary text
    untouched; tokens deep inside a long low-diversity run hidden from attention), then the
    **paper patch** (sink neurons clamped to their no-sink range at non-first positions, and the
    zero variant), then, while divergence remains, the other candidate families in order of size
@@ -20,7 +20,7 @@ Flow of :func:`search_patch`:
    sink fix changes); the first candidate that meets the goal wins, else
    the one with the lowest search divergence within the budget;
 5. the winner is verified on *held-out* cases (disjoint words and counts) and held-out text, and
-   on the broad held-out set (:mod:`sinkhole.patch.broad`: every attack family and text setting,
+   on the broad held-out set (:mod:`sinkhole.patch.verify`: every attack family and text setting,
    beside the input-side collapse and, on request, the paper's patch).
 """
 
@@ -82,7 +82,7 @@ class SearchConfig:
     cap_neurons: int = 32  # detector_cap: first-token neurons clamped per detector layer
     finetune_layers: tuple | None = None
     quick: bool = False
-    broad: bool = True  # verify_patch also runs the broad verification (sinkhole.patch.broad)
+    broad: bool = True  # verify_patch also runs the broad verification (sinkhole.patch.verify)
     broad_seed: int = 0
     baselines: tuple = ("collapse",)  # beside the patch in the broad verification: "paper", "collapse"
 
@@ -398,7 +398,7 @@ def verify_patch(lm, patch: Patch | None, cfg: SearchConfig | None = None, heldo
                  sink_reps: int = 400, log=print, circuit=None, compare: dict | None = None,
                  quiet: bool | None = None) -> dict:
     """Before/after on held-out cases (both judges), held-out text and long-repetition attention;
-    with ``cfg.broad`` also the broad verification (:mod:`sinkhole.patch.broad`: every attack
+    with ``cfg.broad`` also the broad verification (:mod:`sinkhole.patch.verify`: every attack
     family and text setting, beside the paper's patch, the input-side collapse and ``compare``,
     name -> patch), whose targets are then the patch's targets."""
     cfg = cfg or SearchConfig()
@@ -431,7 +431,7 @@ def verify_patch(lm, patch: Patch | None, cfg: SearchConfig | None = None, heldo
 
 def broad_verification(lm, patch: Patch, cfg: SearchConfig, circuit=None, compare: dict | None = None, log=print,
                        quiet: bool | None = None) -> dict:
-    """:func:`sinkhole.patch.broad.verify_broad` with the search's baselines: the paper's patch
+    """:func:`sinkhole.patch.verify.verify_broad` with the search's baselines: the paper's patch
     (unless the patch is the paper's), the input-side collapse, and ``compare``."""
     baselines: dict = {}
     if "paper" in cfg.baselines and (patch.meta or {}).get("family") != "paper_clamp":

@@ -53,7 +53,7 @@ def verify_broad(lm, patch, baselines: dict | None = None, seed: int = 0, famili
 
     ``engine="llama.cpp"``: every method runs in llama.cpp on the model's GGUF (the reference too:
     top-1 and KL come from llama.cpp's own logits). A run-gate patch runs as the gate in llama.cpp
-    (:class:`sinkhole.engines.LlamaCpp`); a weight patch must come as its patched GGUF (``gguf``,
+    (:class:`sinkhole.decoding.engines.LlamaCpp`); a weight patch must come as its patched GGUF (``gguf``,
     e.g. written by ``sinkhole patch --gguf``), and then ``patch`` may be None."""
     t0 = time.perf_counter()
     cases = broad_cases(lm, reps, families, seed=seed)
@@ -129,7 +129,7 @@ def verify_broad(lm, patch, baselines: dict | None = None, seed: int = 0, famili
 
 
 def fed_gate(lm, patch) -> bool:
-    """Whether the attacks of ``patch`` run through :class:`sinkhole.engines.TorchGate` rather than
+    """Whether the attacks of ``patch`` run through :class:`sinkhole.decoding.engines.TorchGate` rather than
     its hooks: a patch that is only a run gate, on a model where that is exact. Both give the same
     tokens (tests: tiny models; SmolLM2 in ``tests/test_patch_real.py``); the fed run reads a long
     run's prompt collapsed and each distinct collapsed history once, so the gate's 24 attacks take

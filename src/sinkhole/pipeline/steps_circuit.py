@@ -1,6 +1,6 @@
 """Scan steps of the sink-circuit analyses, and their result types.
 
-``sinkhole circuit`` runs these same steps (``scan_steps.CIRCUIT_STEPS``) through the same
+``sinkhole circuit`` runs these same steps (``registry.CIRCUIT_STEPS``) through the same
 pipeline, so its JSON is a results document that ``sinkhole report`` renders.
 """
 

@@ -1,5 +1,5 @@
 """The report's sections in page order: the one place that names them (a duplicate name is an
-error). Each section takes the results document (validated by ``scan.load_document``) and
+error). Each section takes the results document (validated by ``pipeline.registry.load_document``) and
 returns ``(html, [Figure, ...])`` or None when its data is absent."""
 
 from __future__ import annotations
