@@ -116,13 +116,11 @@ def test_interrupted_scan_resumes_to_the_same_result(tiny_folder, reference, tmp
 def test_resume_with_other_options_or_model_starts_over(tmp_path, monkeypatch):
     """A checkpoint from other options or another model is not reused (it would mix two runs);
     one with the same ones is. In-process, on the foundation's steps only."""
-    from sinkhole.pipeline import engine as S
+    import sinkhole.pipeline.registry as S
     from tiny import tiny_lm
 
-    import sinkhole.pipeline.registry as scan_steps
-
     light = FOUNDATION + ["circuit", "norm_curves"]
-    monkeypatch.setattr(scan_steps, "PIPELINE", S.pipeline([s for s in S.load_steps() if s.name in light]))
+    monkeypatch.setattr(S, "PIPELINE", S.pipeline([s for s in S.load_steps() if s.name in light]))
 
     lm = tiny_lm("llama")
     opts = {"seed": 0, "quick": True, "curve_reps": 20, "words": ["the"]}

@@ -59,9 +59,9 @@ def test_result_files_are_written_atomically():
 
     allowed = {
         "results.py": "write_atomic itself",
-        "models/loading.py": "writes inside a temporary cache folder, renamed into place by _publish",
-        "evaluate/harness.py": "scratch task files for lm-eval in a temporary folder, not results",
-        "memorization.py": "builds the corpus index inside a temporary folder, renamed into place (os.replace)",
+        "models/gguf_cache.py": "writes inside a temporary cache folder, renamed into place by _publish",
+        "integrations/lm_eval.py": "scratch task files for lm-eval in a temporary folder, not results",
+        "attack/memorization.py": "builds the corpus index inside a temporary folder, renamed into place (os.replace)",
     }
     src = Path(__file__).resolve().parents[1] / "src" / "sinkhole"
     direct = re.compile(r"\.write_text\(|\.write_bytes\(|\bopen\([^)]*[\"'][wax]b?\+?[\"']|savefig\((?!buf|pbuf)")

@@ -9,6 +9,7 @@ import re
 import pytest
 
 import sinkhole.report.html as H
+import sinkhole.report.markup as M
 from helpers_report import tiny_scan
 from sinkhole.report.figures import Figure, new
 from sinkhole.results import SCHEMA_VERSION, write_json
@@ -190,11 +191,11 @@ def test_figure_files_are_deterministic(tmp_path):
                                   (0.00123, "0.00123"), (3, "3"), (123456, "123,456"), (True, "yes"),
                                   (float("nan"), "–"), ("<b>", "&lt;b&gt;")])
 def test_fmt(x, s):
-    assert H.fmt(x) == s
+    assert M.fmt(x) == s
 
 
 def test_table_aligns_numbers_and_escapes_text():
-    t = H.table(["a", "b"], [["<x>", 1.5], [H.raw("<i>ok</i>"), None]])
+    t = M.table(["a", "b"], [["<x>", 1.5], [M.raw("<i>ok</i>"), None]])
     assert "&lt;x&gt;" in t and '<td class="num">1.50</td>' in t and "<td><i>ok</i></td>" in t
 
 

@@ -30,7 +30,7 @@ import os
 
 from ..attack.prompts import chat_ids, has_chat_template
 from ..decoding.engines import LlamaCpp, gguf_of
-from ..decoding.generate import generate
+from ..decoding.generate import generate as generate_ids
 from ..decoding.tokens import stop_ids
 from ..errors import SinkholeError
 from ..models.loading import load_model
@@ -67,7 +67,7 @@ def _runner(model: str, patch, engine: str, gguf):
             lm = load_model(model, progress=False)
 
         def decode(ids, n):
-            return generate(lm, [ids], n)[0]
+            return generate_ids(lm, [ids], n)[0]
     elif engine == "llama.cpp":
 
         lm = load_model(model, progress=False)
