@@ -1,4 +1,4 @@
-"""Patch tuning on the tuning split (docs/findings.md, section 3): never the held-out cases.
+"""Patch tuning on the tuning split (docs/history.md, the fine-tuning record): never the held-out cases.
 
 For each setting in CONFIGS.json (a list of objects: ``name`` plus keyword arguments of
 ``sinkhole.patch.search.finetune_config``, and ``steps``, ``layers`` (default [1, 2]) and ``neurons``

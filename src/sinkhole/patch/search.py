@@ -262,7 +262,7 @@ def _local_layers(lm, circ, cfg: SearchConfig) -> list[int]:
 
 
 def finetune_config(lm, circ, cfg: SearchConfig, layers: list[int], **kw):
-    """The measured fine-tuning setting (docs/findings.md, section 3): many training words from the
+    """The measured fine-tuning setting (docs/history.md, the fine-tuning record): many training words from the
     training text (never a held-out word), repetition counts around and beyond the search ones, the
     local comparison just before the massive-activation layer, a strong keep weight on 96 snippets."""
     stop = max(max(layers) + 1, circ.massive_layer - 1)
