@@ -211,7 +211,6 @@ class Hooks:
         self.model = getattr(lm, "model", lm)
         self.adapter = adapter or getattr(lm, "adapter", None)
         if self.adapter is None:
-
             self.adapter = get_adapter(self.model)
         self.check_finite = check_finite
         self.cache: dict[str, Any] = {}
@@ -300,7 +299,6 @@ class Hooks:
         self._handles.clear()
         self._in_top = False
         if self._attn_undo:
-
             switch_off(self._attn_undo)
             self._attn_undo = []
         self._active = False
@@ -309,7 +307,6 @@ class Hooks:
         """attn_first reads without attn_pattern reads: fused attention, no T x T pattern."""
         sites = {r.site for r in self._reads}
         if "attn_first" in sites and "attn_pattern" not in sites:
-
             mods = [self.adapter.attn(r.layer) for r in self._reads if r.site == "attn_first"]
             self._attn_undo = switch_on(self.model, mods)
 
@@ -348,7 +345,6 @@ class Hooks:
 
     def _attach_read(self, r: _Read):
         if r.site == "attn_first":
-
             def fhook(m, a, out):
                 w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
                 if w is None:

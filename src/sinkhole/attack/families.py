@@ -124,7 +124,6 @@ class BroadCase:
     allowed: list | None = None  # cluster: the tokens the continuation may use
 
     def to_case(self):
-
         return Case(self.word, self.reps, self.family, list(self.ids), list(self.unit),
                     ends_with_run=FAMILIES[self.family].run_at_end)
 

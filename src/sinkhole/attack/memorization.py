@@ -179,7 +179,6 @@ def _peak_rss_mib() -> float | None:
 
 
 def index_folder_for(corpus: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
-
     files = corpus_files(corpus)
     base = Path(root) if root is not None else cache_dir() / "corpus-index"
     return base / f"{Path(corpus).name or 'corpus'}-{_fingerprint(files)}"

@@ -164,7 +164,6 @@ def min_reps_table(lm, words: Sequence[str], template: str = "repeat", start: in
     rows = [min_reps(lm, w, template, start, max_reps, resolution, max_new_tokens)
             for w in progress(words, desc="min reps", disable=quiet)]
     if norm_based:
-
         single = {r.word: lm.word_ids(r.word)[0] for r in rows if r.n_tokens_per_word == 1}
         if single:
             top = max(r.max_reps for r in rows)

@@ -132,7 +132,6 @@ def sweep_tokens(lm, tokens: Sequence[int], drift_layer: int | None = None, max_
 
 
 def _generate_batch(lm, batch, records, head, reps, n_new, prefix):
-
     tname = "repeat" if prefix == "Repeat:" else ("raw" if not prefix else "custom")
     cases = [Case(lm.tokenizer.decode([t]).strip() or str(t), reps, tname, head + [t] * reps, [t]) for t in batch]
     for t, r in zip(batch, run_cases(lm, cases, max_new_tokens=n_new, batch_size=len(cases), quiet=True)):

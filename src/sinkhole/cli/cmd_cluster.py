@@ -28,7 +28,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-
     from ..attack.cluster import (
         ClusterResult,  # lazy: start-up time
         cluster_attack,  # lazy: start-up time

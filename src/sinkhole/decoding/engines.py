@@ -181,7 +181,6 @@ class TorchGate(_Fed):
         self._cached, self._past = [], None
 
     def _session(self):
-
         return fast_attention(self.lm)  # SDPA switched on once per decoding, not once per step
 
     def _feed(self, target: list[int]):

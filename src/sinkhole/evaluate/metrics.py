@@ -57,7 +57,6 @@ def _held(lm, patch):
 
 
 def _logits(lm, ids, mask, patch):
-
     with torch.no_grad(), _held(lm, patch):
         return lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
 

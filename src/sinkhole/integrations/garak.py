@@ -57,7 +57,6 @@ def _runner(model: str, patch, engine: str, gguf):
         if gguf:
             raise SinkholeError("a gguf is run by engine llama.cpp; drop gguf or set engine to llama.cpp")
         if patch and os.path.isdir(patch):
-
             lm = load_patched(patch)
         elif patch:  # a patch.json: attached to ``model``
 
@@ -69,11 +68,9 @@ def _runner(model: str, patch, engine: str, gguf):
         def decode(ids, n):
             return generate_ids(lm, [ids], n)[0]
     elif engine == "llama.cpp":
-
         lm = load_model(model, progress=False)
         gate = None
         if patch:
-
             gate = llamacpp_gate(read_patch(patch), patched_gguf=bool(gguf))
         eng = LlamaCpp(gguf or gguf_of(lm), n_ctx=min(lm.n_ctx or 8192, 8192), gate=gate)
         stops = stop_ids(lm)

@@ -53,7 +53,6 @@ def make_lm_class():
             return list(self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
         def _logprobs(self, rows: list[list[int]]):
-
             ids, mask = pad_left(self.lm, rows)
             with torch.no_grad(), apply_patch(self.lm, self.patch, validate=False):
                 logits = self.lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
@@ -116,7 +115,6 @@ def make_lm_class():
             return out
 
         def generate_until(self, requests, disable_tqdm: bool = False):
-
             out = []
             for req in requests:
                 context, kw = req.args

@@ -131,7 +131,6 @@ def cache_problem(folder: Path, key: str) -> str | None:
 
 
 def _write_manifest(folder: Path, source: Path, key: str, dtype: str, seconds: float) -> None:
-
     files = {}
     for p in sorted(folder.iterdir()):
         if p.is_file() and p.name != MANIFEST:

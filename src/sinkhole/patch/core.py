@@ -217,7 +217,6 @@ class Patch:
             op.check()
         gate = None
         if d.get("gate") is not None:
-
             gate = RunGate.from_dict(d["gate"])
         weights = None
         if d.get("weights_file"):
@@ -238,7 +237,6 @@ class Patch:
 
     @classmethod
     def load(cls, path: str | Path) -> "Patch":
-
         path, d = read_json_file(path, "patch.json",
                                  missing="patch file {path} not found; pass the patch.json written by 'sinkhole patch'",
                                  invalid="patch file {path} is not valid JSON ({err})")

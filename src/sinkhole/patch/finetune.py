@@ -226,7 +226,6 @@ def _finetune_logits(lm, cfg: FinetuneConfig, log=None) -> Patch:
 
 
 def _resid(lm, layer: int, ids, mask, grad: bool):
-
     h = Hooks(lm, check_finite=False)
     h.read("resid_post", layer, reduce=(lambda x, pos: x) if grad else None)
     h.stop_after(layer)

@@ -92,7 +92,6 @@ class SearchConfig:
         if sw & vw:
             raise SinkholeError(f"search and verification words overlap ({sorted(sw & vw)}); they must be disjoint")
         if self.broad:
-
             clash = sorted(sw & family_words())
             if clash:
                 raise SinkholeError(f"search words overlap the broad held-out words ({clash}); choose other --words "
@@ -187,7 +186,6 @@ def candidates(lm, circ, cfg: SearchConfig):
     marking = list(circ.marking_layers)
 
     def run_gate():
-
         g = RunGate()
         return Patch([], "run_gate", sig, "the run gate: tokens deep inside a long low-diversity run are hidden from "
                      "attention and do not advance the position (in-model collapse of long runs; ordinary text "
@@ -216,17 +214,14 @@ def candidates(lm, circ, cfg: SearchConfig):
                      "positions of the detector layers", {"family": "norm_cap", "caps": typ})
 
     def finetune_mlp():
-
         layers = list(cfg.finetune_layers) if cfg.finetune_layers else marking[:2]
         return finetune_patch(lm, finetune_config(lm, circ, cfg, layers, objective="logits", keep_weight=20.0,
                                              rep_batch=2, n_texts=32, max_examples=120))
 
     def finetune_local():
-
         return finetune_patch(lm, finetune_config(lm, circ, cfg, _local_layers(lm, circ, cfg)))
 
     def finetune_neurons():
-
         layers = _local_layers(lm, circ, cfg)
         neurons = {i: [n["neuron"] for n in rank_sink_neurons(lm, i, cfg.finetune_neurons)] for i in layers}
         return finetune_patch(lm, finetune_config(lm, circ, cfg, layers, neurons=neurons, lr=1e-3, keep_weight=200.0))
@@ -288,7 +283,6 @@ def _train_reps(lm, cfg: SearchConfig) -> tuple:
 
 
 def _extra_train_words(cfg: SearchConfig) -> tuple:
-
     held = {w.lower() for w in cfg.verify_words} | family_words()
     return tuple(w for w in TRAIN_WORDS if w.lower() not in held and w not in cfg.search_words)
 
@@ -310,7 +304,6 @@ class SearchResult:
 
 
 def _templates(lm, cfg: SearchConfig):
-
     if not cfg.templates:
         return None
     return [t for t in cfg.templates if t not in CHAT_TEMPLATES or has_chat_template(lm)] or ["repeat"]

@@ -28,11 +28,9 @@ class Collapse:
     """The input-side baseline as a prompt transform (with its rule, for the position map)."""
 
     def __init__(self, gate=None):
-
         self.gate = gate or RunGate()
 
     def __call__(self, ids):
-
         return collapse(ids, self.gate)
 
 
@@ -83,7 +81,6 @@ def verify_broad(lm, patch, baselines: dict | None = None, seed: int = 0, famili
             return judge_cases(lm, cs, transform=tf, quiet=quiet, engine=make(spec, False))
 
         if spec is not None and fed_gate(lm, spec):
-
             return judge_cases(lm, cs, transform=tf, quiet=quiet, engine=TorchGate(lm, spec.gate))
         hooks = None if spec is None else (lambda p=spec: apply_patch(lm, p, validate=False))
         return judge_cases(lm, cs, hooks=hooks, transform=tf, quiet=quiet)

@@ -19,7 +19,6 @@ from .engine import Context
 
 
 def divergence_step(ctx: Context) -> DivergenceResult:
-
     lm, o = ctx.lm, ctx.options
     words = list(o.words)[:2]
     reps = list(o.diverge_reps)
@@ -38,7 +37,6 @@ def memorization_step(ctx: Context):
 
     div = ctx.results.get("divergence")
     if div is None:
-
         raise SinkholeError("the memorization step needs the divergence step")
     return memorization_check(ctx.lm, div, str(files("sinkhole.data")), n_control=8 if ctx.options.quick else 16,
                               quiet=True)
@@ -53,7 +51,6 @@ def min_reps_step(ctx: Context):
 
 
 def sweep_step(ctx: Context) -> SweepSummary:
-
     lm, o = ctx.lm, ctx.options
     max_reps = o.sweep_reps
     if lm.n_ctx:
@@ -64,7 +61,6 @@ def sweep_step(ctx: Context) -> SweepSummary:
 
 
 def cluster_step(ctx: Context) -> ClusterResult:
-
     lm, o = ctx.lm, ctx.options
     length = o.cluster_length
     if lm.n_ctx:

@@ -20,7 +20,6 @@ def circuit_step(ctx: Context) -> Circuit:
     c = find_circuit(ctx.lm, ctx.options)
     sel = {r["layer"]: r["selected"] for r in c.neurons if r["selected"]}
     if sel and ctx.options.firing:
-
         c.controls = circuit_controls(ctx.lm, sel)
         for w in ctx.options.words:
             c.repetition_firing += [f.to_dict() for f in repetition_firing_layers(ctx.lm, sel, w,

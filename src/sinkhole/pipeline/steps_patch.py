@@ -16,7 +16,6 @@ def _trim_cases(div: dict, keep: int = 12) -> dict:
 
 
 def patch_step(ctx: Context) -> PatchResult:
-
     o = ctx.options
     cfg = SearchConfig()
     if o.patch_words:

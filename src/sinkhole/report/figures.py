@@ -42,7 +42,6 @@ class Figure:
         plt.close(fig)
 
     def save(self, folder: Path) -> list[Path]:
-
         folder.mkdir(parents=True, exist_ok=True)
         p1, p2 = folder / f"{self.name}.png", folder / f"{self.name}.svg"
         write_atomic(p1, self.png)
