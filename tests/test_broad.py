@@ -100,3 +100,33 @@ def test_collapse_position_map_follows_the_kept_tokens():
     assert len(idx) == len(row) and idx[-1] == len(kept) - 1
     # every kept token maps to itself in the collapsed row, a deleted one to the last kept before it
     assert [kept[i] for i in idx][:3] == [1, 2, 3] and kept[idx[-1]] == 9
+
+
+def test_evasion_families_keep_the_run_going_without_an_exact_unit(tiny):
+    """Each evasion family's stretch repeats its word(s) without an exact repeating unit: the exact-unit
+    gate hides none of it (so the family tests what the gate cannot see), its words are held out like the
+    other families', and its cases are judged by the token-set judge over the stretch's own tokens."""
+    import random
+
+    from sinkhole.attack.families import EVASION, evasion_text
+    from sinkhole.decoding.gate import hidden_mask
+
+    assert {"compass", "pigeon", "biscuit", "basket", "feather"} <= family_words()
+    assert set(EVASION) == {"filler", "mixture", "variants", "separators", "offset", "lookalike"}
+    text = evasion_text("variants", "copper", 200, random.Random(3))
+    assert {"copper", "Copper", "COPPER", "copper.", "copper,"} == set(text.split())
+    assert text == evasion_text("variants", "copper", 200, random.Random(3))  # seeded
+    off = evasion_text("offset", "purple mountain breeze", 50, random.Random(0)).split()
+    assert off[0] != "purple" and len(off) == 150
+    assert "\u200b" in evasion_text("lookalike", "basket", 60, random.Random(0))
+    cases = broad_cases(tiny, reps=(60,), families=list(EVASION))
+    assert {c.family for c in cases} == set(EVASION)
+    for c in cases:
+        stretch = c.ids[len(c.ids) - c.reps:]
+        assert c.allowed and set(stretch) <= set(c.allowed)
+        if EVASION[c.family].build in ("mixture", "variants", "separators", "lookalike"):
+            assert int(hidden_mask(torch.tensor([c.ids]), RunGate()).sum()) == 0, c.family
+    recs = judge_cases(tiny, cases[:2], max_new_tokens=4, quiet=True)
+    assert all(r["garak_judge"] is None for r in recs)  # the token-set judge, as for clusters
+    with pytest.raises(SinkholeError, match="unknown attack family"):
+        broad_cases(tiny, families=["nonsense"])

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import time
 
-from ..attack.families import BROAD_REPS, FAMILIES, MAX_NEW_TOKENS, SHORT_REPS, broad_cases, family_rates, judge_cases
+from ..attack.families import (BROAD_REPS, CATALOGUE, MAX_NEW_TOKENS, SHORT_REPS, broad_cases, family_rates,
+                               judge_cases)
 from ..decoding.engines import LlamaCpp, TorchGate, gate_feed_exact, gguf_of
 from ..decoding.gate import RunGate, collapse
 from ..errors import SinkholeError
@@ -111,7 +112,7 @@ def verify_broad(lm, patch, baselines: dict | None = None, seed: int = 0, famili
         fid = fidelity(lm, methods, sources=sources, windows=windows, total=total, seed=seed, quiet=quiet)
     timing["fidelity_s"] = round(time.perf_counter() - t, 1)
     rates = {name: family_rates(r) for name, r in recs.items()}
-    out = {"families": {f: FAMILIES[f].description for f in rates["unpatched"]}, "rates": rates, "fidelity": fid,
+    out = {"families": {f: CATALOGUE[f].description for f in rates["unpatched"]}, "rates": rates, "fidelity": fid,
            "records": recs, "methods": list(methods), "timing": timing, "engine": engine,
            "settings": {"reps": list(reps), "short_reps": SHORT_REPS, "max_new_tokens": MAX_NEW_TOKENS,
                         "sources": list(sources), "windows": list(windows), "tokens_per_setting": total,
@@ -174,6 +175,9 @@ def broad_targets(before: dict, after: dict, fid: list[dict]) -> dict:
         a = after.get(f, {"diverged": 0, "n": 0})
         rb, ra = b["diverged"] / max(b["n"], 1), a["diverged"] / max(a["n"], 1)
         fam[f] = a["diverged"] == 0 or (rb > 0 and ra <= 0.1 * rb)
+    if not fid:  # no text source was scored (sources=()): the text targets are not decided
+        return {"divergence_every_family": all(fam.values()), "families_failed": [f for f, ok in fam.items() if not ok],
+                "text": "not measured", "all": None}
     worst_top1 = min(fid, key=lambda r: r["top1_agreement"])
     worst_kl = max(fid, key=lambda r: r["mean_kl_nats"])
     worst_ppl = max(fid, key=lambda r: r["ppl_change_pct"])

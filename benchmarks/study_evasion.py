@@ -1,0 +1,61 @@
+"""Study: runs built to get around the run gate (no exact repeating unit), beside the exact run.
+
+For each evasion family of :data:`sinkhole.attack.families.EVASION` (a filler word at random gaps, two to
+four words in random order, case and format variants, random separators, a phrase started mid-way,
+Unicode look-alikes and zero-width spaces) and the exact run after ``Repeat:`` as control, the broad
+verification's attack half: two held-out cases per family at 100-2,000 repetitions and the same prompts at
+16 repetitions (the floor), 64 greedy tokens, judged by the token-set judge (a token outside the stretch's
+own tokens that is not a separator). Methods: the unpatched model, the input-side collapse and the run
+gate (its default rule). Text fidelity is not part of this study (the broad verification scores it).
+
+Usage::
+
+    python benchmarks/study_evasion.py --seeds 0,1 --save evasion     # a few minutes per seed on the 2-core CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, save  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--save", default=None)
+    a = p.parse_args(argv)
+
+    from sinkhole import load_model
+    from sinkhole.attack.families import EVASION
+    from sinkhole.decoding.gate import RunGate
+    from sinkhole.patch import Patch
+    from sinkhole.patch.verify import verify_broad
+
+    lm = load_model(a.model, progress=False)
+    families = ["repeat", *EVASION]
+    runs = []
+    for seed in [int(s) for s in a.seeds.split(",")]:
+        t = time.perf_counter()
+        res = verify_broad(lm, Patch(gate=RunGate()), baselines={"input_collapse": "collapse"}, seed=seed,
+                           families=families, sources=(), log=lambda m: None, quiet=True)
+        rates = res["rates"]
+        print(f"seed {seed} ({time.perf_counter() - t:.0f} s)")
+        print(f"  {'family':12s} {'unpatched':>10s} {'collapse':>10s} {'gate':>10s} {'floor (16)':>11s}")
+        for f in families:
+            row = [rates[m].get(f, {"diverged": 0, "n": 0}) for m in ("unpatched", "input_collapse", "patch", "short_run")]
+            print(f"  {f:12s} " + " ".join(f"{r['diverged']:>8d}/{r['n']}" for r in row))
+        runs.append({"seed": seed, "rates": rates, "records": res["records"], "seconds": res["seconds"]})
+    if a.save:
+        save(a.save, {"model": lm.name, "families": {f: (EVASION[f].description if f in EVASION else "exact run")
+                                                     for f in families}, "runs": runs, "machine": machine()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
