@@ -51,9 +51,9 @@ def main(argv=None) -> int:
             row = [rates[m].get(f, {"diverged": 0, "n": 0}) for m in ("unpatched", "input_collapse", "patch", "short_run")]
             print(f"  {f:12s} " + " ".join(f"{r['diverged']:>8d}/{r['n']}" for r in row))
         runs.append({"seed": seed, "rates": rates, "records": res["records"], "seconds": res["seconds"]})
-    if a.save:
-        save(a.save, {"model": lm.name, "families": {f: (EVASION[f].description if f in EVASION else "exact run")
-                                                     for f in families}, "runs": runs, "machine": machine()})
+        if a.save:  # after every seed, so a long run keeps what it finished
+            save(a.save, {"model": lm.name, "families": {f: (EVASION[f].description if f in EVASION else "exact run")
+                                                         for f in families}, "runs": runs, "machine": machine()})
     return 0
 
 
