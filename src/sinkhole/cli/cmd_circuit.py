@@ -33,7 +33,7 @@ def run(args) -> int:
     from ..errors import SinkholeError  # lazy: start-up time
     from ..pipeline.engine import ScanOptions  # lazy: start-up time
     from ..pipeline.registry import (  # lazy: start-up time
-        CIRCUIT_STEPS,  # lazy: start-up time
+        CIRCUIT_STEPS,
         load_document,
         run_scan,
     )

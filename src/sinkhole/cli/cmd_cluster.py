@@ -28,9 +28,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..attack.cluster import (
-        ClusterResult,  # lazy: start-up time
-        cluster_attack,  # lazy: start-up time
+    from ..attack.cluster import (  # lazy: start-up time
+        ClusterResult,
+        cluster_attack,
     )
     from ..errors import SinkholeError  # lazy: start-up time
     from ..pipeline.engine import document  # lazy: start-up time

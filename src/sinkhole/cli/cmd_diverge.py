@@ -119,9 +119,9 @@ def run(args) -> int:
         patch.validate(lm)
         hooks = (lambda: apply_patch(lm, patch, validate=False))  # noqa: E731
     if args.exact and templates in (None, "default", "all"):  # minus the templates the check cannot draft
-        from ..attack.prompts import (
-            RUN_AT_END,  # lazy: start-up time
-            resolve_templates,  # lazy: start-up time
+        from ..attack.prompts import (  # lazy: start-up time
+            RUN_AT_END,
+            resolve_templates,
         )
 
         templates = [t for t in resolve_templates(lm, templates) if t in RUN_AT_END]
@@ -194,9 +194,9 @@ def _check_sampling(args) -> None:
 
 def _run_min_reps(args) -> int:
     from ..attack.minreps import default_words, min_reps_table  # lazy: start-up time
-    from ..attack.prompts import (
-        RUN_AT_END,  # lazy: start-up time
-        parse_words,  # lazy: start-up time
+    from ..attack.prompts import (  # lazy: start-up time
+        RUN_AT_END,
+        parse_words,
     )
     from ..errors import SinkholeError  # lazy: start-up time
     from ..pipeline.engine import document  # lazy: start-up time

@@ -54,7 +54,7 @@ def run(args) -> int:
     import os
 
     from ..attack.sweep import (  # lazy: start-up time
-        SweepSummary,  # lazy: start-up time
+        SweepSummary,
         frequent_tokens,
         merge,
         shard_from_env,
