@@ -29,31 +29,42 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--seeds", default="0")
     p.add_argument("--save", default=None)
+    p.add_argument("--confirm", type=float, default=None,
+                   help="also run the run gate with the state check at this distance (the patch; the plain gate "
+                        "becomes a baseline)")
+    p.add_argument("--all-families", action="store_true", help="every family of the broad set, not only the exact run")
     a = p.parse_args(argv)
 
     from sinkhole import load_model
-    from sinkhole.attack.families import EVASION
+    from sinkhole.attack.families import EVASION, FAMILIES
     from sinkhole.decoding.gate import RunGate
     from sinkhole.patch import Patch
     from sinkhole.patch.verify import verify_broad
 
     lm = load_model(a.model, progress=False)
-    families = ["repeat", *EVASION]
+    families = [*(FAMILIES if a.all_families else ["repeat"]), *EVASION]
+    methods = ["unpatched", "input_collapse", "patch", "short_run"]
+    patch, baselines = Patch(gate=RunGate()), {"input_collapse": "collapse"}
+    if a.confirm is not None:
+        patch = Patch(gate=RunGate(confirm=a.confirm))
+        baselines["run_gate"] = Patch(gate=RunGate())
+        methods = ["unpatched", "input_collapse", "run_gate", "patch", "short_run"]
     runs = []
     for seed in [int(s) for s in a.seeds.split(",")]:
         t = time.perf_counter()
-        res = verify_broad(lm, Patch(gate=RunGate()), baselines={"input_collapse": "collapse"}, seed=seed,
+        res = verify_broad(lm, patch, baselines=baselines, seed=seed,
                            families=families, sources=(), log=lambda m: None, quiet=True)
         rates = res["rates"]
         print(f"seed {seed} ({time.perf_counter() - t:.0f} s)")
-        print(f"  {'family':12s} {'unpatched':>10s} {'collapse':>10s} {'gate':>10s} {'floor (16)':>11s}")
+        print(f"  {'family':14s} " + " ".join(f"{m:>14s}" for m in methods))
         for f in families:
-            row = [rates[m].get(f, {"diverged": 0, "n": 0}) for m in ("unpatched", "input_collapse", "patch", "short_run")]
-            print(f"  {f:12s} " + " ".join(f"{r['diverged']:>8d}/{r['n']}" for r in row))
+            row = [rates[m].get(f, {"diverged": 0, "n": 0}) for m in methods]
+            print(f"  {f:14s} " + " ".join(f"{r['diverged']:>12d}/{r['n']}" for r in row))
         runs.append({"seed": seed, "rates": rates, "records": res["records"], "seconds": res["seconds"]})
         if a.save:  # after every seed, so a long run keeps what it finished
-            save(a.save, {"model": lm.name, "families": {f: (EVASION[f].description if f in EVASION else "exact run")
-                                                         for f in families}, "runs": runs, "machine": machine()})
+            described = {f: (EVASION.get(f) or FAMILIES[f]).description for f in families}
+            save(a.save, {"model": lm.name, "families": described,
+                          "patch": patch.gate.to_dict(), "methods": methods, "runs": runs, "machine": machine()})
     return 0
 
 

@@ -323,7 +323,8 @@ def run_llamacpp(lm, cases, max_new_tokens: int = 48, quiet: bool | None = None,
                  gate=None):
     """The cases decoded by llama.cpp (gated with ``gate``) and judged like the transformers path
     (``method`` "llama.cpp")."""
-    eng = engine or LlamaCpp(gguf_of(lm), n_ctx=max(len(c.ids) for c in cases) + int(max_new_tokens) + 8, gate=gate)
+    eng = engine or LlamaCpp(gguf_of(lm), n_ctx=max(len(c.ids) for c in cases) + int(max_new_tokens) + 8, gate=gate,
+                             lm=lm)
     stops = stop_ids(lm)
     results = []
     for c in progress(list(cases), desc="llama.cpp", disable=quiet):

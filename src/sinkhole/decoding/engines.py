@@ -20,7 +20,7 @@ from typing import Sequence
 from ..errors import SinkholeError
 from ..models.attention import fast_attention
 from .cache import new_cache
-from .gate import collapse, hidden_mask
+from .gate import collapse, distances, hidden_mask
 
 ENGINES = ("transformers", "llama.cpp")
 INSTALL = ("CMAKE_ARGS='-DGGML_NATIVE=OFF' pip install llama-cpp-python (source only on PyPI: it compiles "
@@ -46,6 +46,7 @@ class _Fed:
     history is fed once and its argmax reused, so a repeating continuation costs ``p + 1`` passes."""
 
     gate = None
+    lm = None  # the torch model that reads the state, for a gate with the state check
     _cached: list[int]
 
     def n_ctx(self) -> int | None:
@@ -61,12 +62,15 @@ class _Fed:
                                 f"llama.cpp context of {limit}; use fewer --reps")
         self._reset()  # every prompt is read from an empty cache: results do not depend on case order
         seen: dict[tuple, int] = {}  # collapsed history -> its argmax (a gated run revisits the same few)
+        dist = None  # the state check's reading of the history so far (kept: a token's depends on the past only)
         with self._session():
             while len(gen) < int(max_new_tokens):
                 if self.gate is None:
                     t = int(self._feed(hist).argmax())
                 else:
-                    key = tuple(collapse(hist, self.gate))
+                    if self.gate.confirm is not None:
+                        dist = distances(self.lm, hist, self.gate, known=dist)
+                    key = tuple(collapse(hist, self.gate, self.lm, dist))
                     if key not in seen:
                         if len(seen) >= 4 * self.gate.max_distinct:
                             seen.clear()
@@ -113,7 +117,7 @@ class LlamaCpp(_Fed):
     floats of memory)."""
 
     def __init__(self, gguf: str | os.PathLike, n_ctx: int = 4096, threads: int | None = None, gate=None,
-                 logits_all: bool = False):
+                 logits_all: bool = False, lm=None):
         try:
             from llama_cpp import Llama
         except ImportError:
@@ -121,7 +125,10 @@ class LlamaCpp(_Fed):
         self.path = Path(gguf)
         if not self.path.is_file():
             raise SinkholeError(f"no GGUF file at {self.path}; pass the path of a .gguf file")
-        self.gate, self.logits_all = gate, bool(logits_all)
+        self.gate, self.logits_all, self.lm = gate, bool(logits_all), lm
+        if gate is not None and gate.confirm is not None and lm is None:
+            raise SinkholeError("the run gate's state check reads layer 0 of the model: give LlamaCpp the torch "
+                                "model of the same GGUF (lm=...)")
         self.llm = Llama(model_path=str(self.path), n_ctx=int(n_ctx), n_threads=threads or os.cpu_count() or 1,
                          n_batch=512, logits_all=bool(logits_all), verbose=False, seed=0)
         self._cached: list[int] = []  # the tokens whose keys and values the cache holds, in order
@@ -147,9 +154,10 @@ class LlamaCpp(_Fed):
 
         row = list(row)
         if self.gate is not None:
-            if bool(hidden_mask([row], self.gate).any()):
+            if bool(hidden_mask([row], self.gate, self.lm).any()):
                 self._cached = []
-                return np.stack([np.array(self._feed(collapse(row[:i + 1], self.gate))) for i in range(len(row))])
+                return np.stack([np.array(self._feed(collapse(row[:i + 1], self.gate, self.lm)))
+                                 for i in range(len(row))])
         if not self.logits_all:
             raise SinkholeError("LlamaCpp.logits needs an engine made with logits_all=True")
         self.llm.n_tokens = 0

@@ -44,8 +44,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..capture import past_length
+from ..capture import StopForward, past_length
 from ..errors import SinkholeError
+
+
+# The state check's default distance (``RunGate(confirm=STATE_CONFIRM)``): chosen on SmolLM2 beside the broad
+# set's draws 0 and 1 and the six documents of benchmarks/study_sink_state.py (docs/findings.md, section 3).
+STATE_CONFIRM = 0.2
 
 
 @dataclass
@@ -57,11 +62,16 @@ class RunGate:
     min_count: int = 2
     hold: int = 0
     cluster: bool = False  # also hide stretches with no exact repeating unit (cluster sequences, and digits)
+    confirm: float | None = None  # the state check: hide a stretch only once its layer-0 state is first-token-like
+    span: int = 32  # how many of a stretch's excess tokens the state check averages over
 
     def check(self) -> None:
         if not isinstance(self.cluster, bool):
             raise SinkholeError(f"run gate cluster must be true or false (got {self.cluster!r})")
-        for name in ("window", "max_distinct", "min_count", "hold"):
+        if self.confirm is not None and (isinstance(self.confirm, bool) or not isinstance(self.confirm, (int, float))
+                                         or not 0 < self.confirm < 10):
+            raise SinkholeError(f"run gate confirm must be null or a distance between 0 and 10 (got {self.confirm!r})")
+        for name in ("window", "max_distinct", "min_count", "hold", "span"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "hold" else 1):
                 what = "a non-negative" if name == "hold" else "a positive"
@@ -70,17 +80,20 @@ class RunGate:
             raise SinkholeError("run gate max_distinct and min_count must not exceed its window")
 
     def to_dict(self) -> dict:
-        return {"window": self.window, "max_distinct": self.max_distinct, "min_count": self.min_count,
-                "hold": self.hold, "cluster": self.cluster}
+        d = {"window": self.window, "max_distinct": self.max_distinct, "min_count": self.min_count,
+             "hold": self.hold, "cluster": self.cluster}
+        if self.confirm is not None:
+            d.update(confirm=self.confirm, span=self.span)
+        return d
 
     @classmethod
     def from_dict(cls, d) -> "RunGate":
         if not isinstance(d, dict):
             raise SinkholeError("the patch's 'gate' must be an object with window, max_distinct and min_count")
-        unknown = set(d) - {"window", "max_distinct", "min_count", "hold", "cluster"}
+        unknown = set(d) - {"window", "max_distinct", "min_count", "hold", "cluster", "confirm", "span"}
         if unknown:
             raise SinkholeError(f"the patch's gate has unknown field(s) {sorted(unknown)}; "
-                                "use window, max_distinct, min_count, hold, cluster")
+                                "use window, max_distinct, min_count, hold, cluster, confirm, span")
         g = cls(**d)
         g.check()
         return g
@@ -90,8 +103,11 @@ class RunGate:
                 f"when those hold at most {self.max_distinct} distinct tokens, is hidden from later attention and "
                 "does not advance the position"
                 + (f", once its run has more than {self.hold} such tokens" if self.hold else "")
-                + ("; runs without a repeating unit too" if self.cluster else
-                   "; only in runs that repeat a unit exactly"))
+                + ("; runs without a repeating unit too" if self.cluster or self.confirm is not None else
+                   "; only in runs that repeat a unit exactly")
+                + (f"; only once the run's layer-0 state is first-token-like (mean distance to its unit's state at the "
+                   f"start of a sequence <= {self.confirm:g} over {self.span} tokens)"
+                   if self.confirm is not None else ""))
 
 
 def excess_mask(ids: torch.Tensor, gate: RunGate) -> torch.Tensor:
@@ -127,29 +143,75 @@ def _period(ids: torch.Tensor, r0: int, most: int) -> int:
     return 0
 
 
-def expiry(ids: torch.Tensor, gate: RunGate, ex: torch.Tensor | None = None) -> torch.Tensor:
+def confirmed_at(d: torch.Tensor | None, r0: int, r1: int, gate: RunGate) -> int | None:
+    """The state check on one stretch (tokens ``r0..r1``): the first token at which the mean of the
+    distances ``d`` over the stretch's last ``span`` tokens is at most ``confirm``; None if there is none
+    (or ``d`` is unknown there: NaN)."""
+    if d is None or r1 - r0 + 1 < gate.span:
+        return None
+    x = d[r0:r1 + 1].double()
+    x = torch.where(torch.isnan(x), torch.full_like(x, 1e9), x)
+    c = torch.cat([x.new_zeros(1), x.cumsum(0)])
+    mean = (c[gate.span:] - c[:-gate.span]) / gate.span  # window k covers r0+k .. r0+k+span-1
+    hit = torch.nonzero(mean <= gate.confirm).flatten()
+    return None if len(hit) == 0 else r0 + int(hit[0]) + gate.span - 1
+
+
+def unconfirmed(ex: torch.Tensor, dist: torch.Tensor, gate: RunGate) -> torch.Tensor:
+    """Boolean (B, n): the excess tokens of ``ex`` whose state the check still needs: those of stretches
+    not confirmed by ``dist``, and of a confirmed stretch up to its confirmation (after it the stretch
+    stays confirmed whatever its state: nothing there is read)."""
+    out = ex.clone()
+    for b in range(ex.shape[0]):
+        for r0, r1 in stretches(ex[b]):
+            c = confirmed_at(dist[b], r0, r1, gate)
+            if c is not None:
+                out[b, c + 1:r1 + 1] = False
+    return out
+
+
+def stretches(row: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) of every stretch of consecutive True in the boolean vector ``row``."""
+    idx = torch.nonzero(row).flatten()
+    if len(idx) == 0:
+        return []
+    breaks = torch.nonzero(idx[1:] != idx[:-1] + 1).flatten()
+    return list(zip(torch.cat([idx[:1], idx[breaks + 1]]).tolist(), torch.cat([idx[breaks], idx[-1:]]).tolist()))
+
+
+def expiry(ids: torch.Tensor, gate: RunGate, ex: torch.Tensor | None = None,
+           dist: torch.Tensor | None = None) -> torch.Tensor:
     """Long (B, n): from which position on each token is hidden (``NEVER`` for tokens never hidden).
 
     The excess tokens of a stretch are cut into blocks of the run's period p (one repetition of its
     unit, found in the window before the stretch): a block stays visible until the next block of
     the same stretch starts, and the stretch's last block stays visible for good. So every query
     sees the run's first tokens, then the repetition it is in (or, after the run, the run's last
-    repetition) whole: the run is shortened by whole repetitions, never cut inside one."""
+    repetition) whole: the run is shortened by whole repetitions, never cut inside one.
+
+    With the state check (``gate.confirm``), ``dist`` (B, n; NaN where unknown) holds each excess
+    token's layer-0 distance to its unit's state at the start of a sequence (:class:`GateHooks`): a
+    stretch is shortened only from the token after the one where it is confirmed
+    (:func:`confirmed_at`) on, and a stretch with no exact unit is then cut token by token."""
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
     ex = excess_mask(ids, gate) if ex is None else ex
+    if dist is not None and dist.dim() == 1:
+        dist = dist.unsqueeze(0)
     out = torch.full(ids.shape, NEVER, dtype=torch.long, device=ids.device)
     for b in range(ids.shape[0]):
         row = ex[b]
         if not bool(row.any()):
             continue
-        idx = torch.nonzero(row).flatten()
-        breaks = torch.nonzero(idx[1:] != idx[:-1] + 1).flatten()
-        starts = torch.cat([idx[:1], idx[breaks + 1]]).tolist()
-        ends = torch.cat([idx[breaks], idx[-1:]]).tolist()
-        for r0, r1 in zip(starts, ends):
+        for r0, r1 in stretches(row):
             p = _period(ids[b], r0, gate.max_distinct)
-            if p == 0:  # no repeating unit: hidden only with ``cluster`` (then token by token)
+            first = r0 + gate.hold  # nothing is hidden before the stretch passes ``hold``
+            if gate.confirm is not None:
+                c = confirmed_at(None if dist is None else dist[b], r0, r1, gate)
+                if c is None:
+                    continue
+                p, first = p or 1, max(first, c + 1)
+            elif p == 0:  # no repeating unit: hidden only with ``cluster`` (then token by token)
                 if not gate.cluster:
                     continue
                 p = 1
@@ -157,16 +219,29 @@ def expiry(ids: torch.Tensor, gate: RunGate, ex: torch.Tensor | None = None) -> 
                 continue
             k = torch.arange(r0, r1 + 1, device=ids.device)
             nxt = r0 + ((k - r0) // p + 1) * p  # where the next block starts
-            nxt_held = nxt.clamp_min(r0 + gate.hold)  # nothing is hidden before the stretch passes ``hold``
-            out[b, r0:r1 + 1] = torch.where(nxt <= r1, nxt_held, torch.full_like(nxt, NEVER))
+            out[b, r0:r1 + 1] = torch.where(nxt <= r1, nxt.clamp_min(first), torch.full_like(nxt, NEVER))
     return out
 
 
-def hidden_mask(ids, gate: RunGate) -> torch.Tensor:
+def hidden_mask(ids, gate: RunGate, lm=None) -> torch.Tensor:
     """Boolean (B, n): which tokens of ``ids`` the gate hides from some later token (excess tokens
-    of a stretch that passed ``hold``, except the stretch's last block)."""
+    of a stretch that passed ``hold``, except the stretch's last block). A gate with the state check
+    needs the model (``lm``)."""
     t = torch.as_tensor(ids, dtype=torch.long)
-    return expiry(t, gate) < NEVER
+    return gate_expiry(t, gate, lm) < NEVER
+
+
+def gate_expiry(ids: torch.Tensor, gate: RunGate, lm=None) -> torch.Tensor:
+    """:func:`expiry` of ``ids`` (B, n), reading the state with ``lm`` when the gate has the state check."""
+    t = ids.unsqueeze(0) if ids.dim() == 1 else ids
+    if gate.confirm is None:
+        return expiry(t, gate)
+    if lm is None:
+        raise SinkholeError("a run gate with the state check (confirm) needs the model to say what it hides")
+    ex = excess_mask(t, gate)
+    if not bool(ex.any()):
+        return expiry(t, gate, ex)
+    return expiry(t, gate, ex, distances(lm, t, gate))
 
 
 def hidden_before(exp: torch.Tensor) -> torch.Tensor:
@@ -178,13 +253,39 @@ def hidden_before(exp: torch.Tensor) -> torch.Tensor:
     return cnt[:, :n].cumsum(1)
 
 
-def collapse(ids, gate: RunGate) -> list[int]:
+def collapse(ids, gate: RunGate, lm=None, dist: torch.Tensor | None = None) -> list[int]:
     """The input-side baseline: ``ids`` without the tokens the gate hides from the end of the
     prompt (what a serving stack that shortens long runs, by whole repetitions, before the model
-    sees them would send)."""
+    sees them would send). A gate with the state check needs the model (``lm``) to read the state,
+    or the state already read (``dist``, from :func:`distances`)."""
     t = torch.as_tensor(list(ids), dtype=torch.long)
-    keep = expiry(t, gate)[0] >= len(t)
+    if dist is not None:
+        keep = expiry(t, gate, dist=dist)[0] >= len(t)
+    else:
+        keep = gate_expiry(t, gate, lm)[0] >= len(t)
     return t[keep].tolist()
+
+
+def distances(lm, ids, gate: RunGate, known: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, n) float: each excess token's layer-0 distance to its unit's state at the start of a sequence,
+    in the gated model (NaN for tokens the state check does not read: not excess, or after their
+    stretch's confirmation); the state check's input. ``known``: the distances of a prefix of ``ids``
+    (B, m <= n) from an earlier call; a token's distance depends on the tokens before it only, so they
+    are kept and only the rest is read."""
+    t = torch.as_tensor(ids, dtype=torch.long)
+    t = t.unsqueeze(0) if t.dim() == 1 else t
+    d = torch.full(t.shape, float("nan"), dtype=torch.float64)
+    if known is not None:
+        known = known.unsqueeze(0) if known.dim() == 1 else known
+        d[:, :known.shape[1]] = known[:, :t.shape[1]].cpu()
+    ex = excess_mask(t, gate)
+    if not bool((unconfirmed(ex, d, gate) & torch.isnan(d)).any()):
+        return d
+    with GateHooks(lm, gate) as g:
+        g.hist = t.to(lm.device)
+        g.dist = d.to(lm.device)
+        g._settle(ex.to(lm.device))
+        return g.dist.cpu()
 
 
 class GateHooks:
@@ -193,7 +294,16 @@ class GateHooks:
     A pre-hook on the module that takes ``input_ids`` keeps the token history of the current
     sequence (reset when a call starts at position 0, cut back when a cache was cropped), computes
     the excess tokens and replaces ``position_ids``; a pre-hook on every softmax-attention module
-    adds the hidden keys to its attention mask."""
+    adds the hidden keys to its attention mask.
+
+    With the state check (``gate.confirm``) a forward hook on layer 0 reads the state of every new
+    excess token and keeps its distance to its unit's state at the start of a sequence (the layer-0
+    output of the last token of the run's unit, period p, fed alone: for a one-token run, the token's
+    singleton state, which the paper's Theorem 4.1 says a long run converges to). A call that brings
+    several new excess tokens (a prompt) is first read by a probe pass stopped after layer 0, under
+    the stretches already confirmed, again after each new confirmation (:meth:`_settle`); a call of
+    one token reads its own state in the pass itself. So a token's state is read exactly as the gated
+    model computes it, and a prompt is gated as it would be token by token."""
 
     def __init__(self, lm, gate: RunGate):
         self.lm, self.gate = lm, gate
@@ -202,9 +312,16 @@ class GateHooks:
         self.hist: torch.Tensor | None = None
         self._exp: torch.Tensor | None = None  # (B, n) expiry of every token of the history, or None
         self._q = 0
+        self.dist: torch.Tensor | None = None  # (B, n) the state check's distances (NaN: not read)
+        self._ex: torch.Tensor | None = None  # (B, n) excess tokens of the history (state check only)
+        self._probing = False
+        self._states: torch.Tensor | None = None
+        self._refs: dict[tuple, torch.Tensor] = {}
 
     # --- the token history ----------------------------------------------------------------
     def _track(self, module, args, kwargs):
+        if self._probing:
+            return None  # the probe passes its own positions and mask
         ids = kwargs.get("input_ids")
         if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
             ids = args[0]
@@ -227,7 +344,15 @@ class GateHooks:
         else:
             self.hist = torch.cat([self.hist[:, :past], new], 1)
         ex = excess_mask(self.hist, self.gate)
-        exp = expiry(self.hist, self.gate, ex) if bool(ex.any()) else None
+        if self.gate.confirm is not None:
+            unknown = torch.full((ids.shape[0], q), float("nan"), dtype=torch.float64, device=ids.device)
+            kept = self.dist[:, :past] if self.dist is not None and self.dist.shape[1] >= past else None
+            self.dist = torch.cat([kept if kept is not None else unknown.new_full((ids.shape[0], past), float("nan")),
+                                   unknown], 1)
+            self._ex = ex
+            if q > 1 and bool(ex[:, -q:].any()):
+                self._settle(ex)
+        exp = expiry(self.hist, self.gate, ex, self.dist) if bool(ex.any()) else None
         if exp is None or not bool((exp < NEVER).any()):
             return None  # nothing to gate: the call runs untouched (bit-identical)
         self._exp, self._q = exp, q
@@ -264,10 +389,94 @@ class GateHooks:
         kwargs["attention_mask"] = new
         return args, kwargs
 
+    # --- the state check --------------------------------------------------------------------
+    def _layer0(self, module, args, out):
+        h = out[0] if isinstance(out, tuple) else out
+        if self._probing:
+            self._states = h.detach()
+            raise StopForward
+        if self._ex is None or self.dist is None or self.hist is None:
+            return None
+        q = h.shape[1]
+        n = self.hist.shape[1]
+        todo = (unconfirmed(self._ex, self.dist, self.gate) & torch.isnan(self.dist))[:, n - q:]
+        if bool(todo.any()):
+            mask = torch.zeros_like(self._ex)
+            mask[:, n - q:] = todo
+            self._read(h.detach(), mask, n - q)
+        return None
+
+    def _ref(self, unit: tuple) -> torch.Tensor:
+        """Layer-0 output of the last token of ``unit`` fed alone (a run's limit at the start of a sequence)."""
+        if unit not in self._refs:
+            self._refs[unit] = self._probe(torch.tensor([unit], device=self.hist.device), None)[0, -1].float()
+        return self._refs[unit]
+
+    def _read(self, states: torch.Tensor, mask: torch.Tensor, offset: int) -> None:
+        """Fill ``dist`` at the tokens of ``mask`` (B, n) from their layer-0 ``states`` (B, n - offset, d:
+        the history's tokens from ``offset`` on)."""
+        for b in range(mask.shape[0]):
+            if not bool(mask[b].any()):
+                continue
+            row = self.hist[b]
+            for r0, r1 in stretches(self._ex[b]):
+                ts = [t for t in range(r0, r1 + 1) if bool(mask[b, t])]
+                if not ts:
+                    continue
+                p = _period(row, r0, self.gate.max_distinct) or 1
+                refs = torch.stack([self._ref(tuple(row[t - p + 1:t + 1].tolist())) for t in ts])
+                got = states[b, [t - offset for t in ts]].float()
+                self.dist[b, ts] = ((got - refs).norm(dim=-1) / refs.norm(dim=-1).clamp_min(1e-6)).double()
+
+    def _probe(self, ids: torch.Tensor, exp: torch.Tensor | None) -> torch.Tensor:
+        """Layer-0 output (B, n, d) of ``ids`` (-1: padding) from position 0, with the tokens ``exp``
+        hides masked and not counted in the positions."""
+        base = self.adapter.base_model or self.lm.model
+        real = ids >= 0
+        hb = hidden_before(exp) if exp is not None else 0
+        pos = (real.long().cumsum(1) - 1 - hb).clamp_min(0)
+        saved = (self._exp, self._q)
+        self._exp, self._q, self._probing, self._states = exp, ids.shape[1], True, None
+        try:
+            with torch.no_grad():
+                base(input_ids=ids.clamp_min(0), position_ids=pos, attention_mask=real.long(), use_cache=False)
+        except StopForward:
+            pass
+        finally:
+            self._exp, self._q = saved
+            self._probing = False
+        if self._states is None:
+            raise SinkholeError("the run gate's state check could not read layer 0 of this model")
+        return self._states
+
+    def _settle(self, ex: torch.Tensor) -> None:
+        """Read the state of the history's unread excess tokens by probe passes: under the stretches
+        confirmed so far; after a new confirmation, again from the first token it hides from."""
+        self._ex = ex
+        for _ in range(64):
+            exp = expiry(self.hist, self.gate, ex, self.dist)
+            todo = unconfirmed(ex, self.dist, self.gate) & torch.isnan(self.dist)
+            if not bool(todo.any()):
+                return
+            self._read(self._probe(self.hist, exp), todo, 0)
+            new = expiry(self.hist, self.gate, ex, self.dist)
+            changed = new != exp
+            if not bool(changed.any()):
+                return
+            # queries from the first newly hidden position on were read under the old masks: read them again
+            first = int(new[changed].min())
+            again = todo.clone()
+            again[:, :first] = False
+            self.dist[again] = float("nan")
+            if not bool(again.any()):
+                return
+
     # --- attach / detach --------------------------------------------------------------------
     def __enter__(self):
         base = self.adapter.base_model or self.lm.model
         try:
+            if self.gate.confirm is not None:
+                self._handles.append(self.adapter.layer(0).register_forward_hook(self._layer0))
             self._handles.append(base.register_forward_pre_hook(self._track, with_kwargs=True))
             for i in self.adapter.attention_layers:
                 self._handles.append(self.adapter.attn(i).register_forward_pre_hook(self._attn, with_kwargs=True))
@@ -286,3 +495,4 @@ class GateHooks:
         self._handles.clear()
         self.hist = None
         self._exp = None
+        self.dist = self._ex = None

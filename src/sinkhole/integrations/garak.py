@@ -72,7 +72,7 @@ def _runner(model: str, patch, engine: str, gguf):
         gate = None
         if patch:
             gate = llamacpp_gate(read_patch(patch), patched_gguf=bool(gguf))
-        eng = LlamaCpp(gguf or gguf_of(lm), n_ctx=min(lm.n_ctx or 8192, 8192), gate=gate)
+        eng = LlamaCpp(gguf or gguf_of(lm), n_ctx=min(lm.n_ctx or 8192, 8192), gate=gate, lm=lm)
         stops = stop_ids(lm)
 
         def decode(ids, n):

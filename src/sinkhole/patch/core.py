@@ -345,7 +345,10 @@ def _gate_hooks(lm, patch: Patch):
     """The patch's run gate as a context manager (a no-op without a gate)."""
     if patch.gate is None:
         return contextlib.nullcontext()
-
+    if patch.gate.confirm is not None and patch.ops:
+        # the state check reads layer 0 by a probe pass, which would also move the ops' position tracking
+        raise SinkholeError("a run gate with the state check (confirm) cannot be combined with activation ops; "
+                            "ship it as a gate-only patch")
     return GateHooks(lm, patch.gate)
 
 

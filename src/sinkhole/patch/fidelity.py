@@ -16,7 +16,7 @@ from ..attack.prompts import chat_ids, has_chat_template
 from ..data import TEXTS
 from ..data import load_text as shipped
 from ..decoding.engines import LlamaCpp
-from ..decoding.gate import RunGate, expiry, hidden_mask
+from ..decoding.gate import RunGate, gate_expiry, hidden_mask
 from ..decoding.generate import generate
 from ..errors import SinkholeError
 from ..evaluate.metrics import pair_sums
@@ -154,7 +154,7 @@ def _kept_index(row: list[int], transform) -> torch.Tensor:
     gate = getattr(transform, "gate", None)
     if gate is None:
         return torch.arange(len(row))
-    keep = (expiry(torch.tensor([row]), gate)[0] >= len(row)).long()
+    keep = (gate_expiry(torch.tensor([row]), gate, getattr(transform, "lm", None))[0] >= len(row)).long()
     return (keep.cumsum(0) - 1).clamp_min(0)
 
 
@@ -179,7 +179,7 @@ def fidelity(lm, methods: dict, sources=("twelfth_night", "generated"), windows=
         plan = {}
         for name, (patch, transform) in methods.items():
             gate = getattr(patch, "gate", None) or getattr(transform, "gate", None) or RunGate()
-            hidden = int(sum(int(hidden_mask([r], gate).sum()) for r in rows))
+            hidden = int(sum(int(hidden_mask([r], gate, lm).sum()) for r in rows))
             # nothing to hide: the collapse sends the same input, and a gate-only patch's hooks return
             # before touching anything (bit-identical: tests/test_gate.py, tests/test_patch_real.py), so
             # the method's forward is the reference forward and is not run again

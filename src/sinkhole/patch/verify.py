@@ -28,11 +28,11 @@ from .fidelity import TEXT_TOKENS, WINDOWS, fidelity
 class Collapse:
     """The input-side baseline as a prompt transform (with its rule, for the position map)."""
 
-    def __init__(self, gate=None):
-        self.gate = gate or RunGate()
+    def __init__(self, gate=None, lm=None):
+        self.gate, self.lm = gate or RunGate(), lm
 
     def __call__(self, ids):
-        return collapse(ids, self.gate)
+        return collapse(ids, self.gate, self.lm)
 
 
 # the quick slice (tests, --quick): three families, one text source, short windows
@@ -163,7 +163,8 @@ def _llama_methods(lm, patch, gguf, baselines, cases, windows):
 
     def make(spec, logits_all):
         path, gate = spec
-        return LlamaCpp(path, n_ctx=max(windows) + 8 if logits_all else longest, gate=gate, logits_all=logits_all)
+        return LlamaCpp(path, n_ctx=max(windows) + 8 if logits_all else longest, gate=gate, logits_all=logits_all,
+                        lm=lm)
 
     return methods, ((str(src), None), None), make
 

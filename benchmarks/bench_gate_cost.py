@@ -1,0 +1,89 @@
+"""Benchmark: what the run gate and its state check add to one forward pass over 2,048 tokens.
+
+For each text (shipped prose, sinkhole's own code, a table of close numbers, and a worst case: a document
+that holds long repetitive stretches, which the gate finds and the state check reads with its layer-0
+probe), the median time of a full forward pass (logits at every position, as a scorer reads them) without a
+patch, with the run gate and with the state check, each as a ratio to the unpatched pass timed in the
+same loop. On text with no long low-diversity stretch both rules return before touching anything, so the
+ratio there is the cost of the token-id test alone.
+
+    python benchmarks/bench_gate_cost.py --save gate_cost      # about 2 minutes on the 2-core CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, save  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 2048
+
+
+def texts(lm) -> dict[str, list[int]]:
+    from sinkhole.data import load_text
+
+    code = "\n".join(p.read_text(encoding="utf-8") for p in sorted((ROOT / "src" / "sinkhole").rglob("*.py")))
+    csv = "\n".join(",".join(f"{(i * 37 + j * 11) % 1000 / 7:.2f}" for j in range(8)) for i in range(600))
+    mixed = ("weights = [" + ", ".join(["0"] * 300) + "]\n" + load_text("sonnets")[:3000] + "\nRepeat: "
+             + " ocean" * 500 + "\n" + load_text("tempest")[:3000])
+    out = {}
+    for name, body in {"prose (sonnets)": load_text("sonnets"), "code": code, "csv of close numbers": csv,
+                       "repetitive document (zeros, exact run)": mixed}.items():
+        ids = lm.encode(body, bos=False)[:N]
+        if len(ids) < N:
+            raise SystemExit(f"text {name} has only {len(ids)} tokens")
+        out[name] = ids
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--save", default=None)
+    a = p.parse_args(argv)
+
+    import torch
+
+    from sinkhole import load_model
+    from sinkhole.decoding.gate import STATE_CONFIRM, RunGate, hidden_mask
+    from sinkhole.models.attention import fast_attention
+    from sinkhole.patch.core import Patch, apply_patch
+
+    lm = load_model(a.model, progress=False)
+    methods = {"run gate": Patch(gate=RunGate()), "state check": Patch(gate=RunGate(confirm=STATE_CONFIRM))}
+    rows = []
+    with torch.no_grad(), fast_attention(lm):
+        for name, ids in texts(lm).items():
+            x = torch.tensor([ids], device=lm.device)
+            lm.model(input_ids=x)  # warm-up
+            times: dict[str, list[float]] = {"unpatched": [], **{m: [] for m in methods}}
+            for _ in range(a.repeats):  # interleaved, so drift in the machine's speed hits every method alike
+                t = time.perf_counter()
+                lm.model(input_ids=x)
+                times["unpatched"].append(time.perf_counter() - t)
+                for m, patch in methods.items():
+                    with apply_patch(lm, patch, validate=False):
+                        t = time.perf_counter()
+                        lm.model(input_ids=x)
+                        times[m].append(time.perf_counter() - t)
+            base = statistics.median(times["unpatched"])
+            row = {"text": name, "tokens": len(ids), "unpatched_s": round(base, 4),
+                   "hidden": {m: int(hidden_mask([ids], pt.gate, lm).sum()) for m, pt in methods.items()},
+                   "ratio": {m: round(statistics.median(times[m]) / base, 3) for m in methods}}
+            rows.append(row)
+            print(f"{name:40s} unpatched {base:.3f} s  " + "  ".join(
+                f"{m}: x{row['ratio'][m]:.3f} (hides {row['hidden'][m]})" for m in methods), flush=True)
+    if a.save:
+        save(a.save, {"model": lm.name, "tokens": N, "repeats": a.repeats, "rows": rows, "machine": machine()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The run gate's state check (``RunGate.confirm``): a stretch is shortened only once its layer-0 state
+is first-token-like, read as the gated model computes it, the same for a prompt read at once and token
+by token; with nothing confirmed the model is untouched."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sinkhole.decoding.gate import (NEVER, RunGate, collapse, confirmed_at, distances, excess_mask, expiry,
+                                    hidden_mask)
+from sinkhole.errors import SinkholeError
+from sinkhole.patch.core import Patch, apply_patch
+
+G = RunGate(window=8, max_distinct=3, min_count=2)
+
+
+def _run(lm, seed=0, reps=60, unit=1):
+    V = lm.model.config.vocab_size
+    toks = torch.randint(5, V, (6 + unit + 3,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return toks[:6] + toks[6:6 + unit] * reps + toks[6 + unit:]
+
+
+def test_state_check_fields_round_trip_and_refuse_bad_values():
+    g = RunGate(confirm=0.2, span=16)
+    assert RunGate.from_dict(g.to_dict()) == g
+    assert "confirm" not in RunGate().to_dict()  # a gate without the check writes what it always wrote
+    assert "first-token-like" in g.describe()
+    for bad in (0, -1, True, "x", 11):
+        with pytest.raises(SinkholeError, match="confirm"):
+            RunGate.from_dict({"confirm": bad})
+    with pytest.raises(SinkholeError, match="span"):
+        RunGate.from_dict({"confirm": 0.2, "span": 0})
+
+
+def test_confirmation_is_the_first_window_at_or_under_the_distance():
+    g = RunGate(confirm=0.2, span=4)
+    d = torch.tensor([0.9] * 10 + [0.1] * 10, dtype=torch.float64)
+    # windows of 4: the one ending at 12 holds 0.9 and three 0.1 (mean 0.3), the one ending at 13 four 0.1
+    assert confirmed_at(d, 0, 19, g) == 13
+    assert confirmed_at(torch.full((20,), 0.5, dtype=torch.float64), 0, 19, g) is None
+    assert confirmed_at(d, 0, 2, g) is None  # a stretch shorter than the span is never confirmed
+    d_nan = d.clone()
+    d_nan[12] = math.nan  # unknown state: no window holding it confirms
+    assert confirmed_at(d_nan, 0, 19, g) == 16
+
+
+def test_expiry_hides_nothing_before_the_confirmation_and_as_the_gate_after():
+    g = RunGate(window=8, max_distinct=3, min_count=2, confirm=0.15, span=4)
+    ids = torch.tensor([1, 2, 3] + [9] * 40 + [4])
+    ex = excess_mask(ids, g)
+    assert not (expiry(ids, g, ex) < NEVER).any()  # no state read: nothing confirmed, nothing hidden
+    d = torch.full(ids.shape, math.nan, dtype=torch.float64)
+    d[ex[0]] = 0.5
+    assert not (expiry(ids, g, ex, d) < NEVER).any()  # the state never first-token-like: untouched
+    r0 = int(torch.nonzero(ex[0])[0])
+    d[r0 + 20:] = 0.1  # first-token-like from r0 + 20 on: confirmed at r0 + 23
+    e = expiry(ids, g, ex, d)[0]
+    plain = expiry(ids, RunGate(window=8, max_distinct=3, min_count=2), ex)[0]
+    hid = e < NEVER
+    assert torch.equal(hid, plain < NEVER)  # the same tokens, the same blocks ...
+    assert int(e[hid].min()) == r0 + 24  # ... hidden from no query before the one after the confirmation
+    assert torch.equal(e[hid], plain[hid].clamp_min(r0 + 24))
+
+
+def test_state_check_needs_the_model_to_say_what_it_hides():
+    g = RunGate(confirm=0.2)
+    with pytest.raises(SinkholeError, match="needs the model"):
+        collapse([1] * 100, g)
+    with pytest.raises(SinkholeError, match="needs the model"):
+        hidden_mask([[1] * 100], g)
+
+
+@pytest.mark.parametrize("unit", [1, 3])
+def test_prompt_at_once_equals_token_by_token_and_the_collapse(tiny, unit):
+    from transformers import DynamicCache
+
+    lm = tiny
+    g = RunGate(window=8, max_distinct=3, min_count=2, confirm=9.0, span=4)  # any state confirms: the gate acts
+    ids = _run(lm, reps=30 if unit == 1 else 12, unit=unit)
+    kw = "cache" if "cache" in __import__("inspect").signature(lm.model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        with apply_patch(lm, Patch(gate=g), validate=False):
+            full = lm.model(input_ids=torch.tensor([ids])).logits[0, -1]
+            cache = DynamicCache(config=lm.model.config)
+            out = lm.model(input_ids=torch.tensor([ids[:10]]), use_cache=True, **{kw: cache})
+            for t in ids[10:]:
+                out = lm.model(input_ids=torch.tensor([[t]]), use_cache=True, **{kw: cache})
+            step = out.logits[0, -1]
+        kept = collapse(ids, g, lm)
+        ref = lm.model(input_ids=torch.tensor([kept])).logits[0, -1]
+    assert len(kept) < len(ids) - 10
+    torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(full, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_distances_read_prompt_and_steps_alike(tiny):
+    lm = tiny
+    g = RunGate(window=8, max_distinct=3, min_count=2, confirm=0.05, span=4)
+    ids = _run(lm, seed=3, reps=50)
+    d = distances(lm, ids, g)[0]
+    ex = excess_mask(torch.tensor(ids), g)[0]
+    assert torch.equal(~torch.isnan(d), ex)  # every excess token read, nothing else
+    # a one-token run converges to the token's singleton state (Theorem 4.1): the distance falls
+    read = d[ex]
+    assert float(read[-8:].mean()) < float(read[:8].mean())
+
+
+def test_nothing_confirmed_leaves_the_model_bit_identical(tiny_family):
+    lm = tiny_family
+    g = RunGate(window=8, max_distinct=3, min_count=2, confirm=1e-9, span=4)  # no state is that close
+    ids = _run(lm, seed=1, reps=40)
+    with torch.no_grad():
+        before = lm.model(input_ids=torch.tensor([ids])).logits
+        with apply_patch(lm, Patch(gate=g), validate=False):
+            after = lm.model(input_ids=torch.tensor([ids])).logits
+    assert torch.equal(before, after)
+    assert collapse(ids, g, lm) == ids
+
+
+def test_state_check_refuses_activation_ops_beside_it(tiny):
+    from sinkhole.patch.core import PatchOp
+
+    p = Patch(ops=[PatchOp(layer=1, mode="zero", neurons=[3])], gate=RunGate(confirm=0.2))
+    with pytest.raises(SinkholeError, match="gate-only"):
+        with apply_patch(tiny, p, validate=False):
+            pass
