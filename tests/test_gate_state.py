@@ -73,11 +73,12 @@ def test_state_check_needs_the_model_to_say_what_it_hides():
         hidden_mask([[1] * 100], g)
 
 
-@pytest.mark.parametrize("unit", [1, 3])
-def test_prompt_at_once_equals_token_by_token_and_the_collapse(tiny, unit):
+@pytest.mark.parametrize("family,unit", [("llama", 1), ("llama", 3), ("gpt2", 3), ("gemma3_text", 1)])
+def test_prompt_at_once_equals_token_by_token_and_the_collapse(family, unit):
+    from tiny import tiny_lm
     from transformers import DynamicCache
 
-    lm = tiny
+    lm = tiny_lm(family)
     g = RunGate(window=8, max_distinct=3, min_count=2, confirm=9.0, span=4)  # any state confirms: the gate acts
     ids = _run(lm, reps=30 if unit == 1 else 12, unit=unit)
     kw = "cache" if "cache" in __import__("inspect").signature(lm.model.forward).parameters else "past_key_values"
@@ -127,3 +128,35 @@ def test_state_check_refuses_activation_ops_beside_it(tiny):
     with pytest.raises(SinkholeError, match="gate-only"):
         with apply_patch(tiny, p, validate=False):
             pass
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_state_check_in_llamacpp_and_torchgate_gives_the_hooks_tokens(family, monkeypatch, tmp_path):
+    """llama.cpp runs the state check as it runs the gate (the collapsed history fed each step); the
+    state is read by the torch model of the same weights (``lm``), kept from step to step."""
+    import sys
+    import types
+
+    from test_engines import TorchLlama
+    from tiny import tiny_lm
+
+    from sinkhole.decoding.engines import LlamaCpp, TorchGate
+    from sinkhole.decoding.generate import generate
+
+    lm = tiny_lm(family)
+    mod = types.ModuleType("llama_cpp")
+    mod.Llama = TorchLlama
+    monkeypatch.setattr(TorchLlama, "lm", lm)
+    monkeypatch.setitem(sys.modules, "llama_cpp", mod)
+    (tmp_path / "m.gguf").write_bytes(b"")
+    gate = RunGate(window=12, max_distinct=3, min_count=2, confirm=9.0, span=6)
+    with pytest.raises(SinkholeError, match="lm="):
+        LlamaCpp(tmp_path / "m.gguf", n_ctx=256, gate=gate)
+    engines = [LlamaCpp(tmp_path / "m.gguf", n_ctx=256, gate=gate, lm=lm), TorchGate(lm, gate)]
+    prompts = [[5, 6, 7] + [11] * 40, [5, 6] + [21, 22, 23] * 15 + [9], list(range(30, 70)), [5, 6] + [21, 22, 23] * 6]
+    for ids in prompts:
+        with apply_patch(lm, Patch(gate=gate), validate=False):
+            want = generate(lm, [ids], 16)[0]
+        for eng in engines:
+            got = eng.greedy(ids, 16, set())
+            assert got == want, str((type(eng).__name__, got, want))

@@ -191,8 +191,8 @@ def expiry(ids: torch.Tensor, gate: RunGate, ex: torch.Tensor | None = None,
 
     With the state check (``gate.confirm``), ``dist`` (B, n; NaN where unknown) holds each excess
     token's layer-0 distance to its unit's state at the start of a sequence (:class:`GateHooks`): a
-    stretch is shortened only from the token after the one where it is confirmed
-    (:func:`confirmed_at`) on, and a stretch with no exact unit is then cut token by token."""
+    stretch is shortened only from the first of its blocks that starts after the token where it is
+    confirmed (:func:`confirmed_at`), and a stretch with no exact unit is then cut token by token."""
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
     ex = excess_mask(ids, gate) if ex is None else ex
@@ -210,7 +210,13 @@ def expiry(ids: torch.Tensor, gate: RunGate, ex: torch.Tensor | None = None,
                 c = confirmed_at(None if dist is None else dist[b], r0, r1, gate)
                 if c is None:
                     continue
-                p, first = p or 1, max(first, c + 1)
+                p = p or 1
+                # from the first block that starts after the confirmation: every token still visible then
+                # had its position counted with the same tokens hidden as the queries after it (so the
+                # gated model equals the plain model on the collapse at every step, not only at the end)
+                first = max(first, r0 + -(-(c + 1 - r0) // p) * p)
+                if first > r1:  # confirmed in the stretch's last block: no block starts after it, none is hidden
+                    continue
             elif p == 0:  # no repeating unit: hidden only with ``cluster`` (then token by token)
                 if not gate.cluster:
                     continue
