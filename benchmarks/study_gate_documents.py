@@ -6,11 +6,13 @@ long low-diversity run it finds; the state check (``RunGate(confirm=...)``) shor
 layer-0 state is first-token-like. For every document, with and without BOS, this reports
 
 * the circuit's own reading of the stretch in the unpatched model: the state check's distance (the
-  smallest mean over 32 tokens of the layer-0 distance to the unit's state at the start of a sequence;
-  small = first-token-like), the norm ratio to the first token at the drift layer (mean over the stretch's
-  last 32 tokens) and attention on position 0 in the four layers after the massive layer;
+  smallest mean over 32 tokens of the layer-0 distance to the unit's state at the start of a sequence,
+  up to the confirmation where there is one; small = first-token-like), the norm ratio to the first
+  token at the drift layer (mean over the stretch's last 32 tokens) and attention on position 0 in the
+  four layers after the massive layer;
 * for each method, how many tokens it hides, and top-1 agreement and mean KL (nats/token) against the
-  unpatched model over the 100 tokens after the stretch (a following paragraph of shipped prose);
+  unpatched model over the 100 tokens after the stretch (a following paragraph of shipped prose), and
+  the mean NLL of those tokens (unpatched and per method: whether a change is a repair or damage);
 
 and, for counting tasks in the chat template ("write the word W exactly K times", K = 10 to 100), whether
 each method's greedy answer is token for token the unpatched model's.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -119,30 +122,40 @@ def main(argv=None) -> int:
                 if runs:
                     r0, r1 = max(runs, key=lambda r: r[1] - r[0])
                     x = d[r0:r1 + 1]
-                    if len(x) >= 32:
-                        dmin = round(float(x.unfold(0, 32, 1).mean(-1).min()), 3)
+                    if len(x) >= 32:  # windows of read tokens (after a confirmation nothing more is read)
+                        w = x.unfold(0, 32, 1).mean(-1)
+                        w = w[~torch.isnan(w)]
+                        dmin = round(float(w.min()), 3) if len(w) else None
                     ratio, att0 = read_state(ids, r0, r1)
                 else:
                     ratio, att0 = read_state(ids, len(head), s0 - 1)
                 with torch.no_grad():
                     ref = lm.model(input_ids=torch.tensor([ids], device=lm.device)).logits[0].float()
+                tgt = torch.tensor(ids[s0:s1], device=lm.device)
+
+                def nll(lg):  # mean NLL (nats) of the following prose: lower = the model reads it better
+                    return round(float(torch.nn.functional.cross_entropy(lg[s0 - 1:s1 - 1], tgt)), 4)
+
                 row = {"set": set_name, "document": name, "bos": bos, "tokens": len(ids), "stretch_tokens": len(body),
                        "excess": int(ex.sum()), "state_distance": dmin, "drift_norm_ratio": ratio,
-                       "late_attn0": att0, "methods": {}}
+                       "late_attn0": att0, "nll_after": nll(ref), "methods": {}}
                 for m, g in methods.items():
                     hidden = int(hidden_mask([ids], g, lm).sum())
                     if hidden == 0:
-                        row["methods"][m] = {"hidden": 0, "top1": 1.0, "kl": 0.0}
+                        row["methods"][m] = {"hidden": 0, "top1": 1.0, "kl": 0.0, "nll_after": row["nll_after"]}
                         continue
                     with torch.no_grad(), apply_patch(lm, Patch(gate=g), validate=False):
                         got = lm.model(input_ids=torch.tensor([ids], device=lm.device)).logits[0].float()
                     r, q = ref[s0 - 1:s1 - 1], got[s0 - 1:s1 - 1]  # predictions of the AFTER tokens
                     kl = (r.log_softmax(-1).exp() * (r.log_softmax(-1) - q.log_softmax(-1))).sum(-1).mean()
                     top1 = float((r.argmax(-1) == q.argmax(-1)).float().mean())
-                    row["methods"][m] = {"hidden": hidden, "top1": round(top1, 4), "kl": round(float(kl), 5)}
+                    row["methods"][m] = {"hidden": hidden, "top1": round(top1, 4), "kl": round(float(kl), 5),
+                                         "nll_after": nll(got)}
                 rows.append(row)
                 print(f"{set_name:8s} {name[:38]:38s} bos={bos!s:5s} dist={dmin!s:6s} ratio={ratio:.3f} "
-                      f"att0={att0:.2f} " + "  ".join(f"{m}: hid {v['hidden']:4d} top1 {v['top1']:.3f} kl {v['kl']:.4f}"
+                      f"nll={row['nll_after']:.3f} "
+                      f"att0={att0:.2f} " + "  ".join(f"{m}: hid {v['hidden']:4d} top1 {v['top1']:.3f} "
+                                                      f"kl {v['kl']:.4f} nll {v['nll_after']:.3f}"
                                                       for m, v in row["methods"].items()), flush=True)
 
     counting = []
@@ -150,7 +163,9 @@ def main(argv=None) -> int:
     if ks:
         for w, k, ids in counting_prompts(lm, ("basil", "tulip"), ks):
             base = generate(lm, [ids], 2 * k + 16)[0]
-            rec = {"word": w, "k": k, "unpatched_count": lm.tokenizer.decode(base).split().count(w), "same": {}}
+            text = lm.tokenizer.decode(base, skip_special_tokens=True)
+            rec = {"word": w, "k": k, "unpatched_count": len(re.findall(w, text, flags=re.IGNORECASE)),
+                   "unpatched_text": text[:160], "same": {}}
             for m, g in methods.items():
                 with apply_patch(lm, Patch(gate=g), validate=False):
                     got = generate(lm, [ids], 2 * k + 16)[0]

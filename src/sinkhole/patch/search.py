@@ -36,7 +36,7 @@ from ..attack.prompts import CHAT_TEMPLATES, has_chat_template, make_cases
 from ..capture import run
 from ..circuit import discover
 from ..data import heldout_texts, snippets
-from ..decoding.gate import RunGate
+from ..decoding.gate import STATE_CONFIRM, RunGate
 from ..errors import SinkholeError
 from ..evaluate.metrics import encode_batch, sink_attention, text_metrics
 from .core import Patch, PatchOp, apply_patch, model_signature
@@ -50,7 +50,7 @@ VERIFY_REPS = (150, 250)
 TEMPLATES = ("repeat", "chat_assistant")
 # every candidate family, in the order the search tries them; DEFAULT_FAMILIES leaves out
 # finetune_mlp (the full-model objective, about 15 s a step on a 2-core CPU)
-FAMILIES = ("run_gate", "paper_clamp", "paper_zero", "detector_cap", "norm_cap", "finetune_neurons",
+FAMILIES = ("run_gate", "state_gate", "paper_clamp", "paper_zero", "detector_cap", "norm_cap", "finetune_neurons",
             "finetune_local", "finetune_mlp")
 DEFAULT_FAMILIES = FAMILIES[:-1]
 WEIGHT_FAMILIES = ("finetune_neurons", "finetune_local", "finetune_mlp")  # the families a GGUF can hold
@@ -191,6 +191,13 @@ def candidates(lm, circ, cfg: SearchConfig):
                      "attention and do not advance the position (in-model collapse of long runs; ordinary text "
                      "untouched)", {"family": "run_gate"}, gate=g)
 
+    def state_gate():
+        g = RunGate(confirm=STATE_CONFIRM)
+        return Patch([], "state_gate", sig, "the run gate with the state check: a long low-diversity run is shortened "
+                     "(hidden from attention, positions not advanced) only once its layer-0 state is first-token-like "
+                     "(the circuit's own reading; documents that repeat without reaching it are untouched)",
+                     {"family": "state_gate"}, gate=g)
+
     def paper_clamp():
         return paper_patch(lm, circ, cfg)
 
@@ -228,6 +235,7 @@ def candidates(lm, circ, cfg: SearchConfig):
 
     table = {"run_gate": ("hide tokens deep inside long low-diversity runs from attention (no weight changes)",
                           run_gate),
+             "state_gate": ("the run gate, acting only once a run's layer-0 state is first-token-like", state_gate),
              "paper_clamp": (f"clamp {len(ns)} sink neurons of L{L} at non-first positions", paper_clamp),
              "paper_zero": (f"zero {len(ns)} sink neurons of L{L} at non-first positions", paper_zero),
              "detector_cap": (f"clamp the top {max(cfg.cap_neurons, cfg.n_neurons)} first-token neurons of the "
