@@ -62,7 +62,8 @@ def main(argv=None) -> int:
                 before = lm.tokenizer.decode(gen[start:start + at], skip_special_tokens=True).lower().split().count(w) \
                     if div else None
                 rows.append({"word": w, "shown": k, "method": m, "generated": len(gen), "wrote_run": wrote_run,
-                             "copies": copies, "diverged": bool(div), "left_run_at_token": (start + at) if div else None,
+                             "copies": copies, "diverged": bool(div),
+                             "left_run_at_token": (start + at) if div else None,
                              "copies_before_leaving": before, "tail": text[-120:],
                              "seconds": round(time.perf_counter() - t, 1)})
                 r = rows[-1]
