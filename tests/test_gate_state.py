@@ -160,3 +160,17 @@ def test_state_check_in_llamacpp_and_torchgate_gives_the_hooks_tokens(family, mo
         for eng in engines:
             got = eng.greedy(ids, 16, set())
             assert got == want, str((type(eng).__name__, got, want))
+
+
+def test_state_check_follows_a_new_batch_after_a_single_sequence(tiny):
+    """The hooks keep their reading per sequence: a batch after a one-sequence call starts over (found by
+    `sinkhole patch --families state_gate`, whose search decodes one case, then a batch)."""
+    from sinkhole.decoding.generate import generate
+
+    g = RunGate(window=8, max_distinct=3, min_count=2, confirm=9.0, span=4)
+    long, short = _run(tiny, seed=4, reps=40), _run(tiny, seed=5, reps=20)
+    with apply_patch(tiny, Patch(gate=g), validate=False):
+        alone = generate(tiny, [long], 8)[0]
+        both = generate(tiny, [long, short], 8)
+        again = generate(tiny, [short], 8)[0]
+    assert both[0] == alone and both[1] == again

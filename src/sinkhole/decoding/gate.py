@@ -343,18 +343,18 @@ class GateHooks:
         else:
             past = past_length(kwargs)
             new = ids
-        if past == 0 or self.hist is None or self.hist.shape[0] != ids.shape[0] or self.hist.shape[1] < past:
-            # a new sequence (or history this gate never saw): start over from what is known
+        fresh = past == 0 or self.hist is None or self.hist.shape[0] != ids.shape[0] or self.hist.shape[1] < past
+        if fresh:  # a new sequence (or history this gate never saw): start over from what is known
             prefix = torch.full((ids.shape[0], past), -1, dtype=ids.dtype, device=ids.device)
             self.hist = torch.cat([prefix, new], 1)
         else:
             self.hist = torch.cat([self.hist[:, :past], new], 1)
         ex = excess_mask(self.hist, self.gate)
         if self.gate.confirm is not None:
-            unknown = torch.full((ids.shape[0], q), float("nan"), dtype=torch.float64, device=ids.device)
-            kept = self.dist[:, :past] if self.dist is not None and self.dist.shape[1] >= past else None
-            self.dist = torch.cat([kept if kept is not None else unknown.new_full((ids.shape[0], past), float("nan")),
-                                   unknown], 1)
+            known = None if fresh or self.dist is None or self.dist.shape[1] < past else self.dist[:, :past]
+            self.dist = torch.full(self.hist.shape, float("nan"), dtype=torch.float64, device=ids.device)
+            if known is not None:
+                self.dist[:, :past] = known
             self._ex = ex
             if q > 1 and bool(ex[:, -q:].any()):
                 self._settle(ex)
