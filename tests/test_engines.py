@@ -51,13 +51,18 @@ class TorchLlama:
         return ctypes.cast(self._last, ctypes.POINTER(ctypes.c_float))
 
 
-@pytest.fixture
-def torch_llama(monkeypatch, tiny):
+def use_torch_llama(monkeypatch, lm):
+    """Make ``import llama_cpp`` give :class:`TorchLlama` over ``lm`` for one test."""
     mod = types.ModuleType("llama_cpp")
     mod.Llama = TorchLlama
-    TorchLlama.lm = tiny
+    monkeypatch.setattr(TorchLlama, "lm", lm)
     monkeypatch.setitem(sys.modules, "llama_cpp", mod)
     return TorchLlama
+
+
+@pytest.fixture
+def torch_llama(monkeypatch, tiny):
+    return use_torch_llama(monkeypatch, tiny)
 
 
 def test_cases_go_to_llamacpp_and_come_back_judged(tiny, torch_llama, tmp_path):
@@ -86,10 +91,7 @@ def test_gate_in_llamacpp_equals_the_gate_hooks(family, monkeypatch, tmp_path):
     from sinkhole.decoding.gate import RunGate, collapse
 
     lm = tiny_lm(family)
-    mod = types.ModuleType("llama_cpp")
-    mod.Llama = TorchLlama
-    monkeypatch.setattr(TorchLlama, "lm", lm)
-    monkeypatch.setitem(sys.modules, "llama_cpp", mod)
+    use_torch_llama(monkeypatch, lm)
     (tmp_path / "m.gguf").write_bytes(b"")
     gate = RunGate(window=12, max_distinct=3, min_count=2)  # 12: a 3-token unit's period is read inside the run
     eng = LlamaCpp(tmp_path / "m.gguf", n_ctx=256, gate=gate)

@@ -134,20 +134,14 @@ def test_state_check_refuses_activation_ops_beside_it(tiny):
 def test_state_check_in_llamacpp_and_torchgate_gives_the_hooks_tokens(family, monkeypatch, tmp_path):
     """llama.cpp runs the state check as it runs the gate (the collapsed history fed each step); the
     state is read by the torch model of the same weights (``lm``), kept from step to step."""
-    import sys
-    import types
-
-    from test_engines import TorchLlama
+    from test_engines import use_torch_llama
     from tiny import tiny_lm
 
     from sinkhole.decoding.engines import LlamaCpp, TorchGate
     from sinkhole.decoding.generate import generate
 
     lm = tiny_lm(family)
-    mod = types.ModuleType("llama_cpp")
-    mod.Llama = TorchLlama
-    monkeypatch.setattr(TorchLlama, "lm", lm)
-    monkeypatch.setitem(sys.modules, "llama_cpp", mod)
+    use_torch_llama(monkeypatch, lm)
     (tmp_path / "m.gguf").write_bytes(b"")
     gate = RunGate(window=12, max_distinct=3, min_count=2, confirm=9.0, span=6)
     with pytest.raises(SinkholeError, match="lm="):

@@ -237,11 +237,12 @@ def hidden_mask(ids, gate: RunGate, lm=None) -> torch.Tensor:
     return gate_expiry(t, gate, lm) < NEVER
 
 
-def gate_expiry(ids: torch.Tensor, gate: RunGate, lm=None) -> torch.Tensor:
-    """:func:`expiry` of ``ids`` (B, n), reading the state with ``lm`` when the gate has the state check."""
+def gate_expiry(ids: torch.Tensor, gate: RunGate, lm=None, dist: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`expiry` of ``ids`` (B, n), with the state check's reading ``dist`` when given, else read
+    with ``lm`` when the gate has the state check."""
     t = ids.unsqueeze(0) if ids.dim() == 1 else ids
-    if gate.confirm is None:
-        return expiry(t, gate)
+    if gate.confirm is None or dist is not None:
+        return expiry(t, gate, dist=dist)
     if lm is None:
         raise SinkholeError("a run gate with the state check (confirm) needs the model to say what it hides")
     ex = excess_mask(t, gate)
@@ -265,10 +266,7 @@ def collapse(ids, gate: RunGate, lm=None, dist: torch.Tensor | None = None) -> l
     sees them would send). A gate with the state check needs the model (``lm``) to read the state,
     or the state already read (``dist``, from :func:`distances`)."""
     t = torch.as_tensor(list(ids), dtype=torch.long)
-    if dist is not None:
-        keep = expiry(t, gate, dist=dist)[0] >= len(t)
-    else:
-        keep = gate_expiry(t, gate, lm)[0] >= len(t)
+    keep = gate_expiry(t, gate, lm, dist)[0] >= len(t)
     return t[keep].tolist()
 
 
@@ -426,7 +424,7 @@ class GateHooks:
                 continue
             row = self.hist[b]
             for r0, r1 in stretches(self._ex[b]):
-                ts = [t for t in range(r0, r1 + 1) if bool(mask[b, t])]
+                ts = (torch.nonzero(mask[b, r0:r1 + 1]).flatten() + r0).tolist()
                 if not ts:
                     continue
                 p = _period(row, r0, self.gate.max_distinct) or 1
