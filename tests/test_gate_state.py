@@ -168,3 +168,35 @@ def test_state_check_follows_a_new_batch_after_a_single_sequence(tiny):
         both = generate(tiny, [long, short], 8)
         again = generate(tiny, [short], 8)[0]
     assert both[0] == alone and both[1] == again
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("unit", [1, 3])
+def test_state_reader_token_by_token_equals_distances_of_the_whole_history(family, unit):
+    """The engines' incremental reading (a layer-0 pass of the collapse with its own KV cache) gives the
+    distances a probe of the whole history gives, before, at and after a confirmation mid-run."""
+    from tiny import tiny_lm
+
+    from sinkhole.decoding.gate import StateReader
+
+    lm = tiny_lm(family)
+    ids = _run(lm, seed=7, reps=40 // unit, unit=unit)
+    never = RunGate(window=8, max_distinct=3, min_count=2, confirm=1e-9, span=4)
+    d = distances(lm, ids, never)[0]
+    read = d[~torch.isnan(d)]
+    assert len(read) > 20
+    # a distance the run reaches about half-way: the stretch is confirmed mid-run
+    gate = RunGate(window=8, max_distinct=3, min_count=2, confirm=float(read.median()), span=4)
+    reader = StateReader(lm, gate)
+    start, confirmed = 12, False
+    reader.read(ids[:start])
+    for n in range(start + 1, len(ids) + 1):
+        got = reader.read(ids[:n])[0]
+        want = distances(lm, ids[:n], gate)[0]
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), n
+        ok = ~torch.isnan(want)
+        assert torch.allclose(got[ok], want[ok], atol=1e-5, rtol=1e-4), n
+        confirmed |= bool((expiry(torch.tensor([ids[:n]]), gate, dist=want[None]) < NEVER).any())
+    ex = excess_mask(torch.tensor([ids]), gate)[0]
+    # confirmed mid-run: the stretch's first excess tokens were read, its later ones are not
+    assert confirmed and bool((ex & ~torch.isnan(want)).any()) and bool((ex & torch.isnan(want)).any())

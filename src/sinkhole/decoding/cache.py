@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 
+def common_prefix(a, b) -> int:
+    """How many leading tokens the token lists ``a`` and ``b`` share (what a KV cache of ``a`` keeps for ``b``)."""
+    p = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        p += 1
+    return p
+
+
 def new_cache(model):
     """An empty KV cache that records past states, so that a sliding-window layer beyond its window
     (Gemma-3, Mistral) can still be cut back; None (the model's default cache) where that fails."""

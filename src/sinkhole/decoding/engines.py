@@ -19,8 +19,8 @@ from typing import Sequence
 
 from ..errors import SinkholeError
 from ..models.attention import fast_attention
-from .cache import new_cache
-from .gate import collapse, distances, hidden_mask
+from .cache import common_prefix, new_cache
+from .gate import StateReader, collapse, hidden_mask
 
 ENGINES = ("transformers", "llama.cpp")
 INSTALL = ("CMAKE_ARGS='-DGGML_NATIVE=OFF' pip install llama-cpp-python (source only on PyPI: it compiles "
@@ -62,14 +62,15 @@ class _Fed:
                                 f"llama.cpp context of {limit}; use fewer --reps")
         self._reset()  # every prompt is read from an empty cache: results do not depend on case order
         seen: dict[tuple, int] = {}  # collapsed history -> its argmax (a gated run revisits the same few)
-        dist = None  # the state check's reading of the history so far (kept: a token's depends on the past only)
+        reader = StateReader(self.lm, self.gate) if self.gate is not None and self.gate.confirm is not None else None
+        dist = None
         with self._session():
             while len(gen) < int(max_new_tokens):
                 if self.gate is None:
                     t = int(self._feed(hist).argmax())
                 else:
-                    if self.gate.confirm is not None:
-                        dist = distances(self.lm, hist, self.gate, known=dist)
+                    if reader is not None:
+                        dist = reader.read(hist)
                     key = tuple(collapse(hist, self.gate, self.lm, dist))
                     if key not in seen:
                         if len(seen) >= 4 * self.gate.max_distinct:
@@ -90,15 +91,6 @@ class _Fed:
 
     def _reset(self) -> None:
         self._cached = []
-
-
-def _common(a: Sequence[int], b: Sequence[int]) -> int:
-    p = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        p += 1
-    return p
 
 
 class LlamaCpp(_Fed):
@@ -141,7 +133,7 @@ class LlamaCpp(_Fed):
         holds, evaluating the rest; at least the last token) and return the logits after it."""
         import numpy as np
 
-        p = min(_common(self._cached, target), len(target) - 1)
+        p = min(common_prefix(self._cached, target), len(target) - 1)
         self.llm.n_tokens = p  # eval() drops every cache entry from position p on
         self.llm.eval(list(target[p:]))
         self._cached = list(target)
@@ -194,7 +186,7 @@ class TorchGate(_Fed):
     def _feed(self, target: list[int]):
         import torch
 
-        p = min(_common(self._cached, target), len(target) - 1)
+        p = min(common_prefix(self._cached, target), len(target) - 1)
         if self._past is None or p == 0:
             self._past, p = new_cache(self.lm.model), 0
         elif p < len(self._cached):

@@ -16,8 +16,9 @@ token the model generates, with the KV cache intact:
   three-token phrase). A stretch with no exact repeating unit (a cluster sequence; the digits of a
   column of close numbers, which SmolLM2 writes one token each) is left alone unless ``cluster``
   is set (then it is cut token by token: hiding digits changes the numbers the model reads, the
-  ninth session's finding); a stretch of at most ``hold`` excess tokens is left whole. A block is hidden from every query from the start
-  of the next block of its stretch on; the stretch's last block is never hidden. So each query
+  ninth session's finding); a stretch of at most ``hold`` excess tokens is left whole. A block is
+  hidden from every query from the start of the next block of its stretch on; the stretch's last
+  block is never hidden. So each query
   sees the run's first tokens and then the repetition it is in (after the run: the run's last
   repetition) whole: the run is shortened by whole repetitions, never cut inside one.
 * **what the gate does**: hidden tokens are masked out of attention and do not advance the
@@ -40,12 +41,14 @@ so on them the equivalence with ``collapse`` holds only while the run fits the w
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 
 from ..capture import StopForward, past_length
 from ..errors import SinkholeError
+from .cache import common_prefix, new_cache
 
 
 # The state check's default distance (``RunGate(confirm=STATE_CONFIRM)``): chosen on SmolLM2 beside the broad
@@ -141,6 +144,13 @@ def _period(ids: torch.Tensor, r0: int, most: int) -> int:
         if len(span) > p and torch.equal(span[p:], span[:-p]):
             return p
     return 0
+
+
+def _unit(row: torch.Tensor, r0: int, t: int, gate: RunGate) -> tuple:
+    """The unit whose state at the start of a sequence token ``t`` of the stretch starting at ``r0`` is
+    compared with: the last p tokens up to ``t`` (p: the run's period, 1 for a run with no exact unit)."""
+    p = _period(row, r0, gate.max_distinct) or 1
+    return tuple(row[t - p + 1:t + 1].tolist())
 
 
 def confirmed_at(d: torch.Tensor | None, r0: int, r1: int, gate: RunGate) -> int | None:
@@ -292,6 +302,64 @@ def distances(lm, ids, gate: RunGate, known: torch.Tensor | None = None) -> torc
         return g.dist.cpu()
 
 
+def _distance(states: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+    """The state check's distance: relative distance of layer-0 ``states`` (k, d) to the ``refs`` (k, d)."""
+    states, refs = states.float(), refs.float()
+    return ((states - refs).norm(dim=-1) / refs.norm(dim=-1).clamp_min(1e-6)).double()
+
+
+class StateReader:
+    """The state check for a loop that grows the history one token at a time and feeds the model its
+    collapse (:class:`sinkhole.decoding.engines.LlamaCpp` and ``TorchGate``): :meth:`read` gives
+    :func:`distances` of the history.
+
+    In the gated model a token sees what the plain model sees at the last token of the collapsed history
+    up to it, and a confirmation at that token hides nothing it sees. So a new token's state is the
+    layer-0 output of the last token of :func:`collapse` of the history, under the distances of the tokens
+    before it: one pass of layer 0 with its own KV cache, which keeps the longest common prefix with the
+    previous collapse (a run not yet confirmed adds one token; a confirmed one-token run swaps the last).
+    A history that did not grow by exactly one token is read with :func:`distances`."""
+
+    def __init__(self, lm, gate: RunGate):
+        self.lm, self.gate = lm, gate
+        self.dist: torch.Tensor | None = None  # (1, n) distances of the history read so far
+        self._hooks = GateHooks(lm, gate)  # its probe and its cache of start-of-sequence states
+        self._cached: list[int] = []
+        self._past = None
+
+    def read(self, hist) -> torch.Tensor:
+        hist = list(hist)
+        n = len(hist)
+        if self.dist is None or self.dist.shape[1] != n - 1:
+            self.dist = distances(self.lm, hist, self.gate, known=self.dist)
+            return self.dist
+        t = torch.as_tensor([hist], dtype=torch.long)
+        d = torch.cat([self.dist, torch.full((1, 1), float("nan"), dtype=torch.float64)], 1)
+        ex = excess_mask(t, self.gate)
+        if bool(ex[0, -1]) and bool(unconfirmed(ex, d, self.gate)[0, -1]):
+            key = collapse(hist, self.gate, dist=d)
+            r0 = stretches(ex[0])[-1][0]
+            with self._hooks as g:
+                g.hist = t.to(self.lm.device)
+                ref = g._ref(_unit(t[0], r0, n - 1, self.gate))
+                d[0, -1] = _distance(self._last(g, key)[None], ref[None])[0]
+        self.dist = d
+        return d
+
+    def _last(self, g: "GateHooks", key: list[int]) -> torch.Tensor:
+        """Layer-0 output of the last token of ``key`` read from position 0, evaluating only what differs
+        from the previous call's ``key``."""
+        p = min(common_prefix(self._cached, key), len(key) - 1)
+        if self._past is None or p == 0:
+            self._past, p = new_cache(self.lm.model), 0
+        elif p < len(self._cached):
+            self._past.crop(p - len(self._cached))
+        ids = torch.tensor([key[p:]], device=self.lm.device)
+        out = g._probe(ids, None, past=self._past, start=p)
+        self._cached = list(key)
+        return out[0, -1]
+
+
 class GateHooks:
     """The gate attached to a loaded model for the duration of a ``with`` block.
 
@@ -425,25 +493,28 @@ class GateHooks:
             row = self.hist[b]
             for r0, r1 in stretches(self._ex[b]):
                 ts = (torch.nonzero(mask[b, r0:r1 + 1]).flatten() + r0).tolist()
-                if not ts:
-                    continue
-                p = _period(row, r0, self.gate.max_distinct) or 1
-                refs = torch.stack([self._ref(tuple(row[t - p + 1:t + 1].tolist())) for t in ts])
-                got = states[b, [t - offset for t in ts]].float()
-                self.dist[b, ts] = ((got - refs).norm(dim=-1) / refs.norm(dim=-1).clamp_min(1e-6)).double()
+                if ts:
+                    refs = torch.stack([self._ref(_unit(row, r0, t, self.gate)) for t in ts])
+                    self.dist[b, ts] = _distance(states[b, [t - offset for t in ts]], refs)
 
-    def _probe(self, ids: torch.Tensor, exp: torch.Tensor | None) -> torch.Tensor:
+    def _probe(self, ids: torch.Tensor, exp: torch.Tensor | None, past=None, start: int = 0) -> torch.Tensor:
         """Layer-0 output (B, n, d) of ``ids`` (-1: padding) from position 0, with the tokens ``exp``
-        hides masked and not counted in the positions."""
+        hides masked and not counted in the positions; or, with a KV cache ``past`` that holds the
+        ``start`` tokens before ``ids`` (no padding, nothing hidden), of ``ids`` after them."""
         base = self.adapter.base_model or self.lm.model
         real = ids >= 0
         hb = hidden_before(exp) if exp is not None else 0
-        pos = (real.long().cumsum(1) - 1 - hb).clamp_min(0)
+        pos = (real.long().cumsum(1) - 1 - hb).clamp_min(0) + start
         saved = (self._exp, self._q)
         self._exp, self._q, self._probing, self._states = exp, ids.shape[1], True, None
+        if past is None:
+            kw = {"use_cache": False, "attention_mask": real.long()}
+        else:  # transformers 5.x renames the cache argument ``cache``; older models take ``past_key_values``
+            takes = inspect.signature(base.forward).parameters
+            kw = {"use_cache": True, "cache" if "cache" in takes else "past_key_values": past}
         try:
             with torch.no_grad():
-                base(input_ids=ids.clamp_min(0), position_ids=pos, attention_mask=real.long(), use_cache=False)
+                base(input_ids=ids.clamp_min(0), position_ids=pos, **kw)
         except StopForward:
             pass
         finally:
