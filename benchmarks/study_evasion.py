@@ -11,6 +11,7 @@ gate (its default rule). Text fidelity is not part of this study (the broad veri
 Usage::
 
     python benchmarks/study_evasion.py --seeds 0,1 --save evasion     # a few minutes per seed on the 2-core CPU
+    python benchmarks/study_evasion.py --seeds 2 --confirm 0.2 --all-families --engine llama.cpp --save evasion_llamacpp
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def main(argv=None) -> int:
                    help="also run the run gate with the state check at this distance (the patch; the plain gate "
                         "becomes a baseline)")
     p.add_argument("--all-families", action="store_true", help="every family of the broad set, not only the exact run")
+    p.add_argument("--engine", default="transformers", choices=["transformers", "llama.cpp"],
+                   help="decode every method in llama.cpp (the model's GGUF; needs llama-cpp-python)")
     a = p.parse_args(argv)
 
     from sinkhole import load_model
@@ -53,7 +56,7 @@ def main(argv=None) -> int:
     for seed in [int(s) for s in a.seeds.split(",")]:
         t = time.perf_counter()
         res = verify_broad(lm, patch, baselines=baselines, seed=seed,
-                           families=families, sources=(), log=lambda m: None, quiet=True)
+                           families=families, sources=(), log=lambda m: None, quiet=True, engine=a.engine)
         rates = res["rates"]
         print(f"seed {seed} ({time.perf_counter() - t:.0f} s)")
         print(f"  {'family':14s} " + " ".join(f"{m:>14s}" for m in methods))
@@ -63,7 +66,7 @@ def main(argv=None) -> int:
         runs.append({"seed": seed, "rates": rates, "records": res["records"], "seconds": res["seconds"]})
         if a.save:  # after every seed, so a long run keeps what it finished
             described = {f: (EVASION.get(f) or FAMILIES[f]).description for f in families}
-            save(a.save, {"model": lm.name, "families": described,
+            save(a.save, {"model": lm.name, "engine": a.engine, "families": described,
                           "patch": patch.gate.to_dict(), "methods": methods, "runs": runs, "machine": machine()})
     return 0
 

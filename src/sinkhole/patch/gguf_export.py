@@ -39,8 +39,13 @@ def gguf_name(hf_name: str) -> str | None:
 
 
 def write_patched_gguf(source: str | os.PathLike, changed: dict[str, np.ndarray], out: str | os.PathLike,
-                       tensor_type: str = "F32") -> dict:
-    """Copy ``source`` to ``out`` with the ``changed`` tensors replaced (module docstring)."""
+                       tensor_type: str = "F32", arch: str | None = None, extra_kv: dict | None = None,
+                       added: dict[str, np.ndarray] | None = None) -> dict:
+    """Copy ``source`` to ``out`` with the ``changed`` tensors replaced (module docstring).
+
+    ``arch``: write the model as this architecture instead (its ``<arch>.*`` keys renamed); ``extra_kv``:
+    more ``<arch>.*`` keys, ``{name: (value, GGUFValueType, sub_type or None)}``; ``added``: new tensors,
+    written in F32 (one-dimensional tensors such as attention sinks; llama-quantize keeps those F32)."""
     import gguf
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
@@ -50,7 +55,8 @@ def write_patched_gguf(source: str | os.PathLike, changed: dict[str, np.ndarray]
     if out.suffix.lower() != ".gguf":
         raise SinkholeError("the patched GGUF path must end in .gguf")
     reader = GGUFReader(str(source))
-    arch = reader.fields["general.architecture"].contents()
+    src_arch = reader.fields["general.architecture"].contents()
+    arch = arch or src_arch
     names = {t.name for t in reader.tensors}
     missing = sorted(set(changed) - names)
     if missing:
@@ -62,8 +68,12 @@ def write_patched_gguf(source: str | os.PathLike, changed: dict[str, np.ndarray]
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == GGUFValueType.ARRAY and len(field.types) > 1 else None
+        if key.startswith(src_arch + "."):
+            key = arch + key[len(src_arch):]
         writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
-    report = {"copied": 0, "patched": {}, "bytes_source": 0, "bytes_out": 0}
+    for key, (value, vtype, sub) in (extra_kv or {}).items():
+        writer.add_key_value(f"{arch}.{key}", value, vtype, sub_type=sub)
+    report = {"copied": 0, "patched": {}, "added": sorted(added or {}), "bytes_source": 0, "bytes_out": 0}
     for t in reader.tensors:
         report["bytes_source"] += int(t.n_bytes)
         if t.name not in changed:
@@ -85,6 +95,10 @@ def write_patched_gguf(source: str | os.PathLike, changed: dict[str, np.ndarray]
             arr = gguf.quants.quantize(data.astype(np.float32), qtype)
         writer.add_tensor(t.name, arr, raw_dtype=qtype)
         report["patched"][t.name] = want
+        report["bytes_out"] += int(arr.nbytes)
+    for name, data in (added or {}).items():
+        arr = np.ascontiguousarray(data, dtype=np.float32)
+        writer.add_tensor(name, arr, raw_dtype=gguf.GGMLQuantizationType.F32)
         report["bytes_out"] += int(arr.nbytes)
     try:
         writer.write_header_to_file()
