@@ -172,3 +172,32 @@ def save(name: str, payload: dict) -> Path:
 
 def python_for(venv: str | None) -> str:
     return str(Path(venv) / "bin" / "python") if venv else sys.executable
+
+
+def circuit_reader(lm):
+    """The circuit's readings of a token row, as the issue-27 studies report them: ``read(ids, lo, hi)`` gives
+    the mean over tokens ``lo..hi`` of the norm ratio to the first token at the drift layer and of the
+    attention paid to position 0 in the four attention layers after the massive-activation layer. Returns
+    ``(read, drift_layer, late_layers)``."""
+    import torch
+
+    from sinkhole.capture import Hooks
+    from sinkhole.circuit import discover
+
+    c = discover(lm)
+    drift, massive = c.drift_layer, c.massive_layer
+    late = lm.adapter.attention_in(range(massive + 1, min(lm.adapter.n_layers, massive + 5))) or [massive]
+
+    def read(ids, lo: int, hi: int) -> tuple[float, float]:
+        h = Hooks(lm)
+        h.read("resid_post", drift, reduce=lambda x, pos: x.detach().float().norm(dim=-1))
+        for L in late:
+            h.read("attn_first", L, reduce=lambda w, pos: w.detach().float().mean(1))
+        h.stop_after(max([drift, *late]))
+        with torch.no_grad(), h:
+            h.forward(torch.tensor([list(ids)], device=lm.device), use_cache=False)
+        norms = h.cache[f"resid_post.{drift}"][0].cpu()
+        att = torch.stack([h.cache[f"attn_first.{L}"][0].cpu() for L in late]).mean(0)
+        return (round(float((norms[lo:hi + 1] / norms[0]).mean()), 3), round(float(att[lo:hi + 1].mean()), 3))
+
+    return read, drift, late

@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save  # noqa: E402
+from _common import circuit_reader, machine, save  # noqa: E402
 from study_sink_state import documents as tuning_documents  # noqa: E402
 
 AFTER = 100  # scored tokens after the stretch
@@ -77,33 +77,19 @@ def main(argv=None) -> int:
     import torch
 
     from sinkhole import load_model
-    from sinkhole.capture import Hooks
-    from sinkhole.circuit import discover
     from sinkhole.data import snippets
     from sinkhole.decoding.gate import STATE_CONFIRM, RunGate, distances, excess_mask, hidden_mask, stretches
     from sinkhole.decoding.generate import generate
     from sinkhole.patch.core import Patch, apply_patch
 
     lm = load_model(a.model, progress=False)
-    c = discover(lm)
-    drift, massive = c.drift_layer, c.massive_layer
-    late = lm.adapter.attention_in(range(massive + 1, min(lm.adapter.n_layers, massive + 5))) or [massive]
+    read, drift, late = circuit_reader(lm)
     confirm = STATE_CONFIRM if a.confirm is None else a.confirm
     methods = {"run gate": RunGate(), "state check": RunGate(confirm=confirm)}
     follow = " ".join(snippets("tempest", n=1, n_words=160, seed=7))
 
     def read_state(ids, r0, r1):
-        h = Hooks(lm)
-        h.read("resid_post", drift, reduce=lambda x, pos: x.detach().float().norm(dim=-1))
-        for L in late:
-            h.read("attn_first", L, reduce=lambda w, pos: w.detach().float().mean(1))
-        h.stop_after(max([drift, *late]))
-        with torch.no_grad(), h:
-            h.forward(torch.tensor([ids], device=lm.device), use_cache=False)
-        norms = h.cache[f"resid_post.{drift}"][0].cpu()
-        att = torch.stack([h.cache[f"attn_first.{L}"][0].cpu() for L in late]).mean(0)
-        lo = max(r0, r1 - 31)
-        return (round(float((norms[lo:r1 + 1] / norms[0]).mean()), 3), round(float(att[lo:r1 + 1].mean()), 3))
+        return read(ids, max(r0, r1 - 31), r1)
 
     rows = []
     sets = {"tuning": tuning_documents(random.Random(0)), "heldout": heldout_documents()}

@@ -12,7 +12,9 @@ and how many copies it had written by then. A stop token ends a generation witho
 ``--prompted 40`` runs the other case, the one in which SmolLM2 does write a run (docs/findings.md, section
 3.4): the prompt already holds 40 repetitions (after ``Repeat:`` and in the chat assistant turn, eight
 held-out words) and the model continues for ``--tokens`` greedy tokens (1,200 there), read by the exact check
-(``greedy_check``) under each method's hooks; a case counts as diverged when the run judge says so.
+(``greedy_check``) under each method's hooks; a case counts as diverged when the run judge says so. On the
+unpatched continuation it also reads the circuit where the run ends (the state check's layer-0 distance, the
+drift-layer norm ratio, the attention on position 0 in the layers after the massive activation).
 
     python benchmarks/study_self_runs.py --prompted 40 --tokens 1200 --save self_runs_40   # ~10 min
 """
@@ -25,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save  # noqa: E402
+from _common import circuit_reader, machine, save  # noqa: E402
 
 WORDS = ("walrus", "ginger")  # appear in no other case of the project
 PROMPTED_WORDS = ("ocean", "cherry", "forest", "letter", "lamp", "violet", "harbor", "meadow")  # section 3.4's
@@ -87,6 +89,26 @@ def main(argv=None) -> int:
     return 0
 
 
+def circuit_at_run_end(lm, ids: list[int], prompt_len: int, read) -> dict:
+    """The state check's layer-0 distance (32-token means over the run's longest stretch: the smallest and
+    the last) and the circuit's readings over the run's last 32 tokens and the prompt's last 32."""
+    import torch
+
+    from sinkhole.decoding.gate import RunGate, distances, excess_mask, stretches
+
+    never = RunGate(confirm=1e-9)  # confirms nothing: every excess token is read
+    ex = excess_mask(torch.tensor([ids]), never)[0]
+    if not stretches(ex):
+        return {}
+    r0, r1 = max(stretches(ex), key=lambda s: s[1] - s[0])
+    d = distances(lm, ids[:r1 + 1], never)[0, r0:r1 + 1]
+    means = d.unfold(0, 32, 1).mean(-1) if len(d) >= 32 else d.mean()[None]
+    end, start = read(ids[:r1 + 1], r1 - 31, r1), read(ids[:prompt_len], prompt_len - 32, prompt_len - 1)
+    return {"run_tokens": r1 - r0 + 1, "distance_min": round(float(means.min()), 3),
+            "distance_end": round(float(means[-1]), 3), "drift_norm_ratio_end": end[0], "attn_first_late_end": end[1],
+            "drift_norm_ratio_prompt": start[0], "attn_first_late_prompt": start[1]}
+
+
 def prompted(a) -> int:
     """Section 3.4's case: the run is in the prompt and the model continues it (see the module docstring)."""
     from sinkhole import load_model
@@ -101,6 +123,7 @@ def prompted(a) -> int:
     methods = {"unpatched": None, "run gate": Patch(gate=RunGate()),
                "state check": Patch(gate=RunGate(confirm=STATE_CONFIRM))}
     rows, summary = [], {}
+    read = circuit_reader(lm)[0]
     for m, patch in methods.items():
         t = time.perf_counter()
         hooks = None if patch is None else (lambda patch=patch: apply_patch(lm, patch, validate=False))
@@ -109,6 +132,8 @@ def prompted(a) -> int:
         for c, k in zip(cases, checks):
             rows.append({"word": c.word, "template": c.template, "method": m, "diverged": bool(k.diverged),
                          "tokens_until_divergence": k.tokens_until_divergence, "n_checked": k.n_checked})
+            if patch is None:  # the circuit on the unpatched continuation: where does the run stand when it ends?
+                rows[-1]["circuit"] = circuit_at_run_end(lm, list(c.ids) + list(k.generated_ids), len(c.ids), read)
         summary[m] = {"diverged": sum(k.diverged for k in checks), "n": len(checks), "seconds": sec}
         print(f"{m:12s} diverged {summary[m]['diverged']}/{len(checks)} within {a.tokens} tokens ({sec:.0f} s)",
               flush=True)
