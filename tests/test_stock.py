@@ -79,5 +79,40 @@ def test_smollm2_converts_exactly_and_its_gguf_keeps_every_tensor(smollm2, tmp_p
     assert got.tensor_type.name == "F32" and got.data.tolist()[3] == 1.5
     assert b.fields["general.architecture"].contents() == "granite_swa"
     assert b.fields["granite_swa.block_count"].contents() == 30
-    assert b.fields["granite_swa.attention.sliding_window_pattern"].contents() == [False] * 30
+    assert b.fields["granite_swa.attention.sliding_window_pattern"].contents() == [True] + [False] * 29
+    assert b.fields["granite_swa.attention.sliding_window"].contents() == 8192  # the whole training context
     assert b.fields["tokenizer.ggml.model"].contents() == a.fields["tokenizer.ggml.model"].contents()
+
+
+def _llama_cpp_with_granite_swa() -> bool:
+    try:
+        import llama_cpp
+    except ImportError:
+        return False
+    parts = tuple(int(x) for x in llama_cpp.__version__.split(".")[:3] if x.isdigit())
+    return parts >= (0, 3, 36)  # the first llama-cpp-python whose llama.cpp has granite_swa
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not _llama_cpp_with_granite_swa(), reason="needs llama-cpp-python >= 0.3.36 (granite_swa)")
+def test_the_stock_gguf_equals_the_source_in_llama_cpp(smollm2, tmp_path):
+    """llama.cpp reads the rewritten file as the same model (every sink at NO_SINK), and reads its sinks."""
+    from llama_cpp import Llama
+
+    from sinkhole.data import load_text
+    from sinkhole.decoding.engines import gguf_of
+
+    ids = smollm2.encode(load_text("sonnets")[:1500], bos=False)[:128]
+
+    def logits(path):
+        m = Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, seed=0)
+        m.eval(ids)
+        return np.array(m.scores[:len(ids)], dtype=np.float32)
+
+    src = logits(gguf_of(smollm2))
+    sinks = torch.full((30, 9), NO_SINK)
+    stock_gguf(smollm2, sinks, tmp_path / "same.gguf")
+    assert np.abs(logits(tmp_path / "same.gguf") - src).max() == 0.0
+    sinks[0] = 0.0
+    stock_gguf(smollm2, sinks, tmp_path / "sunk.gguf")
+    assert np.abs(logits(tmp_path / "sunk.gguf") - src).max() > 0.1

@@ -4,7 +4,7 @@ The route measured first is *learned attention sinks*: an extra logit per attent
 denominator (gpt-oss was trained with one). ``transformers``' ``granite_swa`` is the Llama block plus such a
 sink per layer and head (its eager attention scales each head's output by ``sigmoid(logsumexp(scores) -
 sink)``, the same thing as the extra logit), with multipliers that reduce to Llama's and ``layer_types``
-that may all be full attention; llama.cpp has the same architecture (``granite_swa``, tensor
+that may be full attention; llama.cpp has the same architecture (``granite_swa``, tensor
 ``blk.N.attn_sinks``). So a Llama model converts to it exactly, with every sink at :data:`NO_SINK`
 (``sigmoid(x + 1e4)`` is 1.0 in float32, ``exp(-1e4)`` is 0): :func:`to_granite_swa` does that, and
 :func:`parity` measures it.
@@ -29,8 +29,15 @@ from .gguf_export import write_patched_gguf
 NO_SINK = -1.0e4  # a sink logit that changes nothing: sigmoid(lse + 1e4) == 1.0 and exp(-1e4) == 0 in float32
 
 
+def layer_types(n: int) -> list[str]:
+    """The stock model's attention types: llama.cpp's granite_swa refuses a model with no sliding-window layer
+    (``GGML_ASSERT(hparams.is_swa_any())``), so layer 0 is a sliding layer whose window is the whole training
+    context (``max_position_embeddings``): over any sequence the model can read, the same as full attention."""
+    return ["sliding_attention"] + ["full_attention"] * (n - 1)
+
+
 def to_granite_swa(lm, sinks: torch.Tensor | None = None):
-    """The Llama model of ``lm`` as a ``GraniteSWAForCausalLM`` with every layer full attention and the given
+    """The Llama model of ``lm`` as a ``GraniteSWAForCausalLM`` with full attention (:func:`layer_types`) and the given
     ``sinks`` (layers x heads; default :data:`NO_SINK` everywhere: the same model). Refused in one line for
     any other architecture."""
     from transformers import GraniteSWAConfig, GraniteSWAForCausalLM
@@ -56,7 +63,7 @@ def to_granite_swa(lm, sinks: torch.Tensor | None = None):
         attention_bias=bool(getattr(cfg, "attention_bias", False)), mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
         embedding_multiplier=1.0, logits_scaling=1.0, residual_multiplier=1.0,
         attention_multiplier=head_dim ** -0.5, sliding_window=cfg.max_position_embeddings,
-        layer_types=["full_attention"] * n)
+        layer_types=layer_types(n))
     new._attn_implementation = "eager"
     if sinks is None:
         sinks = torch.full((n, h), NO_SINK)
@@ -94,7 +101,7 @@ def stock_gguf(lm, sinks: torch.Tensor, out: str | os.PathLike) -> dict:
     """The GGUF ``lm`` was loaded from, rewritten as llama.cpp's ``granite_swa`` with the ``sinks`` (layers x
     heads) as ``blk.N.attn_sinks.weight``: every tensor is copied byte for byte in its own quantization, the
     ``llama.*`` keys are renamed, and granite's scales are set to Llama's (logit, residual and embedding scale
-    1, attention scale 1/sqrt(head_dim), no sliding window)."""
+    1, attention scale 1/sqrt(head_dim), a sliding window only as wide as the training context)."""
     from gguf import GGUFValueType
 
     cfg = lm.model.config
@@ -104,7 +111,8 @@ def stock_gguf(lm, sinks: torch.Tensor, out: str | os.PathLike) -> dict:
     extra = {"logit_scale": (1.0, f32, None), "residual_scale": (1.0, f32, None),
              "embedding_scale": (1.0, f32, None), "attention.scale": (float(head_dim) ** -0.5, f32, None),
              "attention.sliding_window": (int(cfg.max_position_embeddings), u32, None),
-             "attention.sliding_window_pattern": ([False] * n, GGUFValueType.ARRAY, GGUFValueType.BOOL)}
+             "attention.sliding_window_pattern": ([t == "sliding_attention" for t in layer_types(n)],
+                                                  GGUFValueType.ARRAY, GGUFValueType.BOOL)}
     s = torch.as_tensor(sinks, dtype=torch.float32)
     added = {f"blk.{i}.attn_sinks.weight": s[i].numpy().astype(np.float32) for i in range(n)}
     return write_patched_gguf(gguf_of(lm), {}, out, "F32", arch="granite_swa", extra_kv=extra, added=added)
