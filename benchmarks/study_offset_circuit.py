@@ -50,9 +50,9 @@ def main(argv=None) -> int:
                 ids = list(case.ids)
                 d = distances(lm, ids, gate)
                 ex = excess_mask(torch.tensor([ids]), gate)[0]
-                dist = None
-                if stretches(ex):
-                    r0, r1 = stretches(ex)[-1]
+                dist, st = None, stretches(ex)
+                if st:
+                    r0, r1 = st[-1]
                     x = d[0, r0:r1 + 1]
                     x = x[~torch.isnan(x)]
                     dist = round(float(x[-32:].mean()), 3) if len(x) else None

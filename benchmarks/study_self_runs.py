@@ -97,10 +97,10 @@ def circuit_at_run_end(lm, ids: list[int], prompt_len: int, read) -> dict:
     from sinkhole.decoding.gate import RunGate, distances, excess_mask, stretches
 
     never = RunGate(confirm=1e-9)  # confirms nothing: every excess token is read
-    ex = excess_mask(torch.tensor([ids]), never)[0]
-    if not stretches(ex):
+    st = stretches(excess_mask(torch.tensor([ids]), never)[0])
+    if not st:
         return {}
-    r0, r1 = max(stretches(ex), key=lambda s: s[1] - s[0])
+    r0, r1 = max(st, key=lambda s: s[1] - s[0])
     d = distances(lm, ids[:r1 + 1], never)[0, r0:r1 + 1]
     means = d.unfold(0, 32, 1).mean(-1) if len(d) >= 32 else d.mean()[None]
     end, start = read(ids[:r1 + 1], r1 - 31, r1), read(ids[:prompt_len], prompt_len - 32, prompt_len - 1)

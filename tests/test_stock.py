@@ -58,6 +58,8 @@ def test_other_architectures_and_bad_sinks_are_refused():
         to_granite_swa(tiny_lm("gpt2"))
     with pytest.raises(SinkholeError, match="layers x heads"):
         to_granite_swa(tiny_lm("llama"), torch.zeros(2, 4))
+    with pytest.raises(SinkholeError, match="layers x heads"):
+        stock_gguf(tiny_lm("llama"), torch.zeros(2, 4), "unused.gguf")
 
 
 @pytest.mark.real

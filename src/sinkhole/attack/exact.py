@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import torch
 
-from ..decoding.cache import keep_for_rollback, new_cache, rollback
+from ..decoding.cache import cache_argument, keep_for_rollback, new_cache, rollback
 from ..decoding.tokens import decode_pieces, stop_ids
 from ..errors import SinkholeError
 from ..models.attention import fast_attention
@@ -83,7 +82,7 @@ def greedy_check(lm, cases: Sequence[Case], max_new_tokens: int, quiet: bool | N
     stops = stop_ids(lm)
     model = lm.model
     # transformers >= 5.2x names the KV cache argument ``cache`` (``past_key_values`` before)
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_kw = cache_argument(model)
     out = []
     with fast_attention(lm), torch.no_grad(), (hooks() if hooks is not None else contextlib.nullcontext()):
         for c in progress(cases, desc="greedy check", disable=quiet):

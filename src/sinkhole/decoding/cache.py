@@ -13,6 +13,14 @@ def common_prefix(a, b) -> int:
     return p
 
 
+def cache_argument(model) -> str:
+    """The name of ``model.forward``'s KV cache argument: ``cache`` from transformers 5.2x, ``past_key_values``
+    before (and in models not yet renamed)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def new_cache(model):
     """An empty KV cache that records past states, so that a sliding-window layer beyond its window
     (Gemma-3, Mistral) can still be cut back; None (the model's default cache) where that fails."""

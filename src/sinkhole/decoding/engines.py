@@ -19,7 +19,7 @@ from typing import Sequence
 
 from ..errors import SinkholeError
 from ..models.attention import fast_attention
-from .cache import common_prefix, new_cache
+from .cache import cache_argument, common_prefix, new_cache
 from .gate import StateReader, collapse, hidden_mask
 
 ENGINES = ("transformers", "llama.cpp")
@@ -172,7 +172,7 @@ class TorchGate(_Fed):
 
         self.lm, self.gate = lm, gate
         model = lm.model
-        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._cache_kw = cache_argument(model)
         self._keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._past = None
         self._cached = []

@@ -41,14 +41,13 @@ so on them the equivalence with ``collapse`` holds only while the run fits the w
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 
 from ..capture import StopForward, past_length
 from ..errors import SinkholeError
-from .cache import common_prefix, new_cache
+from .cache import cache_argument, common_prefix, new_cache
 
 
 # The state check's default distance (``RunGate(confirm=STATE_CONFIRM)``): chosen on SmolLM2 beside the broad
@@ -389,6 +388,7 @@ class GateHooks:
         self._probing = False
         self._states: torch.Tensor | None = None
         self._refs: dict[tuple, torch.Tensor] = {}
+        self._cache_kw: str | None = None  # the name of the base model's KV cache argument, once a probe needs it
 
     # --- the token history ----------------------------------------------------------------
     def _track(self, module, args, kwargs):
@@ -509,9 +509,10 @@ class GateHooks:
         self._exp, self._q, self._probing, self._states = exp, ids.shape[1], True, None
         if past is None:
             kw = {"use_cache": False, "attention_mask": real.long()}
-        else:  # transformers 5.x renames the cache argument ``cache``; older models take ``past_key_values``
-            takes = inspect.signature(base.forward).parameters
-            kw = {"use_cache": True, "cache" if "cache" in takes else "past_key_values": past}
+        else:
+            if self._cache_kw is None:
+                self._cache_kw = cache_argument(base)
+            kw = {"use_cache": True, self._cache_kw: past}
         try:
             with torch.no_grad():
                 base(input_ids=ids.clamp_min(0), position_ids=pos, **kw)

@@ -36,6 +36,19 @@ def layer_types(n: int) -> list[str]:
     return ["sliding_attention"] + ["full_attention"] * (n - 1)
 
 
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def _sinks(cfg, sinks) -> torch.Tensor:
+    """``sinks`` as a float32 (layers x heads) tensor (default :data:`NO_SINK` everywhere), or a one-line error."""
+    n, h = cfg.num_hidden_layers, cfg.num_attention_heads
+    s = torch.full((n, h), NO_SINK) if sinks is None else torch.as_tensor(sinks, dtype=torch.float32)
+    if tuple(s.shape) != (n, h):
+        raise SinkholeError(f"sinks must be layers x heads = {n} x {h} (got {tuple(s.shape)})")
+    return s
+
+
 def to_granite_swa(lm, sinks: torch.Tensor | None = None):
     """The Llama model of ``lm`` as a ``GraniteSWAForCausalLM`` with full attention (:func:`layer_types`) and the given
     ``sinks`` (layers x heads; default :data:`NO_SINK` everywhere: the same model). Refused in one line for
@@ -52,8 +65,9 @@ def to_granite_swa(lm, sinks: torch.Tensor | None = None):
     if rope.get("rope_type", "default") != "default":
         raise SinkholeError(f"{lm.name} scales RoPE ({rope.get('rope_type')}); the stock sink model supports plain "
                             "RoPE only")
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = _head_dim(cfg)
     n, h = cfg.num_hidden_layers, cfg.num_attention_heads
+    sinks = _sinks(cfg, sinks)
     new = GraniteSWAConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=n, num_attention_heads=h, num_key_value_heads=cfg.num_key_value_heads,
@@ -65,11 +79,6 @@ def to_granite_swa(lm, sinks: torch.Tensor | None = None):
         attention_multiplier=head_dim ** -0.5, sliding_window=cfg.max_position_embeddings,
         layer_types=layer_types(n))
     new._attn_implementation = "eager"
-    if sinks is None:
-        sinks = torch.full((n, h), NO_SINK)
-    sinks = torch.as_tensor(sinks, dtype=torch.float32)
-    if tuple(sinks.shape) != (n, h):
-        raise SinkholeError(f"sinks must be layers x heads = {n} x {h} (got {tuple(sinks.shape)})")
     model = GraniteSWAForCausalLM(new)
     state = {k: v for k, v in src.state_dict().items() if "rotary_emb" not in k}
     for i in range(n):
@@ -105,7 +114,7 @@ def stock_gguf(lm, sinks: torch.Tensor, out: str | os.PathLike) -> dict:
     from gguf import GGUFValueType
 
     cfg = lm.model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = _head_dim(cfg)
     n = cfg.num_hidden_layers
     f32, u32 = GGUFValueType.FLOAT32, GGUFValueType.UINT32
     extra = {"logit_scale": (1.0, f32, None), "residual_scale": (1.0, f32, None),
@@ -113,6 +122,6 @@ def stock_gguf(lm, sinks: torch.Tensor, out: str | os.PathLike) -> dict:
              "attention.sliding_window": (int(cfg.max_position_embeddings), u32, None),
              "attention.sliding_window_pattern": ([t == "sliding_attention" for t in layer_types(n)],
                                                   GGUFValueType.ARRAY, GGUFValueType.BOOL)}
-    s = torch.as_tensor(sinks, dtype=torch.float32)
+    s = _sinks(cfg, sinks)
     added = {f"blk.{i}.attn_sinks.weight": s[i].numpy().astype(np.float32) for i in range(n)}
     return write_patched_gguf(gguf_of(lm), {}, out, "F32", arch="granite_swa", extra_kv=extra, added=added)
