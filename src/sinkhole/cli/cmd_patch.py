@@ -18,7 +18,15 @@ def add_parser(sub) -> None:
                     "before/after summary. Reload with sinkhole.load_patched(DIR).")
     add_model_args(p)
     add_common_args(p)
-    p.add_argument("--out", required=True, help="output folder for the patched model")
+    p.add_argument("--out", default=None, help="output folder for the patched model (with --stock: optional, "
+                                                "a copy of the stock model's summary.json and SUMMARY.md)")
+    p.add_argument("--stock", default=None, metavar="DIR",
+                   help="instead of a patch, write the fix as a stock model file: a folder that "
+                        "AutoModelForCausalLM.from_pretrained(DIR) loads and a GGUF in it that llama.cpp loads, both "
+                        "with no sinkhole code at run time (Llama-architecture GGUF models; trained attention sinks)")
+    p.add_argument("--stock-type", default="source", choices=["source", "Q8_0", "F16"],
+                   help="the stock GGUF's tensor type: source (the source's own quantization, byte for byte, the "
+                        "trained tensors in Q8_0; default), Q8_0 or F16 (every matrix)")
     p.add_argument("--words", default=None, help="search words (default: poem,company,book,music)")
     p.add_argument("--reps", default=None, help="search repetition counts (default: 100,300)")
     p.add_argument("--verify-words", default=None, help="held-out words (default: flower,table,ocean,silver,letter,forest)")
@@ -28,7 +36,9 @@ def add_parser(sub) -> None:
                    help=f"candidate families in order (default: {','.join(DEFAULT_FAMILIES)}; any of "
                         f"{', '.join(FAMILIES)}; finetune_mlp, the full-model objective, is slow on CPU)")
     p.add_argument("--finetune-layers", default=None, help="layers whose MLPs the fine-tuning patch trains")
-    p.add_argument("--steps", type=int, default=400, help="fine-tuning steps (default 400)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="fine-tuning steps (default 400; with --stock, the stock model's training steps, "
+                        "default 250)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="generated tokens per case (default 32)")
     p.add_argument("--ppl-budget", type=float, default=1.0, help="largest allowed perplexity increase in %% (default 1)")
     p.add_argument("--neurons", type=int, default=4, help="sink neurons to patch (default 4)")
@@ -111,8 +121,16 @@ def build_config(args):
 def run(args) -> int:
     from pathlib import Path
 
+    from ..errors import SinkholeError  # lazy: start-up time
     from ..patch.export import read_patch  # lazy: start-up time
     from ..results import prepare_out_dir  # lazy: start-up time
+
+    if args.stock is not None:
+        return _run_stock(args)
+    if args.out is None:
+        raise SinkholeError("give --out DIR (a patch for sinkhole's runtime) or --stock DIR (a stock model file)")
+    if args.steps is None:
+        args.steps = 400
 
     cfg = build_config(args)
     patch_file = read_patch(args.patch_file) if args.patch_file else None
@@ -202,4 +220,66 @@ def _run(args, cfg, patch_file, out, compare) -> int:
             print(md)
         info(args, f"wrote {out} (patched model, patch.json, summary.json, SUMMARY.md); "
                    f"reload with sinkhole.load_patched('{out}')")
+    return 0
+
+
+def _run_stock(args) -> int:
+    """``--stock DIR``: train the stock model, verify it briefly, write the folder (sinkhole.patch.stock_export)."""
+    import time
+    from pathlib import Path
+
+    from ..errors import SinkholeError  # lazy: start-up time
+    from ..patch.stock import StockConfig, check_stock, stock_model, train_stock  # lazy: start-up time
+    from ..patch.stock_export import stock_summary_md, write_stock_folder  # lazy: start-up time
+    from ..patch.verify import QUICK, verify_broad  # lazy: start-up time
+    from ..results import dumps, prepare_out_dir, write_atomic  # lazy: start-up time
+    from . import info, load_from_args, model_meta  # lazy: start-up time
+
+    for flag in ("patch_file", "gguf", "families", "finetune_layers"):
+        if getattr(args, flag, None):
+            raise SinkholeError(f"--{flag.replace('_', '-')} belongs to the patch search; --stock trains its own fix")
+    stock = Path(args.stock)
+    if stock.exists() and (not stock.is_dir() or any(stock.iterdir())):
+        raise SinkholeError(f"--stock {stock} exists and is not an empty folder; choose a new folder")
+    if args.steps is not None and args.steps < 1:
+        raise SinkholeError("--steps must be at least 1")
+    out = prepare_out_dir(args.out) if args.out else None
+    lm = load_from_args(args)
+    check_stock(lm)  # a model the route cannot rewrite is declined before any work
+    log = (lambda m: info(args, m))
+    cfg = StockConfig()
+    if args.steps is not None:
+        cfg.steps = int(args.steps)
+    if args.quick:
+        cfg.steps, cfg.reps = min(cfg.steps, 20), (64,)
+    t0 = time.perf_counter()
+    trained = train_stock(lm, cfg, log=log)
+    model = stock_model(lm, trained)
+    summary = {"model": model_meta(lm).to_dict(), "route": "trained attention sinks (granite_swa)",
+               "training": trained["meta"]}
+    if not args.no_broad:
+        t1 = time.perf_counter()
+        q = QUICK
+        ver = verify_broad(lm, None, model=model, families=q["families"], reps=q["reps"], sources=q["sources"],
+                           windows=q["windows"], total=q["total"], log=log, quiet=args.quiet or None)
+        ver.pop("records", None)
+        summary["verification"] = ver
+        log(f"quick verification: {time.perf_counter() - t1:.0f} s")
+    summary = write_stock_folder(lm, model, trained, stock, args.stock_type, log=log, summary=summary,
+                                 summary_md=stock_summary_md)
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    md = stock_summary_md(summary)
+    write_atomic(stock / "summary.json", dumps(summary))
+    if out is not None:
+        write_atomic(out / "summary.json", dumps(summary))
+        write_atomic(out / "SUMMARY.md", md)
+    if args.json:
+        sys.stdout.write(dumps(summary))
+    else:
+        if not args.quiet:
+            print(md)
+        info(args, f"wrote {stock} ({', '.join(summary['files'])}) in {summary['seconds']:.0f} s")
+    bad = [k for k, v in summary["engines"].items() if not v["verified"]]
+    if bad:
+        info(args, f"not verified here: {', '.join(bad)} (see SUMMARY.md)")
     return 0

@@ -167,11 +167,11 @@ class TorchGate(_Fed):
     layer is full softmax attention (:func:`gate_feed_exact`): a sliding-window layer counts its
     window in raw tokens, and a linear-attention layer cannot forget a token."""
 
-    def __init__(self, lm, gate):
+    def __init__(self, lm, gate, model=None):
         import inspect
 
         self.lm, self.gate = lm, gate
-        model = lm.model
+        self.model = model = lm.model if model is None else model
         self._cache_kw = cache_argument(model)
         self._keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._past = None
@@ -181,14 +181,28 @@ class TorchGate(_Fed):
         self._cached, self._past = [], None
 
     def _session(self):
+        import contextlib
+
+        if self.model is not self.lm.model:  # another model (a stock rewrite) runs with its own attention
+            return contextlib.nullcontext()
         return fast_attention(self.lm)  # SDPA switched on once per decoding, not once per step
+
+    def logits(self, row: Sequence[int]):
+        """(len(row), vocab) float32 logits of every position of ``row`` (ungated: a model's own logits)."""
+        import torch
+
+        if self.gate is not None:
+            raise SinkholeError("TorchGate.logits reads a model's own logits: make the engine without a gate")
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor([list(row)], device=self.lm.device), use_cache=False)
+        return out.logits[0].float().cpu().numpy()
 
     def _feed(self, target: list[int]):
         import torch
 
         p = min(common_prefix(self._cached, target), len(target) - 1)
         if self._past is None or p == 0:
-            self._past, p = new_cache(self.lm.model), 0
+            self._past, p = new_cache(self.model), 0
         elif p < len(self._cached):
             self._past.crop(p - len(self._cached))  # negative: drop that many from the end
         pos = torch.arange(p, len(target), device=self.lm.device)
@@ -197,7 +211,7 @@ class TorchGate(_Fed):
         if self._keep:
             kw["logits_to_keep"] = 1
         with torch.no_grad():
-            res = self.lm.model(**kw)
+            res = self.model(**kw)
         self._past = getattr(res, "cache", None) or res.past_key_values
         self._cached = list(target)
         return res.logits[0, -1].float()

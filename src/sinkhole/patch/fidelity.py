@@ -15,7 +15,7 @@ import torch
 from ..attack.prompts import chat_ids, has_chat_template
 from ..data import TEXTS
 from ..data import load_text as shipped
-from ..decoding.engines import LlamaCpp
+from ..decoding.engines import LlamaCpp, TorchGate
 from ..decoding.gate import RunGate, gate_expiry, hidden_mask
 from ..decoding.generate import generate
 from ..errors import SinkholeError
@@ -122,9 +122,10 @@ def _forward(lm, rows: list[list[int]], patch=None, transform=None, batch: int =
     ``transform`` (the input-side collapse) the model reads the transformed row and each kept
     position's logits stand for its original position, a deleted one takes its last kept one's.
     ``patch`` may also be a :class:`sinkhole.decoding.engines.LlamaCpp` made with ``logits_all``: llama.cpp's
-    own logits (gated if the engine has a gate)."""
+    own logits (gated if the engine has a gate), or a :class:`~sinkhole.decoding.engines.TorchGate` without a gate
+    over another model (a stock rewrite): that model's logits."""
     out = []
-    if isinstance(patch, LlamaCpp):
+    if isinstance(patch, (LlamaCpp, TorchGate)):  # an engine: its own logits
         for r in rows:
             seen = list(transform(r)) if transform else r
             g = torch.from_numpy(patch.logits(seen))

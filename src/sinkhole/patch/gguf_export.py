@@ -40,15 +40,19 @@ def gguf_name(hf_name: str) -> str | None:
 
 def write_patched_gguf(source: str | os.PathLike, changed: dict[str, np.ndarray], out: str | os.PathLike,
                        tensor_type: str = "F32", arch: str | None = None, extra_kv: dict | None = None,
-                       added: dict[str, np.ndarray] | None = None) -> dict:
+                       added: dict[str, np.ndarray] | None = None, retype: str | None = None) -> dict:
     """Copy ``source`` to ``out`` with the ``changed`` tensors replaced (module docstring).
 
     ``arch``: write the model as this architecture instead (its ``<arch>.*`` keys renamed); ``extra_kv``:
     more ``<arch>.*`` keys, ``{name: (value, GGUFValueType, sub_type or None)}``; ``added``: new tensors,
-    written in F32 (one-dimensional tensors such as attention sinks; llama-quantize keeps those F32)."""
+    written in F32 (one-dimensional tensors such as attention sinks; llama-quantize keeps those F32); ``retype``
+    (``F16`` or ``Q8_0``): every other matrix is rewritten in that type from its dequantized values instead of
+    copied (one-dimensional tensors stay as they are)."""
     import gguf
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
+    if retype not in (None, "F16", "Q8_0"):
+        raise SinkholeError(f"cannot rewrite a whole GGUF as {retype!r}; use F16 or Q8_0")
     if tensor_type not in TENSOR_TYPES:
         raise SinkholeError(f"unknown GGUF tensor type {tensor_type!r}; use one of {', '.join(TENSOR_TYPES)}")
     out = Path(out)
@@ -73,16 +77,20 @@ def write_patched_gguf(source: str | os.PathLike, changed: dict[str, np.ndarray]
         writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
     for key, (value, vtype, sub) in (extra_kv or {}).items():
         writer.add_key_value(f"{arch}.{key}", value, vtype, sub_type=sub)
-    report = {"copied": 0, "patched": {}, "added": sorted(added or {}), "bytes_source": 0, "bytes_out": 0}
+    report = {"copied": 0, "patched": {}, "retyped": {}, "added": sorted(added or {}), "bytes_source": 0,
+              "bytes_out": 0}
     for t in reader.tensors:
         report["bytes_source"] += int(t.n_bytes)
-        if t.name not in changed:
+        if t.name not in changed and (retype is None or len(t.shape) < 2 or t.tensor_type.name == retype):
             writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
             report["copied"] += 1
             report["bytes_out"] += int(t.n_bytes)
             continue
-        data = changed[t.name]
-        want = t.tensor_type.name if tensor_type == "source" else tensor_type
+        if t.name in changed:
+            data = changed[t.name]
+            want = t.tensor_type.name if tensor_type == "source" else tensor_type
+        else:
+            data, want = gguf.quants.dequantize(t.data, t.tensor_type), retype
         if want not in WRITABLE:
             raise SinkholeError(f"the gguf library cannot write {want} (the source's type of {t.name}); "
                                 "use --gguf-type Q8_0 (the nearest it can), F16 or F32")
@@ -94,7 +102,7 @@ def write_patched_gguf(source: str | os.PathLike, changed: dict[str, np.ndarray]
         else:
             arr = gguf.quants.quantize(data.astype(np.float32), qtype)
         writer.add_tensor(t.name, arr, raw_dtype=qtype)
-        report["patched"][t.name] = want
+        report["patched" if t.name in changed else "retyped"][t.name] = want
         report["bytes_out"] += int(arr.nbytes)
     for name, data in (added or {}).items():
         arr = np.ascontiguousarray(data, dtype=np.float32)

@@ -45,7 +45,7 @@ TARGETS = {"divergence": "at most 1/10 of the unpatched rate (or 0) in every fam
 
 def verify_broad(lm, patch, baselines: dict | None = None, seed: int = 0, families=None, reps=BROAD_REPS,
                  sources=("twelfth_night", "generated"), windows=WINDOWS, total: int = TEXT_TOKENS,
-                 log=print, quiet: bool | None = None, engine: str = "transformers", gguf=None) -> dict:
+                 log=print, quiet: bool | None = None, engine: str = "transformers", gguf=None, model=None) -> dict:
     """The broad verification of ``patch`` beside ``baselines`` (name -> patch, or the string
     ``"collapse"`` for the input-side baseline). Returns per-family divergence, per-setting
     fidelity, the worst setting and the targets, for every method.
@@ -53,7 +53,9 @@ def verify_broad(lm, patch, baselines: dict | None = None, seed: int = 0, famili
     ``engine="llama.cpp"``: every method runs in llama.cpp on the model's GGUF (the reference too:
     top-1 and KL come from llama.cpp's own logits). A run-gate patch runs as the gate in llama.cpp
     (:class:`sinkhole.decoding.engines.LlamaCpp`); a weight patch must come as its patched GGUF (``gguf``,
-    e.g. written by ``sinkhole patch --gguf``), and then ``patch`` may be None."""
+    e.g. written by ``sinkhole patch --gguf``), and then ``patch`` may be None. ``model`` (transformers): another
+    model over the same tokenizer that *is* the fix (a stock rewrite, :mod:`sinkhole.patch.stock`), verified in
+    place of ``patch``."""
     t0 = time.perf_counter()
     cases = broad_cases(lm, reps, families, seed=seed)
     short = broad_cases(lm, reps, families, seed=seed, short=True)
@@ -66,7 +68,7 @@ def verify_broad(lm, patch, baselines: dict | None = None, seed: int = 0, famili
     elif engine == "transformers":
         if gguf is not None:
             raise SinkholeError("a patched GGUF is verified with engine llama.cpp")
-        methods = {"patch": (patch, None)}
+        methods = {"patch": (patch if model is None else TorchGate(lm, None, model=model), None)}
         for name, b in (baselines or {}).items():
             methods[name] = (None, Collapse()) if isinstance(b, str) and b == "collapse" else (b, None)
         ref, make = (None, None), None
@@ -81,6 +83,8 @@ def verify_broad(lm, patch, baselines: dict | None = None, seed: int = 0, famili
         if make is not None:  # llama.cpp: an engine per method, freed after its cases
             return judge_cases(lm, cs, transform=tf, quiet=quiet, engine=make(spec, False))
 
+        if isinstance(spec, TorchGate):  # another model: decoded on its own
+            return judge_cases(lm, cs, transform=tf, quiet=quiet, engine=spec)
         if spec is not None and fed_gate(lm, spec):
             return judge_cases(lm, cs, transform=tf, quiet=quiet, engine=TorchGate(lm, spec.gate))
         hooks = None if spec is None else (lambda p=spec: apply_patch(lm, p, validate=False))
