@@ -80,6 +80,8 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         res["transformers"] = _slim(verify_broad(lm, None, model=model, families=fams, baselines=base, seed=a.seed))
         print(f"transformers: {time.perf_counter() - t:.0f} s", res["transformers"]["targets"]["patch"], flush=True)
+        if a.save:
+            save(a.save, res)  # after each engine: a stopped run keeps what it finished
         if not a.no_text_kinds:
             from study_gate_text import sources
 
@@ -101,6 +103,8 @@ def main(argv=None) -> int:
                                  baselines=base if i == 0 else None, seed=a.seed)
                 res[f"llama.cpp/{q}"] = {**_slim(v), "bytes": rep["bytes_out"]}
                 print(f"llama.cpp {q}: {time.perf_counter() - t:.0f} s", v["targets"]["patch"], flush=True)
+                if a.save:
+                    save(a.save, res)
     if a.save:
         save(a.save, res)
     return 0
