@@ -29,7 +29,7 @@ import torch
 
 from ..data import load_text
 from ..errors import SinkholeError
-from ..results import dumps
+from ..results import dumps, write_atomic
 from .stock import stock_gguf
 
 CHECK_TRANSFORMERS = """
@@ -54,7 +54,7 @@ def check_transformers(folder: Path, ids: list[int], want: np.ndarray, timeout: 
     compare its logits on ``ids`` with ``want``."""
     with tempfile.TemporaryDirectory() as tmp:
         ids_path, got_path = Path(tmp) / "ids.json", Path(tmp) / "got.npy"
-        ids_path.write_text(json.dumps([int(i) for i in ids]))
+        write_atomic(ids_path, json.dumps([int(i) for i in ids]))
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         run = subprocess.run([sys.executable, "-c", CHECK_TRANSFORMERS, str(folder), str(ids_path), str(got_path)],
                              capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp)
@@ -117,9 +117,9 @@ def write_stock_folder(lm, model, trained: dict, out: str | os.PathLike, quant: 
                 log(f"{k}: " + ("verified" if v["verified"] else f"NOT verified ({v.get('error', v)})"))
         summary = {**(summary or {}), "engines": engines, "gguf": {"file": gguf.name, "type": quant, **rep},
                    "files": sorted(p.name for p in tmp.iterdir())}
-        (tmp / "summary.json").write_text(dumps(summary))
+        write_atomic(tmp / "summary.json", dumps(summary))
         if summary_md is not None:
-            (tmp / "SUMMARY.md").write_text(summary_md(summary))
+            write_atomic(tmp / "SUMMARY.md", summary_md(summary))
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
