@@ -38,6 +38,19 @@ def gguf_name(hf_name: str) -> str | None:
     return f"blk.{m.group(1)}.{_MLP[m.group(2)]}.weight" if m else None
 
 
+def gguf_weights(weights: dict, who: str) -> dict[str, np.ndarray]:
+    """``weights`` (Hugging Face names -> tensors) as float32 arrays under their GGUF names; a tensor the writer
+    cannot map is refused in one line (``who``: what changed it, e.g. "the patch changes")."""
+    out = {}
+    for name, w in weights.items():
+        g = gguf_name(name)
+        if g is None:
+            raise SinkholeError(f"{who} {name}, which the GGUF writer does not map yet: only MLP "
+                                "gate/up/down weights of Llama/Gemma-style models can be written")
+        out[g] = w.detach().float().cpu().numpy().astype(np.float32)
+    return out
+
+
 def write_patched_gguf(source: str | os.PathLike, changed: dict[str, np.ndarray], out: str | os.PathLike,
                        tensor_type: str = "F32", arch: str | None = None, extra_kv: dict | None = None,
                        added: dict[str, np.ndarray] | None = None, retype: str | None = None) -> dict:
@@ -130,11 +143,4 @@ def patch_to_gguf(lm, patch, out: str | os.PathLike, tensor_type: str = "F32") -
                             "in llama.cpp with --engine llama.cpp --patch DIR)")
     if not patch.weights:
         raise SinkholeError("the patch has no weights to write")
-    changed = {}
-    for name, w in patch.weights.items():
-        g = gguf_name(name)
-        if g is None:
-            raise SinkholeError(f"the patch changes {name}, which the GGUF writer does not map yet: only MLP "
-                                "gate/up/down weights of Llama/Gemma-style models can be written")
-        changed[g] = w.detach().float().cpu().numpy().astype(np.float32)
-    return write_patched_gguf(source, changed, out, tensor_type)
+    return write_patched_gguf(source, gguf_weights(patch.weights, "the patch changes"), out, tensor_type)

@@ -32,7 +32,8 @@ from ..data import load_text
 from ..decoding.engines import gguf_of
 from ..errors import SinkholeError
 from ..progress import progress
-from .gguf_export import gguf_name, write_patched_gguf
+from .finetune import TRAIN_WORDS
+from .gguf_export import gguf_weights, write_patched_gguf
 
 NO_SINK = -1.0e4  # a sink logit that changes nothing: sigmoid(lse + 1e4) == 1.0 and exp(-1e4) == 0 in float32
 
@@ -144,12 +145,7 @@ def stock_gguf(lm, sinks: torch.Tensor, out: str | os.PathLike, weights: dict | 
     every matrix in that type."""
     if quant not in STOCK_QUANTS:
         raise SinkholeError(f"unknown stock GGUF type {quant!r}; use one of {', '.join(STOCK_QUANTS)}")
-    changed = {}
-    for name, w in (weights or {}).items():
-        g = gguf_name(name)
-        if g is None:
-            raise SinkholeError(f"the stock GGUF cannot hold the trained tensor {name} (only MLP weights map)")
-        changed[g] = w.detach().float().cpu().numpy()
+    changed = gguf_weights(weights or {}, "the stock model trains")
     from gguf import GGUFValueType
 
     cfg = lm.model.config
@@ -171,8 +167,6 @@ def stock_gguf(lm, sinks: torch.Tensor, out: str | os.PathLike, weights: dict | 
 # ------------------------------------------------------------------------------------------
 # Training the sinks and the layers that read the first token (the circuit-local objective)
 
-STOCK_TRAIN_WORDS = ("poem", "company", "book", "house", "water", "time", "music", "light", "river", "dog",
-                     "green", "stone", "paper", "city", "window", "apple", "story", "money", "garden", "song")
 STOCK_TRAIN_FAMILIES = ("repeat", "open_wording", "garak_quoted", "chat_user", "chat_assistant", "comma", "newline",
                         "phrase", "raw", "filler", "mixture", "variants", "separators", "offset", "lookalike")
 
@@ -187,7 +181,7 @@ class StockConfig:
     sink_offset: float = -1.5  # initial sink: the head's median first-token self-score plus this
     mlp_layers: tuple = (0, 1, 2)
     stop: int = 3
-    words: tuple = STOCK_TRAIN_WORDS
+    words: tuple = TRAIN_WORDS  # the fine-tuning patch's training words (disjoint from every held-out word)
     families: tuple = STOCK_TRAIN_FAMILIES
     reps: tuple = (64, 200, 600)
     texts: tuple = ("tempest", "sonnets")
@@ -327,14 +321,12 @@ def train_stock(lm, cfg: StockConfig | None = None, log=None) -> dict:
     pos_w = torch.ones(text.shape[1])
     pos_w[:cfg.early] = cfg.early_weight
     fixes = [_occurrence_targets(r, cfg.anchor, cfg.min_count) for r in runs]
-    sinks = _sinks(model.config, None)
     layers = sorted({int(L) for L in cfg.sink_layers})
-    for L in layers:
-        sinks[L] = first_token_scores(model, text, L).median(0).values + cfg.sink_offset
     params = {f"model.layers.{L}.self_attn.sinks": model.model.layers[L].self_attn.sinks for L in layers}
     with torch.no_grad():
         for L in layers:
-            params[f"model.layers.{L}.self_attn.sinks"].copy_(sinks[L])
+            params[f"model.layers.{L}.self_attn.sinks"].copy_(
+                first_token_scores(model, text, L).median(0).values + cfg.sink_offset)
     mlp = {f"model.layers.{L}.mlp.{k}": p for L in cfg.mlp_layers
            for k, p in model.model.layers[L].mlp.named_parameters()}
     for p in model.parameters():
