@@ -130,3 +130,29 @@ def test_evasion_families_keep_the_run_going_without_an_exact_unit(tiny):
     assert all(r["garak_judge"] is None for r in recs)  # the token-set judge, as for clusters
     with pytest.raises(SinkholeError, match="unknown attack family"):
         broad_cases(tiny, families=["nonsense"])
+
+
+def test_stock_targets_count_the_floor_and_the_99_percent_line():
+    from sinkhole.patch.verify import stock_targets
+
+    def r(k, n=2):
+        return {"diverged": k, "n": n}
+
+    fid = [{"source": "s", "bos": b, "window": 64, "top1_agreement": t, "mean_kl_nats": 0.001}
+           for b, t in ((False, 0.995), (True, 0.999))]
+    ver = {"rates": {"unpatched": {"a": r(2), "b": r(2), "c": r(0), "d": r(2)},
+                     "short_run": {"a": r(0), "b": r(2), "c": r(0), "d": r(1)},
+                     "patch": {"a": r(1), "b": r(2), "c": r(0), "d": r(1)}},
+           "fidelity": {"patch": fid}}
+    t = stock_targets(ver)
+    # a: 1/2 against max(floor 0, a tenth of 2/2): missed; b: 2/2 within its floor 2/2; c: nothing to fix;
+    # d: 1/2 within its floor 1/2
+    assert t["families_failed"] == ["a"] and not t["divergence_every_family"]
+    assert t["top1_ge_99pct_every_setting"] and t["worst_top1"]["top1_agreement"] == 0.995
+    assert t["all"] is False
+    ver["rates"]["patch"]["a"] = r(0)
+    assert stock_targets(ver)["all"] is True
+    fid[0]["top1_agreement"] = 0.98  # below the 99 % line (the gate's 98 % line would pass it)
+    assert stock_targets(ver)["all"] is False
+    ver["fidelity"]["patch"] = []
+    assert stock_targets(ver)["all"] is None

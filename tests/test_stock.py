@@ -242,7 +242,9 @@ def test_the_stock_folder_runs_without_sinkhole(smollm2, tmp_path, capsys):
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["engines"]["transformers"]["verified"]
-    assert (out / "SUMMARY.md").read_text().startswith("# Stock model file")
+    card = (out / "SUMMARY.md").read_text()
+    assert card.startswith("# Stock model file") and f"Written in {summary['seconds']:.0f} s" in card
+    assert {"summary.json", "SUMMARY.md", "config.json"} <= set(summary["files"])
     run = build_case(smollm2, "repeat", "flower", 400).ids  # a held-out word of the broad set
     text = smollm2.encode(load_text("twelfth_night")[30000:34000], bos=False)[:256]
     (tmp_path / "ids.json").write_text(json.dumps({"run": run, "text": text}))
@@ -270,3 +272,19 @@ def test_the_gemma_control_is_declined(tmp_path, capsys):
     clean(*_main(["patch", "gemma3-270m", "--stock", tmp_path / "s", "--quiet"], capsys), "llama-architecture",
           "gemma3")
     assert not (tmp_path / "s").exists()
+
+
+def test_the_patch_card_shows_the_floor_and_the_issue_targets():
+    from sinkhole.patch.stock_export import stock_summary_md
+
+    def r(k):
+        return {"diverged": k, "n": 2}
+
+    fid = [{"source": "twelfth_night", "bos": False, "window": 64, "top1_agreement": 0.995, "mean_kl_nats": 0.004}]
+    ver = {"rates": {"unpatched": {"repeat": r(2), "raw": r(2)}, "short_run": {"repeat": r(0), "raw": r(2)},
+                     "patch": {"repeat": r(1), "raw": r(2)}}, "fidelity": {"patch": fid}}
+    card = stock_summary_md({"model": {"name": "m"}, "verification": ver, "seconds": 301.4,
+                             "engines": {"transformers": {"verified": False, "error": "no transformers"}}})
+    assert "| repeat | 2/2 | 0/2 | 1/2 |" in card and "| raw | 2/2 | 2/2 | 2/2 |" in card
+    assert "met: **no** (families failed: repeat)" in card  # raw stays within its floor
+    assert "Written in 301 s" in card and "**not verified**: no transformers" in card

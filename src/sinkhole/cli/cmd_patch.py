@@ -231,7 +231,7 @@ def _run_stock(args) -> int:
     from ..errors import SinkholeError  # lazy: start-up time
     from ..patch.stock import StockConfig, check_stock, stock_model, train_stock  # lazy: start-up time
     from ..patch.stock_export import stock_summary_md, write_stock_folder  # lazy: start-up time
-    from ..patch.verify import QUICK, verify_broad  # lazy: start-up time
+    from ..patch.verify import QUICK, stock_targets, verify_broad  # lazy: start-up time
     from ..results import dumps, prepare_out_dir, write_atomic  # lazy: start-up time
     from . import info, load_from_args, model_meta  # lazy: start-up time
 
@@ -264,12 +264,11 @@ def _run_stock(args) -> int:
                            windows=q["windows"], total=q["total"], log=log, quiet=args.quiet or None)
         ver.pop("records", None)
         summary["verification"] = ver
+        summary["targets"] = stock_targets(ver)
         log(f"quick verification: {time.perf_counter() - t1:.0f} s")
     summary = write_stock_folder(lm, model, trained, stock, args.stock_type, log=log, summary=summary,
-                                 summary_md=stock_summary_md)
-    summary["seconds"] = round(time.perf_counter() - t0, 1)
+                                 summary_md=stock_summary_md, started=t0)
     md = stock_summary_md(summary)
-    write_atomic(stock / "summary.json", dumps(summary))
     if out is not None:
         write_atomic(out / "summary.json", dumps(summary))
         write_atomic(out / "SUMMARY.md", md)

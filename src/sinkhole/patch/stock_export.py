@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from ..data import load_text
 from ..errors import SinkholeError
 from ..results import dumps, write_atomic
 from .stock import stock_gguf
+from .verify import stock_targets
 
 CHECK_TRANSFORMERS = """
 import json, sys
@@ -92,10 +94,11 @@ def check_llama_cpp(gguf: Path, ids: list[int], want: np.ndarray) -> dict:
 
 
 def write_stock_folder(lm, model, trained: dict, out: str | os.PathLike, quant: str = "source", log=None,
-                       summary: dict | None = None, summary_md=None) -> dict:
+                       summary: dict | None = None, summary_md=None, started: float | None = None) -> dict:
     """Write the stock ``model`` of ``lm`` (with ``trained``'s sinks and weights) to ``out``, check each engine on
     the written folder, then move it into place (nothing is left half-written). ``summary_md(summary) -> str``
-    renders SUMMARY.md from the final summary. Returns the summary."""
+    renders SUMMARY.md from the final summary; ``started`` (a ``time.perf_counter()`` reading) puts the time since
+    then in it as ``seconds``. Returns the summary."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SinkholeError(f"--stock {out} exists and is not an empty folder; choose a new folder")
@@ -116,7 +119,10 @@ def write_stock_folder(lm, model, trained: dict, out: str | os.PathLike, quant: 
             for k, v in engines.items():
                 log(f"{k}: " + ("verified" if v["verified"] else f"NOT verified ({v.get('error', v)})"))
         summary = {**(summary or {}), "engines": engines, "gguf": {"file": gguf.name, "type": quant, **rep},
-                   "files": sorted(p.name for p in tmp.iterdir())}
+                   "files": sorted(p.name for p in tmp.iterdir() if p.name not in ("summary.json", "SUMMARY.md"))}
+        summary["files"] = sorted(summary["files"] + ["summary.json"] + (["SUMMARY.md"] if summary_md else []))
+        if started is not None:
+            summary["seconds"] = round(time.perf_counter() - started, 1)
         write_atomic(tmp / "summary.json", dumps(summary))
         if summary_md is not None:
             write_atomic(tmp / "SUMMARY.md", summary_md(summary))
@@ -163,18 +169,24 @@ def stock_summary_md(summary: dict) -> str:
                   f"{tr.get('train_seconds')} s. Sinks: layer(s) {list(tr.get('sinks', {}))}.", ""]
     ver = summary.get("verification")
     if ver:
-        lines += ["## Measured (held-out words, transformers)", "", "| family | unpatched | stock model |",
-                  "|---|---|---|"]
+        lines += ["## Measured (held-out words, transformers)", "",
+                  "| family | unpatched | 16-repetition floor | stock model |", "|---|---|---|---|"]
         rates = ver["rates"]
         for fam, r in rates["unpatched"].items():
             s = rates["patch"].get(fam, {"diverged": 0, "n": 0})
-            lines.append(f"| {fam} | {r['diverged']}/{r['n']} | {s['diverged']}/{s['n']} |")
+            fl = rates.get("short_run", {}).get(fam)
+            fl = f"{fl['diverged']}/{fl['n']}" if fl else "-"
+            lines.append(f"| {fam} | {r['diverged']}/{r['n']} | {fl} | {s['diverged']}/{s['n']} |")
         lines += ["", "| text setting | top-1 agreement | KL (nats/token) |", "|---|---|---|"]
         for f in ver["fidelity"]["patch"]:
             lines.append(f"| {f['source']}, {'BOS' if f['bos'] else 'no BOS'}, {f['window']} tokens | "
                          f"{f['top1_agreement']:.1%} | {f['mean_kl_nats']:.4f} |")
-        t = ver["targets"]["patch"]
-        lines += ["", f"Targets met: **{'yes' if t.get('all') else 'no'}** (families failed: "
+        t = summary.get("targets") or stock_targets(ver)
+        lines += ["", f"Targets (every family at most max(its floor, a tenth of unpatched); top-1 >= 99 % and KL <= "
+                  f"0.005 in every text setting) met: **{'yes' if t.get('all') else 'no'}** (families failed: "
                   f"{', '.join(t.get('families_failed', [])) or 'none'}).", ""]
+    if summary.get("seconds") is not None:
+        lines += [f"Written in {summary['seconds']:.0f} s (training, verification, writing and checking the folder).",
+                  ""]
     lines += ["## Limits", "", summary.get("limits", "See docs/findings.md section 6 for the measured front."), ""]
     return "\n".join(lines)

@@ -173,13 +173,47 @@ def _llama_methods(lm, patch, gguf, baselines, cases, windows):
     return methods, ((str(src), None), None), make
 
 
-def broad_targets(before: dict, after: dict, fid: list[dict]) -> dict:
-    """The issue's targets, per family and per text setting, with the worst of each."""
-    fam = {}
+STOCK_TARGETS = {"divergence": "at most max(the 16-repetition floor, 1/10 of the unpatched rate) in every family",
+                 "top1": 0.99, "kl": 0.005}
+
+
+def _families_met(before: dict, after: dict, floor: dict | None = None) -> dict[str, bool]:
+    """Per family: the fix's divergence is 0 or at most a tenth of the unpatched rate, or (with ``floor``, the
+    16-repetition rates) at most the floor's rate where that is higher."""
+    def rate(d):
+        return d["diverged"] / max(d["n"], 1)
+
+    out = {}
     for f, b in before.items():
         a = after.get(f, {"diverged": 0, "n": 0})
-        rb, ra = b["diverged"] / max(b["n"], 1), a["diverged"] / max(a["n"], 1)
-        fam[f] = a["diverged"] == 0 or (rb > 0 and ra <= 0.1 * rb)
+        fl = rate(floor[f]) if floor and f in floor else 0.0
+        out[f] = a["diverged"] == 0 or rate(a) <= max(fl, 0.1 * rate(b))
+    return out
+
+
+def stock_targets(ver: dict, name: str = "patch") -> dict:
+    """Issue 28's targets for ``ver`` (a :func:`verify_broad` result): every family within
+    max(floor, a tenth of unpatched), and top-1 >= 99 % and KL <= 0.005 in every text setting."""
+    rates = ver["rates"]
+    fam = _families_met(rates["unpatched"], rates[name], rates.get("short_run"))
+    fid = ver["fidelity"][name]
+    out = {"divergence_every_family": all(fam.values()), "families_failed": [f for f, ok in fam.items() if not ok]}
+    if fid:
+        worst_top1 = min(fid, key=lambda r: r["top1_agreement"])
+        worst_kl = max(fid, key=lambda r: r["mean_kl_nats"])
+        out.update({"top1_ge_99pct_every_setting": worst_top1["top1_agreement"] >= STOCK_TARGETS["top1"],
+                    "kl_le_0.005_every_setting": worst_kl["mean_kl_nats"] <= STOCK_TARGETS["kl"],
+                    "worst_top1": {k: worst_top1[k] for k in ("source", "bos", "window", "top1_agreement")},
+                    "worst_kl": {k: worst_kl[k] for k in ("source", "bos", "window", "mean_kl_nats")}})
+        out["all"] = all(v for k, v in out.items() if k.endswith("setting") or k == "divergence_every_family")
+    else:
+        out.update({"text": "not measured", "all": None})
+    return out
+
+
+def broad_targets(before: dict, after: dict, fid: list[dict]) -> dict:
+    """The issue's targets, per family and per text setting, with the worst of each."""
+    fam = _families_met(before, after)
     if not fid:  # no text source was scored (sources=()): the text targets are not decided
         return {"divergence_every_family": all(fam.values()), "families_failed": [f for f, ok in fam.items() if not ok],
                 "text": "not measured", "all": None}
