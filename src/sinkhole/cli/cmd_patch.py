@@ -264,8 +264,14 @@ def _run_stock(args) -> int:
                            windows=q["windows"], total=q["total"], log=log, quiet=args.quiet or None)
         ver.pop("records", None)
         summary["verification"] = ver
-        summary["targets"] = stock_targets(ver)
+        summary["targets"] = t = stock_targets(ver)
         log(f"quick verification: {time.perf_counter() - t1:.0f} s")
+        if not t["all"]:
+            worst = t.get("worst_top1")
+            info(args, "the stock model misses its targets (families over target: "
+                       f"{', '.join(t['families_failed']) or 'none'}"
+                       + (f"; worst text top-1 {worst['top1_agreement']:.1%}" if worst else "")
+                       + "); the run gate (--out DIR) is the fix that meets them")
     summary = write_stock_folder(lm, model, trained, stock, args.stock_type, log=log, summary=summary,
                                  summary_md=stock_summary_md, started=t0)
     md = stock_summary_md(summary)

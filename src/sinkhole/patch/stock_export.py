@@ -135,6 +135,16 @@ def write_stock_folder(lm, model, trained: dict, out: str | os.PathLike, quant: 
     return summary
 
 
+STOCK_LIMITS = (
+    "**This route falls short of its targets.** Measured on SmolLM2-135M-Instruct (sinkhole's docs/findings.md, "
+    "section 6): on the broad set and the evasion families (36 held-out cases, 18 families) the stock model diverges "
+    "on the same 16 cases as the source model, and reads text differently (top-1 agreement 89.0-98.0 %, KL up to "
+    "0.070 nats/token). Run-time oracles show why: the layers that mark the first token already read most diverging "
+    "runs at the prose level, so neither trained sinks nor an edit of the sink neurons has a first-token state to "
+    "remove. The fix that meets the targets is the run gate (`sinkhole patch MODEL --out DIR`), which runs in "
+    "sinkhole's runtime.")
+
+
 def stock_summary_md(summary: dict) -> str:
     """SUMMARY.md of a stock folder: how to load it, which engines were verified, what was measured."""
     eng = summary.get("engines", {})
@@ -188,5 +198,5 @@ def stock_summary_md(summary: dict) -> str:
     if summary.get("seconds") is not None:
         lines += [f"Written in {summary['seconds']:.0f} s (training, verification, writing and checking the folder).",
                   ""]
-    lines += ["## Limits", "", summary.get("limits", "See docs/findings.md section 6 for the measured front."), ""]
+    lines += ["## Limits", "", summary.get("limits", STOCK_LIMITS), ""]
     return "\n".join(lines)
