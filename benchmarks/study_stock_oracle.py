@@ -11,7 +11,11 @@ Each stock route aims at a state inside the model; an oracle puts the model in e
   clamped at every other position to its 0.1-99.9 percentile range on ordinary non-first tokens. A closed-form
   edit of the sink neurons' input rows that keeps BOS and text untouched and moves run states into the text
   range can at most do this (it acts on fewer neurons, and not only on runs);
-* ``source_bos``: BOS forced alone, the reference for ``clamp_bos``.
+* ``source_bos``: BOS forced alone, the reference for ``clamp_bos``;
+* ``mask_gate`` - what a stock model that emulated the run gate inside attention could reach: the tokens the run
+  gate hides (``gate_expiry`` of the default ``RunGate``) masked out of every later query's attention in every
+  layer, at their own positions (a stock model cannot renumber positions as the gate does; it could only mask,
+  e.g. with a key bias).
 
 Every method decodes the broad catalogue's held-out cases (both judges; ``verify_broad``'s cases, 64 tokens) in
 transformers with a KV cache (``engines.TorchGate`` with the hooks), beside the source model and its
@@ -89,11 +93,38 @@ class Edit:
 
 
 class OracleEngine(TorchGate):
-    """``TorchGate`` on the source model with an :class:`Edit` that is told the ids of every forward."""
+    """``TorchGate`` on the source model with an :class:`Edit` that is told the ids of every forward; with
+    ``mask_gate``, each forward also gets an additive 4-D mask that hides what the run gate hides."""
 
-    def __init__(self, lm, edit: Edit):
+    def __init__(self, lm, edit: Edit, mask_gate: bool = False):
         super().__init__(lm, None)
-        self.edit = edit
+        self.edit, self.mask_gate = edit, mask_gate
+        if mask_gate:
+            self._wrap()
+
+    def _wrap(self):
+        from sinkhole.decoding.gate import RunGate, gate_expiry
+
+        model, gate = self.model, RunGate()
+        inner = model.forward
+
+        def forward(*args, input_ids=None, position_ids=None, **kw):
+            if not self.edit.on:  # the reference forward of the fidelity check: the source model
+                return inner(*args, input_ids=input_ids, position_ids=position_ids, **kw)
+            ids = self.edit.ids
+            n, t = len(ids), input_ids.shape[1]
+            exp = gate_expiry(torch.tensor([ids]), gate)[0]  # from which query on each key is hidden
+            q = torch.arange(n - t, n)[:, None]
+            k = torch.arange(n)[None, :]
+            allowed = (k <= q) & ((exp[None, :] > q) | (k == q))
+            mask = torch.zeros(1, 1, t, n).masked_fill(~allowed[None, None], torch.finfo(torch.float32).min)
+            return inner(*args, input_ids=input_ids, position_ids=position_ids, attention_mask=mask, **kw)
+
+        model.forward = forward
+
+    def remove(self):
+        if self.mask_gate:
+            del self.model.forward  # the class's own forward again
 
     def _feed(self, target):
         self.edit.ids, self.edit.on = list(target), True
@@ -154,14 +185,16 @@ def main(argv=None) -> int:
         return out
 
     specs = {"source": ({}, None), "source_bos": ({}, force_bos), "anchor_L2": ({"anchor_layer": 2}, None),
-             "anchor_L10": ({"anchor_layer": 10}, None), "clamp_bos": ({"clamp": "marking"}, force_bos)}
+             "anchor_L10": ({"anchor_layer": 10}, None), "clamp_bos": ({"clamp": "marking"}, force_bos),
+             "mask_gate": ({"mask_gate": True}, None)}
     res: dict = {"model": lm.name, "machine": machine(), "n_cases": len(cases), "methods": {}}
     for name in a.methods.split(","):
         kw, tf = specs[name]
         if kw.get("clamp") == "marking":
             kw = {"clamp": clamp_levels()}
+        masked = kw.pop("mask_gate", False)
         edit = Edit(lm, **kw)
-        eng = OracleEngine(lm, edit)
+        eng = OracleEngine(lm, edit, mask_gate=masked)
         t = time.perf_counter()
         try:
             recs = judge_cases(lm, cases, transform=tf, engine=eng, quiet=True)
@@ -181,6 +214,7 @@ def main(argv=None) -> int:
             row["circuit"] = circ
         finally:
             edit.remove()
+            eng.remove()
         row["seconds"] = round(time.perf_counter() - t, 1)
         res["methods"][name] = row
         div = sum(v["diverged"] for v in row["rates"].values())
