@@ -5,7 +5,7 @@ Each stock route aims at a state inside the model; an oracle puts the model in e
 
 * ``anchor_L2`` - route 1's training target, met exactly: at the residual stream after layer 2 (the comparison
   layer of ``train_stock``), every position whose token has occurred 16 times before is replaced by that
-  token's 8th occurrence's state (``stock._occurrence_targets``); ``anchor_L10``: the same just before the
+  token's 8th occurrence's state (``stock.occurrence_targets``); ``anchor_L10``: the same just before the
   massive layer (11);
 * ``clamp_bos`` - route 2's best case: BOS forced at position 0, and every neuron of the marking layers (1, 2)
   clamped at every other position to its 0.1-99.9 percentile range on ordinary non-first tokens. A closed-form
@@ -39,6 +39,7 @@ from _common import machine, save  # noqa: E402
 import torch  # noqa: E402
 
 from sinkhole.decoding.engines import TorchGate  # noqa: E402
+from sinkhole.patch.stock import occurrence_targets  # noqa: E402
 
 
 class Edit:
@@ -62,8 +63,6 @@ class Edit:
         return range(len(self.ids) - t, len(self.ids))
 
     def _anchor(self, _mod, _inp, out):
-        from sinkhole.patch.stock import _occurrence_targets
-
         if not self.on:
             return out
         h = out[0] if isinstance(out, tuple) else out
@@ -74,7 +73,7 @@ class Edit:
         else:
             self.buf = torch.cat([self.buf[:start], h[0].detach()], 0)
         h = h.clone()
-        for j, a in _occurrence_targets(self.ids, 8, 16):
+        for j, a in occurrence_targets(self.ids, 8, 16):
             if j >= start:
                 h[0, j - start] = self.buf[a]
         return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h

@@ -124,13 +124,13 @@ def test_the_stock_gguf_equals_the_source_in_llama_cpp(smollm2, tmp_path):
 # training the stock model, its engine, its folder
 
 def test_occurrence_targets_point_each_late_copy_at_the_anchor_copy():
-    from sinkhole.patch.stock import _occurrence_targets
+    from sinkhole.patch.stock import occurrence_targets
 
     ids = [9, 5, 5, 7, 5, 5, 5, 7]
     # 5 occurs at 1, 2, 4, 5, 6: from its 4th copy on (min_count 3) each points at its 2nd copy (position 2)
-    assert _occurrence_targets(ids, anchor=2, min_count=3) == [(5, 2), (6, 2)]
-    assert _occurrence_targets(ids, anchor=1, min_count=1) == [(2, 1), (4, 1), (5, 1), (6, 1), (7, 3)]
-    assert _occurrence_targets([1, 2, 3], anchor=1, min_count=1) == []
+    assert occurrence_targets(ids, anchor=2, min_count=3) == [(5, 2), (6, 2)]
+    assert occurrence_targets(ids, anchor=1, min_count=1) == [(2, 1), (4, 1), (5, 1), (6, 1), (7, 3)]
+    assert occurrence_targets([1, 2, 3], anchor=1, min_count=1) == []
 
 
 def test_train_stock_leaves_the_model_alone_and_trains_only_what_it_says():

@@ -216,7 +216,7 @@ def _first_layers(model, stop: int):
         inner.layers, inner.norm = layers, norm
 
 
-def _occurrence_targets(ids, anchor: int, min_count: int) -> list[tuple[int, int]]:
+def occurrence_targets(ids, anchor: int, min_count: int) -> list[tuple[int, int]]:
     """(position, anchor position) for every token seen at least ``min_count`` times before it: such a
     position should be represented as the same token's ``anchor``-th occurrence was. Needs no unit, so
     it covers runs with fillers, mixtures, variants and offsets alike."""
@@ -320,7 +320,7 @@ def train_stock(lm, cfg: StockConfig | None = None, log=None) -> dict:
     typ2 = float(text_ref[:, 1:].norm(dim=-1).median()) ** 2
     pos_w = torch.ones(text.shape[1])
     pos_w[:cfg.early] = cfg.early_weight
-    fixes = [_occurrence_targets(r, cfg.anchor, cfg.min_count) for r in runs]
+    fixes = [occurrence_targets(r, cfg.anchor, cfg.min_count) for r in runs]
     layers = sorted({int(L) for L in cfg.sink_layers})
     params = {f"model.layers.{L}.self_attn.sinks": model.model.layers[L].self_attn.sinks for L in layers}
     with torch.no_grad():
