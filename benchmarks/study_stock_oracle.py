@@ -29,6 +29,7 @@ position 0 in layers 12-15) on one case per family.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,15 @@ class Edit:
     def remove(self):
         for h in self.handles:
             h.remove()
+
+    @contextlib.contextmanager
+    def active(self, ids):
+        """The edits on for the forwards inside, over the token ids ``ids``."""
+        self.ids, self.on = list(ids), True
+        try:
+            yield
+        finally:
+            self.on = False
 
     def _span(self, t: int) -> range:
         return range(len(self.ids) - t, len(self.ids))
@@ -126,27 +136,17 @@ class OracleEngine(TorchGate):
             del self.model.forward  # the class's own forward again
 
     def _feed(self, target):
-        self.edit.ids, self.edit.on = list(target), True
-        try:
+        with self.edit.active(target):
             return super()._feed(target)
-        finally:
-            self.edit.on = False
 
     def logits(self, row):
-        self.edit.ids, self.edit.on = list(row), True
-        try:
+        with self.edit.active(row):
             return super().logits(row)
-        finally:
-            self.edit.on = False
 
 
 def read_circuit(lm, ids, edit: Edit) -> dict:
-    edit.ids, edit.on = list(ids), True
-    try:
-        with torch.no_grad():
-            out = lm.model(input_ids=torch.tensor([ids]), output_hidden_states=True, output_attentions=True)
-    finally:
-        edit.on = False
+    with edit.active(ids), torch.no_grad():
+        out = lm.model(input_ids=torch.tensor([ids]), output_hidden_states=True, output_attentions=True)
     hs, at = out.hidden_states, out.attentions
     tail = slice(len(ids) - 32, len(ids))
     ratio = float(hs[3][0, tail].norm(dim=-1).mean() / hs[3][0, 0].norm())

@@ -119,8 +119,8 @@ def write_stock_folder(lm, model, trained: dict, out: str | os.PathLike, quant: 
             for k, v in engines.items():
                 log(f"{k}: " + ("verified" if v["verified"] else f"NOT verified ({v.get('error', v)})"))
         summary = {**(summary or {}), "engines": engines, "gguf": {"file": gguf.name, "type": quant, **rep},
-                   "files": sorted(p.name for p in tmp.iterdir() if p.name not in ("summary.json", "SUMMARY.md"))}
-        summary["files"] = sorted(summary["files"] + ["summary.json"] + (["SUMMARY.md"] if summary_md else []))
+                   "files": sorted([p.name for p in tmp.iterdir()] + ["summary.json"]
+                                   + (["SUMMARY.md"] if summary_md else []))}  # the two written next
         if started is not None:
             summary["seconds"] = round(time.perf_counter() - started, 1)
         write_atomic(tmp / "summary.json", dumps(summary))

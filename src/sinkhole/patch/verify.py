@@ -191,41 +191,36 @@ def _families_met(before: dict, after: dict, floor: dict | None = None) -> dict[
     return out
 
 
+def _targets(fam: dict[str, bool], fid: list[dict], targets: dict) -> dict:
+    """The checks of ``fam`` (per family: target met) and of the text settings ``fid`` against ``targets``'
+    top-1, KL and (when it has one) perplexity lines, with the worst setting of each."""
+    out = {"divergence_every_family": all(fam.values()), "families_failed": [f for f, ok in fam.items() if not ok]}
+    if not fid:  # no text source was scored (sources=()): the text targets are not decided
+        return {**out, "text": "not measured", "all": None}
+    # (target, metric, higher is better, the check's name)
+    lines = [("top1", "top1_agreement", True, f"top1_ge_{targets['top1'] * 100:.0f}pct_every_setting"),
+             ("kl", "mean_kl_nats", False, f"kl_le_{targets['kl']}_every_setting")]
+    if "ppl" in targets:
+        lines.append(("ppl", "ppl_change_pct", False, f"ppl_le_{targets['ppl']:.0f}pct_every_setting"))
+    worst = {}
+    for name, metric, higher, check in lines:
+        worst[name] = (min if higher else max)(fid, key=lambda r: r[metric])
+        v = worst[name][metric]
+        out[check] = v >= targets[name] if higher else v <= targets[name]
+    for name, metric, _, _ in lines:
+        out[f"worst_{name}"] = {k: worst[name][k] for k in ("source", "bos", "window", metric)}
+    out["all"] = all(v for k, v in out.items() if k.endswith("setting") or k == "divergence_every_family")
+    return out
+
+
 def stock_targets(ver: dict, name: str = "patch") -> dict:
     """Issue 28's targets for ``ver`` (a :func:`verify_broad` result): every family within
     max(floor, a tenth of unpatched), and top-1 >= 99 % and KL <= 0.005 in every text setting."""
     rates = ver["rates"]
     fam = _families_met(rates["unpatched"], rates[name], rates.get("short_run"))
-    fid = ver["fidelity"][name]
-    out = {"divergence_every_family": all(fam.values()), "families_failed": [f for f, ok in fam.items() if not ok]}
-    if fid:
-        worst_top1 = min(fid, key=lambda r: r["top1_agreement"])
-        worst_kl = max(fid, key=lambda r: r["mean_kl_nats"])
-        out.update({"top1_ge_99pct_every_setting": worst_top1["top1_agreement"] >= STOCK_TARGETS["top1"],
-                    "kl_le_0.005_every_setting": worst_kl["mean_kl_nats"] <= STOCK_TARGETS["kl"],
-                    "worst_top1": {k: worst_top1[k] for k in ("source", "bos", "window", "top1_agreement")},
-                    "worst_kl": {k: worst_kl[k] for k in ("source", "bos", "window", "mean_kl_nats")}})
-        out["all"] = all(v for k, v in out.items() if k.endswith("setting") or k == "divergence_every_family")
-    else:
-        out.update({"text": "not measured", "all": None})
-    return out
+    return _targets(fam, ver["fidelity"][name], STOCK_TARGETS)
 
 
 def broad_targets(before: dict, after: dict, fid: list[dict]) -> dict:
     """The issue's targets, per family and per text setting, with the worst of each."""
-    fam = _families_met(before, after)
-    if not fid:  # no text source was scored (sources=()): the text targets are not decided
-        return {"divergence_every_family": all(fam.values()), "families_failed": [f for f, ok in fam.items() if not ok],
-                "text": "not measured", "all": None}
-    worst_top1 = min(fid, key=lambda r: r["top1_agreement"])
-    worst_kl = max(fid, key=lambda r: r["mean_kl_nats"])
-    worst_ppl = max(fid, key=lambda r: r["ppl_change_pct"])
-    checks = {"divergence_every_family": all(fam.values()), "families_failed": [f for f, ok in fam.items() if not ok],
-              "top1_ge_98pct_every_setting": worst_top1["top1_agreement"] >= TARGETS["top1"],
-              "kl_le_0.005_every_setting": worst_kl["mean_kl_nats"] <= TARGETS["kl"],
-              "ppl_le_1pct_every_setting": worst_ppl["ppl_change_pct"] <= TARGETS["ppl"],
-              "worst_top1": {k: worst_top1[k] for k in ("source", "bos", "window", "top1_agreement")},
-              "worst_kl": {k: worst_kl[k] for k in ("source", "bos", "window", "mean_kl_nats")},
-              "worst_ppl": {k: worst_ppl[k] for k in ("source", "bos", "window", "ppl_change_pct")}}
-    checks["all"] = all(v for k, v in checks.items() if k.endswith("setting") or k == "divergence_every_family")
-    return checks
+    return _targets(_families_met(before, after), fid, TARGETS)
