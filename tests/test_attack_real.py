@@ -4,7 +4,7 @@ truncated forward passes)."""
 import pytest
 
 from sinkhole.attack.diverge import run_cases
-from sinkhole.attack.predictor import case_features
+from sinkhole.experimental.predictor import case_features
 from sinkhole.attack.prompts import make_cases
 
 pytestmark = pytest.mark.real

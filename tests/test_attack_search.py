@@ -6,7 +6,7 @@ import random
 import pytest
 
 from sinkhole.attack.cluster import _max_run, cluster_attack, clusters_for, sequence, token_features
-from sinkhole.attack.predictor import Predictor, auc, case_features
+from sinkhole.experimental.predictor import Predictor, auc, case_features
 from sinkhole.attack.prompts import make_cases
 from sinkhole.attack.sweep import frequent_tokens, merge, rank, summarize, sweep_tokens
 from sinkhole.errors import SinkholeError
@@ -130,7 +130,7 @@ def test_sink_probe_attention_equals_full_patterns_with_left_padding(tiny):
     token taken from full eager patterns."""
     import torch
 
-    from sinkhole.attack.predictor import sink_probe
+    from sinkhole.experimental.predictor import sink_probe
     from sinkhole.capture import Hooks
 
     rows = [[5, 9, 9, 9, 9, 9, 9, 9, 9, 9], [5, 7, 7, 7, 7, 7]]

@@ -15,9 +15,10 @@ from sinkhole.decoding.gate import RunGate
 
 def test_training_words_never_meet_the_broad_words(tiny):
     from sinkhole.circuit import discover
-    from sinkhole.patch.search import SearchConfig, finetune_config
+    from sinkhole.experimental.search import ExperimentalConfig, finetune_config
+    from sinkhole.patch.search import SearchConfig
 
-    cfg = SearchConfig().as_quick()
+    cfg = ExperimentalConfig().as_quick()
     ft = finetune_config(tiny, discover(tiny), cfg, [1])
     train = {w.lower() for w in ft.train_words()}
     assert not train & family_words()

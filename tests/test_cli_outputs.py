@@ -29,8 +29,7 @@ DIVERGE = ["diverge", "--words", "a", "--reps", "5", "--max-new-tokens", "4"]
 CIRCUIT_FULL_ARGS = ["circuit", "--reps", "30", "--conv-reps", "20", "--attn-reps", "8", "--words", "cat"]
 CLUSTER = ["cluster", "--pool", "40", "--clusters", "2", "--size", "3", "--length", "24", "--seqs", "1",
            "--examples", "1", "--max-new-tokens", "4"]
-PATCH = ["patch", "--quick", "--steps", "2", "--families", "paper_clamp", "--reps", "5", "--verify-reps", "6",
-         "--max-new-tokens", "4"]
+PATCH = ["patch", "--quick", "--method", "paper", "--reps", "5", "--verify-reps", "6"]
 SCAN = ["scan", "--quick", "--curve-reps", "30"]
 
 
@@ -404,7 +403,7 @@ def test_patch_human_and_out_folder(tiny_cli, capsys, tmp_path):
     assert "Targets on the narrow set: divergence_le_tenth " in stdout
     assert "Targets on the broad set (the patch's targets): divergence_every_family " in stdout
     assert "| attack family | repetitions | short run (16) | unpatched | patch | input_collapse |" in stdout
-    assert "patch: massive layer " in stderr and "patch: marking layers [" in stderr
+    assert "patch: massive layer " in stderr and "candidates: paper_clamp, paper_zero" in stderr
     assert "unpatched search divergence: run judge " in stderr
     assert "candidate paper_clamp: " in stderr
     assert "| measure" not in stderr

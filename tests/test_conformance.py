@@ -78,7 +78,7 @@ def test_every_command_on_every_family(family, folders, tmp_path, capsys, monkey
     # patch with one forced candidate (or the documented refusal of a model that does not diverge on
     # the search cases), then eval of the exported folder (or of a hand-built patch)
     capsys.readouterr()
-    rc = cli.main([str(a) for a in ["patch", model, "--quick", "--families", "paper_zero", "--reps", "6",
+    rc = cli.main([str(a) for a in ["experimental", "search", model, "--quick", "--families", "paper_zero", "--reps", "6",
                                     "--verify-reps", "7", "--max-new-tokens", "4", "--ppl-budget", "1000",
                                     "--out", "patched", q]])
     err = capsys.readouterr().err

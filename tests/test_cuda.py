@@ -31,7 +31,7 @@ def test_every_scan_step_runs_on_cuda(dtype):
 def test_patch_and_finetune_match_between_cpu_and_cuda():
     from sinkhole.evaluate.metrics import text_metrics
     from sinkhole.patch import Patch, PatchOp
-    from sinkhole.patch.finetune import FinetuneConfig, finetune_patch
+    from sinkhole.experimental.finetune import FinetuneConfig, finetune_patch
 
     cpu, gpu = tiny_lm("llama"), tiny_lm("llama")
     gpu.model.to("cuda")

@@ -194,9 +194,15 @@ WORDS = st.one_of(st.sampled_from(["a", "poem", "the,poem", "a,,b", " ", "🙂",
 @st.composite
 def e2e_argvs(draw):
     cmd = draw(st.sampled_from(["diverge", "diverge-exact", "diverge-minreps", "diverge-sample", "sweep", "cluster",
-                                "circuit", "scan", "patch", "eval"]))
+                                "circuit", "scan", "patch", "experimental-search", "eval"]))
     if cmd == "patch":
-        return ["patch", "--quick", "--out", "patched", "--families", draw(st.sampled_from(
+        return ["patch", "--quick", "--out", "patched", "--method", draw(st.sampled_from(["gate", "paper", "nope"])),
+                "--baselines", draw(st.sampled_from(["collapse", "none", "paper,collapse", "nope", ""])),
+                "--reps", draw(st.sampled_from(["4", "0", "4,,5", "6"])),
+                "--verify-reps", draw(st.sampled_from(["5", "4", "x"])), "--words", draw(WORDS),
+                "--verify-words", draw(WORDS), "--quiet"]
+    if cmd == "experimental-search":
+        return ["experimental", "search", "--quick", "--out", "patched", "--families", draw(st.sampled_from(
                     ["paper_zero", "norm_cap", "finetune_neurons", "paper_zero,norm_cap", "nope"])),
                 "--steps", draw(st.integers(-1, 3).map(str)), "--reps", draw(st.sampled_from(["4", "0", "4,,5", "6"])),
                 "--verify-reps", draw(st.sampled_from(["5", "4", "x"])), "--max-new-tokens", draw(SMALL),
@@ -272,7 +278,7 @@ def test_fuzz_commands_end_to_end_on_tiny_models(tmp_path, monkeypatch, capsys):
         codes.setdefault(argv[0], set()).add(rc)
         if rc == 0 and "--json" in argv and argv[0] != "eval":  # a finished run wrote its whole document
             assert json.loads(Path("out.json").read_text())["command"] == argv[0]
-        if argv[0] == "patch" and rc != 0:
+        if argv[0] in ("patch", "experimental") and rc != 0:
             assert not Path("patched").exists()  # a refused patch leaves no folder
 
     check()

@@ -157,7 +157,7 @@ def test_gate_patch_round_trip_and_export(tiny, tmp_path):
 
 
 def test_gguf_export_refuses_a_gate(tiny, tmp_path):
-    from sinkhole.patch.gguf_export import patch_to_gguf
+    from sinkhole.experimental.gguf_export import patch_to_gguf
 
     tiny.info["gguf"] = str(tmp_path / "x.gguf")
     (tmp_path / "x.gguf").write_bytes(b"GGUF")

@@ -10,7 +10,7 @@ import torch
 
 from sinkhole.errors import SinkholeError
 from sinkhole.patch import Patch, PatchOp
-from sinkhole.patch.gguf_export import gguf_name, patch_to_gguf, write_patched_gguf
+from sinkhole.experimental.gguf_export import gguf_name, patch_to_gguf, write_patched_gguf
 
 pytestmark = pytest.mark.real
 NAME = "model.layers.1.mlp.down_proj.weight"

@@ -198,7 +198,7 @@ def test_model_folder(tiny_folder, tmp_path, monkeypatch):
     anything else a one-line error."""
     assert L.model_folder(str(tiny_folder)) == tiny_folder
     monkeypatch.setattr(L, "_resolve_embedded", lambda name: tmp_path / f"{name}.gguf")
-    monkeypatch.setattr(L, "dequantized_folder", lambda gguf, progress=True: tmp_path / "deq" / gguf.stem)
+    monkeypatch.setattr(L, "dequantized_folder", lambda gguf, *a: tmp_path / "deq" / gguf.stem)
     assert L.model_folder("smollm2-135m-instruct") == tmp_path / "deq" / "smollm2-135m-instruct"
     g = tmp_path / "m.gguf"
     g.write_bytes(b"GGUF")

@@ -10,7 +10,8 @@ import torch
 from sinkhole.errors import SinkholeError
 from sinkhole.evaluate.metrics import text_metrics
 from sinkhole.patch import Patch, PatchOp
-from sinkhole.patch.finetune import FinetuneConfig, finetune_patch
+from sinkhole.experimental.finetune import FinetuneConfig, finetune_patch
+from sinkhole.experimental.search import ExperimentalConfig, search_experimental
 from sinkhole.patch.search import SearchConfig, search_patch, targets, verify_patch
 
 CFG = dict(search_words=("a", "b"), search_reps=(8,), verify_words=("c", "d"), verify_reps=(12,), max_new_tokens=6,
@@ -72,7 +73,7 @@ def test_local_finetune_stop_layer_and_example_cap(tiny):
                 n_texts=4, text_words=12, objective="local")
     p = finetune_patch(tiny, FinetuneConfig(**base, stop_layer=2, max_examples=2))
     assert p.meta["stop_layer"] == 2
-    from sinkhole.patch.finetune import _rep_examples
+    from sinkhole.experimental.finetune import _rep_examples
 
     assert len(_rep_examples(tiny, FinetuneConfig(**base))) == 6
     assert len(_rep_examples(tiny, FinetuneConfig(**base, max_examples=2))) == 2
@@ -85,7 +86,7 @@ def test_local_finetune_stop_layer_and_example_cap(tiny):
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
 def test_head_inputs_rebuild_the_original_logits(family):
     from sinkhole.evaluate.metrics import encode_batch
-    from sinkhole.patch.finetune import _head_inputs, _head_logits
+    from sinkhole.experimental.finetune import _head_inputs, _head_logits
     from tiny import tiny_lm
 
     lm = tiny_lm(family)
@@ -121,8 +122,11 @@ def test_search_skips_a_candidate_equal_to_an_earlier_one(tiny, monkeypatch):
             return {"rate": 0.5, "garak_rate": 0.5, "either_rate": 0.5, "n_cases": 2}
 
     monkeypatch.setattr(search, "run_judged", lambda *a, **k: Div())
-    cfg = SearchConfig(**CFG, families=("paper_clamp", "paper_clamp", "detector_cap"), n_neurons=2, cap_neurons=3)
-    res = search_patch(tiny, cfg, log=lambda m: None)
+    with pytest.raises(SinkholeError, match="unknown candidate family 'detector_cap'"):  # a research family
+        search_patch(tiny, SearchConfig(**{k: v for k, v in CFG.items() if k != "finetune_steps"},
+                                        families=("run_gate", "detector_cap")), log=lambda m: None)
+    cfg = ExperimentalConfig(**CFG, families=("paper_clamp", "paper_clamp", "detector_cap"), n_neurons=2, cap_neurons=3)
+    res = search_experimental(tiny, cfg, log=lambda m: None)
     fams = [(t["family"], "skipped" in t) for t in res.tried]
     assert fams == [("paper_clamp", False), ("paper_clamp", True), ("detector_cap", False)]
     assert res.tried[1]["skipped"] == "same patch as paper_clamp"
@@ -130,8 +134,8 @@ def test_search_skips_a_candidate_equal_to_an_earlier_one(tiny, monkeypatch):
 
 
 def test_search_and_verify_on_tiny(tiny):
-    cfg = SearchConfig(**CFG, families=("paper_clamp", "detector_cap", "finetune_local"))
-    res = search_patch(tiny, cfg, log=lambda m: None)
+    cfg = ExperimentalConfig(**CFG, families=("paper_clamp", "detector_cap", "finetune_local"))
+    res = search_experimental(tiny, cfg, log=lambda m: None)
     assert res.tried and all("search_divergence" in t or "error" in t for t in res.tried)
     d = res.to_dict()
     json.dumps(d)  # JSON-ready
@@ -168,7 +172,7 @@ def test_scan_step_and_report(tiny, tmp_path):
     from sinkhole.report.sections_patch import patch_section
     from sinkhole.pipeline.engine import Context, ScanOptions
 
-    opts = ScanOptions(quick=True, patch=True, patch_words=["a", "b"], patch_families=["paper_zero", "norm_cap"])
+    opts = ScanOptions(quick=True, patch=True, patch_words=["a", "b"], patch_families=["paper_zero"])
     ctx = Context(lm=tiny, options=opts.resolved(), out=tmp_path)
     res = steps.patch_step(ctx)
     out = res.to_dict()
@@ -216,7 +220,7 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     assert "disjoint" in err and err.count("\n") == 1
     assert main(["eval", "--patch", str(tmp_path / "none.json")]) == 2
     assert "not found" in capsys.readouterr().err
-    assert main(["patch", "--out", str(tmp_path / "o"), "--steps", "0"]) == 2
+    assert main(["experimental", "search", "--out", str(tmp_path / "o"), "--steps", "0"]) == 2
     assert not (tmp_path / "o").exists()
 
 

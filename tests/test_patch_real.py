@@ -12,7 +12,7 @@ import torch
 from sinkhole.attack.prompts import make_cases
 from sinkhole.attack.diverge import run_judged
 from sinkhole.patch import export_patched, load_patched
-from sinkhole.patch.finetune import FinetuneConfig, finetune_patch
+from sinkhole.experimental.finetune import FinetuneConfig, finetune_patch
 
 pytestmark = pytest.mark.real
 

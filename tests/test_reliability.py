@@ -168,7 +168,7 @@ def test_partial_checkpoint_is_written_atomically(tiny_folder, tmp_path, monkeyp
 # --- the vocabulary sweep: checkpoint after every batch, rerun to resume ---------------------
 def _sweep_args(model, ckpt, out):
     return [sys.executable, str(DRIVER), "sweep", str(model), "--tokens", "40", "--max-reps", "32", "--batch-size",
-            "8", "--sink-layer", "1", "--checkpoint", str(ckpt), "--out", str(out), "--quiet"]
+            "8", "--drift-layer", "1", "--checkpoint", str(ckpt), "--out", str(out), "--quiet"]
 
 
 def _needs_sweep():
@@ -218,7 +218,7 @@ def test_interrupted_patch_leaves_no_half_exported_model(tiny_folder, tmp_path, 
     """Ctrl-C or SIGTERM during the patch search's fine-tune: exit 130, a line that says nothing was
     exported and how to continue, no output folder and no temporary folder left behind."""
     out = tmp_path / "patched"
-    args = [sys.executable, "-m", "sinkhole", "patch", str(tiny_folder), "--out", str(out), "--families",
+    args = [sys.executable, "-m", "sinkhole", "experimental", "search", str(tiny_folder), "--out", str(out), "--families",
             "finetune_neurons", "--steps", "100000", "--reps", "8", "--verify-reps", "9", "--max-new-tokens", "4"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
                             preexec_fn=default_sigint)

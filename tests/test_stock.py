@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sinkhole.errors import SinkholeError
-from sinkhole.patch.stock import NO_SINK, parity, stock_gguf, to_granite_swa
+from sinkhole.experimental.stock import NO_SINK, parity, stock_gguf, to_granite_swa
 
 
 def test_tiny_llama_converts_exactly_and_loads_without_sinkhole(tmp_path):
@@ -124,7 +124,7 @@ def test_the_stock_gguf_equals_the_source_in_llama_cpp(smollm2, tmp_path):
 # training the stock model, its engine, its folder
 
 def test_occurrence_targets_point_each_late_copy_at_the_anchor_copy():
-    from sinkhole.patch.stock import occurrence_targets
+    from sinkhole.experimental.stock import occurrence_targets
 
     ids = [9, 5, 5, 7, 5, 5, 5, 7]
     # 5 occurs at 1, 2, 4, 5, 6: from its 4th copy on (min_count 3) each points at its 2nd copy (position 2)
@@ -136,7 +136,7 @@ def test_occurrence_targets_point_each_late_copy_at_the_anchor_copy():
 def test_train_stock_leaves_the_model_alone_and_trains_only_what_it_says():
     from tiny import tiny_lm
 
-    from sinkhole.patch.stock import StockConfig, stock_model, train_stock
+    from sinkhole.experimental.stock import StockConfig, stock_model, train_stock
 
     lm = tiny_lm("llama")
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
@@ -177,21 +177,20 @@ def test_torchgate_runs_another_model_as_an_engine():
 
 
 def test_patch_stock_refuses_what_it_cannot_rewrite(tmp_path, capsys):
-    """A model that is not a Llama-architecture GGUF is declined in one line before any work; --stock wants a new
-    folder; --out alone or --stock alone is enough, neither is an error."""
+    """A model that is not a Llama-architecture GGUF is declined in one line before any work; the stock route wants
+    a new folder; ``sinkhole patch`` without --out says what to give."""
     from helpers_reliability import make_tiny_folder
     from test_cli_errors import _main, clean
 
     tiny, gpt2 = make_tiny_folder(tmp_path / "tiny"), make_tiny_folder(tmp_path / "g", "gpt2")
     capsys.readouterr()
-    clean(*_main(["patch", tiny, "--stock", tmp_path / "s"], capsys), "--stock", "gguf")
+    clean(*_main(["experimental", "stock", tiny, tmp_path / "s"], capsys), "stock route", "gguf")
     assert not (tmp_path / "s").exists()
-    clean(*_main(["patch", gpt2, "--stock", tmp_path / "s"], capsys), "llama")
+    clean(*_main(["experimental", "stock", gpt2, tmp_path / "s"], capsys), "llama")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
-    clean(*_main(["patch", tiny, "--stock", tmp_path / "full"], capsys), "empty folder")
-    clean(*_main(["patch", tiny], capsys), "--stock")
-    clean(*_main(["patch", tiny, "--stock", tmp_path / "s", "--gguf", tmp_path / "a.gguf"], capsys), "--stock")
+    clean(*_main(["experimental", "stock", tiny, tmp_path / "full"], capsys), "empty folder")
+    clean(*_main(["patch", tiny], capsys), "--out")
 
 
 STOCK_CHECK = """
@@ -226,7 +225,7 @@ print(json.dumps(out))
 
 @pytest.mark.real
 def test_the_stock_folder_runs_without_sinkhole(smollm2, tmp_path, capsys):
-    """``sinkhole patch --stock`` end to end on SmolLM2 (the default training, about 4 minutes): the folder loads in a
+    """``sinkhole experimental stock`` end to end on SmolLM2 (the default training, about 4 minutes): the folder loads in a
     process that never imports sinkhole, keeps repeating a held-out run that the source model leaves, and reads
     a held-out text window as the source does at the top-1 level measured in docs/findings.md section 6."""
     import json
@@ -238,7 +237,7 @@ def test_the_stock_folder_runs_without_sinkhole(smollm2, tmp_path, capsys):
     from sinkhole.decoding.generate import generate
 
     out = tmp_path / "stock"
-    rc = main(["patch", "smollm2-135m-instruct", "--stock", str(out), "--no-broad", "--quiet"])
+    rc = main(["experimental", "stock", "smollm2-135m-instruct", str(out), "--no-broad", "--quiet"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["engines"]["transformers"]["verified"]
@@ -265,17 +264,17 @@ def test_the_stock_folder_runs_without_sinkhole(smollm2, tmp_path, capsys):
 
 @pytest.mark.real
 def test_the_gemma_control_is_declined(tmp_path, capsys):
-    """Gemma-3-270M, the model that does not diverge, is not a Llama architecture: --stock declines it in one line
+    """Gemma-3-270M, the model that does not diverge, is not a Llama architecture: the stock route declines it in one line
     before any training, and writes nothing."""
     from test_cli_errors import _main, clean
 
-    clean(*_main(["patch", "gemma3-270m", "--stock", tmp_path / "s", "--quiet"], capsys), "llama-architecture",
+    clean(*_main(["experimental", "stock", "gemma3-270m", tmp_path / "s", "--quiet"], capsys), "llama-architecture",
           "gemma3")
     assert not (tmp_path / "s").exists()
 
 
 def test_the_patch_card_shows_the_floor_and_the_issue_targets():
-    from sinkhole.patch.stock_export import stock_summary_md
+    from sinkhole.experimental.stock_export import stock_summary_md
 
     def r(k):
         return {"diverged": k, "n": 2}

@@ -1,6 +1,7 @@
 """Sink-circuit analyses (the paper's sections 3-4) as functions returning plain result objects.
 
->>> from sinkhole.circuit import discover, analyze
+>>> from sinkhole import analyze
+>>> from sinkhole.circuit import discover
 >>> c = discover(lm)          # sink layers, verified sink neurons and the circuit's roles (about a second)
 >>> c.massive_layer, c.marking_layers, c.drift_layer
 >>> res = analyze(lm, words=["the", "poem"])   # every analysis of sections 3-4, as typed step results
@@ -16,7 +17,7 @@ from .norms import layer_norms, norm_curve, norm_curves, repeat_ids, repeats_nee
 from .sink_layers import find_sink_layers
 
 __all__ = [
-    "ROLE_RULES", "Circuit", "ablation_effect", "analyze", "attention_sinks", "convergence_curve", "discover", "find_sink_layers",
+    "ROLE_RULES", "Circuit", "ablation_effect", "attention_sinks", "convergence_curve", "discover", "find_sink_layers",
     "first_token_detector", "identity_check", "layer_norms", "norm_curve", "norm_curves", "rank_and_filter",
     "repeat_ids", "repeats_needed", "repetition_firing", "repetition_firing_layers",
 ]

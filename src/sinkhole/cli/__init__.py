@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-COMMANDS = ["scan", "report", "models", "diverge", "patch", "eval", "circuit", "sweep", "cluster"]
+COMMANDS = ["scan", "report", "models", "diverge", "patch", "eval", "circuit", "sweep", "cluster", "experimental"]
 
 
 # What Ctrl-C keeps, per command (commands without a checkpoint write their results at the end).
@@ -21,6 +21,8 @@ INTERRUPT_HINTS = {
     "sweep": "finished batches are kept in the checkpoint, rerun the same command to continue",
     "patch": "nothing was exported (the output folder is written only when the patch is complete); rerun the "
              "same command to start the search again",
+    "experimental": "nothing was exported (the output folder is written only when it is complete); rerun the same "
+                    "command to start again",
 }
 
 
@@ -63,8 +65,6 @@ def add_role_args(p: argparse.ArgumentParser, roles: list[str]) -> None:
     for r in roles:
         p.add_argument(f"--{r.replace('_', '-')}", dest=r, default=None, type=None if r == "marking_layers" else int,
                        help=ROLE_HELP[r])
-    if "drift_layer" in roles:  # the name before the circuit had roles
-        p.add_argument("--sink-layer", dest="drift_layer", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def circuit_from_args(args, lm, roles: list[str]):

@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
                         "tokens and logits for every method and for the reference); the patch runs as its run gate "
                         "there, or give a weight patch's patched GGUF with --gguf")
     p.add_argument("--gguf", default=None, help="with --engine llama.cpp: the patched GGUF to verify (written by "
-                                                "'sinkhole patch --gguf')")
+                                                "'sinkhole experimental search --gguf')")
     p.add_argument("--tasks", default=None,
                    help="comma-separated lm-eval task names or local task YAML files/folders; 'local' writes and "
                         "runs sinkhole's offline cloze task")

@@ -1,77 +1,69 @@
-"""``sinkhole patch``: find, verify and export a patch that stops repeated-token divergence."""
+"""``sinkhole patch``: build, verify and export the run gate (or, with ``--method paper``, the paper's patch)."""
 
 from __future__ import annotations
 
 import sys
 
+# the patch command's generated tokens per case (the library's SearchConfig keeps 40 for the scan step)
+MAX_NEW_TOKENS = 32
+
 
 def add_parser(sub) -> None:
-    from ..patch.search import DEFAULT_FAMILIES, FAMILIES  # lazy: start-up time
-    from . import add_common_args, add_model_args, add_role_args  # lazy: start-up time
+    from . import add_common_args, add_model_args  # lazy: start-up time
 
     p = sub.add_parser(
-        "patch", help="search, verify and export a patch that stops divergence",
-        description="Try the paper's patch (sink neurons clamped at non-first positions), then, while divergence "
-                    "remains, other candidates (neuron caps, MLP-output norm caps, targeted fine-tuning), measured on "
-                    "search words/repetitions; verify the chosen patch on disjoint held-out words/repetitions and "
-                    "held-out text; write DIR with the patched model (save_pretrained layout), patch.json and a "
-                    "before/after summary. Reload with sinkhole.load_patched(DIR).")
+        "patch", help="build, verify and export the run gate, the fix that stops repeated-token divergence",
+        description="Build the run gate (tokens deep inside a long run of one token or a short unit hidden from "
+                    "attention, positions renumbered; ordinary text bit-identical; no weight changes), measure it on "
+                    "search words, verify it on held-out words and the broad held-out set (every attack family and "
+                    "text setting, beside the input-side collapse), and write DIR: patch.json, the model in "
+                    "save_pretrained layout, summary.json and SUMMARY.md. Reload with sinkhole.load_patched(DIR); "
+                    "run it in llama.cpp with 'sinkhole diverge MODEL.gguf --engine llama.cpp --patch DIR'. "
+                    "--method paper builds the paper's neuron patch instead. Research routes: 'sinkhole "
+                    "experimental --help'.")
     add_model_args(p)
     add_common_args(p)
-    p.add_argument("--out", default=None, help="output folder for the patched model (with --stock: optional, "
-                                                "a copy of the stock model's summary.json and SUMMARY.md)")
-    p.add_argument("--stock", default=None, metavar="DIR",
-                   help="instead of a patch, write the fix as a stock model file: a folder that "
-                        "AutoModelForCausalLM.from_pretrained(DIR) loads and a GGUF in it that llama.cpp loads, both "
-                        "with no sinkhole code at run time (Llama-architecture GGUF models; trained attention sinks)")
-    p.add_argument("--stock-type", default="source", choices=["source", "Q8_0", "F16"],
-                   help="the stock GGUF's tensor type: source (the source's own quantization, byte for byte, the "
-                        "trained tensors in Q8_0; default), Q8_0 or F16 (every matrix)")
+    add_patch_args(p)
+    p.add_argument("--method", default="gate", choices=["gate", "paper"],
+                   help="gate: the run gate (default); paper: the paper's patch, the massive layer's sink neurons "
+                        "clamped (then zeroed) at non-first positions, for a model where the paper's mechanism holds")
+    from . import add_role_args  # lazy: start-up time
+
+    add_role_args(p, ["massive_layer"])
+    p.set_defaults(func=run)
+
+
+def add_patch_args(p) -> None:
+    """The options ``sinkhole patch`` shares with ``sinkhole experimental search``."""
+    p.add_argument("--out", default=None, help="output folder (patch.json, the patched model, summary.json, "
+                                                "SUMMARY.md)")
+    p.add_argument("--patch-file", default=None, help="skip the search: verify and export this patch.json instead")
     p.add_argument("--words", default=None, help="search words (default: poem,company,book,music)")
     p.add_argument("--reps", default=None, help="search repetition counts (default: 100,300)")
     p.add_argument("--verify-words", default=None, help="held-out words (default: flower,table,ocean,silver,letter,forest)")
     p.add_argument("--verify-reps", default=None, help="held-out repetition counts (default: 150,250)")
-    p.add_argument("--templates", default=None, help="prompt templates (default: repeat,chat_assistant)")
-    p.add_argument("--families", default=None,
-                   help=f"candidate families in order (default: {','.join(DEFAULT_FAMILIES)}; any of "
-                        f"{', '.join(FAMILIES)}; finetune_mlp, the full-model objective, is slow on CPU)")
-    p.add_argument("--finetune-layers", default=None, help="layers whose MLPs the fine-tuning patch trains")
-    p.add_argument("--steps", type=int, default=None,
-                   help="fine-tuning steps (default 400; with --stock, the stock model's training steps, "
-                        "default 250)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="generated tokens per case (default 32)")
-    p.add_argument("--ppl-budget", type=float, default=1.0, help="largest allowed perplexity increase in %% (default 1)")
-    p.add_argument("--neurons", type=int, default=4, help="sink neurons to patch (default 4)")
-    p.add_argument("--patch-file", default=None,
-                   help="skip the search: verify and export this patch.json instead")
-    p.add_argument("--quick", action="store_true", help="fewer cases and steps (a first look, tests)")
+    p.add_argument("--quick", action="store_true", help="fewer cases (a first look, tests)")
     p.add_argument("--no-broad", action="store_true",
-                   help="skip the broad verification (every attack family and text setting, beside the paper's "
-                        "patch and the input-side collapse); the narrow held-out set is still measured")
+                   help="skip the broad verification (every attack family and text setting); the narrow held-out "
+                        "set is still measured")
     p.add_argument("--baselines", default="collapse",
-                   help="baselines measured beside the patch in the broad verification: paper (the paper's neuron "
-                        "patch; as slow as the unpatched model), collapse (the input-side collapse of long runs), "
-                        "both comma-separated, or none (default: collapse)")
+                   help="measured beside the patch in the broad verification: paper (the paper's neuron patch; as "
+                        "slow as the unpatched model), collapse (the input-side collapse of long runs), both "
+                        "comma-separated, or none (default: collapse)")
     p.add_argument("--compare", action="append", default=[], metavar="PATCH",
                    help="a saved patch (patch.json or a folder from 'sinkhole patch') measured beside the chosen one "
                         "in the broad verification; repeatable")
-    p.add_argument("--gguf", default=None,
-                   help="also write the patched model as a GGUF for llama.cpp (a weight patch of a GGUF model): "
-                        "the source's metadata and untouched tensors copied bit for bit, the patched ones in "
-                        "--gguf-type")
-    p.add_argument("--gguf-type", default="F32", choices=["F32", "F16", "Q8_0", "source"],
-                   help="type of the patched tensors in the GGUF (default F32; 'source' re-quantizes to the "
-                        "source's type, which can lose a fine-tuning patch's small change)")
-    add_role_args(p, ["massive_layer", "marking_layers"])
-    p.set_defaults(func=run)
 
 
-def build_config(args):
+def build_config(args, cfg=None):
+    """The search configuration from the shared options (``cfg``: the configuration to fill, a
+    :class:`sinkhole.patch.search.SearchConfig` by default)."""
     from ..attack.prompts import parse_int_list, parse_words  # lazy: start-up time
     from ..errors import SinkholeError  # lazy: start-up time
-    from ..patch.search import SearchConfig, check_families  # lazy: start-up time
+    from ..patch.search import BASELINES, METHODS, SearchConfig  # lazy: start-up time
 
-    cfg = SearchConfig()
+    if cfg is None:
+        cfg = SearchConfig(families=METHODS[getattr(args, "method", "gate")], max_new_tokens=MAX_NEW_TOKENS)
     if args.words:
         cfg.search_words = tuple(parse_words(args.words))
     if args.reps:
@@ -80,32 +72,7 @@ def build_config(args):
         cfg.verify_words = tuple(parse_words(args.verify_words, "--verify-words"))
     if args.verify_reps:
         cfg.verify_reps = tuple(parse_int_list(args.verify_reps, "--verify-reps"))
-    if args.templates:
-        cfg.templates = tuple(parse_words(args.templates, "--templates"))
-    if args.families:
-        cfg.families = tuple(parse_words(args.families, "--families"))
-    if getattr(args, "gguf", None) is not None and not args.patch_file:
-        from ..patch.search import WEIGHT_FAMILIES  # lazy: start-up time
-
-        if not args.families:
-            cfg.families = tuple(f for f in cfg.families if f in WEIGHT_FAMILIES)
-        hooks_only = [f for f in cfg.families if f not in WEIGHT_FAMILIES]
-        if hooks_only:
-            raise SinkholeError(f"--gguf writes a weight patch, but {', '.join(hooks_only)} act through hooks, which "
-                                f"a GGUF cannot hold; use --families {','.join(WEIGHT_FAMILIES[:1])}")
-    if args.finetune_layers:
-        cfg.finetune_layers = tuple(parse_int_list(args.finetune_layers, "--finetune-layers", minimum=0))
-    for name, v, lo in (("--steps", args.steps, 1), ("--max-new-tokens", args.max_new_tokens, 1),
-                        ("--neurons", args.neurons, 1)):
-        if v < lo:
-            raise SinkholeError(f"{name} must be at least {lo}")
-    if args.ppl_budget < 0:
-        raise SinkholeError("--ppl-budget must be >= 0")
-    cfg.finetune_steps, cfg.max_new_tokens, cfg.n_neurons = args.steps, args.max_new_tokens, args.neurons
-    cfg.ppl_budget_pct = args.ppl_budget
     cfg.broad = not args.no_broad
-    from ..patch.search import BASELINES  # lazy: start-up time
-
     bl = [] if args.baselines.strip() == "none" else parse_words(args.baselines, "--baselines")
     bad = [b for b in bl if b not in BASELINES]
     if bad:
@@ -114,25 +81,25 @@ def build_config(args):
     if args.quick:
         cfg = cfg.as_quick()
     cfg.check_disjoint()
-    check_families(cfg.families)
     return cfg
 
 
 def run(args) -> int:
+    from ..errors import SinkholeError  # lazy: start-up time
+
+    if args.out is None:
+        raise SinkholeError("give --out DIR, the folder to write the patch to")
+    return run_search(args, build_config(args), roles=("massive_layer",) if args.method == "paper" else ())
+
+
+def run_search(args, cfg, search=None, roles=("massive_layer",)) -> int:
+    """Search (``search(lm, cfg, circuit=, log=)``, :func:`sinkhole.patch.search.search_patch` by default),
+    verify and export; ``args.patch_file`` skips the search."""
     from pathlib import Path
 
-    from ..errors import SinkholeError  # lazy: start-up time
     from ..patch.export import read_patch  # lazy: start-up time
     from ..results import prepare_out_dir  # lazy: start-up time
 
-    if args.stock is not None:
-        return _run_stock(args)
-    if args.out is None:
-        raise SinkholeError("give --out DIR (a patch for sinkhole's runtime) or --stock DIR (a stock model file)")
-    if args.steps is None:
-        args.steps = 400
-
-    cfg = build_config(args)
     patch_file = read_patch(args.patch_file) if args.patch_file else None
     compare = {}
     for c in args.compare:
@@ -141,14 +108,14 @@ def run(args) -> int:
     created = not Path(args.out).exists()
     out = prepare_out_dir(args.out)  # an unwritable --out fails before any work
     try:
-        return _run(args, cfg, patch_file, out, compare)
+        return _run(args, cfg, patch_file, out, compare, search, list(roles))
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a refused or interrupted run leaves no empty folder behind
         raise
 
 
-def _run(args, cfg, patch_file, out, compare) -> int:
+def _run(args, cfg, patch_file, out, compare, search_fn, roles) -> int:
     from ..errors import SinkholeError  # lazy: start-up time
     from ..patch import export_patched  # lazy: start-up time
     from ..patch.search import search_patch, verify_patch  # lazy: start-up time
@@ -156,10 +123,11 @@ def _run(args, cfg, patch_file, out, compare) -> int:
     from ..results import dumps  # lazy: start-up time
     from . import circuit_from_args, info, load_from_args, model_meta  # lazy: start-up time
 
-    if args.gguf is not None and not str(args.gguf).lower().endswith(".gguf"):
+    gguf = getattr(args, "gguf", None)
+    if gguf is not None and not str(gguf).lower().endswith(".gguf"):
         raise SinkholeError("--gguf must be a path ending in .gguf")
     lm = load_from_args(args)
-    if args.gguf is not None:
+    if gguf is not None:
         from ..decoding.engines import gguf_of  # lazy: start-up time
 
         gguf_of(lm)  # a model that is not a GGUF: refused before the search
@@ -177,8 +145,8 @@ def _run(args, cfg, patch_file, out, compare) -> int:
         patch = patch_file
         patch.validate(lm)
     else:
-        circ = circuit_from_args(args, lm, ["massive_layer", "marking_layers"])
-        res = search_patch(lm, cfg, circuit=circ, log=log)
+        circ = circuit_from_args(args, lm, roles)
+        res = (search_fn or search_patch)(lm, cfg, circuit=circ, log=log)
         search, tried, patch = res.to_dict(), res.tried, res.patch
         if patch is None:
             if res.baseline_search.get("either_rate", 0) == 0:
@@ -188,8 +156,9 @@ def _run(args, cfg, patch_file, out, compare) -> int:
             if errors and len(errors) == len([t for t in tried if "skipped" not in t]):
                 raise SinkholeError(f"every candidate failed; {errors[0]['family']}: {errors[0]['error']}",
                                     exit_code=1)
-            raise SinkholeError(f"no candidate stayed within the perplexity budget of {cfg.ppl_budget_pct}%; "
-                                "raise --ppl-budget or try other --families", exit_code=1)
+            raise SinkholeError(f"no candidate stayed within the perplexity budget of {cfg.ppl_budget_pct}%"
+                                + ("; raise --ppl-budget or try other --families" if search_fn else ""),
+                                exit_code=1)
     timing["search_s"] = round(time.perf_counter() - t0, 1)
     t1 = time.perf_counter()
     verification = verify_patch(lm, patch, cfg, log=log, circuit=circ, compare=compare, quiet=args.quiet or None)
@@ -199,12 +168,12 @@ def _run(args, cfg, patch_file, out, compare) -> int:
     summary = {"model": model_meta(lm).to_dict(), "patch": patch.to_dict(), "search": search,
                "verification": verification}
     md = summary_markdown(verification, tried, search.get("chosen") if search else None)
-    if args.gguf is not None:  # first, so that summary.json records it
-        from ..patch.gguf_export import patch_to_gguf  # lazy: start-up time
+    if gguf is not None:  # first, so that summary.json records it
+        from ..experimental.gguf_export import patch_to_gguf  # lazy: start-up time
 
-        rep = patch_to_gguf(lm, patch, args.gguf, args.gguf_type)
-        summary["gguf"] = {"path": str(args.gguf), "type": args.gguf_type, **rep}
-        info(args, f"wrote {args.gguf}: {len(rep['patched'])} patched tensors ({args.gguf_type}), {rep['copied']} "
+        rep = patch_to_gguf(lm, patch, gguf, args.gguf_type)
+        summary["gguf"] = {"path": str(gguf), "type": args.gguf_type, **rep}
+        info(args, f"wrote {gguf}: {len(rep['patched'])} patched tensors ({args.gguf_type}), {rep['copied']} "
                    f"copied bit for bit; {rep['bytes_out'] / 2**20:.1f} MiB against {rep['bytes_source'] / 2**20:.1f} "
                    "MiB for the source")
     t2 = time.perf_counter()
@@ -220,71 +189,4 @@ def _run(args, cfg, patch_file, out, compare) -> int:
             print(md)
         info(args, f"wrote {out} (patched model, patch.json, summary.json, SUMMARY.md); "
                    f"reload with sinkhole.load_patched('{out}')")
-    return 0
-
-
-def _run_stock(args) -> int:
-    """``--stock DIR``: train the stock model, verify it briefly, write the folder (sinkhole.patch.stock_export)."""
-    import time
-    from pathlib import Path
-
-    from ..errors import SinkholeError  # lazy: start-up time
-    from ..patch.stock import StockConfig, check_stock, stock_model, train_stock  # lazy: start-up time
-    from ..patch.stock_export import stock_summary_md, write_stock_folder  # lazy: start-up time
-    from ..patch.verify import QUICK, stock_targets, verify_broad  # lazy: start-up time
-    from ..results import dumps, prepare_out_dir, write_atomic  # lazy: start-up time
-    from . import info, load_from_args, model_meta  # lazy: start-up time
-
-    for flag in ("patch_file", "gguf", "families", "finetune_layers"):
-        if getattr(args, flag, None):
-            raise SinkholeError(f"--{flag.replace('_', '-')} belongs to the patch search; --stock trains its own fix")
-    stock = Path(args.stock)
-    if stock.exists() and (not stock.is_dir() or any(stock.iterdir())):
-        raise SinkholeError(f"--stock {stock} exists and is not an empty folder; choose a new folder")
-    if args.steps is not None and args.steps < 1:
-        raise SinkholeError("--steps must be at least 1")
-    out = prepare_out_dir(args.out) if args.out else None
-    lm = load_from_args(args)
-    check_stock(lm)  # a model the route cannot rewrite is declined before any work
-    log = (lambda m: info(args, m))
-    cfg = StockConfig()
-    if args.steps is not None:
-        cfg.steps = int(args.steps)
-    if args.quick:
-        cfg.steps, cfg.reps = min(cfg.steps, 20), (64,)
-    t0 = time.perf_counter()
-    trained = train_stock(lm, cfg, log=log)
-    model = stock_model(lm, trained)
-    summary = {"model": model_meta(lm).to_dict(), "route": "trained attention sinks (granite_swa)",
-               "training": trained["meta"]}
-    if not args.no_broad:
-        t1 = time.perf_counter()
-        q = QUICK
-        ver = verify_broad(lm, None, model=model, families=q["families"], reps=q["reps"], sources=q["sources"],
-                           windows=q["windows"], total=q["total"], log=log, quiet=args.quiet or None)
-        ver.pop("records", None)
-        summary["verification"] = ver
-        summary["targets"] = t = stock_targets(ver)
-        log(f"quick verification: {time.perf_counter() - t1:.0f} s")
-        if not t["all"]:
-            worst = t.get("worst_top1")
-            info(args, "the stock model misses its targets (families over target: "
-                       f"{', '.join(t['families_failed']) or 'none'}"
-                       + (f"; worst text top-1 {worst['top1_agreement']:.1%}" if worst else "")
-                       + "); the run gate (--out DIR) is the fix that meets them")
-    summary = write_stock_folder(lm, model, trained, stock, args.stock_type, log=log, summary=summary,
-                                 summary_md=stock_summary_md, started=t0)
-    md = stock_summary_md(summary)
-    if out is not None:
-        write_atomic(out / "summary.json", dumps(summary))
-        write_atomic(out / "SUMMARY.md", md)
-    if args.json:
-        sys.stdout.write(dumps(summary))
-    else:
-        if not args.quiet:
-            print(md)
-        info(args, f"wrote {stock} ({', '.join(summary['files'])}) in {summary['seconds']:.0f} s")
-    bad = [k for k, v in summary["engines"].items() if not v["verified"]]
-    if bad:
-        info(args, f"not verified here: {', '.join(bad)} (see SUMMARY.md)")
     return 0

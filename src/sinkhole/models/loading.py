@@ -156,19 +156,13 @@ def _resolve_embedded(name: str) -> Path:
 
 
 def model_folder(spec: str, progress: bool = True) -> Path:
-    """The local Hugging Face folder a model spec resolves to: an embedded name or a ``.gguf`` file
-    gives its dequantized cache folder, building it if needed; a folder is returned as is."""
-    if spec in EMBEDDED:
-        return dequantized_folder(_resolve_embedded(spec), progress)
-    path = Path(os.path.expanduser(spec))
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            check_gguf(path)  # gives the "not a GGUF file" error
-        return dequantized_folder(path, progress)
-    if path.is_dir():
-        return path
-    raise ModelLoadError(f"model '{spec}' is not an embedded name ({', '.join(EMBEDDED)}), a .gguf file "
-                         "or a folder; check the path")
+    """The local Hugging Face folder a model spec resolves to (:func:`resolve_spec`): an embedded name or a
+    ``.gguf`` file gives its dequantized cache folder, building it if needed; a folder is returned as is."""
+    folder = resolve_spec(spec, progress).folder
+    if not isinstance(folder, Path):
+        raise ModelLoadError(f"model '{spec}' is not an embedded name ({', '.join(EMBEDDED)}), a .gguf file "
+                             "or a folder; check the path")
+    return folder
 
 
 def _pick_device(device: str | None) -> tuple[str | None, Any]:
@@ -221,6 +215,55 @@ def _looks_like_hub_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~")) and not spec.endswith(".gguf")
 
 
+@dataclass
+class ModelSpec:
+    """What a model spec names: ``folder`` (a local Hugging Face folder, or a hub id as a string), the model's
+    ``name``, its ``source`` as recorded in results and ``info`` (embedded, gguf, quantization, hub_id)."""
+
+    folder: Path | str
+    name: str
+    source: str
+    info: dict
+
+
+def resolve_spec(spec: str | None = None, progress: bool = True, strict_cache: bool = False) -> ModelSpec:
+    """Resolve an embedded name, a local Hugging Face folder, a ``.gguf`` file (dequantized once into the
+    cache), a folder that holds only GGUF files (its first one) or a hub id; anything else is a one-line
+    error. ``strict_cache`` refuses a damaged cache entry of dequantized weights instead of rebuilding it."""
+    spec = spec or DEFAULT_MODEL
+    if spec in EMBEDDED:
+        gguf_path = _resolve_embedded(spec)
+        folder = dequantized_folder(gguf_path, progress, strict_cache)
+        return ModelSpec(folder, spec, str(folder), dict(embedded=True, gguf=str(gguf_path),
+                                                          quantization=EMBEDDED[spec]["quant"],
+                                                          hf_name=EMBEDDED[spec]["hf_name"]))
+    path = Path(os.path.expanduser(spec))
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            check_gguf(path)  # gives the "not a GGUF file" error
+        folder = dequantized_folder(path, progress, strict_cache)
+        return ModelSpec(folder, path.stem, str(Path(folder).resolve()), dict(gguf=str(path.resolve())))
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            ggufs = sorted(path.glob("*.gguf"))
+            if ggufs:
+                return resolve_spec(str(ggufs[0]), progress, strict_cache)
+            raise ModelLoadError(f"{path} has no config.json; pass a Hugging Face model folder or a .gguf file")
+        _check_safe_weights(path)
+        return ModelSpec(path, path.name, str(path.resolve()), {})
+    if path.exists():
+        raise ModelLoadError(f"{path} is neither a file nor a folder; pass a model folder, a .gguf file, "
+                             "an embedded name or a hub id")
+    if spec.lower().endswith(".gguf") or spec.startswith((".", "/", "~")) or not _looks_like_hub_id(spec):
+        if spec.lower().endswith(".gguf") or os.sep in spec:
+            raise ModelLoadError(f"model path '{spec}' does not exist; check the path")
+        raise ModelLoadError(
+            f"unknown model '{spec}': not an embedded name ({', '.join(EMBEDDED)}), "
+            "an existing path, or a hub id like org/name"
+        )
+    return ModelSpec(spec, spec, f"hub:{spec}", dict(hub_id=spec))
+
+
 def load_model(
     spec: str | None = None,
     *,
@@ -234,8 +277,8 @@ def load_model(
     """Load a causal LM for analysis.
 
     ``spec`` is an embedded name (``smollm2-135m-instruct``, ``gemma3-270m``), a local Hugging
-    Face folder, a ``.gguf`` file, or a hub id. ``device`` is ``cpu``, ``cuda[:N]``, ``mps`` or
-    ``auto`` (``device_map="auto"`` through accelerate). Attention is eager so that attention
+    Face folder, a ``.gguf`` file, or a hub id (:func:`resolve_spec`). ``device`` is ``cpu``, ``cuda[:N]``,
+    ``mps`` or ``auto`` (``device_map="auto"`` through accelerate). Attention is eager so that attention
     weights can be read. ``trust_remote_code`` stays off unless asked for. ``strict_cache``
     refuses a damaged dequantized-weights cache entry instead of rebuilding it.
     """
@@ -249,49 +292,8 @@ def load_model(
     else:
         torch_dtype = dtype
     dev, device_map = _pick_device(device)
-    info: dict = {}
-    name = spec
-    if spec in EMBEDDED:
-        gguf_path = _resolve_embedded(spec)
-        folder = dequantized_folder(gguf_path, progress, strict_cache)
-        info.update(embedded=True, gguf=str(gguf_path), quantization=EMBEDDED[spec]["quant"],
-                    hf_name=EMBEDDED[spec]["hf_name"])
-        source = str(folder)
-    else:
-        path = Path(os.path.expanduser(spec))
-        if path.exists():
-            if path.is_file():
-                if path.suffix.lower() != ".gguf":
-                    check_gguf(path)  # gives the "not a GGUF file" error
-                folder = dequantized_folder(path, progress, strict_cache)
-                info.update(gguf=str(path.resolve()))
-                name = path.stem
-            elif path.is_dir():
-                if not (path / "config.json").exists():
-                    ggufs = sorted(path.glob("*.gguf"))
-                    if ggufs:
-                        return load_model(str(ggufs[0]), dtype=dtype, device=device,
-                                          attn_implementation=attn_implementation,
-                                          trust_remote_code=trust_remote_code, progress=progress)
-                    raise ModelLoadError(f"{path} has no config.json; pass a Hugging Face model folder or a .gguf file")
-                _check_safe_weights(path)
-                folder = path
-                name = path.name
-            else:
-                raise ModelLoadError(f"{path} is neither a file nor a folder; pass a model folder, a .gguf file, "
-                                     "an embedded name or a hub id")
-            source = str(Path(folder).resolve())
-        elif spec.lower().endswith(".gguf") or spec.startswith((".", "/", "~")) or not _looks_like_hub_id(spec):
-            if spec.lower().endswith(".gguf") or os.sep in spec:
-                raise ModelLoadError(f"model path '{spec}' does not exist; check the path")
-            raise ModelLoadError(
-                f"unknown model '{spec}': not an embedded name ({', '.join(EMBEDDED)}), "
-                "an existing path, or a hub id like org/name"
-            )
-        else:
-            folder = spec
-            source = f"hub:{spec}"
-            info.update(hub_id=spec)
+    resolved = resolve_spec(spec, progress, strict_cache)
+    folder, name, source, info = resolved.folder, resolved.name, resolved.source, dict(resolved.info)
     # Weights come from safetensors (or GGUF, dequantized to safetensors): never from pickle files.
     kwargs: dict = dict(dtype=torch_dtype, attn_implementation=attn_implementation,
                         trust_remote_code=trust_remote_code, use_safetensors=True)

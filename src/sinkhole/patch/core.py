@@ -360,5 +360,5 @@ def llamacpp_gate(patch, patched_gguf: bool = False, what: str = "the patch"):
         return None
     if patch.ops or (patch.weights and not patched_gguf):
         raise SinkholeError(f"{what} changes weights or hooks that llama.cpp cannot run; run its patched GGUF "
-                            "instead (sinkhole patch --gguf writes one)")
+                            "instead (sinkhole experimental search --gguf writes one)")
     return patch.gate

@@ -1,27 +1,27 @@
-"""Build candidate patches, try them on search cases, pick the smallest that works, verify.
+"""The product's patch: build the run gate (or, on request, the paper's neuron patch), measure it on
+search cases, verify it on held-out ones.
 
 Flow of :func:`search_patch`:
 
-1. take the model's circuit (``sinkhole.circuit.discover``, or the one passed in): the paper's
+1. take the model's circuit (``sinkhole.circuit.discover``, or the one passed in); the paper's
    patch acts on the sink neurons of its ``massive_layer`` (the circuit's verified neurons, else
-   ``|act_j(BOS)| * ||W_out[:, j]||``, the paper's score), the caps and the fine-tune on its
-   ``marking_layers``, and the fine-tune compares hidden states just before the massive layer;
-2. measure each neuron's "no-sink" level on ordinary non-first tokens (percentiles on text);
-3. try the **run gate** first (:mod:`sinkhole.decoding.gate`: no weight changes, ordinary text
-   untouched; tokens deep inside a long low-diversity run hidden from attention), then the
-   **paper patch** (sink neurons clamped to their no-sink range at non-first positions, and the
-   zero variant), then, while divergence remains, the other candidate families in order of size
-   (neuron caps in the first-token-detector layers, MLP-output norm caps, targeted fine-tuning of
-   the detector MLPs or the sink neurons; with ``--gguf`` only the fine-tuning families, the ones
-   a GGUF can hold);
-4. every candidate is measured on the *search* cases (training words and repetition counts)
+   ``|act_j(BOS)| * ||W_out[:, j]||``, the paper's score);
+2. build the candidates of the chosen method in order: the **run gate** (``METHODS["gate"]``, the default;
+   :mod:`sinkhole.decoding.gate`: no weight changes, ordinary text untouched; tokens deep inside a long
+   low-diversity run hidden from attention and positions renumbered), or the **paper patch**
+   (``METHODS["paper"]``: sink neurons clamped to their no-sink range at non-first positions, then the zero
+   variant);
+3. every candidate is measured on the *search* cases (training words and repetition counts)
    and on training text (perplexity budget); the goal is a tenth of the unpatched divergence, or
    no more than the same prompts' divergence with 16 repetitions (the model's own answer, which no
-   sink fix changes); the first candidate that meets the goal wins, else
-   the one with the lowest search divergence within the budget;
-5. the winner is verified on *held-out* cases (disjoint words and counts) and held-out text, and
+   sink fix changes); the first candidate that meets the goal wins, else the one with the lowest
+   search divergence within the budget;
+4. the winner is verified on *held-out* cases (disjoint words and counts) and held-out text, and
    on the broad held-out set (:mod:`sinkhole.patch.verify`: every attack family and text setting,
    beside the input-side collapse and, on request, the paper's patch).
+
+The research candidates (the state check, caps, fine-tunes) live in :mod:`sinkhole.experimental.search`,
+off this path: they extend :func:`candidates` through ``extra``.
 """
 
 from __future__ import annotations
@@ -36,11 +36,10 @@ from ..attack.prompts import CHAT_TEMPLATES, has_chat_template, make_cases
 from ..capture import run
 from ..circuit import discover
 from ..data import heldout_texts, snippets
-from ..decoding.gate import STATE_CONFIRM, RunGate
+from ..decoding.gate import RunGate
 from ..errors import SinkholeError
 from ..evaluate.metrics import encode_batch, sink_attention, text_metrics
 from .core import Patch, PatchOp, apply_patch, model_signature
-from .finetune import TRAIN_WORDS, FinetuneConfig, finetune_patch
 from .verify import QUICK, verify_broad
 
 SEARCH_WORDS = ("poem", "company", "book", "music")
@@ -48,21 +47,20 @@ SEARCH_REPS = (100, 300)
 VERIFY_WORDS = ("flower", "table", "ocean", "silver", "letter", "forest")
 VERIFY_REPS = (150, 250)
 TEMPLATES = ("repeat", "chat_assistant")
-# every candidate family, in the order the search tries them; DEFAULT_FAMILIES leaves out
-# finetune_mlp (the full-model objective, about 15 s a step on a 2-core CPU)
-FAMILIES = ("run_gate", "state_gate", "paper_clamp", "paper_zero", "detector_cap", "norm_cap", "finetune_neurons",
-            "finetune_local", "finetune_mlp")
-DEFAULT_FAMILIES = FAMILIES[:-1]
-WEIGHT_FAMILIES = ("finetune_neurons", "finetune_local", "finetune_mlp")  # the families a GGUF can hold
+# the product's candidate families per method, in the order the search tries them; the research families
+# are sinkhole.experimental.search's
+METHODS = {"gate": ("run_gate",), "paper": ("paper_clamp", "paper_zero")}
+FAMILIES = ("run_gate", "paper_clamp", "paper_zero")
+DEFAULT_FAMILIES = METHODS["gate"]
 
 
 BASELINES = ("paper", "collapse")
 
 
-def check_families(families) -> None:
-    bad = [f for f in families if f not in FAMILIES]
+def check_families(families, known=FAMILIES) -> None:
+    bad = [f for f in families if f not in known]
     if bad:
-        raise SinkholeError(f"unknown candidate family {bad[0]!r}; use {', '.join(FAMILIES)}")
+        raise SinkholeError(f"unknown candidate family {bad[0]!r}; use {', '.join(known)}")
 
 
 @dataclass
@@ -77,10 +75,6 @@ class SearchConfig:
     goal_ratio: float = 0.1  # stop when search divergence <= goal_ratio * unpatched
     n_neurons: int = 4
     families: tuple = DEFAULT_FAMILIES
-    finetune_steps: int = 400
-    finetune_neurons: int = 128  # finetune_neurons: first-token neurons per detector layer
-    cap_neurons: int = 32  # detector_cap: first-token neurons clamped per detector layer
-    finetune_layers: tuple | None = None
     quick: bool = False
     broad: bool = True  # verify_patch also runs the broad verification (sinkhole.patch.verify)
     broad_seed: int = 0
@@ -105,13 +99,13 @@ class SearchConfig:
 
     def as_quick(self) -> "SearchConfig":
         """The quick version (a first look, tests, ``scan --quick``): two search and two held-out
-        words, one repetition count each, at most 8 fine-tuning steps and 16 generated tokens."""
+        words, one repetition count each and 16 generated tokens."""
         import dataclasses
 
         return dataclasses.replace(
             self, quick=True, search_words=self.search_words[:2], search_reps=self.search_reps[:1],
             verify_words=self.verify_words[:2], verify_reps=self.verify_reps[:1],
-            finetune_steps=min(self.finetune_steps, 8), max_new_tokens=min(self.max_new_tokens, 16))
+            max_new_tokens=min(self.max_new_tokens, 16))
 
 
 # ------------------------------------------------------------------------------------------
@@ -143,18 +137,6 @@ def neuron_levels(lm, layer: int, neurons: list[int], texts: list[str] | None = 
             "mean": a.mean(0).tolist(), "absmax": a.abs().max(0).values.tolist()}
 
 
-def mlp_out_typical(lm, layers: list[int]) -> dict[int, float]:
-    """99.9th percentile of the MLP-output norm at non-first positions on text, per layer."""
-    ids, mask = encode_batch(lm, snippets("sonnets", n=8, n_words=48, seed=2), 96)
-
-    def red(x, pos):
-        return x.float().norm(dim=-1)[pos > 0].cpu()
-
-    c = run(lm, ids, reads=[("mlp_out", i, red) for i in layers], stop_after=max(layers), attention_mask=mask,
-            check_finite=False)
-    return {i: float(torch.quantile(c[f"mlp_out.{i}"], 0.999)) for i in layers}
-
-
 # ------------------------------------------------------------------------------------------
 def _targets(lm, circ, cfg: SearchConfig) -> tuple[list[int], str]:
     """The paper patch's neurons: the circuit's verified sink neurons of the massive layer, else
@@ -177,26 +159,19 @@ def paper_patch(lm, circ, cfg: SearchConfig | None = None) -> Patch:
                  "non-first tokens", {"family": "paper_clamp", "levels": lv})
 
 
-def candidates(lm, circ, cfg: SearchConfig):
-    """Yield (family, description, builder) in order of size; builder() -> Patch. ``circ`` is the
-    model's :class:`sinkhole.circuit.Circuit`."""
+def candidates(lm, circ, cfg: SearchConfig, extra=None):
+    """Yield (family, description, builder) in the order of ``cfg.families``; builder() -> Patch. ``circ`` is the
+    model's :class:`sinkhole.circuit.Circuit`; ``extra(lm, circ, cfg)`` -> {family: (description, builder)} adds
+    families (the research ones of :mod:`sinkhole.experimental.search`)."""
     sig = model_signature(lm)
     L = circ.massive_layer
     ns, _ = _targets(lm, circ, cfg)
-    marking = list(circ.marking_layers)
 
     def run_gate():
         g = RunGate()
         return Patch([], "run_gate", sig, "the run gate: tokens deep inside a long low-diversity run are hidden from "
                      "attention and do not advance the position (in-model collapse of long runs; ordinary text "
                      "untouched)", {"family": "run_gate"}, gate=g)
-
-    def state_gate():
-        g = RunGate(confirm=STATE_CONFIRM)
-        return Patch([], "state_gate", sig, "the run gate with the state check: a long low-diversity run is shortened "
-                     "(hidden from attention, positions not advanced) only once its layer-0 state is first-token-like "
-                     "(the circuit's own reading; documents that repeat without reaching it are untouched)",
-                     {"family": "state_gate"}, gate=g)
 
     def paper_clamp():
         return paper_patch(lm, circ, cfg)
@@ -205,94 +180,17 @@ def candidates(lm, circ, cfg: SearchConfig):
         return Patch([PatchOp(L, "zero", ns)], "paper_zero", sig,
                      "paper patch (variant A): sink neurons zeroed at non-first positions", {"family": "paper_zero"})
 
-    def detector_cap():
-        ops = []
-        for layer in marking:
-            top = [n["neuron"] for n in rank_sink_neurons(lm, layer, max(cfg.cap_neurons, cfg.n_neurons))]
-            lv = neuron_levels(lm, layer, top)
-            ops.append(PatchOp(layer, "clamp", top, lo=lv["p0.1"], hi=lv["p99.9"]))
-        return Patch(ops, "detector_cap", sig, "top first-token neurons of the detector layers clamped to their "
-                     "range on ordinary non-first tokens", {"family": "detector_cap"})
-
-    def norm_cap():
-        typ = mlp_out_typical(lm, marking)
-        ops = [PatchOp(i, "norm_cap", site="mlp_out", values=typ[i]) for i in marking]
-        return Patch(ops, "norm_cap", sig, "MLP-output norm capped at its 99.9th percentile on text at non-first "
-                     "positions of the detector layers", {"family": "norm_cap", "caps": typ})
-
-    def finetune_mlp():
-        layers = list(cfg.finetune_layers) if cfg.finetune_layers else marking[:2]
-        return finetune_patch(lm, finetune_config(lm, circ, cfg, layers, objective="logits", keep_weight=20.0,
-                                             rep_batch=2, n_texts=32, max_examples=120))
-
-    def finetune_local():
-        return finetune_patch(lm, finetune_config(lm, circ, cfg, _local_layers(lm, circ, cfg)))
-
-    def finetune_neurons():
-        layers = _local_layers(lm, circ, cfg)
-        neurons = {i: [n["neuron"] for n in rank_sink_neurons(lm, i, cfg.finetune_neurons)] for i in layers}
-        return finetune_patch(lm, finetune_config(lm, circ, cfg, layers, neurons=neurons, lr=1e-3, keep_weight=200.0))
-
     table = {"run_gate": ("hide tokens deep inside long low-diversity runs from attention (no weight changes)",
                           run_gate),
-             "state_gate": ("the run gate, acting only once a run's layer-0 state is first-token-like", state_gate),
              "paper_clamp": (f"clamp {len(ns)} sink neurons of L{L} at non-first positions", paper_clamp),
-             "paper_zero": (f"zero {len(ns)} sink neurons of L{L} at non-first positions", paper_zero),
-             "detector_cap": (f"clamp the top {max(cfg.cap_neurons, cfg.n_neurons)} first-token neurons of the "
-                              f"marking layers {marking}", detector_cap),
-             "norm_cap": (f"cap MLP-output norm of the marking layers {marking}", norm_cap),
-             "finetune_local": ("fine-tune the marking-layer MLPs, local objective (stops after them)", finetune_local),
-             "finetune_neurons": (f"fine-tune the top {cfg.finetune_neurons} first-token neurons of the "
-                                  "marking layers, local objective", finetune_neurons),
-             "finetune_mlp": ("fine-tune the marking-layer MLPs", finetune_mlp)}
+             "paper_zero": (f"zero {len(ns)} sink neurons of L{L} at non-first positions", paper_zero)}
     assert set(table) == set(FAMILIES), "FAMILIES and the candidate table must name the same families"
+    if extra is not None:
+        table.update(extra(lm, circ, cfg))
+    check_families(cfg.families, tuple(table))
     for fam in cfg.families:
-        check_families([fam])
         desc, fn = table[fam]
         yield fam, desc, fn
-
-
-def _local_layers(lm, circ, cfg: SearchConfig) -> list[int]:
-    """The layers the local fine-tune trains: the last two marking layers (one marking layer and
-    the next when there is only one), or --finetune-layers."""
-    if cfg.finetune_layers:
-        return [int(x) for x in cfg.finetune_layers]
-    n = lm.adapter.n_layers
-    marking = list(circ.marking_layers)
-    if len(marking) < 2:
-        marking = marking + [marking[-1] + 1]
-    return sorted({min(i, n - 2) for i in marking})[-2:]
-
-
-def finetune_config(lm, circ, cfg: SearchConfig, layers: list[int], **kw):
-    """The measured fine-tuning setting (docs/history.md, the fine-tuning record): many training words from the
-    training text (never a held-out word), repetition counts around and beyond the search ones, the
-    local comparison just before the massive-activation layer, a strong keep weight on 96 snippets."""
-    stop = max(max(layers) + 1, circ.massive_layer - 1)
-
-    base = {"layers": list(layers), "words": tuple(cfg.search_words) + _extra_train_words(cfg),
-            "exclude_words": tuple(cfg.verify_words) + tuple(sorted(family_words())), "corpus_words": 150,
-            "max_examples": 300,
-            "reps": _train_reps(lm, cfg),
-            "steps": cfg.finetune_steps, "objective": "local", "lr": 3e-4, "keep_weight": 100.0, "rep_batch": 4,
-            "n_texts": 96, "stop_layer": min(stop, lm.adapter.n_layers - 1)}
-    base.update(kw)
-    if cfg.quick:
-        base.update(corpus_words=20, max_examples=24, n_texts=16)
-    return FinetuneConfig(**base)
-
-
-def _train_reps(lm, cfg: SearchConfig) -> tuple:
-    """The fine-tune's repetition counts: the search counts plus 64 and 500, never a held-out count,
-    and only runs that fit the model's context (two tokens a word at most)."""
-    reps = sorted(set(cfg.search_reps) | {64, 500} - set(cfg.verify_reps))
-    fit = [r for r in reps if not lm.n_ctx or 2 * r + 16 <= lm.n_ctx]
-    return tuple(fit or reps[:1])
-
-
-def _extra_train_words(cfg: SearchConfig) -> tuple:
-    held = {w.lower() for w in cfg.verify_words} | family_words()
-    return tuple(w for w in TRAIN_WORDS if w.lower() not in held and w not in cfg.search_words)
 
 
 # ------------------------------------------------------------------------------------------
@@ -330,15 +228,18 @@ def _judge(lm, cases, patch, cfg: SearchConfig):
     return run_judged(lm, cases, max_new_tokens=cfg.max_new_tokens, hooks=hooks)
 
 
-def search_patch(lm, cfg: SearchConfig | None = None, circuit=None, log=print) -> SearchResult:
-    """``circuit``: the model's :class:`sinkhole.circuit.Circuit` (found with ``discover`` when not given)."""
+def search_patch(lm, cfg: SearchConfig | None = None, circuit=None, log=print, extra=None,
+                 known=FAMILIES) -> SearchResult:
+    """``circuit``: the model's :class:`sinkhole.circuit.Circuit` (found with ``discover`` when not given);
+    ``extra`` and ``known``: further candidate families and the names they add (see :func:`candidates`)."""
     cfg = cfg or SearchConfig()
     cfg.check_disjoint()
-    check_families(cfg.families)
+    check_families(cfg.families, known)
     circ = circuit if circuit is not None else discover(lm)
     ns, source = _targets(lm, circ, cfg)
-    log(f"paper patch neurons: {ns} of the massive layer {circ.massive_layer} ({source}); caps and fine-tune on "
-        f"the marking layers {list(circ.marking_layers)}")
+    log("candidates: " + ", ".join(cfg.families))
+    if any(f.startswith("paper") for f in cfg.families):
+        log(f"the paper's patch acts on the sink neurons {ns} of the massive layer {circ.massive_layer} ({source})")
     cases = make_cases(lm, list(cfg.search_words), list(cfg.search_reps), _templates(lm, cfg))
     train_text = snippets("tempest", n=8 if cfg.quick else 16, n_words=64, seed=5)
     base = _judge(lm, cases, None, cfg)
@@ -355,7 +256,7 @@ def search_patch(lm, cfg: SearchConfig | None = None, circuit=None, log=print) -
                         "sink_neurons": ns, "sink_neurons_source": source, "roles": circ.roles}, _short(base))
     res.baseline_search["short_run_either_rate"] = floor
     best = None
-    for fam, desc, build in candidates(lm, circ, cfg):
+    for fam, desc, build in candidates(lm, circ, cfg, extra):
         if base.either_rate == 0:
             log("no divergence on the search cases: nothing to fix")
             break

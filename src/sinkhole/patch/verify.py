@@ -53,8 +53,8 @@ def verify_broad(lm, patch, baselines: dict | None = None, seed: int = 0, famili
     ``engine="llama.cpp"``: every method runs in llama.cpp on the model's GGUF (the reference too:
     top-1 and KL come from llama.cpp's own logits). A run-gate patch runs as the gate in llama.cpp
     (:class:`sinkhole.decoding.engines.LlamaCpp`); a weight patch must come as its patched GGUF (``gguf``,
-    e.g. written by ``sinkhole patch --gguf``), and then ``patch`` may be None. ``model`` (transformers): another
-    model over the same tokenizer that *is* the fix (a stock rewrite, :mod:`sinkhole.patch.stock`), verified in
+    e.g. written by ``sinkhole experimental search --gguf``), and then ``patch`` may be None. ``model`` (transformers): another
+    model over the same tokenizer that *is* the fix (a stock rewrite, :mod:`sinkhole.experimental.stock`), verified in
     place of ``patch``."""
     t0 = time.perf_counter()
     cases = broad_cases(lm, reps, families, seed=seed)
@@ -214,7 +214,7 @@ def _targets(fam: dict[str, bool], fid: list[dict], targets: dict) -> dict:
 
 
 def stock_targets(ver: dict, name: str = "patch") -> dict:
-    """Issue 28's targets for ``ver`` (a :func:`verify_broad` result): every family within
+    """The stock route's targets for ``ver`` (a :func:`verify_broad` result): every family within
     max(floor, a tenth of unpatched), and top-1 >= 99 % and KL <= 0.005 in every text setting."""
     rates = ver["rates"]
     fam = _families_met(rates["unpatched"], rates[name], rates.get("short_run"))

@@ -36,7 +36,7 @@ from ..errors import SinkholeError
 from ..evaluate.metrics import encode_batch, token_kl
 from ..models.attention import fast_attention
 from ..progress import progress
-from .core import Patch, model_signature
+from ..patch.core import Patch, model_signature
 
 TRAIN_WORDS = ("poem", "company", "book", "house", "water", "time", "music", "light", "river", "dog", "green",
                "stone", "paper", "city", "window", "apple", "story", "money", "garden", "song")

@@ -25,11 +25,13 @@ from typing import Sequence
 
 import torch
 
+from ..attack.diverge import run_cases
+from ..attack.prompts import Case, make_cases
+from ..attack.sweep import default_layers, sink_probe
 from ..circuit.common import auc as auc_of
 from ..decoding.tokens import pad_left
+from ..errors import SinkholeError
 from ..progress import progress
-from .prompts import Case
-from .sweep import default_layers, sink_probe
 
 FEATURES = ("attn_drop", "norm_ratio", "norm_growth")
 
@@ -151,3 +153,25 @@ def _best_threshold(scores, labels):
         yield best
 
 
+
+
+def fit_and_evaluate(lm, train_words: Sequence[str], held_out_words: Sequence[str], reps: Sequence[int],
+                     templates: Sequence[str] | None = None, max_new_tokens: int = 20, drift_layer: int | None = None,
+                     quiet: bool | None = None) -> dict:
+    """Label every case of ``train_words`` and ``held_out_words`` by greedy generation and the run judge, fit
+    a :class:`Predictor` on the first and score it on the second (``sinkhole experimental predict``)."""
+    if {w.lower() for w in train_words} & {w.lower() for w in held_out_words}:
+        raise SinkholeError("the training and held-out words overlap; they must be disjoint")
+    out: dict = {"train_words": list(train_words), "held_out_words": list(held_out_words), "reps": list(reps),
+                 "templates": list(templates) if templates else None, "max_new_tokens": max_new_tokens}
+    split = {}
+    for name, words in (("train", train_words), ("held_out", held_out_words)):
+        cases = make_cases(lm, list(words), list(reps), list(templates) if templates else None)
+        labels = [r.diverged for r in run_cases(lm, cases, max_new_tokens=max_new_tokens, quiet=quiet)]
+        split[name] = (case_features(lm, cases, drift_layer=drift_layer, quiet=quiet), labels)
+    pred = Predictor.fit(*split["train"])
+    out["predictor"] = pred.to_dict()
+    out["held_out"] = pred.evaluate(*split["held_out"])
+    out["cases"] = [{"split": name, **f.to_dict(), "diverged": y}
+                    for name, (fs, ys) in split.items() for f, y in zip(fs, ys)]
+    return out

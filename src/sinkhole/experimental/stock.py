@@ -1,4 +1,4 @@
-"""A stock model file for a fix (issue 28): the model rewritten in an architecture that stock engines load.
+"""A stock model file for a fix: the model rewritten in an architecture that stock engines load.
 
 The route measured first is *learned attention sinks*: an extra logit per attention head in the softmax's
 denominator (gpt-oss was trained with one). ``transformers``' ``granite_swa`` is the Llama block plus such a
@@ -73,11 +73,11 @@ def _rope(lm) -> dict:
 
 
 def check_stock(lm) -> None:
-    """Refuse, in one line and before any work, a model ``sinkhole patch --stock`` cannot rewrite: not a Llama
+    """Refuse, in one line and before any work, a model ``sinkhole experimental stock`` cannot rewrite: not a Llama
     architecture with plain RoPE, or not loaded from a GGUF (the stock folder holds a GGUF made from it)."""
     _rope(lm)
     if not (getattr(lm, "info", None) or {}).get("gguf"):
-        raise SinkholeError("--stock builds its GGUF from the model's own GGUF: pass an embedded model or a .gguf path "
+        raise SinkholeError("the stock route builds its GGUF from the model's own GGUF: pass an embedded model or a .gguf path "
                             f"(this model came from {getattr(lm, 'source', 'elsewhere')})")
 
 

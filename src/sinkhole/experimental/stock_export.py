@@ -1,6 +1,6 @@
-"""``sinkhole patch MODEL --stock DIR``: the fix as a folder that stock engines load (issue 28).
+"""``sinkhole experimental stock DIR``: the fix as a folder that stock engines load.
 
-The folder holds the trained stock model (:mod:`sinkhole.patch.stock`) in transformers' ``save_pretrained`` layout
+The folder holds the trained stock model (:mod:`sinkhole.experimental.stock`) in transformers' ``save_pretrained`` layout
 (``config.json`` says ``granite_swa``, which transformers ships: no ``trust_remote_code``), the tokenizer, one GGUF
 that llama.cpp's ``granite_swa`` loads, ``summary.json`` and ``SUMMARY.md``. Before the folder is moved into
 place, each engine is checked on the folder itself:
@@ -32,7 +32,7 @@ from ..data import load_text
 from ..errors import SinkholeError
 from ..results import dumps, write_atomic
 from .stock import stock_gguf
-from .verify import stock_targets
+from ..patch.verify import stock_targets
 
 CHECK_TRANSFORMERS = """
 import json, sys
@@ -101,7 +101,7 @@ def write_stock_folder(lm, model, trained: dict, out: str | os.PathLike, quant: 
     then in it as ``seconds``. Returns the summary."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SinkholeError(f"--stock {out} exists and is not an empty folder; choose a new folder")
+        raise SinkholeError(f"{out} exists and is not an empty folder; choose a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -152,7 +152,7 @@ def stock_summary_md(summary: dict) -> str:
     lines = [f"# Stock model file: {summary.get('model', {}).get('name', 'model')} with trained attention sinks", "",
              "A rewrite of the model as `granite_swa` (the Llama block plus one attention-sink logit per head), with "
              "the sinks and the MLPs of the layers that read the first token trained so that a long run no longer "
-             "takes the first token's state (sinkhole issue 28). No sinkhole code runs at inference.", "",
+             "takes the first token's state. No sinkhole code runs at inference.", "",
              "## Load it", "", "```python",
              "from transformers import AutoModelForCausalLM, AutoTokenizer",
              "model = AutoModelForCausalLM.from_pretrained('.')  # this folder; no trust_remote_code",

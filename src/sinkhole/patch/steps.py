@@ -1,9 +1,0 @@
-"""Moved to :mod:`sinkhole.pipeline.steps_patch`. This path is a shim for one release (0.1.x); nothing inside sinkhole uses it."""
-
-import sys
-import warnings
-
-from ..pipeline import steps_patch as _moved
-
-warnings.warn("sinkhole.patch.steps moved to sinkhole.pipeline.steps_patch; import it from there", DeprecationWarning, stacklevel=2)
-sys.modules[__name__] = _moved
