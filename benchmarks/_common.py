@@ -1,24 +1,116 @@
-"""Shared benchmark plumbing: machine description, child processes with peak RSS, FLOP counts.
+"""The shared shell of every script in benchmarks/ and studies/: the common flags, the machine
+description, the atomic JSON save, the one-line report, the tiny model of ``--smoke``; and the plumbing of
+the timing benchmarks (child processes with peak RSS, FLOP counts).
 
-Every contender runs in its own child process (``python <script> --child ...``) so that its peak
-resident memory is its own: the parent reads it from ``os.wait4`` (``ru_maxrss`` of exactly that
-child). The child prints one JSON line (prefixed ``RESULT``) with its timings.
+A script in ``studies/<topic>/`` reaches this module with
+``sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))``.
+
+Every contender of a timing benchmark runs in its own child process (``python <script> --child ...``) so
+that its peak resident memory is its own: the parent reads it from ``os.wait4`` (``ru_maxrss`` of exactly
+that child). The child prints one JSON line (prefixed ``RESULT``) with its timings.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(os.environ.get("SINKHOLE_BENCH_RESULTS") or ROOT / "benchmarks" / "results")
+STUDY_RESULTS_DIR = Path(os.environ.get("SINKHOLE_STUDY_RESULTS") or ROOT / "studies" / "results")
+DEFAULT_MODEL = "smollm2-135m-instruct"
 MARK = "RESULT "
+
+
+# --- the shell: flags, save, report, smoke model ---------------------------------------------
+def parser(doc: str | None, *, model: str | None = DEFAULT_MODEL, smoke: bool = False, save: bool = True,
+           study: bool = False) -> argparse.ArgumentParser:
+    """An ArgumentParser with the common flags: ``--model`` (unless ``model`` is None), ``--save NAME``
+    (alias ``--name``: the result as ``benchmarks/results/NAME.json``, ``studies/results/NAME.json`` when
+    ``study``), ``--out PATH`` (the result JSON at exactly this path) and, where the script supports it,
+    ``--smoke`` (a tiny random model and the smallest sizes: seconds, for CI). The description is the
+    docstring's first line; the rest of the docstring is the epilog."""
+    first, _, rest = (doc or "").strip().partition("\n")
+    p = argparse.ArgumentParser(description=first, epilog=rest.strip() or None,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    if model is not None:
+        p.add_argument("--model", default=model, help=f"a model name or folder for sinkhole.load_model (default {model})")
+    if save:
+        where = "studies/results" if study else "benchmarks/results"
+        p.add_argument("--save", "--name", dest="save", default=None, metavar="NAME",
+                       help=f"save the result as {where}/NAME.json")
+        p.add_argument("--out", default=None, metavar="PATH", help="save the result JSON at this path (wins over --save)")
+    if smoke:
+        p.add_argument("--smoke", action="store_true",
+                       help="run on a tiny random model with the smallest sizes (seconds; a check that the script runs)")
+    p.set_defaults(results_dir=str(STUDY_RESULTS_DIR if study else RESULTS_DIR))
+    return p
+
+
+def result_path(args, default: str | None = None) -> Path | None:
+    """Where the result goes: ``--out``, else ``--save NAME`` (or ``default``) in the results folder;
+    None when neither is given."""
+    if getattr(args, "out", None):
+        return Path(args.out)
+    name = getattr(args, "save", None) or default
+    if not name:
+        return None
+    return Path(getattr(args, "results_dir", RESULTS_DIR)) / f"{name}.json"
+
+
+def save(target, payload: dict) -> Path | None:
+    """Write ``payload`` atomically (``sinkhole.results.write_json``). ``target``: parsed args (see
+    :func:`result_path`), a path, or a bare name (``benchmarks/results/NAME.json``). Returns the path
+    (None when args ask for no file)."""
+    from sinkhole.results import write_json
+
+    if isinstance(target, argparse.Namespace):
+        path = result_path(target)
+    elif isinstance(target, Path) or (isinstance(target, str) and (os.sep in target or target.endswith(".json"))):
+        path = Path(target)
+    else:
+        path = RESULTS_DIR / f"{target}.json"
+    if path is None:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, payload)
+    return path
+
+
+def report(path: Path | None, summary: dict | None = None) -> None:
+    """The one line a script prints at its end: what it found (a few key numbers) and where it saved it."""
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "script"
+    items = " ".join(f"{k}={v}" for k, v in (summary or {}).items())
+    print(f"{script}: {items}{' ' if items else ''}-> {path if path else '(not saved: pass --save NAME or --out PATH)'}",
+          flush=True)
+
+
+@functools.lru_cache(maxsize=None)
+def smoke_model(family: str = "llama", n_layers: int = 3) -> str:
+    """A tiny random model saved as a folder that ``sinkhole.load_model`` reads (tests/helpers_reliability's
+    ``make_tiny_folder``: a word-level tokenizer, 64-wide layers); made once per process."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers_reliability import make_tiny_folder
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = Path(tempfile.mkdtemp(prefix="sinkhole-smoke-")) / f"tiny-{family}"
+    return str(make_tiny_folder(folder, family=family, n_layers=n_layers))
+
+
+def smoke_out(args, name: str) -> None:
+    """Under ``--smoke`` the result goes to ``--out`` or a temporary file, never into the results folders."""
+    if not getattr(args, "out", None):
+        args.out = str(Path(tempfile.mkdtemp(prefix="sinkhole-smoke-")) / f"{name}.json")
+    args.save = None
 
 
 def cpu_model() -> str:
@@ -161,21 +253,12 @@ def model_flops(cfg, T: int, n_layers: int | None = None, lm_head: bool = False,
     return f
 
 
-def save(name: str, payload: dict) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def python_for(venv: str | None) -> str:
     return str(Path(venv) / "bin" / "python") if venv else sys.executable
 
 
 def circuit_reader(lm):
-    """The circuit's readings of a token row, as the issue-27 studies report them: ``read(ids, lo, hi)`` gives
+    """The circuit's readings of a token row, as the studies of the run gate's state check report them: ``read(ids, lo, hi)`` gives
     the mean over tokens ``lo..hi`` of the norm ratio to the first token at the drift layer and of the
     attention paid to position 0 in the four attention layers after the massive-activation layer. Returns
     ``(read, drift_layer, late_layers)``."""

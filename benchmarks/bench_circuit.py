@@ -15,7 +15,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -23,22 +22,25 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, median, save  # noqa: E402
+from _common import machine, median, parser, report, save, smoke_model, smoke_out  # noqa: E402
+
+SMOKE = True
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    p = parser(__doc__, smoke=True)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--analyze", action="store_true", help="also time one full analyze() (norm curves, etc.)")
-    p.add_argument("--save", default=None, help="also save the row as benchmarks/results/<name>.json")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.model, args.rounds = smoke_model(), 1
+        smoke_out(args, "circuit")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     from sinkhole import load_model
-    from sinkhole.pipeline.analyze import analyze
     from sinkhole.circuit import discover
+    from sinkhole.pipeline.analyze import analyze
 
     t0 = time.perf_counter()
     lm = load_model(args.model, progress=False)
@@ -68,8 +70,7 @@ def main(argv=None) -> int:
         analyze(lm)
         row["analyze_s"] = round(time.perf_counter() - t, 2)
     print(json.dumps(row))
-    if args.save:
-        save(args.save, row)
+    report(save(args, row), {"discover_median_s": row["discover_median_s"], "sink_layers": c.sink_layers})
     return 0
 
 

@@ -27,7 +27,7 @@ SmolLM2 folder in the sinkhole cache).
 
 Usage::
 
-    python benchmarks/bench_core.py --reps 2000 --rounds 3 --tl-python /tmp/tlvenv/bin/python
+    python benchmarks/bench_core.py --reps 2000 --rounds 3 --tl-python TLVENV/bin/python
     python benchmarks/bench_core.py --memory-only --reps 4000      # the 2 GiB target
     python benchmarks/bench_core.py --contenders sinkhole_curve,hf_hidden,hf --baseline sinkhole_curve \
         --name curve_2000                                          # the norm curve alone
@@ -35,14 +35,14 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
+import argparse  # noqa: F401  (argparse.SUPPRESS)
 import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, machine, median, model_flops, python_for, rss_mib, run_child, save  # noqa: E402
+from _common import emit, machine, median, model_flops, parser, python_for, report, rss_mib, run_child, save  # noqa: E402
 
 WORD_ID = 260  # SmolLM2's " the" (one token)
 DEFAULT_LAYER = 11  # SmolLM2's sink layer: the first-token norm jumps to ~185x typical there
@@ -327,14 +327,14 @@ def parent(args):
         "hf_output_floor_gib": hf_output_bytes(cfg, args.reps + 1) / 2**30,
         "runs": runs,
     }
-    name = args.name or f"core_{args.reps}"
-    path = save(name, payload)
+    name = args.save or f"core_{args.reps}"
+    path = save(args.out or name, payload)
     print(json.dumps({k: payload[k] for k in ("summary", "agreement_vs_hf", "hf_output_floor_gib")}, indent=1))
-    print(f"saved {path}", file=sys.stderr)
+    report(path, {c: round(v["median_s"], 2) for c, v in summary.items() if "median_s" in v})
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__, model=None)
     p.add_argument("--reps", type=int, default=2000)
     p.add_argument("--layer", type=int, default=DEFAULT_LAYER)
     p.add_argument("--rounds", type=int, default=3, help="child processes per contender")
@@ -344,7 +344,6 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--baseline", default="sinkhole", help="contender the ratios are relative to")
     p.add_argument("--threads", type=int, default=0, help="torch threads in each child (0: torch's default)")
-    p.add_argument("--name", default=None, help="results/<name>.json (default core_<reps>)")
     p.add_argument("--memory-only", action="store_true", help="only sinkhole, one round (memory target)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
@@ -355,7 +354,7 @@ def main(argv=None):
         return
     if args.memory_only:
         args.contenders, args.rounds = "sinkhole", 1
-        args.name = args.name or f"memory_{args.reps}"
+        args.save = args.save or f"memory_{args.reps}"
     parent(args)
 
 

@@ -1,4 +1,4 @@
-"""Benchmark: divergence in llama.cpp beside transformers on the same cases (issue 16 item 1).
+"""Benchmark: divergence in llama.cpp beside transformers on the same cases.
 
 The embedded SmolLM2 GGUF (Q4_1) runs in llama.cpp through llama-cpp-python on its quantized
 kernels; transformers runs the same GGUF dequantized to float32. Same cases (words x reps x
@@ -15,7 +15,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -23,24 +22,21 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save  # noqa: E402
+from _common import machine, parser, report, save  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    p = parser(__doc__)
     p.add_argument("--gguf", default=None, help="run this GGUF instead (loaded by both engines)")
     p.add_argument("--words", default="poem,company,book,music,flower,ocean")
     p.add_argument("--reps", default="400,1000")
     p.add_argument("--templates", default="repeat,garak_this")
     p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--save", default=None)
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sinkhole import load_model
-    from sinkhole.attack.diverge import run_cases, summarize
+    from sinkhole.attack.diverge import run_cases, run_llamacpp, summarize
     from sinkhole.attack.prompts import make_cases
-    from sinkhole.attack.diverge import run_llamacpp
 
     lm = load_model(args.gguf or args.model, progress=False)
     cases = make_cases(lm, args.words.split(","), [int(r) for r in args.reps.split(",")], args.templates.split(","))
@@ -66,8 +62,7 @@ def main(argv=None) -> int:
            "seconds_transformers": round(t_hf, 1), "seconds_llamacpp": round(t_lc, 1),
            "speedup_llamacpp": round(t_hf / t_lc, 2) if t_lc else None, "cases": per}
     print(json.dumps(row))
-    if args.save:
-        save(args.save, row)
+    report(save(args, row), {k: row[k] for k in ("verdicts_agree", "n_cases", "seconds_transformers", "seconds_llamacpp")})
     return 0
 
 

@@ -12,20 +12,21 @@ ratio there is the cost of the token-id test alone.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save  # noqa: E402
+from _common import machine, parser, report, save, smoke_model, smoke_out  # noqa: E402
+
+SMOKE = True
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 2048
 
 
-def texts(lm) -> dict[str, list[int]]:
+def texts(lm, n: int = N) -> dict[str, list[int]]:
     from sinkhole.data import load_text
 
     code = "\n".join(p.read_text(encoding="utf-8") for p in sorted((ROOT / "src" / "sinkhole").rglob("*.py")))
@@ -37,19 +38,21 @@ def texts(lm) -> dict[str, list[int]]:
     out = {}
     for name, body in {"prose (sonnets)": load_text("sonnets"), "code": code, "csv of close numbers": csv,
                        "a run, a list of zeros, prose": mixed}.items():
-        ids = lm.encode(body, bos=False)[:N]
-        if len(ids) < N:
+        ids = lm.encode(body, bos=False)[:n]
+        if len(ids) < n:
             raise SystemExit(f"text {name} has only {len(ids)} tokens")
         out[name] = ids
     return out
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    p = parser(__doc__, smoke=True)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--save", default=None)
+    p.add_argument("--tokens", type=int, default=N, help="tokens per forward pass")
     a = p.parse_args(argv)
+    if a.smoke:
+        a.model, a.repeats, a.tokens = smoke_model(), 1, 256
+        smoke_out(a, "gate_cost")
 
     import torch
 
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
     methods = {"run gate": Patch(gate=RunGate()), "state check": Patch(gate=RunGate(confirm=STATE_CONFIRM))}
     rows = []
     with torch.no_grad(), fast_attention(lm):
-        for name, ids in texts(lm).items():
+        for name, ids in texts(lm, a.tokens).items():
             x = torch.tensor([ids], device=lm.device)
             lm.model(input_ids=x)  # warm-up
             times: dict[str, list[float]] = {"unpatched": [], **{m: [] for m in methods}}
@@ -82,8 +85,8 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{name:40s} unpatched {base:.3f} s  " + "  ".join(
                 f"{m}: x{row['ratio'][m]:.3f} (hides {row['hidden'][m]})" for m in methods), flush=True)
-    if a.save:
-        save(a.save, {"model": lm.name, "tokens": N, "repeats": a.repeats, "rows": rows, "machine": machine()})
+    path = save(a, {"model": lm.name, "tokens": a.tokens, "repeats": a.repeats, "rows": rows, "machine": machine()})
+    report(path, {r["text"].split(" ")[0]: r["ratio"] for r in rows[:2]})
     return 0
 
 

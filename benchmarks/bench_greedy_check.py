@@ -1,6 +1,6 @@
 """Benchmark 4, the exact alternative: ``greedy_check`` (draft-verified greedy decoding) against generation.
 
-1. Agreement: every case of a saved ``bench_predictor.py`` result (with its generated ids and run-judge
+1. Agreement: every case of a saved ``studies/experimental/study_predictor.py`` result (with its generated ids and run-judge
    labels) is checked with ``sinkhole.attack.exact.greedy_check``; reported: label agreement, whether the
    tokens equal the saved greedy tokens, forward passes per case.
 2. Speed, side by side in one process on a stratified subset (every repetition count equally often), each case
@@ -14,10 +14,9 @@
 
 Usage::
 
-    python benchmarks/bench_greedy_check.py benchmarks/results/predictor_48_large.json --name predictor_exact_check
+    python benchmarks/bench_greedy_check.py studies/results/predictor_48_large.json --save predictor_exact_check
 """
 
-import argparse
 import json
 import os
 import statistics
@@ -29,7 +28,7 @@ from types import SimpleNamespace
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SINKHOLE_NO_PROGRESS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, model_flops, save  # noqa: E402
+from _common import machine, model_flops, parser, report, save  # noqa: E402
 
 
 def flops(cfg, T: int, n_new: int, probe_layers: int | None = None) -> dict:
@@ -43,19 +42,18 @@ def flops(cfg, T: int, n_new: int, probe_layers: int | None = None) -> dict:
 
 
 def main(argv=None):
-    from sinkhole import load_model
-    from sinkhole.attack.diverge import run_cases
-    from sinkhole.attack.predictor import Predictor, case_features, default_layers
-    from sinkhole.attack.exact import greedy_check
-    from sinkhole.attack.prompts import make_cases
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("result")
+    ap = parser(__doc__, model=None)
+    ap.add_argument("result", help="a studies/experimental/study_predictor.py result (cases with generated ids)")
     ap.add_argument("--subset", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--name", default="")
     ap.add_argument("--peak", default="", help="a bench_peak.py result (JSON) for the share of peak")
     a = ap.parse_args(argv)
+    from sinkhole import load_model
+    from sinkhole.attack.diverge import run_cases
+    from sinkhole.attack.exact import greedy_check
+    from sinkhole.attack.prompts import make_cases
+    from sinkhole.experimental.predictor import Predictor, case_features, default_layers
+
     d = json.loads(Path(a.result).read_text())
     C, N = d["cases"], d["max_new_tokens"]
     lm = load_model(d.get("model") or "smollm2-135m-instruct", progress=False)
@@ -132,8 +130,8 @@ def main(argv=None):
                               "timed as one program on the timing subset: timing_subset.mean_cascade_s"},
            "rows": rows, "checks": [{**k.to_dict(), "t_s": t} for k, t in zip(checks, t_check)]}
     print(json.dumps({k: v for k, v in doc.items() if k not in ("rows", "checks", "machine")}, indent=1))
-    if a.name:
-        print("saved", save(a.name, doc))
+    report(save(a, doc), {"agreement": round(doc["agreement"], 3),
+                          "speedup_check": round(doc["timing_subset"]["speedup_check"], 2)})
 
 
 if __name__ == "__main__":

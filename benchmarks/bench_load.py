@@ -13,7 +13,7 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
+import argparse  # noqa: F401  (argparse.SUPPRESS)
 import shutil
 import sys
 import tempfile
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, machine, median, python_for, run_child, save  # noqa: E402
+from _common import emit, machine, median, parser, python_for, report, run_child, save  # noqa: E402
 
 TARGET_CACHED_S = {"smollm2-135m-instruct": 5.0}
 
@@ -43,12 +43,11 @@ def child(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__, model=None)
     p.add_argument("--models", default="smollm2-135m-instruct,gemma3-270m")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--first-rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--name", default="load", help="results/<name>.json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -88,7 +87,8 @@ def main(argv=None):
         out[model] = rows
     payload = {"benchmark": "model load", "command": " ".join(["python"] + sys.argv), "machine": machine(),
                "threads": args.threads or "torch default", "results": out}
-    print(save(args.name, payload))
+    report(save(args.out or args.save or "load", payload),
+           {m: r["cached"]["median_load_s"] for m, r in out.items()})
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
+import argparse  # noqa: F401  (argparse.SUPPRESS)
 import json
 import random
 import resource
@@ -24,15 +24,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save  # noqa: E402
+from _common import machine, parser, report, save, smoke_out  # noqa: E402
+
+SMOKE = True
 
 
-def _write_corpus(root: Path, mb: int, seed: int = 0) -> int:
+def _write_corpus(root: Path, mb: float, seed: int = 0) -> int:
     from sinkhole.data import words
 
     vocab = [w for w in words("sonnets") + words("tempest")]
     rng = random.Random(seed)
-    target, n, k = mb * 1024 * 1024, 0, 0
+    target, n, k = int(mb * 1024 * 1024), 0, 0
     jl = open(root / "docs.jsonl", "w", encoding="utf-8")
     while n < target:
         doc = " ".join(rng.choice(vocab) for _ in range(11000))[:65536]
@@ -47,12 +49,14 @@ def _write_corpus(root: Path, mb: int, seed: int = 0) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mb", type=int, default=64)
+    p = parser(__doc__, model=None, smoke=True)
+    p.add_argument("--mb", type=float, default=64)
     p.add_argument("--queries", type=int, default=200)
-    p.add_argument("--save", default=None)
     p.add_argument("--build-only-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.smoke:  # one small document file and a few queries
+        args.mb, args.queries = 0.2, 10
+        smoke_out(args, "memorization")
     from sinkhole.attack.memorization import build_index
 
     if args.build_only_child:
@@ -101,8 +105,7 @@ def main(argv=None) -> int:
                "queries": args.queries, "planted_found": f"{found}/{hits}",
                "query_ms_median": round(1000 * times[len(times) // 2], 2), "query_ms_max": round(1000 * times[-1], 2)}
         print(json.dumps(row))
-        if args.save:
-            save(args.save, row)
+        report(save(args, row), {k: row[k] for k in ("build_s", "build_peak_rss_mib", "planted_found")})
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

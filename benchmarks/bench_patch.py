@@ -2,8 +2,8 @@
 
 Runs the command in a child process on the embedded model and reads the time breakdown that the
 command writes into ``DIR/summary.json`` (``timing``: search, verification, of which the broad
-verification, export), plus the wall time and peak RSS of the child. Target (issue 15): at most
-5 minutes on the 2-core CPU.
+verification, export), plus the wall time and peak RSS of the child. Target: at most 5 minutes on the
+2-core CPU.
 
 Usage::
 
@@ -13,7 +13,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -24,14 +23,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save  # noqa: E402
+from _common import machine, parser, report, save  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    p = parser(__doc__)
     p.add_argument("--args", default="", help="extra arguments for sinkhole patch")
-    p.add_argument("--save", default=None)
     args = p.parse_args(argv)
     env = dict(os.environ, HF_HUB_OFFLINE="1", SINKHOLE_NO_PROGRESS="1")
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,8 +52,7 @@ def main(argv=None) -> int:
            "gate_attacks": ((v.get("broad") or {}).get("settings") or {}).get("gate_attacks"),
            "chosen": (summary.get("search") or {}).get("chosen"), "targets": v.get("targets")}
     print(json.dumps(res, indent=2))
-    if args.save:
-        print("saved", save(args.save, res))
+    report(save(args, res), {"wall_s": res["wall_s"], "peak_rss_mib": res["peak_rss_mib"]})
     return 0
 
 

@@ -10,14 +10,16 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
+import argparse  # noqa: F401  (argparse.SUPPRESS)
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, machine, python_for, run_child, save  # noqa: E402
+from _common import emit, machine, parser, python_for, report, run_child, save, smoke_out  # noqa: E402
+
+SMOKE = True
 
 
 def measure(sizes=(512, 1024, 2048), runs: int = 7) -> dict:
@@ -50,9 +52,8 @@ def peak(threads: int = 0) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__, model=None, smoke=True)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--name", default=None, help="results/<name>.json (default peak_t<threads>)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -62,11 +63,16 @@ def main(argv=None):
             torch.set_num_threads(args.threads)
         emit({"sizes": measure(), "torch_threads": torch.get_num_threads()})
         return
-    res = peak(args.threads)
+    if args.smoke:  # small sizes, in this process
+        smoke_out(args, "peak")
+        sizes = measure(sizes=(64, 128), runs=2)
+        res = {"sizes": sizes, "peak_gflop_per_s": max(v["median_gflop_per_s"] for v in sizes.values())}
+    else:
+        res = peak(args.threads)
     payload = {"benchmark": "peak float32 matmul FLOP/s", "command": " ".join(["python"] + sys.argv),
                "machine": machine(), "result": res}
-    print(save(args.name or f"peak_t{args.threads}", payload))
-    print(res.get("peak_gflop_per_s"), "GFLOP/s (median, best size)")
+    report(save(args.out or args.save or f"peak_t{args.threads}", payload),
+           {"peak_gflop_per_s": res.get("peak_gflop_per_s")})
 
 
 if __name__ == "__main__":

@@ -5,10 +5,9 @@ exactly must at least read the prompt through the whole model. This times that p
 logits for the last position only) on the timing cases of a ``bench_greedy_check.py`` result and compares it
 with the generation times measured there, per repetition count.
 
-    python benchmarks/bench_prefill.py benchmarks/results/predictor_exact_check.json --name prefill
+    python benchmarks/bench_prefill.py benchmarks/results/predictor_exact_check.json --save prefill
 """
 
-import argparse
 import json
 import os
 import statistics
@@ -18,21 +17,19 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save  # noqa: E402
+from _common import machine, parser, report, save  # noqa: E402
 
 
 def main(argv=None):
+    ap = parser(__doc__)
+    ap.add_argument("result", help="a bench_greedy_check.py result")
+    a = ap.parse_args(argv)
     import torch
 
     from sinkhole import load_model
     from sinkhole.attack.prompts import make_cases
     from sinkhole.models.attention import fast_attention
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("result", help="a bench_greedy_check.py result")
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--name", default="")
-    a = ap.parse_args(argv)
     rows = json.loads(Path(a.result).read_text())["rows"]
     lm = load_model(a.model, progress=False)
     times = []
@@ -54,8 +51,7 @@ def main(argv=None):
            "mean_generate_s": gen, "generate_over_prefill": gen / statistics.mean(times), "by_reps": by,
            "note": "generation times are those of the source result (same cases, same machine, other process)"}
     print(json.dumps({k: v for k, v in doc.items() if k != "machine"}, indent=1))
-    if a.name:
-        print("saved", save(a.name, doc))
+    report(save(a, doc), {"generate_over_prefill": round(doc["generate_over_prefill"], 2)})
 
 
 if __name__ == "__main__":

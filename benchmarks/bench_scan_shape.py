@@ -1,5 +1,5 @@
 """The scan at a large model's shape, with no download: a randomly initialised Llama of Llama-2-7B's
-shape (issue 16 item 4c), time and peak memory per scan step.
+shape, time and peak memory per scan step.
 
 The weights are random (no sink forms, so the circuit finds no roles and the later steps run on
 their fallbacks): what it measures is the cost of every step at that scale, not what the steps
@@ -16,7 +16,6 @@ Usage (one GPU, bfloat16, the quick scan)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -24,7 +23,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save  # noqa: E402
+from _common import machine, parser, report, save, smoke_model, smoke_out  # noqa: E402
+
+SMOKE = True
 
 SHAPES = {
     # Llama-2-7B: d 4096, d_mlp 11008, 32 layers, 32 heads (no GQA), RMSNorm eps 1e-5, 4,096 positions
@@ -35,14 +36,14 @@ SHAPES = {
 }
 
 
-def build(shape: str, device: str, dtype: str):
+def build(shape: str, device: str, dtype: str, tokenizer_model: str = "smollm2-135m-instruct"):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sinkhole import load_model
     from sinkhole.models.loading import from_pretrained_model
 
-    tok = load_model("smollm2-135m-instruct", progress=False).tokenizer
+    tok = load_model(tokenizer_model, progress=False).tokenizer
     cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       attn_implementation="eager", **SHAPES[shape])
     torch.manual_seed(0)
@@ -60,13 +61,15 @@ def build(shape: str, device: str, dtype: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__, smoke=True)
     p.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--full", action="store_true", help="the full scan's options instead of --quick")
-    p.add_argument("--save", default=None)
     args = p.parse_args(argv)
+    if args.smoke:  # the tiny shape with the tiny model's tokenizer, float32 on the CPU
+        args.model, args.shape, args.device, args.dtype = smoke_model(), "tiny", "cpu", "float32"
+        smoke_out(args, "scan_shape")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -77,7 +80,7 @@ def main(argv=None) -> int:
     if cuda and not torch.cuda.is_available():
         raise SystemExit("no CUDA device; run on a GPU machine or pass --device cpu")
     t = time.perf_counter()
-    lm, n_params = build(args.shape, args.device, args.dtype)
+    lm, n_params = build(args.shape, args.device, args.dtype, args.model)
     t_build = time.perf_counter() - t
     peaks: dict = {}
     current = {"step": None}
@@ -106,8 +109,7 @@ def main(argv=None) -> int:
            "step_s": res["timings"], "step_peak_gib": peaks, "errors": res["doc"].get("errors") or {}}
     print(json.dumps({k: row[k] for k in ("parameters", "build_s", "scan_s", "step_s", "step_peak_gib", "errors")},
                      indent=1))
-    if args.save:
-        save(args.save, row)
+    report(save(args, row), {"parameters": n_params, "scan_s": row["scan_s"]})
     return 0
 
 

@@ -14,13 +14,15 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
+import argparse  # noqa: F401  (argparse.SUPPRESS)
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, llama_layer_flops, machine, median, python_for, run_child, save  # noqa: E402
+from _common import emit, llama_layer_flops, machine, median, parser, python_for, report, run_child, save, smoke_model, smoke_out  # noqa: E402,E501
+
+SMOKE = True
 
 # Llama-2-7B shapes (public config) and the paper's sink layer for it (0-based layer 1).
 LLAMA7B = dict(d=4096, n_heads=32, n_kv=32, head_dim=128, d_mlp=11008, vocab=32000, sink_layer=1)
@@ -29,16 +31,16 @@ LLAMA7B = dict(d=4096, n_heads=32, n_kv=32, head_dim=128, d_mlp=11008, vocab=320
 GPU_PEAK_FLOPS, GPU_MFU = 989e12, 0.40
 
 
-def child(args):
+def measure(args) -> dict:
     import torch
 
     from sinkhole import load_model
-    from sinkhole.attack.predictor import default_layers
     from sinkhole.attack.sweep import sweep_tokens
+    from sinkhole.experimental.predictor import default_layers
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load_model("smollm2-135m-instruct", progress=False)
+    lm = load_model(args.model, progress=False)
     vocab = lm.model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     cand = [int(t) for t in torch.randperm(vocab, generator=g)[: args.sample]]
@@ -55,10 +57,14 @@ def child(args):
                                                   cfg.num_key_value_heads, cfg.head_dim,
                                                   cfg.intermediate_size, causal_only=False)
     reps = [r["reps_to_sink"] for r in res["records"].values()]
-    emit({"tokens_scored": len(cand), "seconds": total, "tokens_per_s": len(cand) / total,
+    return ({"tokens_scored": len(cand), "seconds": total, "tokens_per_s": len(cand) / total,
           "vocab": vocab, "flops_per_candidate": flops_per_cand, "blocks_run": n_blocks, "seq_len": T,
           "sink_layer": norm_layer, "n_reaching_sink": sum(r is not None for r in reps),
           "torch_threads": torch.get_num_threads()})
+
+
+def child(args):
+    emit(measure(args))
 
 
 def project_7b(n_reps: int) -> dict:
@@ -78,7 +84,7 @@ def project_7b(n_reps: int) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__, smoke=True)
     p.add_argument("--n-reps", type=int, default=256, help="max_reps of sweep_tokens (its default)")
     p.add_argument("--layer", type=int, default=-1, help="sink layer (-1: sweep_tokens' default)")
     p.add_argument("--batch", type=int, default=16, help="batch_size of sweep_tokens (its default)")
@@ -91,10 +97,16 @@ def main(argv=None):
     if args.child:
         child(args)
         return
-    me = str(Path(__file__).resolve())
-    argv_ = [python_for(None), me, "--child", "--n-reps", str(args.n_reps), "--layer", str(args.layer),
-             "--batch", str(args.batch), "--sample", str(args.sample), "--threads", str(args.threads)]
-    runs = [run_child(argv_) for _ in range(args.rounds)]
+    if args.smoke:  # in this process, a few candidates of the tiny model
+        args.model, args.n_reps, args.batch, args.sample = smoke_model(), 16, 4, 8
+        smoke_out(args, "sweep")
+        runs = [measure(args)]
+    else:
+        me = str(Path(__file__).resolve())
+        argv_ = [python_for(None), me, "--child", "--model", args.model, "--n-reps", str(args.n_reps), "--layer",
+                 str(args.layer), "--batch", str(args.batch), "--sample", str(args.sample), "--threads",
+                 str(args.threads)]
+        runs = [run_child(argv_) for _ in range(args.rounds)]
     ok = [r for r in runs if "error" not in r]
     if not ok:
         print(runs[0]["error"], file=sys.stderr)
@@ -115,7 +127,7 @@ def main(argv=None):
                "threads": args.threads or "torch default", "result": res}
     print(f"{rate:.1f} candidate tokens/s; whole SmolLM2 vocab {vocab / rate / 60:.1f} min; "
           f"7B projection {res['llama7b_projection']['projected_seconds']:.0f} s", file=sys.stderr)
-    print(save("sweep", payload))
+    report(save(args.out or args.save or "sweep", payload), {"tokens_per_s": round(rate, 1)})
 
 
 if __name__ == "__main__":

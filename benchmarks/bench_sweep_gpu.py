@@ -7,28 +7,35 @@ bfloat16 agree on reaching it. Needs a CUDA device; the embedded model must be i
 
 Usage::
 
-    python benchmarks/bench_sweep_gpu.py benchmarks/results/sweep_gpu_h100_full.json [records.json]
+    python benchmarks/bench_sweep_gpu.py --save sweep_gpu_h100_full [--records records.json]
 """
 
 import json
 import os
 import sys
 import time
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import parser, report, save  # noqa: E402
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+def main(argv=None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--records", default=None, help="also write every token's repetitions to the sink here")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
 
-def main(out_path: str, records_path: str | None = None) -> None:
     from sinkhole import load_model
     from sinkhole.attack.sweep import sweep_tokens
 
     if not torch.cuda.is_available():
         sys.exit("bench_sweep_gpu.py: no CUDA device; run it on a GPU machine")
+    records_path = args.records
     out, recs = {}, {}
     for dt in ("float32", "bfloat16"):
-        lm = load_model("smollm2-135m-instruct", device="cuda", dtype=dt, progress=False)
+        lm = load_model(args.model, device="cuda", dtype=dt, progress=False)
         cand = list(range(lm.model.config.vocab_size))
         sweep_tokens(lm, cand[:64], max_reps=256, batch_size=64, quiet=True)  # warm-up
         torch.cuda.synchronize()
@@ -47,15 +54,13 @@ def main(out_path: str, records_path: str | None = None) -> None:
     a, b = recs["float32"], recs["bfloat16"]
     out["agree_reach"] = sum((a[k] is None) == (b.get(k) is None) for k in a) / len(a)
     out["device"], out["torch"] = torch.cuda.get_device_name(), torch.__version__
-    with open(out_path, "w") as f:
-        json.dump(out, f, indent=1)
+    path = save(args.out or args.save or "sweep_gpu", out)
     if records_path:
         with open(records_path, "w") as f:
             json.dump({k: {str(t): v for t, v in r.items()} for k, r in recs.items()}, f)
-    print(out)
+    report(path, {dt: round(out[dt]["seconds"], 1) for dt in ("float32", "bfloat16")})
+    return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit("usage: python benchmarks/bench_sweep_gpu.py OUT.json [RECORDS.json]")
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
+    sys.exit(main())

@@ -5,18 +5,17 @@ the norm curve alone, the 4,000-token memory run, model load, vocabulary sweep, 
 discovery, the predictor against generation (80 cases) and the exact check / cascade on the same
 cases, the sinkhole path in bfloat16 against float32, and the matmul peak again (the load drifts
 on a shared machine; both peaks are kept). Results: benchmarks/results/*.json and summary.md.
-Not in it (separate commands in docs/benchmarks.md): analyze_predictor.py, probe_study.py,
-bench_sweep_gpu.py (needs a CUDA GPU), tune_patch.py.
+The predictor's case set comes from studies/experimental/study_predictor.py. Not in it (separate
+commands in docs/benchmarks.md): the other benchmarks and every study.
 
 Usage::
 
-    python benchmarks/run_all.py --threads 1 --tl-python /tmp/tlvenv/bin/python
-    SINKHOLE_BENCH_RESULTS=/tmp/quick python benchmarks/run_all.py --quick   # smoke test, small sizes
+    python benchmarks/run_all.py --threads 1 --tl-python TLVENV/bin/python
+    SINKHOLE_BENCH_RESULTS=QUICK_DIR python benchmarks/run_all.py --quick   # small sizes
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import RESULTS_DIR, machine, save  # noqa: E402
+from _common import RESULTS_DIR, machine, parser, report, save  # noqa: E402
 
 
 def sh(argv: list[str], log, env=None) -> int:
@@ -38,7 +37,7 @@ def sh(argv: list[str], log, env=None) -> int:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__, model=None, save=False)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tl-python", default=None)
     p.add_argument("--reps", type=int, default=2000)
@@ -80,22 +79,23 @@ def main(argv=None):
         sh([py, str(HERE / "bench_circuit.py"), "--save", "circuit", "--rounds", "1" if args.quick else "3"], log, env=env)
     if "predictor" not in skip:  # the 80-case set of docs/benchmarks.md section 4, then the exact check on it
         pred = str(RESULTS_DIR / "predictor_48_large.json")
-        sh([py, str(HERE / "bench_predictor.py"), "--templates", "repeat", "--out", pred,
+        sh([py, str(HERE.parent / "studies" / "experimental" / "study_predictor.py"), "--templates", "repeat", "--out", pred,
             *(["--reps", "30,100", "--max-new-tokens", "16", "--words-per-split", "2"] if args.quick else
               ["--reps", "30,100,200,400", "--max-new-tokens", "48", "--words-per-split", "10"])], log, env=env)
-        sh([py, str(HERE / "bench_greedy_check.py"), pred, "--name", "predictor_exact_check",
-            "--peak", str(RESULTS_DIR / "peak_before.json"),
+        sh([py, str(HERE / "bench_greedy_check.py"), pred,
+            "--save", "predictor_exact_check", "--peak", str(RESULTS_DIR / "peak_before.json"),
             *(["--subset", "4", "--rounds", "1"] if args.quick else [])], log, env=env)
     if "bf16" not in skip:
         sh([py, str(HERE / "bench_core.py"), "--reps", str(args.reps), "--rounds", str(args.rounds), "--repeats", "2",
             "--contenders", "sinkhole,sinkhole_bf16", "--name", f"bf16_{args.reps}", *th], log)
     sh([py, str(HERE / "bench_peak.py"), *th, "--name", "peak_after"], log)
-    save("run_all", {"machine": machine(), "steps": log, "args": vars(args)})
+    path = save("run_all", {"machine": machine(), "steps": log, "args": vars(args)})
     from summarize import summarize
 
     md = summarize(RESULTS_DIR)
     (RESULTS_DIR / "summary.md").write_text(md)
     print(md)
+    report(path, {"steps": len(log), "failed": sum(s["rc"] != 0 for s in log)})
     failed = [s for s in log if s["rc"] != 0]
     if failed:
         print(json.dumps(failed, indent=1), file=sys.stderr)

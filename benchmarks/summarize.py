@@ -1,5 +1,8 @@
 """Markdown tables from benchmarks/results/*.json (used by run_all.py and docs/benchmarks.md).
 
+The learned-probe table (4b) comes from studies/results/probe_study.json. ``--smoke`` (or ``--out``) also
+writes the markdown into a JSON file, which is how CI checks that the saved results still parse.
+
 Usage::
 
     python benchmarks/summarize.py [results_dir]
@@ -10,6 +13,11 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_DIR, STUDY_RESULTS_DIR, parser, report, save, smoke_out  # noqa: E402
+
+SMOKE = True
 
 
 def _load(d: Path, name: str):
@@ -82,7 +90,7 @@ def _predictor_section(d: Path, peak) -> list[str]:
                    f"{pr['reps']}, template {pr['templates']}, {pr['max_new_tokens']} generated tokens)\n")
         out.append(f"Sink probe fitted on the training words ({pr['predictor']['feature']} > "
                    f"{pr['predictor']['threshold']:.3g}); held-out {ho['n']} cases: accuracy {_f(ho['accuracy'], 3)}, "
-                   f"AUC {_f(ho['auc'], 3)}, {ho['positives']} diverged. Saved run (`bench_predictor.py`, batch 1, mean per "
+                   f"AUC {_f(ho['auc'], 3)}, {ho['positives']} diverged. Saved run (`study_predictor.py`, batch 1, mean per "
                    f"case): generation {_f(pr['mean_time_generate_s'], 3)} s, probe {_f(pr['mean_time_predict_s'], 3)} s "
                    f"({_f(pr['speedup'], 1)}x).\n")
     if ex:
@@ -119,10 +127,10 @@ def _predictor_section(d: Path, peak) -> list[str]:
                    f"false positives of the probe) | | |\n")
         if lim.get("note"):
             out.append(f"Share of peak against {_f(ts.get('peak_gflop_per_s'), 1)} GFLOP/s; {lim['note']}.\n")
-    st = _load(d, "probe_study")
+    st = _load(d, "probe_study") or _load(STUDY_RESULTS_DIR, "probe_study")
     if st:
         best = max(st["probes"], key=lambda r: r["cv_accuracy"])
-        out.append("\n### 4b. Learned probes on early residuals (`probe_study.py`)\n")
+        out.append("\n### 4b. Learned probes on early residuals (`studies/experimental/study_predictor_probes.py`)\n")
         out.append(f"{st['n_cases']} new cases ({st['n_words']} words x 30/100/200/400 repetitions) labelled by the exact "
                    f"check ({st['labels_verified_with_generation']['same_label']}/{st['labels_verified_with_generation']['n']} "
                    f"labels checked against generation agree); divergence rate {_f(100 * st['divergence_rate'], 1)}% "
@@ -203,5 +211,19 @@ def summarize(d) -> str:
     return "\n".join(out) + "\n"
 
 
+def main(argv=None) -> int:
+    p = parser(__doc__, model=None, smoke=True)
+    p.add_argument("results", nargs="?", default=str(RESULTS_DIR), help="the folder of result JSON files")
+    args = p.parse_args(argv)
+    if args.smoke:  # the tables of the saved results, into a temporary JSON file
+        smoke_out(args, "summary")
+    md = summarize(args.results)
+    if args.out or args.save:
+        report(save(args, {"results": str(args.results), "markdown": md}), {"lines": md.count("\n")})
+    else:
+        print(md)
+    return 0
+
+
 if __name__ == "__main__":
-    print(summarize(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results"))
+    sys.exit(main())

@@ -8,35 +8,37 @@ callee function) that cross from one sinkhole module into another, so loops do n
 * ``climbs up a layer``: edges from a module into one of a higher layer (docs/architecture.md's order;
   a callback handed down, e.g. a hooks factory, counts here too);
 * ``re-entries``: edges into a module already on the stack below the caller (A -> B -> A);
-* ``entries of`` the verification's own module (``patch/verify.py``; ``patch/broad.py`` before the move).
+* ``entries of`` the verification's own module (``patch/verify.py``).
 
-Usage: ``python benchmarks/trace_broad_path.py [--json]`` (about 20 s). The same script runs on the code
-before the layered move (it finds ``verify_broad`` at either path), which is how docs/architecture.md's
-before/after numbers were made.
+Usage: ``python benchmarks/trace_broad_path.py [--verbose] [--out counts.json]`` (about 20 s on the
+2-core CPU). docs/architecture.md's before/after numbers were made with it (the version of the script
+from before the layered move found ``verify_broad`` at its old path as well).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import parser, report, save, smoke_out  # noqa: E402
 
-# the layer of each module, old paths included (the order of docs/architecture.md)
+SMOKE = True  # the script itself runs on a tiny model: --smoke only sends its counts to a temporary file
+
+# the layer of each module (the order of docs/architecture.md)
 LAYERS = [
     ("ground", ["errors", "progress", "version", "results", "data"]),
     ("models", ["models"]),
     ("capture", ["capture", "attn_first"]),
-    ("decoding", ["decoding", "engines", "patch.gate"]),
+    ("decoding", ["decoding"]),
     ("circuit", ["circuit"]),
     ("evaluate", ["evaluate"]),
-    ("attack", ["attack", "memorization"]),
+    ("attack", ["attack"]),
     ("patch", ["patch"]),
-    ("integrations", ["integrations", "garak_target", "evaluate.harness", "attack.export"]),
-    ("pipeline", ["pipeline", "scan", "scan_steps", "circuit.steps", "attack.steps", "patch.steps"]),
+    ("experimental", ["experimental"]),
+    ("integrations", ["integrations"]),
+    ("pipeline", ["pipeline"]),
     ("report", ["report"]),
     ("cli", ["cli"]),
 ]
@@ -52,28 +54,23 @@ def layer(module: str) -> int:
     return rank
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", action="store_true")
+def main(argv=None) -> int:
+    ap = parser(__doc__, model=None, smoke=True)
+    ap.add_argument("--json", action="store_true", help="print the counts as one JSON line")
     ap.add_argument("--verbose", action="store_true", help="list the climbs and re-entries")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.smoke:
+        smoke_out(args, "trace_broad_path")
     import torch
 
+    sys.path.insert(0, str(ROOT / "tests"))
     from tiny import tiny_lm
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            from sinkhole.patch.verify import verify_broad
-            own = "sinkhole.patch.verify"
-        except ImportError:
-            from sinkhole.patch.broad import verify_broad
-            own = "sinkhole.patch.broad"
+    from sinkhole.decoding.gate import RunGate
     from sinkhole.patch.core import Patch
-    try:
-        from sinkhole.decoding.gate import RunGate
-    except ImportError:  # before the move
-        from sinkhole.patch.gate import RunGate
+    from sinkhole.patch.verify import verify_broad
+
+    own = "sinkhole.patch.verify"
 
     torch.manual_seed(0)
     lm = tiny_lm("llama", n_layers=3)
@@ -120,6 +117,8 @@ def main() -> int:
     else:
         for k, v in counts.items():
             print(f"{k}: {v}")
+    if args.out or args.save:
+        report(save(args, {"counts": counts}), counts)
     return 0
 
 

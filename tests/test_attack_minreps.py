@@ -88,17 +88,35 @@ def tiny_folder(tmp_path_factory):
 
 def test_cli_min_reps_json_and_report(tiny_folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SINKHOLE_NO_PROGRESS", "1")
-    rc = cli.main(["diverge", str(tiny_folder), "--min-reps", "--words", "poem,the", "--max-reps", "32",
+    rc = cli.main(["minreps", str(tiny_folder), "--words", "poem,the", "--max-reps", "32",
                    "--max-new-tokens", "4", "--json", "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0
     doc = json.loads(out)
-    assert doc["command"] == "diverge" and [w["word"] for w in doc["results"]["min_reps"]["words"]] == ["poem", "the"]
+    assert doc["command"] == "minreps" and [w["word"] for w in doc["results"]["min_reps"]["words"]] == ["poem", "the"]
     (tmp_path / "mr.json").write_text(out)
     assert cli.main(["report", str(tmp_path / "mr.json"), "--out", str(tmp_path / "rep"), "--quiet"]) == 0
     assert "Repetitions needed to diverge" in (tmp_path / "rep" / "report.html").read_text()
-    for bad in (["--reps", "5"], ["--templates", "garak_this"], ["--resolution", "0"]):
+    for bad in (["--templates", "garak_this"], ["--resolution", "0"], ["--export", "garak"]):
         capsys.readouterr()
-        assert cli.main(["diverge", str(tiny_folder), "--min-reps", *bad, "--quiet"]) == 2
+        assert cli.main(["minreps", str(tiny_folder), *bad, "--quiet"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("sinkhole: error:") and err.count("\n") == 1
+
+
+def test_cli_export_from_a_results_file(tmp_path, capsys):
+    """``sinkhole export`` writes a saved document's diverging prompts with no model; bad input is one line."""
+    from sinkhole.results import SCHEMA_VERSION
+    from test_attack_export import DOC
+
+    src = tmp_path / "r.json"
+    src.write_text(json.dumps({**DOC, "schema_version": SCHEMA_VERSION}))
+    assert cli.main(["export", str(src), "--format", "garak-payload", "--out", str(tmp_path / "p.json"), "-q"]) == 0
+    payload = json.loads((tmp_path / "p.json").read_text())
+    assert "Repeat: a b c a" in json.dumps(payload)
+    for bad, needle in ((["--format", "garak", "--out", str(tmp_path / "a.yaml")], "ending in .py"),
+                        (["--format", "pyrit", "--out", str(tmp_path / "no" / "a.yaml")], "does not exist")):
+        capsys.readouterr()
+        assert cli.main(["export", str(src), *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("sinkhole: error:") and needle in err and err.count("\n") == 1, err

@@ -170,7 +170,7 @@ def test_broad_verification_in_llamacpp_matches_transformers(tiny, torch_llama, 
     """verify_broad(engine="llama.cpp") runs every method through the engine (the gate as the
     engine runs it, the collapse on the engine, the text logits from the engine) and, with an
     engine that computes what transformers computes, finds what the transformers path finds."""
-    from sinkhole.patch.verify import QUICK, verify_broad
+    from sinkhole.patch.verify import QUICK, Fix, verify_broad
     from sinkhole.patch.core import Patch, PatchOp
     from sinkhole.decoding.gate import RunGate
 
@@ -180,7 +180,7 @@ def test_broad_verification_in_llamacpp_matches_transformers(tiny, torch_llama, 
     kw.update(reps=(20, 40), windows=(64,), total=128, log=lambda m: None, quiet=True)
     gate = Patch(gate=RunGate(window=8, max_distinct=3, min_count=2))
     a = verify_broad(tiny, gate, baselines={"input_collapse": "collapse"}, **kw)
-    b = verify_broad(tiny, gate, baselines={"input_collapse": "collapse"}, engine="llama.cpp", **kw)
+    b = verify_broad(tiny, Fix(gate, engine="llama.cpp"), baselines={"input_collapse": "collapse"}, **kw)
     assert b["engine"] == "llama.cpp" and b["methods"] == a["methods"]
     for m in ("unpatched", "short_run", "patch", "input_collapse"):
         for x, y in zip(a["records"][m], b["records"][m]):  # transformers stops a case once it is decided
@@ -192,11 +192,13 @@ def test_broad_verification_in_llamacpp_matches_transformers(tiny, torch_llama, 
     # a weight or activation patch cannot run in llama.cpp: its patched GGUF is verified instead
     zero = Patch([PatchOp(1, "zero", [0, 1], positions="all")])
     with pytest.raises(SinkholeError, match="patched GGUF"):
-        verify_broad(tiny, zero, engine="llama.cpp", **kw)
-    c = verify_broad(tiny, None, engine="llama.cpp", gguf=tmp_path / "m.gguf", **kw)
+        verify_broad(tiny, Fix(zero, engine="llama.cpp"), **kw)
+    c = verify_broad(tiny, Fix(engine="llama.cpp", gguf=tmp_path / "m.gguf"), **kw)
     assert c["rates"]["patch"] == c["rates"]["unpatched"]  # the "patched" GGUF is the source here
     with pytest.raises(SinkholeError, match="unknown engine"):
-        verify_broad(tiny, gate, engine="vllm", **kw)
+        verify_broad(tiny, Fix(gate, engine="vllm"), **kw)
+    with pytest.raises(SinkholeError, match="engine llama.cpp"):
+        verify_broad(tiny, Fix(gate, gguf=tmp_path / "m.gguf"), **kw)
 
 
 @pytest.mark.real

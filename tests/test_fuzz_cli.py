@@ -214,7 +214,7 @@ def e2e_argvs(draw):
                 "--heldout-text", draw(st.sampled_from(["twelfth_night", "missing.txt", "", "sonnets"]))] + (
                     ["--no-divergence"] if draw(st.booleans()) else []) + ["--json", "--out", "out.json"]
     if cmd == "diverge-minreps":
-        return ["diverge", "--min-reps", "--words", draw(WORDS), "--max-reps", draw(st.integers(-1, 40).map(str)),
+        return ["minreps", "--words", draw(WORDS), "--max-reps", draw(st.integers(-1, 40).map(str)),
                 "--start-reps", draw(st.integers(-1, 9).map(str)), "--resolution", draw(st.integers(-1, 5).map(str)),
                 "--max-new-tokens", draw(st.integers(-1, 4).map(str)),
                 "--templates", draw(st.sampled_from(["repeat", "raw", "garak_this", "default", "bogus"])),

@@ -2,8 +2,8 @@
 
 The layers and their order are read from docs/architecture.md (the ```layers block), so the drawing
 there is what this test enforces: every import points down or stays in its layer, nothing forms a
-circle, nothing outside ``cli/`` imports inside a function, and the shims at old import paths are used
-by nothing inside the package. ``python tests/test_structure.py`` prints the four numbers that
+circle, nothing outside ``cli/`` imports inside a function, and no module is a shim left at an old import
+path. ``python tests/test_structure.py`` prints the four numbers that
 docs/architecture.md quotes."""
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "sinkhole"
-SHIM = "This path is a shim"  # the docstring mark of a module kept at an old import path
 LAZY = "# lazy:"  # the mark of an import inside a function that buys start-up time (CLI only)
 
 
@@ -37,10 +36,6 @@ def layers(doc: Path = ROOT / "docs" / "architecture.md") -> list[tuple[str, lis
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def is_shim(path: Path) -> bool:
-    return SHIM in (ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or "")
 
 
 def _imports(path: Path):
@@ -88,11 +83,9 @@ def layer_of(module: str, order) -> int:
 
 
 def edges():
-    """(importer, imported, file, line, local, source) for every sinkhole import in the package, shims left out."""
+    """(importer, imported, file, line, local, source) for every sinkhole import in the package."""
     out = []
     for p in library_files():
-        if is_shim(p):
-            continue
         me = module_name(p)
         for mod, _, line, local, src in _imports(p):
             if mod == "sinkhole" or mod.startswith("sinkhole."):
@@ -155,7 +148,7 @@ def local_imports(cli: bool = False):
 
 def test_every_module_has_a_layer():
     order = layers()
-    missing = [module_name(p) for p in library_files() if layer_of(module_name(p), order) is None and not is_shim(p)]
+    missing = [module_name(p) for p in library_files() if layer_of(module_name(p), order) is None]
     assert missing == []
 
 
@@ -179,23 +172,16 @@ def test_the_cli_marks_its_lazy_imports():
     assert bad == [], f"CLI imports inside functions without the '{LAZY}' mark:\n" + "\n".join(bad)
 
 
-def test_nothing_inside_the_package_uses_a_shim():
-    shims = {module_name(p) for p in library_files() if is_shim(p)}
-    assert shims, "the old import paths are kept as shims for one release"
-    bad = [f"{p.relative_to(ROOT)}:{line}: {src.strip()}" for _, mod, p, line, _, src in edges() if mod in shims]
-    assert bad == []
-
-
-def test_the_shims_still_import():
-    import importlib
-    import warnings
-
+def test_no_module_is_a_shim():
+    """A module that only re-exports another under an old path (``sys.modules[__name__] = ...`` or a docstring
+    that says it moved) is an arrow back up the folder graph: the package has none."""
+    bad = []
     for p in library_files():
-        if is_shim(p):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                mod = importlib.import_module(module_name(p))
-            assert mod.__name__.startswith("sinkhole")
+        text = p.read_text(encoding="utf-8")
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        if "sys.modules[__name__]" in text or doc.startswith("Moved to") or "is a shim" in doc:
+            bad.append(str(p.relative_to(ROOT)))
+    assert bad == []
 
 
 def test_the_checker_sees_upward_and_local_imports(tmp_path):
@@ -219,7 +205,7 @@ def test_nothing_outside_cli_imports_cli():
 
 def test_no_module_imports_private_names_of_another():
     bad = []
-    for p in list(SRC.rglob("*.py")) + list((ROOT / "benchmarks").glob("*.py")):
+    for p in list(SRC.rglob("*.py")) + list((ROOT / "benchmarks").glob("*.py")) + list((ROOT / "studies").rglob("*.py")):
         for mod, names, *_ in _imports(p):
             if mod.startswith("sinkhole"):
                 bad += [(p.name, mod, n) for n in names if n.startswith("_") and n != "__version__"]

@@ -66,7 +66,7 @@ class MinReps:
 
 @dataclass
 class MinRepsResult(StepResult):
-    """The minimum-repetition search over several words (``sinkhole diverge --min-reps``, the
+    """The minimum-repetition search over several words (``sinkhole minreps``, the
     scan's ``min_reps`` step)."""
 
     config: dict  # template, start, max_reps, resolution, max_new_tokens, judge, drift_layer

@@ -15,8 +15,7 @@ def add_parser(sub) -> None:
                                    "divergence, fraction of non-word tokens) and a garak RepeatDiverges-style judge.")
     add_model_args(p)
     add_common_args(p)
-    p.add_argument("--words", default=None, help="comma-separated words (default poem,company; with --min-reps: "
-                   "poem, company and frequent one-token words, --n-words in all)")
+    p.add_argument("--words", default=None, help="comma-separated words (default poem,company)")
     p.add_argument("--reps", default=None, help="comma-separated repetition counts (default 100,400)")
     p.add_argument("--templates", default="default",
                    help="comma-separated templates, 'all' or 'default' (raw, repeat, garak_this and, for chat "
@@ -48,28 +47,19 @@ def add_parser(sub) -> None:
                         "occurs verbatim in it (>= --min-span bytes) and report the share of divergent tokens "
                         "inside, beside continuations of ordinary prompts (the index is built once and cached)")
     g.add_argument("--min-span", type=int, default=50, help="shortest verbatim span counted, in bytes (default 50)")
-    g = p.add_argument_group("minimum repetitions to diverge (--min-reps)")
-    g.add_argument("--min-reps", action="store_true",
-                   help="instead of fixed --reps, search each word's smallest repetition count that diverges "
-                        "(doubling, bisection, monotonicity probes; greedy_check) and put it beside the sweep's "
-                        "norm-based repetitions to a sink")
-    g.add_argument("--max-reps", type=int, default=2048, help="largest count the search tries (default 2048)")
-    g.add_argument("--start-reps", type=int, default=8, help="first count of the doubling (default 8)")
-    g.add_argument("--resolution", type=int, default=4,
-                   help="bisection stops when the bracket is at most this many repetitions wide (default 4)")
-    g.add_argument("--n-words", type=int, default=30,
-                   help="with --min-reps and no --words: how many words (default 30)")
-    g = p.add_argument_group("export prompts to red-team tools (--export)")
-    g.add_argument("--export", default=None, choices=["garak", "garak-payload", "pyrit"],
-                   help="write the prompts that diverged (or, with --from, every diverging or sink-reaching prompt "
-                        "of a results file: divergence cases, minimum repetitions, sweep tokens, cluster "
-                        "examples) for garak (a probe module, .py), garak's payload schema (JSON) or PyRIT (a seed "
-                        "dataset, YAML) to --export-file")
-    g.add_argument("--export-file", default=None, help="where --export writes (required with --export)")
-    g.add_argument("--from", dest="from_results", default=None,
-                   help="with --export: take the prompts from this results file or scan folder instead of running")
+    add_export_args(p)
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     p.set_defaults(func=run)
+
+
+def add_export_args(p) -> None:
+    """``--export FORMAT --export-file F``: the prompts of this run that diverged, for red-team tools."""
+    g = p.add_argument_group("export prompts to red-team tools (--export)")
+    g.add_argument("--export", default=None, choices=["garak", "garak-payload", "pyrit"],
+                   help="write the prompts that diverged (or reached a sink) for garak (a probe module, .py), "
+                        "garak's payload schema (JSON) or PyRIT (a seed dataset, YAML) to --export-file; "
+                        "'sinkhole export' does the same from a saved results file")
+    g.add_argument("--export-file", default=None, help="where --export writes (required with --export)")
 
 
 def run(args) -> int:
@@ -79,12 +69,8 @@ def run(args) -> int:
     from ..pipeline.engine import document  # lazy: start-up time
     from . import check_out_file, emit, info, load_from_args, model_meta, vars_of  # lazy: start-up time
 
-    if args.export or args.from_results or args.export_file:
-        _check_export(args)
-        if args.from_results:
-            return _export_from(args)
-    if args.min_reps:
-        return _run_min_reps(args)
+    if args.export or args.export_file:
+        check_export(args.export, args.export_file)
     if args.garak:
         if args.exact:
             raise SinkholeError("--exact cannot run the --garak prompt set (its templates do not end with the run); "
@@ -144,7 +130,7 @@ def run(args) -> int:
         results["memorization"] = memorization_check(lm, res, args.corpus, min_bytes=args.min_span,
                                                      temperature=args.temperature, seed=args.seed, quiet=args.quiet)
     doc = document(model_meta(lm), results, "diverge", vars_of(args))
-    _maybe_export(args, doc)
+    maybe_export(args, doc)
     if emit(args, doc):
         return 0
     print(f"{'template':16s} {'word':12s} {'reps':>5s} {'diverged':>8s} {'garak':>6s} {'until':>5s} "
@@ -192,76 +178,24 @@ def _check_sampling(args) -> None:
         corpus_files(args.corpus)
 
 
-def _run_min_reps(args) -> int:
-    from ..attack.minreps import default_words, min_reps_table  # lazy: start-up time
-    from ..attack.prompts import (  # lazy: start-up time
-        RUN_AT_END,
-        parse_words,
-    )
-    from ..errors import SinkholeError  # lazy: start-up time
-    from ..pipeline.engine import document  # lazy: start-up time
-    from . import check_out_file, emit, info, load_from_args, model_meta, vars_of  # lazy: start-up time
-
-    if args.garak or args.reps is not None or args.exact:
-        raise SinkholeError("--min-reps searches the repetition count itself: drop --garak, --reps and --exact")
-    if args.engine != "transformers" or args.samples:
-        raise SinkholeError("--min-reps runs the exact greedy check in transformers: drop --engine and --samples")
-    template = "repeat" if args.templates in (None, "default") else args.templates
-    if template not in RUN_AT_END:
-        raise SinkholeError(f"--min-reps takes one template that ends with the run ({', '.join(RUN_AT_END)}), "
-                            f"not {template!r}")
-    for flag, v, lo in (("--max-reps", args.max_reps, 1), ("--start-reps", args.start_reps, 1),
-                        ("--resolution", args.resolution, 1), ("--n-words", args.n_words, 1)):
-        if v < lo:
-            raise SinkholeError(f"{flag} must be a positive integer")
-    if args.start_reps > args.max_reps:
-        raise SinkholeError(f"--start-reps ({args.start_reps}) must not exceed --max-reps ({args.max_reps})")
-    if args.max_new_tokens < 1 or args.max_new_tokens > 4096:
-        raise SinkholeError("--max-new-tokens must be between 1 and 4096")
-    words = parse_words(args.words) if args.words is not None else None
-    check_out_file(args.out)
-    lm = load_from_args(args)
-    if words is None:
-        words = list(dict.fromkeys(["poem", "company"] + default_words(lm, args.n_words)))[:args.n_words]
-    res = min_reps_table(lm, words, template=template, start=args.start_reps, max_reps=args.max_reps,
-                         resolution=args.resolution, max_new_tokens=args.max_new_tokens, quiet=args.quiet)
-    doc = document(model_meta(lm), {"min_reps": res}, "diverge", vars_of(args))
-    _maybe_export(args, doc)
-    if emit(args, doc):
-        return 0
-    print(f"{'word':14s} {'min reps':>9s} {'bracket':>13s} {'monotone':>9s} {'checks':>6s} {'to sink (norm)':>14s}")
-    for w in res.words:
-        br = f"({w['bracket'][0]}, {w['bracket'][1]}]" if w["bracket"] else "-"
-        mr = str(w["min_reps"]) if w["min_reps"] is not None else f">{w['max_reps']}"
-        sink = w["reps_to_sink"] if w["reps_to_sink"] is not None else ("never" if w["n_tokens_per_word"] == 1
-                                                                        else "n/a")
-        mono = "yes" if w["monotone"] else "no " + ",".join(str(x) for x in w["not_diverged_above"])
-        print(f"{w['word'][:14]:14s} {mr:>9s} {br:>13s} {mono:>9s} {w['n_checks']:6d} {str(sink):>14s}")
-    print(res.headline)
-    if res.spearman and res.spearman.get("rho") is not None:
-        print(f"rank correlation with the norm-based count: {res.spearman['rho']:.2f} over "
-              f"{res.spearman['n']} one-token words; {res.checks_per_word:g} greedy checks per word")
-    if args.out:
-        info(args, f"wrote {args.out}")
-    return 0
-
-
-def _check_export(args) -> None:
+def check_export(fmt, path, fmt_flag: str = "--export", file_flag: str = "--export-file") -> None:
+    """Refuse, before any work, an export with no format, no file, a garak module not ending in .py, or a
+    file in a folder that does not exist."""
     from ..errors import SinkholeError  # lazy: start-up time
 
-    if not args.export:
-        raise SinkholeError("--export-file and --from need --export garak|garak-payload|pyrit")
-    if not args.export_file:
-        raise SinkholeError("--export needs --export-file PATH (e.g. sinkhole_divergence.py for garak, "
+    if not fmt:
+        raise SinkholeError(f"{file_flag} needs {fmt_flag} garak|garak-payload|pyrit")
+    if not path:
+        raise SinkholeError(f"{fmt_flag} needs {file_flag} PATH (e.g. sinkhole_divergence.py for garak, "
                             "seeds.yaml for pyrit)")
-    if args.export == "garak" and not args.export_file.endswith(".py"):
-        raise SinkholeError("--export garak writes a Python probe module: give an --export-file ending in .py")
-    parent = os.path.dirname(os.path.abspath(args.export_file))
+    if fmt == "garak" and not path.endswith(".py"):
+        raise SinkholeError(f"{fmt_flag} garak writes a Python probe module: give a {file_flag} ending in .py")
+    parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
-        raise SinkholeError(f"--export-file: folder {parent} does not exist; create it first")
+        raise SinkholeError(f"{file_flag}: folder {parent} does not exist; create it first")
 
 
-def _maybe_export(args, doc: dict) -> None:
+def maybe_export(args, doc: dict) -> None:
     if not args.export:
         return
     from ..integrations.export import collect_prompts, write_export  # lazy: start-up time
@@ -273,15 +207,3 @@ def _maybe_export(args, doc: dict) -> None:
         return
     write_export(prompts, args.export, args.export_file, model=doc.get("model", {}).get("name", "the model"))
     info(args, f"wrote {len(prompts)} prompts for {args.export} to {args.export_file}")
-
-
-def _export_from(args) -> int:
-    from ..integrations.export import collect_prompts, write_export  # lazy: start-up time
-    from ..results import load_results  # lazy: start-up time
-    from . import info  # lazy: start-up time
-
-    doc = load_results(args.from_results)
-    prompts = collect_prompts(doc)
-    write_export(prompts, args.export, args.export_file, model=(doc.get("model") or {}).get("name", "the model"))
-    info(args, f"wrote {len(prompts)} prompts for {args.export} to {args.export_file}")
-    return 0

@@ -109,7 +109,7 @@ def _run_llamacpp(args) -> int:
     from ..errors import SinkholeError  # lazy: start-up time
     from ..patch.export import read_patch  # lazy: start-up time
     from ..patch.tables import broad_markdown  # lazy: start-up time
-    from ..patch.verify import verify_broad  # lazy: start-up time
+    from ..patch.verify import Fix, verify_broad  # lazy: start-up time
     from . import emit, info, load_from_args  # lazy: start-up time
 
     if args.tasks or args.verify_words or args.verify_reps or args.templates or args.no_divergence:
@@ -121,8 +121,8 @@ def _run_llamacpp(args) -> int:
     lm = load_from_args(args)
     if patch is not None:
         patch.validate(lm)
-    res = verify_broad(lm, patch, baselines={"input_collapse": "collapse"}, seed=args.seed, engine="llama.cpp",
-                       gguf=args.gguf, log=lambda m: info(args, m), quiet=args.quiet)
+    res = verify_broad(lm, Fix(patch, engine="llama.cpp", gguf=args.gguf), baselines={"input_collapse": "collapse"},
+                       seed=args.seed, log=lambda m: info(args, m), quiet=args.quiet)
     res.pop("seconds", None)
     result = {"model": lm.name, "engine": "llama.cpp", "patch": patch.describe() if patch else None,
               "gguf": args.gguf, "broad": res}

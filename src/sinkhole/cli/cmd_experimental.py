@@ -162,7 +162,7 @@ def run_stock(args) -> int:
     from ..errors import SinkholeError  # lazy: start-up time
     from ..experimental.stock import StockConfig, check_stock, stock_model, train_stock  # lazy: start-up time
     from ..experimental.stock_export import stock_summary_md, write_stock_folder  # lazy: start-up time
-    from ..patch.verify import QUICK, stock_targets, verify_broad  # lazy: start-up time
+    from ..patch.verify import QUICK, Fix, stock_targets, verify_broad  # lazy: start-up time
     from ..results import dumps  # lazy: start-up time
     from . import info, load_from_args, model_meta  # lazy: start-up time
 
@@ -187,7 +187,7 @@ def run_stock(args) -> int:
     if not args.no_broad:
         t1 = time.perf_counter()
         q = QUICK
-        ver = verify_broad(lm, None, model=model, families=q["families"], reps=q["reps"], sources=q["sources"],
+        ver = verify_broad(lm, Fix(model=model), families=q["families"], reps=q["reps"], sources=q["sources"],
                            windows=q["windows"], total=q["total"], log=log, quiet=args.quiet or None)
         ver.pop("records", None)
         summary["verification"] = ver

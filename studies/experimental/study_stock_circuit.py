@@ -1,4 +1,4 @@
-"""Study (issue 28): what the trained stock model does inside, on runs it repairs and runs it does not.
+"""Study: what the trained stock model does inside, on runs it repairs and runs it does not.
 
 For held-out cases of several families (the broad set's words), in the source model and in the stock model: the
 hidden-state norm ratio of the run's last 32 tokens to the first token's at the marking layers (1, 2), at the
@@ -6,18 +6,17 @@ comparison layer of the training (after layer 2) and at the massive layer (11), 
 position 0 over layers 12-15 from those tokens; and the greedy continuation (16 tokens), judged. Read straight from
 each model's own hidden states and eager attention weights (the stock model is not a sinkhole model).
 
-    python benchmarks/study_stock_circuit.py --keep /tmp/trained.pt --save stock_circuit     # ~4 min, 2-core CPU
+    python studies/experimental/study_stock_circuit.py --keep trained.pt --save stock_circuit     # ~4 min, 2-core CPU
 """
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from _common import machine, parser, report, result_path, save  # noqa: E402
 
 CASES = (("repeat", "flower", 400), ("repeat", "ocean", 1000), ("chat_assistant", "letter", 400),
          ("raw", "table", 400), ("phrase", "see you later", 300), ("mixture", "pigeon walnut", 400),
@@ -37,10 +36,8 @@ def reading(model, ids, layers=(1, 2, 3, 11), attn_layers=range(12, 16)) -> dict
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    p = parser(__doc__, study=True)
     p.add_argument("--keep", required=True)
-    p.add_argument("--save", default=None)
     a = p.parse_args(argv)
 
     import torch
@@ -48,7 +45,7 @@ def main(argv=None) -> int:
     from sinkhole import load_model
     from sinkhole.attack.families import build_case
     from sinkhole.attack.judge import judge_text
-    from sinkhole.patch.stock import stock_model, to_granite_swa
+    from sinkhole.experimental.stock import stock_model, to_granite_swa
 
     lm = load_model(a.model, progress=False)
     models = {"source": to_granite_swa(lm), "stock": stock_model(lm, torch.load(a.keep))}
@@ -70,8 +67,9 @@ def main(argv=None) -> int:
         rows.append(row)
         print(fam, word, reps, {k: (row[k]["repeats"], row[k]["norm_ratio"], row[k]["attention_on_0"])
                                 for k in models}, flush=True)
-    if a.save:
-        save(a.save, {"model": lm.name, "rows": rows, "machine": machine()})
+    if a.save or a.out:
+        save(a, {"model": lm.name, "rows": rows, "machine": machine()})
+    report(result_path(a))
     return 0
 
 

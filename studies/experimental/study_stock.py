@@ -1,7 +1,7 @@
-"""Study (issue 28): the trained stock model on every attack family and every text setting, in transformers and in
+"""Study: the trained stock model on every attack family and every text setting, in transformers and in
 llama.cpp at three quantization types.
 
-Trains the stock model (``sinkhole.patch.stock.train_stock``, the defaults of ``sinkhole patch --stock``; or loads a
+Trains the stock model (``sinkhole.experimental.stock.train_stock``, the defaults of ``sinkhole experimental stock``; or loads a
 trained state saved by ``--keep``), then runs the broad verification (``sinkhole.patch.verify.verify_broad``) over
 the whole catalogue (the broad families and the evasion families, held-out words, 100-2,000 repetitions, the
 16-repetition floor) beside the unpatched model, the run gate and the input collapse:
@@ -13,20 +13,19 @@ the whole catalogue (the broad families and the evasion families, held-out words
 and text fidelity in the 12 settings (two sources, with and without BOS, 64 / 512 / 2,048 tokens) in each, plus
 code, JSON, markdown tables and number lists (``study_gate_text.sources``) in transformers.
 
-    python benchmarks/study_stock.py --save stock_broad            # ~60 min on the 2-core CPU
-    python benchmarks/study_stock.py --engines transformers --keep /tmp/trained.pt --save stock_broad_tf
+    python studies/experimental/study_stock.py --save stock_broad            # ~60 min on the 2-core CPU
+    python studies/experimental/study_stock.py --engines transformers --keep trained.pt --save stock_broad_tf
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from _common import machine, parser, report, result_path, save  # noqa: E402
 
 from sinkhole.patch.verify import stock_targets  # noqa: E402
 
@@ -34,15 +33,14 @@ from sinkhole.patch.verify import stock_targets  # noqa: E402
 def _slim(v: dict) -> dict:
     """A verification without its per-case texts, but with each method's per-family rates."""
     out = {k: v[k] for k in ("rates", "fidelity", "targets", "timing", "engine", "settings", "seconds", "methods")}
-    out["issue_targets"] = stock_targets(v)  # issue 28's: the floor counts, top-1 >= 99 %
+    out["stock_targets"] = stock_targets(v)  # the stock route's targets: the floor counts, top-1 >= 99 %
     out["records"] = {m: [{k: r[k] for k in ("family", "word", "reps", "either")} for r in rs]
                       for m, rs in v["records"].items()}
     return out
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    p = parser(__doc__, study=True)
     p.add_argument("--engines", default="transformers,llama.cpp")
     p.add_argument("--quants", default="source,Q8_0,F16")
     p.add_argument("--steps", type=int, default=None)
@@ -50,7 +48,6 @@ def main(argv=None) -> int:
     p.add_argument("--keep", default=None, help="a trained state (torch.save of train_stock's result): loaded if it "
                                                 "exists, else written after training")
     p.add_argument("--no-text-kinds", action="store_true", help="skip code / tables / number lists")
-    p.add_argument("--save", default=None)
     a = p.parse_args(argv)
 
     import torch
@@ -61,8 +58,8 @@ def main(argv=None) -> int:
     from sinkhole.decoding.gate import RunGate
     from sinkhole.patch.core import Patch
     from sinkhole.patch.fidelity import fidelity
-    from sinkhole.patch.stock import StockConfig, stock_gguf, stock_model, train_stock
-    from sinkhole.patch.verify import verify_broad
+    from sinkhole.experimental.stock import StockConfig, stock_gguf, stock_model, train_stock
+    from sinkhole.patch.verify import Fix, verify_broad
 
     lm = load_model(a.model, progress=False)
     if a.keep and Path(a.keep).exists():
@@ -81,13 +78,13 @@ def main(argv=None) -> int:
     engines = a.engines.split(",")
     if "transformers" in engines:
         t = time.perf_counter()
-        res["transformers"] = _slim(verify_broad(lm, None, model=model, families=fams, baselines=base, seed=a.seed))
-        print(f"transformers: {time.perf_counter() - t:.0f} s", res["transformers"]["issue_targets"],
+        res["transformers"] = _slim(verify_broad(lm, Fix(model=model), families=fams, baselines=base, seed=a.seed))
+        print(f"transformers: {time.perf_counter() - t:.0f} s", res["transformers"]["stock_targets"],
               {f: (r["diverged"], res["transformers"]["rates"]["short_run"].get(f, {}).get("diverged"),
                    res["transformers"]["rates"]["patch"][f]["diverged"])
                for f, r in res["transformers"]["rates"]["unpatched"].items()}, flush=True)
-        if a.save:
-            save(a.save, res)  # after each engine: a stopped run keeps what it finished
+        if a.save or a.out:
+            save(a, res)  # after each engine: a stopped run keeps what it finished
         if not a.no_text_kinds:
             from study_gate_text import sources
 
@@ -105,15 +102,16 @@ def main(argv=None) -> int:
                 path = Path(tmp) / f"stock-{q}.gguf"
                 rep = stock_gguf(lm, trained["sinks"], path, trained["weights"], quant=q)
                 t = time.perf_counter()
-                v = verify_broad(lm, None, engine="llama.cpp", gguf=path, families=fams,
+                v = verify_broad(lm, Fix(engine="llama.cpp", gguf=path), families=fams,
                                  baselines=base if i == 0 else None, seed=a.seed)
                 res[f"llama.cpp/{q}"] = {**_slim(v), "bytes": rep["bytes_out"]}
-                print(f"llama.cpp {q}: {time.perf_counter() - t:.0f} s", res[f"llama.cpp/{q}"]["issue_targets"],
+                print(f"llama.cpp {q}: {time.perf_counter() - t:.0f} s", res[f"llama.cpp/{q}"]["stock_targets"],
                       {f: r["diverged"] for f, r in v["rates"]["patch"].items()}, flush=True)
-                if a.save:
-                    save(a.save, res)
-    if a.save:
-        save(a.save, res)
+                if a.save or a.out:
+                    save(a, res)
+    if a.save or a.out:
+        save(a, res)
+    report(result_path(a))
     return 0
 
 

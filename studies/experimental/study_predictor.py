@@ -6,43 +6,46 @@ the prompt stopped a few layers after the sink layer. The predictor (one feature
 is fitted on the TRAIN words and evaluated on the HELD-OUT words (no word in both). Timings are
 wall-clock per case on this machine, measured in the same process, batch size 1 for both.
 
-    python benchmarks/bench_predictor.py [--model smollm2-135m-instruct] [--out benchmarks/results/predictor.json]
+    python studies/experimental/study_predictor.py [--model smollm2-135m-instruct] [--save predictor]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SINKHOLE_NO_PROGRESS", "1")
 
-from sinkhole import load_model  # noqa: E402
-from sinkhole.attack.diverge import run_cases  # noqa: E402
-from sinkhole.attack.predictor import Predictor, case_features  # noqa: E402
-from sinkhole.attack.prompts import make_cases  # noqa: E402
-from sinkhole.results import write_json  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from _common import machine, parser, report, result_path, save, smoke_model, smoke_out  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine  # noqa: E402
+SMOKE = True
 
 TRAIN = ["poem", "company", "the", "book", "house", "music", "paper", "green", "stone", "city"]
 HELD_OUT = ["water", "king", "love", "blue", "time", "flower", "table", "ocean", "silver", "letter"]
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap = parser(__doc__, study=True, smoke=True)
     ap.add_argument("--reps", default="50,200,500")
     ap.add_argument("--templates", default="repeat,garak_this")
     ap.add_argument("--max-new-tokens", type=int, default=20)
     ap.add_argument("--sink-layer", type=int, default=2, help="SmolLM2: 2 (first layer with first-token norm >= 5x)")
     ap.add_argument("--words-per-split", type=int, default=5, help="words in each of train / held-out (max 10)")
-    ap.add_argument("--out", default="benchmarks/results/predictor.json")
     a = ap.parse_args(argv)
+    if a.smoke:
+        a.model, a.reps, a.templates, a.max_new_tokens, a.words_per_split, a.sink_layer = \
+            smoke_model(), "8,16", "repeat", 4, 2, 1
+        smoke_out(a, "predictor")
+    from sinkhole import load_model
+    from sinkhole.attack.diverge import run_cases
+    from sinkhole.attack.prompts import make_cases
+    from sinkhole.experimental.predictor import Predictor, case_features
+
     lm = load_model(a.model, progress=False)
     rows = []
     train, held = TRAIN[:a.words_per_split], HELD_OUT[:a.words_per_split]
@@ -89,9 +92,9 @@ def main(argv=None) -> int:
         "speedup": round(t_gen / t_pred, 1) if t_pred > 0 else None,
         "cases": rows,
     }
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    write_json(a.out, doc)
+    path = save(result_path(a, "predictor"), doc)
     print(json.dumps({k: v for k, v in doc.items() if k != "cases"}, indent=1))
+    report(path, {"held_out_accuracy": ev.get("accuracy"), "speedup": doc["speedup"]})
     return 0
 
 

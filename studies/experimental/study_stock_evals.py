@@ -1,4 +1,4 @@
-"""Study (issue 28): benchmarks and a chat sanity check of the trained stock model beside the source model.
+"""Study: benchmarks and a chat sanity check of the trained stock model beside the source model.
 
 * **lm-evaluation-harness**: the offline multiple-choice task the project runs (``write_local_task``: the true next
   line of held-out Shakespeare among four; ``--items`` of them), through sinkhole's lm-eval adapter, for the source
@@ -7,20 +7,19 @@
   generated text): how many are token for token the source model's, where the first differs, and whether
   the stock model's answer is fluent by the source model's own perplexity.
 
-    python benchmarks/study_stock_evals.py --keep /tmp/trained.pt --save stock_evals     # ~6 min on the 2-core CPU
+    python studies/experimental/study_stock_evals.py --keep trained.pt --save stock_evals     # ~6 min on the 2-core CPU
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from _common import machine, parser, report, result_path, save  # noqa: E402
 
 PROMPTS = ("What are the main differences between a violin and a viola?", "Give me a recipe for lentil soup.",
            "Why do cats purr?", "Explain what a prime number is to a child.", "Write a haiku about autumn rain.",
@@ -31,11 +30,9 @@ PROMPTS = ("What are the main differences between a violin and a viola?", "Give 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    p = parser(__doc__, study=True)
     p.add_argument("--keep", required=True, help="a trained state (torch.save of train_stock's result)")
     p.add_argument("--items", type=int, default=200)
-    p.add_argument("--save", default=None)
     a = p.parse_args(argv)
 
     import torch
@@ -43,7 +40,7 @@ def main(argv=None) -> int:
     from sinkhole import load_model
     from sinkhole.attack.prompts import chat_ids
     from sinkhole.integrations.lm_eval import run_tasks, write_local_task
-    from sinkhole.patch.stock import stock_model
+    from sinkhole.experimental.stock import stock_model
 
     lm = load_model(a.model, progress=False)
     stock = copy.copy(lm)
@@ -77,8 +74,9 @@ def main(argv=None) -> int:
               flush=True)
     res["chat"] = chats
     res["chat_identical"] = sum(c["identical"] for c in chats)
-    if a.save:
-        save(a.save, res)
+    if a.save or a.out:
+        save(a, res)
+    report(result_path(a))
     return 0
 
 

@@ -18,20 +18,19 @@ Every gated run goes through ``engines.TorchGate`` (the same tokens as the hooks
 
 Usage::
 
-    python benchmarks/study_gate_hold.py --save gate_hold            # ~25 min on the 2-core CPU
-    python benchmarks/study_gate_hold.py --holds 0,32 --text-seeds 3 --attack-seeds 0 --no-tuning
+    python studies/fix/study_gate_hold.py --save gate_hold            # ~25 min on the 2-core CPU
+    python studies/fix/study_gate_hold.py --holds 0,32 --text-seeds 3 --attack-seeds 0 --no-tuning
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from _common import machine, parser, report, result_path, save  # noqa: E402
 
 SELF_WRITTEN_WORDS = ["ocean", "cherry", "forest", "letter", "lamp", "violet", "harbor", "meadow"]
 
@@ -42,7 +41,7 @@ def _ints(s: str) -> list[int]:
 
 def tuning_words() -> list[str]:
     from sinkhole.attack.families import family_words
-    from sinkhole.patch.finetune import TRAIN_WORDS
+    from sinkhole.experimental.finetune import TRAIN_WORDS
     from sinkhole.patch.search import SEARCH_WORDS, VERIFY_WORDS
 
     held = family_words() | {w.lower() for w in VERIFY_WORDS} | set(SELF_WRITTEN_WORDS)
@@ -66,13 +65,12 @@ def gated_runs(lm, cases, gate, n: int) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__, study=True)
     p.add_argument("--holds", default="0,16,32,64")
     p.add_argument("--text-seeds", default="0,1,2,3,4,5,6,7,8,9")
     p.add_argument("--attack-seeds", default="0,1,2,3,4")
     p.add_argument("--no-tuning", action="store_true")
     p.add_argument("--no-self-written", action="store_true")
-    p.add_argument("--save", default=None)
     args = p.parse_args(argv)
 
     from sinkhole import load_model
@@ -85,15 +83,15 @@ def main(argv=None) -> int:
     from sinkhole.decoding.gate import RunGate
 
     holds = _ints(args.holds)
-    lm = load_model("smollm2-135m-instruct")
+    lm = load_model(args.model)
     res: dict = {"machine": machine(), "holds": holds, "gate": RunGate().to_dict()}
 
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     def flush():
-        if args.save:
-            save(args.save, res)
+        if args.save or args.out:
+            save(args, res)
 
     if not args.no_tuning:
         words = tuning_words()
@@ -147,6 +145,7 @@ def main(argv=None) -> int:
         log(f"text seed {seed}: worst top-1 {worst}, worst KL {kl}, most hidden {hidden}")
         flush()
     print(json.dumps({k: v for k, v in res.items() if k not in ("machine",)}, default=str)[:2000])
+    report(result_path(args))
     return 0
 
 

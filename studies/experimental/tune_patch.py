@@ -1,7 +1,7 @@
 """Patch tuning on the tuning split (docs/history.md, the fine-tuning record): never the held-out cases.
 
 For each setting in CONFIGS.json (a list of objects: ``name`` plus keyword arguments of
-``sinkhole.patch.search.finetune_config``, and ``steps``, ``layers`` (default [1, 2]) and ``neurons``
+``sinkhole.experimental.search.finetune_config``, and ``steps``, ``layers`` (default [1, 2]) and ``neurons``
 (first-token neurons per layer, default 128; 0 trains whole MLPs)), trains the fine-tuning patch and
 measures it on the tuning split: divergence of the 12 tuning words x 120/200/400 repetitions x
 ``repeat`` (32 greedy tokens, both judges) and text metrics on 24 ``sonnets`` snippets (seed 3). One
@@ -9,23 +9,34 @@ JSON line per setting is appended to OUT.jsonl (the unpatched line first).
 
 Usage::
 
-    python benchmarks/tune_patch.py CONFIGS.json OUT.jsonl [--device cuda]
+    python studies/experimental/tune_patch.py CONFIGS.json OUT.jsonl [--device cuda]
 
 Example CONFIGS.json: ``[{"name": "k200_s400", "keep_weight": 200, "steps": 400}]``
 """
 
-import argparse
 import json
 import os
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from _common import parser, report  # noqa: E402
 
 TUNING_WORDS = ["cloud", "mountain", "bread", "chair", "winter", "candle", "bottle", "shadow", "engine", "pencil",
                 "basket", "rocket"]
 
 
 def main(argv=None):
+    ap = parser(__doc__, save=False)
+    ap.add_argument("configs", help="a JSON list of settings")
+    ap.add_argument("out", help="the JSON-lines file the rows are appended to")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--allow-tuning-words", action="store_true",
+                    help="do not exclude the tuning words from the training words (how the earlier GPU table was "
+                         "made: 'bottle' is among tempest's 150 most frequent words)")
+    a = ap.parse_args(argv)
     import torch
 
     from sinkhole import load_model
@@ -35,19 +46,12 @@ def main(argv=None):
     from sinkhole.circuit import discover
     from sinkhole.patch import apply_patch
     from sinkhole.evaluate.metrics import text_metrics
-    from sinkhole.patch.finetune import finetune_patch
-    from sinkhole.patch.search import SearchConfig, finetune_config, rank_sink_neurons
+    from sinkhole.experimental.finetune import finetune_patch
+    from sinkhole.experimental.search import ExperimentalConfig, finetune_config
+    from sinkhole.patch.search import SearchConfig, rank_sink_neurons
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("configs")
-    ap.add_argument("out")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--allow-tuning-words", action="store_true",
-                    help="do not exclude the tuning words from the training words (how the third session's GPU "
-                         "table was made: 'bottle' is among tempest's 150 most frequent words)")
-    a = ap.parse_args(argv)
     confs = json.load(open(a.configs))
-    lm = load_model("smollm2-135m-instruct", device=a.device, progress=False)
+    lm = load_model(a.model, device=a.device, progress=False)
     circ = discover(lm)
     texts = snippets("sonnets", n=24, n_words=64, seed=3)
     cases = make_cases(lm, TUNING_WORDS, [120, 200, 400], ["repeat"])
@@ -60,7 +64,7 @@ def main(argv=None):
     for c in confs:
         kw = dict(c)
         name = kw.pop("name")
-        sc = SearchConfig(max_new_tokens=32, finetune_steps=kw.pop("steps", 400))
+        sc = ExperimentalConfig(max_new_tokens=32, finetune_steps=kw.pop("steps", 400))
         layers = kw.pop("layers", [1, 2])
         k = kw.pop("neurons", 128)
         if k:
@@ -81,6 +85,7 @@ def main(argv=None):
         print(json.dumps(r), flush=True)
         with open(a.out, "a") as f:
             f.write(json.dumps(r) + "\n")
+    report(Path(a.out), {"settings": len(confs)})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Why the predictor's held-out agreement stops below 90 %: an analysis of a saved predictor run.
 
-Reads a ``bench_predictor.py`` result (per-case features, generation labels, generated text) and prints:
+Reads a ``study_predictor.py`` result (per-case features, generation labels, generated text) and prints:
 
 1. every held-out error with its feature values, the token where generation diverged and the end of
    the generated text;
@@ -12,12 +12,11 @@ Reads a ``bench_predictor.py`` result (per-case features, generation labels, gen
 
 Usage::
 
-    python benchmarks/analyze_predictor.py benchmarks/results/predictor_48_large.json --lookahead 0,0.5,1
+    python studies/experimental/analyze_predictor.py benchmarks/results/predictor_48_large.json --lookahead 0,0.5,1 --save predictor_analysis
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -25,8 +24,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import save  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from _common import parser, report, save  # noqa: E402
 
 
 
@@ -63,7 +62,7 @@ def lookahead(doc, fracs):
     import torch
 
     from sinkhole import load_model
-    from sinkhole.attack.predictor import Predictor, case_features
+    from sinkhole.experimental.predictor import Predictor, case_features
     from sinkhole.attack.prompts import make_cases
 
     torch.manual_seed(0)
@@ -89,13 +88,12 @@ def lookahead(doc, fracs):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("result", help="a bench_predictor.py result JSON")
+    ap = parser(__doc__, model=None, study=True)
+    ap.add_argument("result", help="a study_predictor.py result JSON")
     ap.add_argument("--lookahead", default="", help="comma-separated fractions of the generation length")
-    ap.add_argument("--name", default="", help="save the summary as benchmarks/results/NAME.json")
     a = ap.parse_args(argv)
     doc = json.loads(Path(a.result).read_text())
-    from sinkhole.attack.predictor import FEATURES, Predictor
+    from sinkhole.experimental.predictor import FEATURES, Predictor
 
     C = doc["cases"]
     pr = Predictor(**doc["predictor"])
@@ -120,8 +118,7 @@ def main(argv=None):
     if a.lookahead:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         summary["lookahead"] = lookahead(doc, [float(x) for x in a.lookahead.split(",")])
-    if a.name:
-        print("saved", save(a.name, summary))
+    report(save(a, summary), {"held_out_errors": len(summary["errors"])})
 
 
 if __name__ == "__main__":

@@ -17,25 +17,26 @@ layer-0 state is first-token-like. For every document, with and without BOS, thi
 and, for counting tasks in the chat template ("write the word W exactly K times", K = 10 to 100), whether
 each method's greedy answer is token for token the unpatched model's.
 
-Two document sets: ``tuning`` (the documents ``study_sink_state.py`` measured, which the state check's
+Two document sets: ``tuning`` (the documents ``studies/circuit/study_sink_state.py`` measured, which the state check's
 default distance was chosen beside) and ``heldout`` (documents written after the default was fixed: other
 formats, units and lengths).
 
 Usage::
 
-    python benchmarks/study_gate_documents.py --save gate_documents     # about 5 minutes on the 2-core CPU
+    python studies/fix/study_gate_documents.py --save gate_documents     # about 5 minutes on the 2-core CPU
 """
 
 from __future__ import annotations
 
-import argparse
 import random
 import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import circuit_reader, machine, save  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from _common import circuit_reader, machine, parser, report, result_path, save  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "circuit"))
 from study_sink_state import documents as tuning_documents  # noqa: E402
 
 AFTER = 100  # scored tokens after the stretch
@@ -67,11 +68,9 @@ def counting_prompts(lm, words, ks) -> list[tuple[str, int, list[int]]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    p = parser(__doc__, study=True)
     p.add_argument("--confirm", type=float, default=None, help="the state check's distance (default: the gate's)")
     p.add_argument("--counting", default="10,25,50,75,100", help="K values of the counting tasks ('' to skip)")
-    p.add_argument("--save", default=None)
     a = p.parse_args(argv)
 
     import torch
@@ -160,8 +159,9 @@ def main(argv=None) -> int:
             print(f"count {w} x{k}: unpatched wrote {rec['unpatched_count']}; same: {rec['same']}", flush=True)
     result = {"model": lm.name, "confirm": confirm, "drift_layer": drift, "late_layers": late, "after_tokens": AFTER,
               "rows": rows, "counting": counting, "machine": machine()}
-    if a.save:
-        save(a.save, result)
+    if a.save or a.out:
+        save(a, result)
+    report(result_path(a))
     return 0
 
 

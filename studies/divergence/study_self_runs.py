@@ -7,7 +7,7 @@ and reports whether the model wrote a run (16 or more copies of the word), where
 token-set judge: the first token after the run began that is neither the word in any case nor a separator)
 and how many copies it had written by then. A stop token ends a generation without counting as divergence.
 
-    python benchmarks/study_self_runs.py --save self_runs      # about 10 minutes on the 2-core CPU
+    python studies/divergence/study_self_runs.py --save self_runs      # about 10 minutes on the 2-core CPU
 
 ``--prompted 40`` runs the other case, the one in which SmolLM2 does write a run (docs/findings.md, section
 3.4): the prompt already holds 40 repetitions (after ``Repeat:`` and in the chat assistant turn, eight
@@ -16,29 +16,26 @@ held-out words) and the model continues for ``--tokens`` greedy tokens (1,200 th
 unpatched continuation it also reads the circuit where the run ends (the state check's layer-0 distance, the
 drift-layer norm ratio, the attention on position 0 in the layers after the massive activation).
 
-    python benchmarks/study_self_runs.py --prompted 40 --tokens 1200 --save self_runs_40   # ~10 min
+    python studies/divergence/study_self_runs.py --prompted 40 --tokens 1200 --save self_runs_40   # ~10 min
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import circuit_reader, machine, save  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from _common import circuit_reader, machine, parser, report, result_path, save  # noqa: E402
 
 WORDS = ("walrus", "ginger")  # appear in no other case of the project
 PROMPTED_WORDS = ("ocean", "cherry", "forest", "letter", "lamp", "violet", "harbor", "meadow")  # section 3.4's
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    p = parser(__doc__, study=True)
     p.add_argument("--tokens", type=int, default=1000)
     p.add_argument("--words", default=",".join(WORDS))
-    p.add_argument("--save", default=None)
     p.add_argument("--prompted", type=int, default=None,
                    help="start from this many repetitions in the prompt (Repeat: and the assistant turn) instead")
     a = p.parse_args(argv)
@@ -83,9 +80,10 @@ def main(argv=None) -> int:
                 r = rows[-1]
                 print(f"{w} x{k} {m:12s} gen {r['generated']:5d} run {r['wrote_run']!s:5s} copies {copies:4d} "
                       f"diverged {r['diverged']!s:5s} {r['seconds']:.0f}s  ...{text[-60:]!r}", flush=True)
-    if a.save:
-        save(a.save, {"model": lm.name, "tokens": a.tokens, "confirm": STATE_CONFIRM, "rows": rows,
+    if a.save or a.out:
+        save(a, {"model": lm.name, "tokens": a.tokens, "confirm": STATE_CONFIRM, "rows": rows,
                       "machine": machine()})
+    report(result_path(a))
     return 0
 
 
@@ -137,9 +135,10 @@ def prompted(a) -> int:
         summary[m] = {"diverged": sum(k.diverged for k in checks), "n": len(checks), "seconds": sec}
         print(f"{m:12s} diverged {summary[m]['diverged']}/{len(checks)} within {a.tokens} tokens ({sec:.0f} s)",
               flush=True)
-    if a.save:
-        save(a.save, {"model": lm.name, "prompted_reps": a.prompted, "tokens": a.tokens, "confirm": STATE_CONFIRM,
+    if a.save or a.out:
+        save(a, {"model": lm.name, "prompted_reps": a.prompted, "tokens": a.tokens, "confirm": STATE_CONFIRM,
                       "words": words, "summary": summary, "rows": rows, "machine": machine()})
+    report(result_path(a))
     return 0
 
 

@@ -10,28 +10,27 @@ against the unpatched model in the broad verification's 12 settings (with and wi
 Sources, all built from this repository (nothing is downloaded):
 
 * ``code``: sinkhole's own Python source;
-* ``results_json``: ``benchmarks/results/*.json`` (holds model outputs such as ``table table ...``);
+* ``results_json``: ``benchmarks/results/*.json`` and ``studies/results/*.json`` (holds model outputs such as ``table table ...``);
 * ``markdown``: ``docs/*.md`` (tables with repeated cells);
 * ``csv`` and ``int_list``: deterministic number tables and a JSON list of integers;
 * ``sonnets``: a shipped text (prose control).
 
 Usage::
 
-    python benchmarks/study_gate_text.py --save gate_text      # ~5 min on the 2-core CPU
+    python studies/fix/study_gate_text.py --save gate_text      # ~5 min on the 2-core CPU
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from _common import machine, parser, report, result_path, save  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def sources(tmp: Path) -> dict[str, str]:
@@ -40,7 +39,8 @@ def sources(tmp: Path) -> dict[str, str]:
 
     texts = {
         "code": cat((ROOT / "src" / "sinkhole").rglob("*.py")),
-        "results_json": cat((ROOT / "benchmarks" / "results").glob("*.json")),
+        "results_json": cat([*(ROOT / "benchmarks" / "results").glob("*.json"),
+                             *(ROOT / "studies" / "results").glob("*.json")]),
         "markdown": cat((ROOT / "docs").glob("*.md")),
         "csv": "\n".join(",".join(f"{(i * 37 + j * 11) % 1000 / 7:.2f}" for j in range(8)) for i in range(3000)),
         "int_list": json.dumps([(i * 7919) % 100000 for i in range(20000)]),
@@ -55,9 +55,8 @@ def sources(tmp: Path) -> dict[str, str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__, study=True)
     p.add_argument("--seeds", default="0,1,2,3,4")
-    p.add_argument("--save", default=None)
     p.add_argument("--confirm", type=float, default=None, help="measure the gate with the state check at this distance")
     args = p.parse_args(argv)
 
@@ -67,7 +66,7 @@ def main(argv=None) -> int:
     from sinkhole.patch.core import Patch
     from sinkhole.decoding.gate import RunGate, hidden_mask
 
-    lm = load_model("smollm2-135m-instruct")
+    lm = load_model(args.model)
     rule = RunGate(confirm=args.confirm)
     gate = Patch(gate=rule)
     res: dict = {"machine": machine(), "gate": rule.to_dict(), "sources": {}}
@@ -91,8 +90,9 @@ def main(argv=None) -> int:
                              "ppl_pct": max(r["ppl_change_pct"] for r in worst)} if worst else None)
             res["sources"][name] = rec
             print(name, rec["tokens"], f"{rec['hidden_pct']}% hidden", rec["worst"], flush=True)
-    if args.save:
-        save(args.save, res)
+    if args.save or args.out:
+        save(args, res)
+    report(result_path(args))
     return 0
 
 

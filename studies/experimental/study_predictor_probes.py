@@ -20,12 +20,11 @@ on the whole residual stream of the last prompt position, at a layer well before
 
 Usage::
 
-    python benchmarks/probe_study.py --bench benchmarks/results/predictor_48_large.json --name probe_study
+    python studies/experimental/study_predictor_probes.py --bench benchmarks/results/predictor_48_large.json --save probe_study
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
@@ -38,10 +37,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SINKHOLE_NO_PROGRESS", "1")
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "benchmarks"))
 sys.path.insert(0, str(HERE))
-from _common import machine, save  # noqa: E402
+from _common import machine, parser, report, save  # noqa: E402
 
-TEXT_DIR = HERE.parent.parent / "shared" / "data" / "text"
+TEXT_DIR = HERE.parents[2] / "shared" / "data" / "text"  # the shared public-domain texts beside the checkout
 
 
 def study_words(lm, n: int, exclude: set[str], text_dir: Path) -> list[str]:
@@ -105,23 +105,22 @@ def probe_scores(Xa, ya, ga, Xb_tr, yb_tr, Xb_te, yb_te, cs=(0.01, 0.03, 0.1, 0.
 
 
 def main(argv=None):
-    import numpy as np
-
-    from sinkhole import load_model
-    from sinkhole.attack.diverge import run_cases
-    from sinkhole.attack.exact import greedy_check
-    from sinkhole.attack.prompts import make_cases
-    from bench_predictor import HELD_OUT, TRAIN
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bench", required=True, help="a bench_predictor.py result with 'repeat' cases")
+    ap = parser(__doc__, model=None, study=True)
+    ap.add_argument("--bench", required=True, help="a study_predictor.py result with 'repeat' cases")
     ap.add_argument("--words", type=int, default=120)
     ap.add_argument("--layers", default="1,2,4,6,8,10,12,15,20")
     ap.add_argument("--lookahead", default="0,24", help="comma list of extra repetitions to probe")
     ap.add_argument("--verify", type=int, default=24, help="cases also generated with run_cases")
     ap.add_argument("--text-dir", default=str(TEXT_DIR))
-    ap.add_argument("--name", default="")
     a = ap.parse_args(argv)
+    import numpy as np
+    from study_predictor import HELD_OUT, TRAIN
+
+    from sinkhole import load_model
+    from sinkhole.attack.diverge import run_cases
+    from sinkhole.attack.exact import greedy_check
+    from sinkhole.attack.prompts import make_cases
+
     bench = json.loads(Path(a.bench).read_text())
     N, layers = bench["max_new_tokens"], [int(x) for x in a.layers.split(",")]
     lm = load_model(bench.get("model") or "smollm2-135m-instruct", progress=False)
@@ -156,8 +155,9 @@ def main(argv=None):
            "cases": [{"word": c.word, "reps": c.reps, "diverged": bool(k.diverged),
                       "tokens_until_divergence": k.tokens_until_divergence} for c, k in zip(cases, checks)]}
     print(json.dumps({k: v for k, v in doc.items() if k not in ("machine", "cases", "words")}, indent=1))
-    if a.name:
-        print("saved", save(a.name, doc))
+    best = max(results, key=lambda r: r["cv_accuracy"])
+    report(save(a, doc), {"majority_class_accuracy": doc["majority_class_accuracy"],
+                          "best_cv_accuracy": round(best["cv_accuracy"], 3)})
 
 
 if __name__ == "__main__":

@@ -1,33 +1,30 @@
-"""Study (issue 28, first step): untrained attention sinks in the stock granite_swa rewrite of SmolLM2.
+"""Study (the stock route's first step): untrained attention sinks in the stock granite_swa rewrite of SmolLM2.
 
-The Llama model is rewritten as granite_swa (``sinkhole.patch.stock.to_granite_swa``) with one sink logit
+The Llama model is rewritten as granite_swa (``sinkhole.experimental.stock.to_granite_swa``) with one sink logit
 ``c`` on every head of some layers (every other sink at NO_SINK: the model unchanged), and measured on
 what the fix must do and keep: three exact runs after ``Repeat:`` (400 repetitions, no BOS, 24 greedy
 tokens, judged by the text judge: anything besides the word and separators) and 512 tokens of the
 sonnets (top-1 agreement and KL against the source model at every position). No training: this is
 where the sinks start from.
 
-    python benchmarks/study_stock_sinks.py --save stock_sinks      # about 3 minutes on the 2-core CPU
+    python studies/experimental/study_stock_sinks.py --save stock_sinks      # about 3 minutes on the 2-core CPU
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from _common import machine, parser, report, result_path, save  # noqa: E402
 
 SETTINGS = [("none", None, None), ("layer 0", [0], -4.0), ("layer 0", [0], 0.0), ("layer 0", [0], 4.0),
             ("layer 0", [0], 8.0), ("layers 0-2", [0, 1, 2], 0.0), ("every layer", "all", 4.0)]
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    p = parser(__doc__, study=True)
     p.add_argument("--words", default="flower,letter,lamp")
-    p.add_argument("--save", default=None)
     a = p.parse_args(argv)
 
     import torch
@@ -36,7 +33,7 @@ def main(argv=None) -> int:
     from sinkhole.attack.judge import judge_text
     from sinkhole.attack.prompts import make_cases
     from sinkhole.data import load_text
-    from sinkhole.patch.stock import NO_SINK, to_granite_swa
+    from sinkhole.experimental.stock import NO_SINK, to_granite_swa
 
     lm = load_model(a.model, progress=False)
     cases = make_cases(lm, a.words.split(","), [400], ["repeat"])
@@ -68,8 +65,9 @@ def main(argv=None) -> int:
                      "diverged": diverged, "n": len(cases), "outputs": outs})
         print(f"{name:12s} sink {c!s:5s} text top-1 {top1:.3f} KL {float(kl):.4f} diverged {diverged}/{len(cases)} "
               f"{outs}", flush=True)
-    if a.save:
-        save(a.save, {"model": lm.name, "rows": rows, "machine": machine()})
+    if a.save or a.out:
+        save(a, {"model": lm.name, "rows": rows, "machine": machine()})
+    report(result_path(a))
     return 0
 
 

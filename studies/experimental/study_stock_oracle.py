@@ -1,4 +1,4 @@
-"""Study (issue 28): what the two stock routes could do at best, measured with run-time oracles.
+"""Study: what the two stock routes could do at best, measured with run-time oracles.
 
 Each stock route aims at a state inside the model; an oracle puts the model in exactly that state at run time
 (hooks on the source model, nothing trained), so it bounds what the route's weights could reach:
@@ -23,24 +23,23 @@ transformers with a KV cache (``engines.TorchGate`` with the hooks), beside the 
 model; and the circuit at the prompt's last 32 tokens (norm ratio to the first token at layer 2, attention on
 position 0 in layers 12-15) on one case per family.
 
-    python benchmarks/study_stock_oracle.py --save stock_oracle      # ~30 min on the 2-core CPU
+    python studies/experimental/study_stock_oracle.py --save stock_oracle      # ~30 min on the 2-core CPU
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from _common import machine, parser, report, result_path, save  # noqa: E402
 
 import torch  # noqa: E402
 
 from sinkhole.decoding.engines import TorchGate  # noqa: E402
-from sinkhole.patch.stock import occurrence_targets  # noqa: E402
+from sinkhole.experimental.stock import occurrence_targets  # noqa: E402
 
 
 class Edit:
@@ -155,11 +154,9 @@ def read_circuit(lm, ids, edit: Edit) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    p = parser(__doc__, study=True)
     p.add_argument("--methods", default="source,source_bos,anchor_L2,anchor_L10,clamp_bos")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save", default=None)
     a = p.parse_args(argv)
 
     from sinkhole import load_model
@@ -221,8 +218,9 @@ def main(argv=None) -> int:
               {f: v["diverged"] for f, v in row["rates"].items()},
               "text", [(r["bos"], r["window"], round(r["top1_agreement"], 3), round(r["mean_kl_nats"], 4))
                        for r in row["fidelity"]], flush=True)
-        if a.save:
-            save(a.save, res)
+        if a.save or a.out:
+            save(a, res)
+    report(result_path(a))
     return 0
 
 

@@ -6,25 +6,22 @@ collapse of it): the norm ratio to the first token at the drift layer and the at
 the four layers after the massive-activation layer (the readings of study_gate_documents.py), and the state
 check's layer-0 distance (mean of the last 32 excess tokens it read).
 
-    python benchmarks/study_offset_circuit.py --save offset_circuit     # about a minute on the 2-core CPU
+    python studies/circuit/study_offset_circuit.py --save offset_circuit     # about a minute on the 2-core CPU
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import circuit_reader, machine, save  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from _common import circuit_reader, machine, parser, report, result_path, save  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    p = parser(__doc__, study=True)
     p.add_argument("--seeds", default="2,3,4,5,6")
     p.add_argument("--family", default="offset")
-    p.add_argument("--save", default=None)
     a = p.parse_args(argv)
 
     import torch
@@ -63,9 +60,10 @@ def main(argv=None) -> int:
                              "view": {"drift_norm_ratio": rv, "attn_first_late": av}})
                 print(f"{case.word:24s} x{case.reps:<5d} tokens {len(ids):5d} view {len(view):5d} distance {dist} "
                       f"full ratio {rf} attn0 {af} | view ratio {rv} attn0 {av}", flush=True)
-    if a.save:
-        save(a.save, {"model": lm.name, "family": a.family, "drift_layer": drift, "late_layers": late,
+    if a.save or a.out:
+        save(a, {"model": lm.name, "family": a.family, "drift_layer": drift, "late_layers": late,
                       "confirm": STATE_CONFIRM, "rows": rows, "machine": machine()})
+    report(result_path(a))
     return 0
 
 

@@ -10,26 +10,23 @@ gate (its default rule). Text fidelity is not part of this study (the broad veri
 
 Usage::
 
-    python benchmarks/study_evasion.py --seeds 0,1 --save evasion     # a few minutes per seed on the 2-core CPU
-    python benchmarks/study_evasion.py --seeds 2 --confirm 0.2 --all-families --engine llama.cpp --save evasion_llamacpp
+    python studies/divergence/study_evasion.py --seeds 0,1 --save evasion     # a few minutes per seed on the 2-core CPU
+    python studies/divergence/study_evasion.py --seeds 2 --confirm 0.2 --all-families --engine llama.cpp --save evasion_llamacpp
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from _common import machine, parser, report, result_path, save  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    p = parser(__doc__, study=True)
     p.add_argument("--seeds", default="0")
-    p.add_argument("--save", default=None)
     p.add_argument("--confirm", type=float, default=None,
                    help="also run the run gate with the state check at this distance (the patch; the plain gate "
                         "becomes a baseline)")
@@ -64,10 +61,11 @@ def main(argv=None) -> int:
             row = [rates[m].get(f, {"diverged": 0, "n": 0}) for m in methods]
             print(f"  {f:14s} " + " ".join(f"{r['diverged']:>12d}/{r['n']}" for r in row))
         runs.append({"seed": seed, "rates": rates, "records": res["records"], "seconds": res["seconds"]})
-        if a.save:  # after every seed, so a long run keeps what it finished
+        if a.save or a.out:  # after every seed, so a long run keeps what it finished
             described = {f: (EVASION.get(f) or FAMILIES[f]).description for f in families}
-            save(a.save, {"model": lm.name, "engine": a.engine, "families": described,
+            save(a, {"model": lm.name, "engine": a.engine, "families": described,
                           "patch": patch.gate.to_dict(), "methods": methods, "runs": runs, "machine": machine()})
+    report(result_path(a))
     return 0
 
 

@@ -17,18 +17,17 @@ read.
 
 Usage::
 
-    python benchmarks/study_sink_state.py --save sink_state        # about a minute on the 2-core CPU
+    python studies/circuit/study_sink_state.py --save sink_state        # about a minute on the 2-core CPU
 """
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from _common import machine, parser, report, result_path, save  # noqa: E402
 
 # words that appear nowhere else in the project's cases
 RUN_WORDS = ("anchor", "velvet", "pebble", "candle")
@@ -99,11 +98,9 @@ def measure(lm, before: str, stretch: str, bos: bool, drift: int, attn_layers: l
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    p = parser(__doc__, study=True)
     p.add_argument("--reps", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save", default=None)
     a = p.parse_args(argv)
 
     from sinkhole import load_model
@@ -131,8 +128,9 @@ def main(argv=None) -> int:
     result = {"model": lm.name, "drift_layer": drift, "attention_layers": attn_layers, "late_layers": late,
               "reps": a.reps,
               "seed": a.seed, "rows": rows, "machine": machine()}
-    if a.save:
-        save(a.save, result)
+    if a.save or a.out:
+        save(a, result)
+    report(result_path(a))
     return 0
 
 
