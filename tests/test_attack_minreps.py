@@ -120,3 +120,22 @@ def test_cli_export_from_a_results_file(tmp_path, capsys):
         assert cli.main(["export", str(src), *bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith("sinkhole: error:") and needle in err and err.count("\n") == 1, err
+
+
+def test_cli_experimental_predict(tiny_folder, tmp_path, capsys, monkeypatch):
+    """``sinkhole experimental predict`` labels each case by generation, fits the one-feature rule on the training
+    words and scores it on the held-out words; overlapping words are a one-line error."""
+    monkeypatch.setenv("SINKHOLE_NO_PROGRESS", "1")
+    argv = ["experimental", "predict", str(tiny_folder), "--words", "poem,love", "--held-out-words", "the,thy",
+            "--reps", "4,12", "--templates", "repeat", "--max-new-tokens", "3", "--quiet"]
+    assert cli.main(argv + ["--json", "--out", str(tmp_path / "p.json")]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc == json.loads((tmp_path / "p.json").read_text())
+    assert doc["command"] == "experimental predict" and doc["held_out"]["n"] == 4
+    assert [c["split"] for c in doc["cases"]] == ["train"] * 4 + ["held_out"] * 4
+    assert doc["predictor"]["feature"] in {"bos_attn", "attn_drop", "norm_ratio", "norm_growth"}
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.startswith("predictor: ")
+    assert cli.main(["experimental", "predict", str(tiny_folder), "--words", "poem", "--held-out-words", "Poem"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sinkhole: error:") and "disjoint" in err and err.count("\n") == 1

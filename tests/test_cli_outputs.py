@@ -394,6 +394,24 @@ def test_scan_json_and_quiet(tiny_cli, capsys, tmp_path, scan_human, monkeypatch
 
 # ------------------------------------------------------------------------------------------
 # patch
+def test_patch_builds_the_run_gate_by_default(tiny_cli, capsys, tmp_path):
+    """The default ``sinkhole patch`` builds the run gate: its log names only the gate (never the paper's neurons),
+    SUMMARY.md opens with what the gate stops, leaves and where it runs, and patch.json holds the gate."""
+    out = tmp_path / "gated"
+    stdout, stderr = run_ok(capsys, ["patch", "--quick", "--reps", "5", "--verify-reps", "6", "--no-broad",
+                                     "--out", out])
+    assert stderr.splitlines()[0] == "candidates: run_gate", stderr
+    assert "paper" not in stderr and "massive layer" not in stderr
+    card = (out / "SUMMARY.md").read_text()
+    assert card.startswith("# Patched model (sinkhole)") and "The fix is **the run gate**" in card
+    assert "16-repetition floor" in card and "--engine llama.cpp --patch DIR" in card
+    pj = json.loads((out / "patch.json").read_text())
+    assert pj["gate"] is not None and pj["ops"] == []
+    with pytest.raises(SystemExit):
+        cli.main(["patch", "--help"])
+    assert "Build the run gate" in capsys.readouterr().out
+
+
 def test_patch_human_and_out_folder(tiny_cli, capsys, tmp_path):
     out = tmp_path / "patched"
     stdout, stderr = run_ok(capsys, PATCH + ["--out", out])

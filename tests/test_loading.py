@@ -398,3 +398,17 @@ def test_damaged_folders(tmp_path, damage, needles):
     msg = _one_line(ei.value)
     for n in needles:
         assert n in msg, (n, msg)
+
+
+def test_a_folder_of_gguf_files_keeps_strict_cache(tmp_path, monkeypatch):
+    """A folder that holds only GGUF files resolves to its first GGUF, with the caller's strict_cache."""
+    seen = []
+    monkeypatch.setattr(L, "dequantized_folder", lambda gguf, progress=True, strict=False: seen.append(
+        (gguf.name, strict)) or tmp_path / "deq" / gguf.stem)
+    folder = tmp_path / "ggufs"
+    folder.mkdir()
+    for name in ("b.gguf", "a.gguf"):
+        (folder / name).write_bytes(b"GGUF")
+    spec = L.resolve_spec(str(folder), progress=False, strict_cache=True)
+    assert seen == [("a.gguf", True)] and spec.folder == tmp_path / "deq" / "a" and spec.name == "a"
+    assert spec.info["gguf"].endswith("a.gguf")

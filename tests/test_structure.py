@@ -184,6 +184,17 @@ def test_no_module_is_a_shim():
     assert bad == []
 
 
+def test_every_name_in_all_imports():
+    """What a package says it exports (``__all__``) can be imported from it."""
+    import importlib
+
+    bad = []
+    for p in library_files():
+        mod = importlib.import_module(module_name(p))
+        bad += [f"{mod.__name__}.{n}" for n in getattr(mod, "__all__", ()) if not hasattr(mod, n)]
+    assert bad == []
+
+
 def test_the_checker_sees_upward_and_local_imports(tmp_path):
     """The checks can fail: a fake layer order in which circuit sits below capture flags circuit's imports."""
     order = layers()

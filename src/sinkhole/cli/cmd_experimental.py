@@ -121,12 +121,13 @@ def run_search(args) -> int:
 def run_predict(args) -> int:
     from ..attack.prompts import parse_int_list, parse_words  # lazy: start-up time
     from ..errors import SinkholeError  # lazy: start-up time
-    from ..experimental.predictor import fit_and_evaluate  # lazy: start-up time
+    from ..experimental.predictor import check_split, fit_and_evaluate  # lazy: start-up time
     from ..results import dumps, write_atomic  # lazy: start-up time
     from . import check_out_file, circuit_from_args, info, load_from_args, model_meta  # lazy: start-up time
 
     words = parse_words(args.words, "--words")
     held = parse_words(args.held_out_words, "--held-out-words")
+    check_split(words, held)
     reps = parse_int_list(args.reps, "--reps")
     templates = parse_words(args.templates, "--templates")
     if args.max_new_tokens < 1:

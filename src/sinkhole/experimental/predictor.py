@@ -155,13 +155,19 @@ def _best_threshold(scores, labels):
 
 
 
+def check_split(train_words: Sequence[str], held_out_words: Sequence[str]) -> None:
+    """Refuse training and held-out words that overlap (case-insensitively)."""
+    both = sorted({w.lower() for w in train_words} & {w.lower() for w in held_out_words})
+    if both:
+        raise SinkholeError(f"the training and held-out words overlap ({', '.join(both)}); they must be disjoint")
+
+
 def fit_and_evaluate(lm, train_words: Sequence[str], held_out_words: Sequence[str], reps: Sequence[int],
                      templates: Sequence[str] | None = None, max_new_tokens: int = 20, drift_layer: int | None = None,
                      quiet: bool | None = None) -> dict:
     """Label every case of ``train_words`` and ``held_out_words`` by greedy generation and the run judge, fit
     a :class:`Predictor` on the first and score it on the second (``sinkhole experimental predict``)."""
-    if {w.lower() for w in train_words} & {w.lower() for w in held_out_words}:
-        raise SinkholeError("the training and held-out words overlap; they must be disjoint")
+    check_split(train_words, held_out_words)
     out: dict = {"train_words": list(train_words), "held_out_words": list(held_out_words), "reps": list(reps),
                  "templates": list(templates) if templates else None, "max_new_tokens": max_new_tokens}
     split = {}

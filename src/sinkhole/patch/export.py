@@ -49,9 +49,13 @@ def _how(patch: Patch) -> str:
         return ("The weight part of the fix is in the saved weights (plain transformers loads it); the hook part "
                 "in patch.json (position-gated edits, the run gate) applies only through `sinkhole.load_patched`.\n")
     if patch.gate is not None:
-        return ("The saved weights are the ORIGINAL model's: plain transformers loads the unpatched model. The fix is the "
-                "run gate in patch.json (tokens deep inside a long low-diversity run hidden from attention, positions "
-                "compressed; ordinary text untouched), attached by `sinkhole.load_patched`.\n")
+        return ("The fix is **the run gate** in patch.json: tokens deep inside a long run of one token or a short unit "
+                "are hidden from attention and positions are renumbered, so the model reads the run as a short one; "
+                "ordinary text is bit-identical. It stops exact runs down to the model's own 16-repetition floor; it "
+                "leaves runs broken by a different token at random gaps (filler words, random separators). The saved "
+                "weights are the ORIGINAL model's: plain transformers loads the unpatched model. Run the gate with "
+                "`sinkhole.load_patched` (transformers) or `sinkhole diverge MODEL.gguf --engine llama.cpp --patch "
+                "DIR` (llama.cpp through llama-cpp-python).\n")
     return ("The saved weights are the ORIGINAL model's: plain transformers loads the unpatched model. The fix is the "
             "activation ops in patch.json (position-gated edits), attached by `sinkhole.load_patched`.\n")
 
