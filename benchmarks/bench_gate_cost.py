@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     import torch
 
     from sinkhole import load_model
-    from sinkhole.decoding.gate import STATE_CONFIRM, RunGate, hidden_mask
+    from sinkhole.decoding.gate import RunGate, hidden_mask
+    from sinkhole.decoding.state_check import STATE_CONFIRM, read_state
     from sinkhole.models.attention import fast_attention
     from sinkhole.patch.core import Patch, apply_patch
 
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
                         times[m].append(time.perf_counter() - t)
             base = statistics.median(times["unpatched"])
             row = {"text": name, "tokens": len(ids), "unpatched_s": round(base, 4),
-                   "hidden": {m: int(hidden_mask([ids], pt.gate, lm).sum()) for m, pt in methods.items()},
+                   "hidden": {m: int(hidden_mask([ids], pt.gate, read_state(lm, [ids], pt.gate)).sum()) for m, pt in methods.items()},
                    "ratio": {m: round(statistics.median(times[m]) / base, 3) for m in methods}}
             rows.append(row)
             print(f"{name:40s} unpatched {base:.3f} s  " + "  ".join(

@@ -1,6 +1,6 @@
 """Exports for garak and PyRIT: the prompts that diverged, in files the tools load. The tools'
-own loaders are used where they are installed (skipped otherwise; docs/findings.md has the
-command that ran them)."""
+own loaders are used where they are installed (skipped otherwise; docs/divergence.md, "Exports for
+garak and PyRIT", has the command that ran them)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ pytestmark = pytest.mark.real
 
 def test_smollm2_raw_run_diverges_but_instructed_run_continues(smollm2):
     # measured: '<bos> poem x50' leaves the word at the first generated token, while after
-    # 'Repeat:' the model keeps repeating 'poem' for 40 tokens (docs/findings.md (section 2))
+    # 'Repeat:' the model keeps repeating 'poem' for 40 tokens (docs/divergence.md, "SmolLM2-135M-Instruct:
+    # divergence per template")
     cases = make_cases(smollm2, ["poem"], [50], ["raw", "repeat"])
     raw, rep = run_cases(smollm2, cases, max_new_tokens=8, batch_size=2)
     assert raw.diverged and raw.tokens_until_divergence <= 2, raw.text
@@ -42,8 +43,8 @@ def test_smollm2_greedy_check_equals_generation(smollm2):
 
 
 def test_smollm2_min_reps_bracket_agrees_with_generation(smollm2):
-    """The minimum-repetition search on a word SmolLM2 follows after 'Repeat:' (docs/findings.md
-    section 4.2: 'love' breaks after 36 repetitions, bracket 32-36): checked against plain greedy
+    """The minimum-repetition search on a word SmolLM2 follows after 'Repeat:' (docs/divergence.md,
+    "Repetitions needed to diverge": 'love' breaks after 36 repetitions, bracket 32-36): checked against plain greedy
     generation, an independent decoding path, at both ends of the bracket."""
     from sinkhole.attack.minreps import min_reps
 

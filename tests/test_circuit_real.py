@@ -1,6 +1,6 @@
 """Key phenomenon checks of the sink circuit on the real SmolLM2-135M-Instruct (about 30-60 s).
 
-Measured facts these tests pin (see docs/findings.md (section 1)): the first token's norm is built at
+Measured facts these tests pin (see docs/circuit.md, "SmolLM2-135M-Instruct"): the first token's norm is built at
 layers 1-2 (~345, ~810) and turned into a massive activation at layer 11 (~25,000) by two neurons
 (1229, 1487) whose joint ablation at position 0 collapses it; the detector separates position 0
 from later tokens; a repeated token's layer-0 output converges to the token-alone output; with no

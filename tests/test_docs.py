@@ -8,8 +8,10 @@ Checked here, each by a helper that a synthetic bad string shows can fail:
 * every count of architecture families (``16 architecture families``) equals
   ``len(sinkhole.models.adapters.SUPPORTED)``, the one source of that number;
 * no markdown table cell longer than 300 characters;
-* every relative link between the docs points at a file that exists and, with ``#anchor``, at one of its
-  headings.
+* every relative link of README.md and every docs/*.md (docs/history.md included) points at a file that
+  exists, relative to the doc, and, with ``#anchor`` into a .md file, at one of its headings (GitHub's
+  anchors: lower case, punctuation dropped, spaces to hyphens, a repeated heading -1, -2, ...); links with a
+  scheme (https:) and links inside code are skipped.
 """
 
 from __future__ import annotations
@@ -132,23 +134,46 @@ def long_cells(text: str, limit: int = MAX_CELL) -> list[str]:
 
 # -- links between the docs ------------------------------------------------------------------------------
 
-LINK = re.compile(r"\]\(([^)\s]+)\)")
+# [text](target) and ![alt](target), the target optionally in <...> and followed by a "title"
+LINK = re.compile(r"\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+CODE_SPAN = re.compile(r"(`+)(?:(?!\1).)+?\1")
+HTML_ANCHOR = re.compile(r"<a\s+(?:name|id)=\"([^\"]+)\"", re.I)
 
 
 def slug(heading: str) -> str:
-    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
-    h = re.sub(r"`|\*\*?|__", "", heading.strip().lower())
-    h = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", h)
+    """GitHub's anchor of a heading: lower case, punctuation dropped (hyphens and underscores kept), spaces to
+    hyphens; a link in the heading counts by its text, code and emphasis by their content."""
+    h = heading.strip().rstrip("#").strip().lower()  # a closing run of #'s is not part of the heading
+    h = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", h)
+    h = re.sub(r"`|\*\*?|__", "", h)
     h = re.sub(r"[^\w\- ]", "", h)
     return h.replace(" ", "-")
 
 
+def _prose_lines(text: str, blank_code: bool = True):
+    """(line number, line) outside fenced code blocks, inline code spans blanked out unless blank_code is
+    False."""
+    fenced = None
+    for i, line in _lines(text):
+        m = re.match(r"\s*(```+|~~~+)", line)
+        if m:
+            fence = m.group(1)[0] * 3
+            if fenced is None:
+                fenced = fence
+            elif fence == fenced:
+                fenced = None
+            continue
+        if fenced is None:
+            yield i, CODE_SPAN.sub(lambda c: " " * len(c.group(0)), line) if blank_code else line
+
+
 def anchors(text: str) -> set[str]:
-    out, seen, fenced = set(), {}, False
-    for _, line in _lines(text):
-        if line.lstrip().startswith("```"):
-            fenced = not fenced
-        m = None if fenced else re.match(r"#{1,6}\s+(.*)", line)
+    """Every anchor GitHub makes in a markdown file: one per ATX heading (``#`` to ``######``, outside code
+    blocks), a repeated heading getting -1, -2, ... in order, plus explicit ``<a name=...>``/``<a id=...>``."""
+    out, seen = set(), {}
+    for _, line in _prose_lines(text, blank_code=False):
+        out.update(HTML_ANCHOR.findall(line))
+        m = re.match(r" {0,3}#{1,6}\s+(.*)", line)
         if m:
             s = slug(m.group(1))
             k = seen.get(s, 0)
@@ -157,18 +182,27 @@ def anchors(text: str) -> set[str]:
     return out
 
 
+def _anchors_of(path: Path, cache: dict) -> set[str]:
+    if path not in cache:
+        cache[path] = anchors(path.read_text(encoding="utf-8"))
+    return cache[path]
+
+
 def broken_links(path: Path) -> list[str]:
-    bad = []
-    for i, line in _lines(path.read_text(encoding="utf-8")):
+    """Every relative link of a markdown file whose file does not exist (relative to the file) or whose
+    ``#anchor`` into a .md file matches none of its headings, as 'line: target (why)'. Links with a scheme
+    (https:, mailto:) are skipped, and so are links inside code."""
+    bad, cache = [], {}
+    for i, line in _prose_lines(path.read_text(encoding="utf-8")):
         for m in LINK.finditer(line):
             target = m.group(1)
-            if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+            if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*:", target):  # http:, https:, mailto:
                 continue
             file, _, anchor = target.partition("#")
             dest = (path.parent / file).resolve() if file else path
             if not dest.exists():
                 bad.append(f"{i}: {target} (no such file)")
-            elif anchor and dest.suffix == ".md" and anchor not in anchors(dest.read_text(encoding="utf-8")):
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors_of(dest, cache):
                 bad.append(f"{i}: {target} (no such heading)")
     return bad
 
@@ -201,13 +235,9 @@ def test_table_cells_are_short(doc):
     assert long_cells(doc.read_text(encoding="utf-8")) == [], f"{_id(doc)}: table cells over {MAX_CELL} chars"
 
 
-OWNED = ["findings.md", "circuit.md", "divergence.md", "fix.md", "experimental.md", "history.md",
-         "architecture.md", "reliability.md", "results-schema.md"]
-
-
-@pytest.mark.parametrize("name", [n for n in OWNED if (DOCS / n).exists()])
-def test_links_between_docs_resolve(name):
-    assert broken_links(DOCS / name) == []
+@pytest.mark.parametrize("doc", all_docs(), ids=_id)
+def test_relative_links_resolve(doc):
+    assert broken_links(doc) == [], f"{_id(doc)}: links to a missing file or heading"
 
 
 def test_the_topic_files_exist_and_findings_is_an_index():
@@ -268,3 +298,33 @@ def test_broken_links_catches_a_missing_file_and_heading(tmp_path):
     doc.write_text("[ok](a.md#some-section-x) [no](missing.md) [bad](a.md#nothing) [web](https://x.org)\n",
                    encoding="utf-8")
     assert broken_links(doc) == ["1: missing.md (no such file)", "1: a.md#nothing (no such heading)"]
+
+
+def test_broken_links_catches_an_old_findings_anchor(tmp_path):
+    """The links the split of findings.md broke: a section number or an anchor that moved to a topic file."""
+    (tmp_path / "findings.md").write_text("# Findings\n\n| file |\n|---|\n| [fix.md](fix.md) |\n", encoding="utf-8")
+    (tmp_path / "fix.md").write_text("# The fix\n\n## Seeds\n", encoding="utf-8")
+    doc = tmp_path / "results.md"
+    doc.write_text("| a | [seeds](findings.md#seeds) |\n| b | [seeds](fix.md#seeds) |\n"
+                   "[findings 3.3](findings.md#33-smollm2-on-the-broad-set)\n", encoding="utf-8")
+    assert broken_links(doc) == ["1: findings.md#seeds (no such heading)",
+                                 "3: findings.md#33-smollm2-on-the-broad-set (no such heading)"]
+
+
+def test_anchors_follow_github():
+    text = ("# Title\n## The paper's neuron patch: the baseline\n### In llama.cpp\n## Seeds\n## Seeds\n## Seeds\n"
+            "## `sinkhole scan` runs\n## 3.1 The broad set (`sinkhole.attack.families`, issue 5)\n"
+            "## SmolLM2-135M-Instruct (Llama, 30 layers, d_mlp 1536)\n## A [link](x.md) here ##\n"
+            "```\n# a comment in code\n```\n<a name=\"custom\"></a>\n")
+    assert anchors(text) == {
+        "title", "the-papers-neuron-patch-the-baseline", "in-llamacpp", "seeds", "seeds-1", "seeds-2",
+        "sinkhole-scan-runs", "31-the-broad-set-sinkholeattackfamilies-issue-5",
+        "smollm2-135m-instruct-llama-30-layers-d_mlp-1536", "a-link-here", "custom"}
+
+
+def test_broken_links_resolves_duplicate_headings_and_skips_code(tmp_path):
+    (tmp_path / "a.md").write_text("# A\n## Time\ntext\n## Time\n", encoding="utf-8")
+    doc = tmp_path / "b.md"
+    doc.write_text("[1](a.md#time) [2](a.md#time-1) [3](a.md#time-2) [self](#b) [img](a.md \"a title\")\n"
+                   "`[in code](nowhere.md)`\n```\n[in a block](nowhere.md)\n```\n# B\n", encoding="utf-8")
+    assert broken_links(doc) == ["1: a.md#time-2 (no such heading)"]

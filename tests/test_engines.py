@@ -145,7 +145,7 @@ def test_cli_refuses_engine_combinations(capsys, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
 def test_smollm2_gguf_in_llamacpp_beside_transformers(smollm2):
     """The same cases in both engines: Q4_1 kernels and dequantized float32 weights need not give
-    identical tokens, but the divergence verdicts should mostly agree (measured: docs/findings.md)."""
+    identical tokens, but the divergence verdicts should mostly agree (measured: docs/divergence.md, "In llama.cpp")."""
     from sinkhole.attack.diverge import run_judged
 
     cases = make_cases(smollm2, ["poem", "company"], [100, 400], ["raw", "repeat"])

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from sinkhole.decoding.gate import (NEVER, RunGate, collapse, confirmed_at, distances, excess_mask, expiry,
-                                    hidden_mask)
+from sinkhole.decoding.gate import NEVER, RunGate, collapse, confirmed_at, excess_mask, expiry, hidden_mask
+from sinkhole.decoding.state_check import StateReader, distances, read_state
 from sinkhole.errors import SinkholeError
 from sinkhole.patch.core import Patch, apply_patch
 
@@ -90,7 +90,7 @@ def test_prompt_at_once_equals_token_by_token_and_the_collapse(family, unit):
             for t in ids[10:]:
                 out = lm.model(input_ids=torch.tensor([[t]]), use_cache=True, **{kw: cache})
             step = out.logits[0, -1]
-        kept = collapse(ids, g, lm)
+        kept = collapse(ids, g, read_state(lm, ids, g))
         ref = lm.model(input_ids=torch.tensor([kept])).logits[0, -1]
     assert len(kept) < len(ids) - 10
     torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
@@ -118,7 +118,7 @@ def test_nothing_confirmed_leaves_the_model_bit_identical(tiny_family):
         with apply_patch(lm, Patch(gate=g), validate=False):
             after = lm.model(input_ids=torch.tensor([ids])).logits
     assert torch.equal(before, after)
-    assert collapse(ids, g, lm) == ids
+    assert collapse(ids, g, read_state(lm, ids, g)) == ids
 
 
 def test_state_check_refuses_activation_ops_beside_it(tiny):
@@ -177,7 +177,6 @@ def test_state_reader_token_by_token_equals_distances_of_the_whole_history(famil
     distances a probe of the whole history gives, before, at and after a confirmation mid-run."""
     from tiny import tiny_lm
 
-    from sinkhole.decoding.gate import StateReader
 
     lm = tiny_lm(family)
     ids = _run(lm, seed=7, reps=40 // unit, unit=unit)

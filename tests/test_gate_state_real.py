@@ -13,7 +13,8 @@ import torch
 from sinkhole.attack.families import EVASION, FAMILIES, broad_cases, judge_cases
 from sinkhole.attack.prompts import chat_ids
 from sinkhole.decoding.engines import TorchGate
-from sinkhole.decoding.gate import STATE_CONFIRM, RunGate, hidden_mask
+from sinkhole.decoding.gate import RunGate, hidden_mask
+from sinkhole.decoding.state_check import STATE_CONFIRM, read_state
 from sinkhole.decoding.generate import generate
 from sinkhole.patch.core import Patch, apply_patch
 
@@ -35,7 +36,7 @@ def test_state_check_on_smollm2(smollm2):
     # The gate shortens it (and changes what the model reads after it); the state check leaves it alone
     ids = (lm.encode("const grid = [", bos=False) + lm.encode(",".join(["0"] * 400) + "];\n", bos=False)
            + lm.encode(" Full fathom five thy father lies; of his bones are coral made.", bos=False))
-    assert int(hidden_mask([ids], gate).sum()) > 500 and int(hidden_mask([ids], state, lm).sum()) == 0
+    assert int(hidden_mask([ids], gate).sum()) > 500 and int(hidden_mask([ids], state, read_state(lm, [ids], state)).sum()) == 0
     with torch.no_grad():
         ref = lm.model(input_ids=torch.tensor([ids])).logits
         with apply_patch(lm, Patch(gate=state), validate=False):

@@ -120,7 +120,7 @@ def test_resume_with_other_options_or_model_starts_over(tmp_path, monkeypatch):
     from tiny import tiny_lm
 
     light = FOUNDATION + ["circuit", "norm_curves"]
-    monkeypatch.setattr(S, "PIPELINE", S.pipeline([s for s in S.load_steps() if s.name in light]))
+    monkeypatch.setattr(S, "PIPELINE", S.pipeline([s for s in S.PIPELINE if s.name in light]))
 
     lm = tiny_lm("llama")
     opts = {"seed": 0, "quick": True, "curve_reps": 20, "words": ["the"]}

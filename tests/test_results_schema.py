@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sinkhole.pipeline.engine import ScanOptions
-from sinkhole.pipeline.registry import load_steps
+from sinkhole.pipeline.registry import PIPELINE
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "results-schema.md"
 
@@ -39,7 +39,7 @@ def _fields(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-@pytest.mark.parametrize("step", [s for s in load_steps()], ids=lambda s: s.name)
+@pytest.mark.parametrize("step", [s for s in PIPELINE], ids=lambda s: s.name)
 def test_every_step_table_matches_its_dataclass(step):
     text = DOC.read_text(encoding="utf-8")
     assert _keys(_section(text, step.name)) == _fields(step.result), step.name
@@ -50,7 +50,7 @@ def test_options_table_matches_scan_options():
 
 
 def test_step_names_are_unique_and_typed():
-    steps = load_steps()
+    steps = PIPELINE
     assert len({s.name for s in steps}) == len(steps)
     from sinkhole.results import StepResult
 

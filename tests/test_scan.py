@@ -305,7 +305,7 @@ def test_every_scan_option_has_a_flag():
 def test_cli_scan_role_overrides(tiny_cli, tmp_path, capsys, monkeypatch):
     import sinkhole.pipeline.registry as scan_steps
 
-    light = [s for s in scan.load_steps() if s.name in ("model", "circuit", "norm_curves", "sweep")]
+    light = [s for s in scan.PIPELINE if s.name in ("model", "circuit", "norm_curves", "sweep")]
     monkeypatch.setattr(scan_steps, "PIPELINE", scan.pipeline(light))
     out = tmp_path / "r"
     rc = cli.main(["scan", "--quick", "--out", str(out), "--curve-reps", "30", "--drift-layer", "0",

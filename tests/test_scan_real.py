@@ -20,7 +20,7 @@ def light_steps(monkeypatch):
     import sinkhole.pipeline.registry as scan_steps
 
     if not os.environ.get("SINKHOLE_FULL_REAL"):  # norm_curves finds the circuit itself (about a second)
-        light = [s for s in scan.load_steps() if s.name in ("model", "layer_norms", "norm_curves")]
+        light = [s for s in scan.PIPELINE if s.name in ("model", "layer_norms", "norm_curves")]
         monkeypatch.setattr(scan_steps, "PIPELINE", scan.pipeline(light))
 
 

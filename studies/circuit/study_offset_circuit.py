@@ -28,7 +28,8 @@ def main(argv=None) -> int:
 
     from sinkhole import load_model
     from sinkhole.attack.families import BROAD_REPS, broad_cases
-    from sinkhole.decoding.gate import STATE_CONFIRM, RunGate, collapse, distances, excess_mask, stretches
+    from sinkhole.decoding.gate import RunGate, collapse, excess_mask, stretches
+    from sinkhole.decoding.state_check import STATE_CONFIRM, distances
 
     lm = load_model(a.model, progress=False)
     gate = RunGate(confirm=STATE_CONFIRM)

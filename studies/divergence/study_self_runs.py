@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     from sinkhole import load_model
     from sinkhole.attack.cluster import judge_token_set
     from sinkhole.attack.prompts import chat_ids
-    from sinkhole.decoding.gate import STATE_CONFIRM, RunGate
+    from sinkhole.decoding.gate import RunGate
+    from sinkhole.decoding.state_check import STATE_CONFIRM
     from sinkhole.decoding.generate import generate
     from sinkhole.decoding.tokens import stop_ids
     from sinkhole.patch.core import Patch, apply_patch
@@ -92,7 +93,8 @@ def circuit_at_run_end(lm, ids: list[int], prompt_len: int, read) -> dict:
     the last) and the circuit's readings over the run's last 32 tokens and the prompt's last 32."""
     import torch
 
-    from sinkhole.decoding.gate import RunGate, distances, excess_mask, stretches
+    from sinkhole.decoding.gate import RunGate, excess_mask, stretches
+    from sinkhole.decoding.state_check import distances
 
     never = RunGate(confirm=1e-9)  # confirms nothing: every excess token is read
     st = stretches(excess_mask(torch.tensor([ids]), never)[0])
@@ -112,7 +114,8 @@ def prompted(a) -> int:
     from sinkhole import load_model
     from sinkhole.attack.exact import greedy_check
     from sinkhole.attack.prompts import make_cases
-    from sinkhole.decoding.gate import STATE_CONFIRM, RunGate
+    from sinkhole.decoding.gate import RunGate
+    from sinkhole.decoding.state_check import STATE_CONFIRM
     from sinkhole.patch.core import Patch, apply_patch
 
     lm = load_model(a.model, progress=False)

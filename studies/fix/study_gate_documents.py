@@ -77,7 +77,8 @@ def main(argv=None) -> int:
 
     from sinkhole import load_model
     from sinkhole.data import snippets
-    from sinkhole.decoding.gate import STATE_CONFIRM, RunGate, distances, excess_mask, hidden_mask, stretches
+    from sinkhole.decoding.gate import RunGate, excess_mask, hidden_mask, stretches
+    from sinkhole.decoding.state_check import STATE_CONFIRM, distances, read_state
     from sinkhole.decoding.generate import generate
     from sinkhole.patch.core import Patch, apply_patch
 
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
                        "excess": int(ex.sum()), "state_distance": dmin, "drift_norm_ratio": ratio,
                        "late_attn0": att0, "nll_after": nll(ref), "methods": {}}
                 for m, g in methods.items():
-                    hidden = int(hidden_mask([ids], g, lm).sum())
+                    hidden = int(hidden_mask([ids], g, read_state(lm, [ids], g)).sum())
                     if hidden == 0:
                         row["methods"][m] = {"hidden": 0, "top1": 1.0, "kl": 0.0, "nll_after": row["nll_after"]}
                         continue

@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     from sinkhole.patch.fidelity import TEXT_TOKENS, fidelity, text_tokens
     from sinkhole.patch.core import Patch
     from sinkhole.decoding.gate import RunGate, hidden_mask
+    from sinkhole.decoding.state_check import read_state
 
     lm = load_model(args.model)
     rule = RunGate(confirm=args.confirm)
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
             rec = {"tokens": len(toks), "hidden_whole": whole,
                    "hidden_pct": None if whole is None else round(100 * whole / len(toks), 3), "seeds": {}}
             for seed in [int(s) for s in args.seeds.split(",")]:
-                if not int(hidden_mask([text_tokens(lm, src, seed=seed, need=TEXT_TOKENS)], rule, lm).sum()):
+                scored = text_tokens(lm, src, seed=seed, need=TEXT_TOKENS)
+                if not int(hidden_mask([scored], rule, read_state(lm, [scored], rule)).sum()):
                     rec["seeds"][str(seed)] = "nothing hidden: every setting bit-identical"
                     continue
                 rec["seeds"][str(seed)] = fidelity(lm, {"gate": (gate, None)}, sources=(src,), seed=seed,

@@ -20,7 +20,8 @@ from typing import Sequence
 from ..errors import SinkholeError
 from ..models.attention import fast_attention
 from .cache import cache_argument, common_prefix, new_cache
-from .gate import StateReader, collapse, hidden_mask
+from .gate import collapse, hidden_mask
+from .state_check import StateReader, read_state
 
 ENGINES = ("transformers", "llama.cpp")
 INSTALL = ("CMAKE_ARGS='-DGGML_NATIVE=OFF' pip install llama-cpp-python (source only on PyPI: it compiles "
@@ -71,7 +72,7 @@ class _Fed:
                 else:
                     if reader is not None:
                         dist = reader.read(hist)
-                    key = tuple(collapse(hist, self.gate, self.lm, dist))
+                    key = tuple(collapse(hist, self.gate, dist))
                     if key not in seen:
                         if len(seen) >= 4 * self.gate.max_distinct:
                             seen.clear()
@@ -146,9 +147,11 @@ class LlamaCpp(_Fed):
 
         row = list(row)
         if self.gate is not None:
-            if bool(hidden_mask([row], self.gate, self.lm).any()):
+            dist = read_state(self.lm, [row], self.gate)  # a token's reading depends on the tokens before it only
+            if bool(hidden_mask([row], self.gate, dist).any()):
                 self._cached = []
-                return np.stack([np.array(self._feed(collapse(row[:i + 1], self.gate, self.lm)))
+                return np.stack([np.array(self._feed(collapse(row[:i + 1], self.gate,
+                                                              None if dist is None else dist[:, :i + 1])))
                                  for i in range(len(row))])
         if not self.logits_all:
             raise SinkholeError("LlamaCpp.logits needs an engine made with logits_all=True")

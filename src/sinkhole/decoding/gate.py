@@ -34,6 +34,10 @@ change to the prompt; like every hook patch it needs ``sinkhole.load_patched`` (
 transformers loads the original model, and a GGUF cannot hold it); llama.cpp runs it through
 :class:`sinkhole.decoding.engines.LlamaCpp`, which feeds llama.cpp the collapsed history each step.
 
+The state check (``RunGate(confirm=...)``, a research variant that shortens a run only once the model's own
+layer-0 state reads first-token-like) lives in :mod:`sinkhole.decoding.state_check`: it reads the state and hands
+this module's functions the distances (``dist``); :func:`sinkhole.decoding.state_check.gate_hooks` attaches it.
+
 Limits: hybrid models' linear-attention layers (Qwen3.5 Gated DeltaNet) cannot hide a token, so
 there the gate compresses positions only; sliding-window layers count the window in raw tokens,
 so on them the equivalence with ``collapse`` holds only while the run fits the window.
@@ -45,14 +49,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..capture import StopForward, past_length
+from ..capture import past_length
 from ..errors import SinkholeError
-from .cache import cache_argument, common_prefix, new_cache
-
-
-# The state check's default distance (``RunGate(confirm=STATE_CONFIRM)``): chosen on SmolLM2 beside the broad
-# set's draws 0 and 1 and the six documents of benchmarks/study_sink_state.py (docs/findings.md, section 3).
-STATE_CONFIRM = 0.2
 
 
 @dataclass
@@ -133,7 +131,7 @@ def excess_mask(ids: torch.Tensor, gate: RunGate) -> torch.Tensor:
 NEVER = 2 ** 62
 
 
-def _period(ids: torch.Tensor, r0: int, most: int) -> int:
+def run_period(ids: torch.Tensor, r0: int, most: int) -> int:
     """The run's period at ``r0``: the smallest p <= ``most`` with the 3p tokens before r0 and r0
     itself repeating with period p (three whole repetitions of the unit, then its first token
     again; with the default window of 32 and at most 8 distinct tokens they always lie inside the
@@ -145,10 +143,10 @@ def _period(ids: torch.Tensor, r0: int, most: int) -> int:
     return 0
 
 
-def _unit(row: torch.Tensor, r0: int, t: int, gate: RunGate) -> tuple:
+def run_unit(row: torch.Tensor, r0: int, t: int, gate: RunGate) -> tuple:
     """The unit whose state at the start of a sequence token ``t`` of the stretch starting at ``r0`` is
     compared with: the last p tokens up to ``t`` (p: the run's period, 1 for a run with no exact unit)."""
-    p = _period(row, r0, gate.max_distinct) or 1
+    p = run_period(row, r0, gate.max_distinct) or 1
     return tuple(row[t - p + 1:t + 1].tolist())
 
 
@@ -164,19 +162,6 @@ def confirmed_at(d: torch.Tensor | None, r0: int, r1: int, gate: RunGate) -> int
     mean = (c[gate.span:] - c[:-gate.span]) / gate.span  # window k covers r0+k .. r0+k+span-1
     hit = torch.nonzero(mean <= gate.confirm).flatten()
     return None if len(hit) == 0 else r0 + int(hit[0]) + gate.span - 1
-
-
-def unconfirmed(ex: torch.Tensor, dist: torch.Tensor, gate: RunGate) -> torch.Tensor:
-    """Boolean (B, n): the excess tokens of ``ex`` whose state the check still needs: those of stretches
-    not confirmed by ``dist``, and of a confirmed stretch up to its confirmation (after it the stretch
-    stays confirmed whatever its state: nothing there is read)."""
-    out = ex.clone()
-    for b in range(ex.shape[0]):
-        for r0, r1 in stretches(ex[b]):
-            c = confirmed_at(dist[b], r0, r1, gate)
-            if c is not None:
-                out[b, c + 1:r1 + 1] = False
-    return out
 
 
 def stretches(row: torch.Tensor) -> list[tuple[int, int]]:
@@ -213,7 +198,7 @@ def expiry(ids: torch.Tensor, gate: RunGate, ex: torch.Tensor | None = None,
         if not bool(row.any()):
             continue
         for r0, r1 in stretches(row):
-            p = _period(ids[b], r0, gate.max_distinct)
+            p = run_period(ids[b], r0, gate.max_distinct)
             first = r0 + gate.hold  # nothing is hidden before the stretch passes ``hold``
             if gate.confirm is not None:
                 c = confirmed_at(None if dist is None else dist[b], r0, r1, gate)
@@ -238,26 +223,21 @@ def expiry(ids: torch.Tensor, gate: RunGate, ex: torch.Tensor | None = None,
     return out
 
 
-def hidden_mask(ids, gate: RunGate, lm=None) -> torch.Tensor:
+def hidden_mask(ids, gate: RunGate, dist: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean (B, n): which tokens of ``ids`` the gate hides from some later token (excess tokens
     of a stretch that passed ``hold``, except the stretch's last block). A gate with the state check
-    needs the model (``lm``)."""
+    needs its reading ``dist`` (:func:`sinkhole.decoding.state_check.read_state`)."""
     t = torch.as_tensor(ids, dtype=torch.long)
-    return gate_expiry(t, gate, lm) < NEVER
+    return gate_expiry(t, gate, dist) < NEVER
 
 
-def gate_expiry(ids: torch.Tensor, gate: RunGate, lm=None, dist: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`expiry` of ``ids`` (B, n), with the state check's reading ``dist`` when given, else read
-    with ``lm`` when the gate has the state check."""
+def gate_expiry(ids: torch.Tensor, gate: RunGate, dist: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`expiry` of ``ids`` (B, n); a gate with the state check needs its reading ``dist``."""
     t = ids.unsqueeze(0) if ids.dim() == 1 else ids
-    if gate.confirm is None or dist is not None:
-        return expiry(t, gate, dist=dist)
-    if lm is None:
-        raise SinkholeError("a run gate with the state check (confirm) needs the model to say what it hides")
-    ex = excess_mask(t, gate)
-    if not bool(ex.any()):
-        return expiry(t, gate, ex)
-    return expiry(t, gate, ex, distances(lm, t, gate))
+    if gate.confirm is not None and dist is None and bool(excess_mask(t, gate).any()):
+        raise SinkholeError("a run gate with the state check (confirm) needs the model to say what it hides "
+                            "(read it with sinkhole.decoding.state_check.read_state)")
+    return expiry(t, gate, dist=dist)
 
 
 def hidden_before(exp: torch.Tensor) -> torch.Tensor:
@@ -269,94 +249,14 @@ def hidden_before(exp: torch.Tensor) -> torch.Tensor:
     return cnt[:, :n].cumsum(1)
 
 
-def collapse(ids, gate: RunGate, lm=None, dist: torch.Tensor | None = None) -> list[int]:
+def collapse(ids, gate: RunGate, dist: torch.Tensor | None = None) -> list[int]:
     """The input-side baseline: ``ids`` without the tokens the gate hides from the end of the
     prompt (what a serving stack that shortens long runs, by whole repetitions, before the model
-    sees them would send). A gate with the state check needs the model (``lm``) to read the state,
-    or the state already read (``dist``, from :func:`distances`)."""
+    sees them would send). A gate with the state check needs the state read
+    (``dist``, :func:`sinkhole.decoding.state_check.read_state`)."""
     t = torch.as_tensor(list(ids), dtype=torch.long)
-    keep = gate_expiry(t, gate, lm, dist)[0] >= len(t)
+    keep = gate_expiry(t, gate, dist)[0] >= len(t)
     return t[keep].tolist()
-
-
-def distances(lm, ids, gate: RunGate, known: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, n) float: each excess token's layer-0 distance to its unit's state at the start of a sequence,
-    in the gated model (NaN for tokens the state check does not read: not excess, or after their
-    stretch's confirmation); the state check's input. ``known``: the distances of a prefix of ``ids``
-    (B, m <= n) from an earlier call; a token's distance depends on the tokens before it only, so they
-    are kept and only the rest is read."""
-    t = torch.as_tensor(ids, dtype=torch.long)
-    t = t.unsqueeze(0) if t.dim() == 1 else t
-    d = torch.full(t.shape, float("nan"), dtype=torch.float64)
-    if known is not None:
-        known = known.unsqueeze(0) if known.dim() == 1 else known
-        d[:, :known.shape[1]] = known[:, :t.shape[1]].cpu()
-    ex = excess_mask(t, gate)
-    if not bool((unconfirmed(ex, d, gate) & torch.isnan(d)).any()):
-        return d
-    with GateHooks(lm, gate) as g:
-        g.hist = t.to(lm.device)
-        g.dist = d.to(lm.device)
-        g._settle(ex.to(lm.device))
-        return g.dist.cpu()
-
-
-def _distance(states: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
-    """The state check's distance: relative distance of layer-0 ``states`` (k, d) to the ``refs`` (k, d)."""
-    states, refs = states.float(), refs.float()
-    return ((states - refs).norm(dim=-1) / refs.norm(dim=-1).clamp_min(1e-6)).double()
-
-
-class StateReader:
-    """The state check for a loop that grows the history one token at a time and feeds the model its
-    collapse (:class:`sinkhole.decoding.engines.LlamaCpp` and ``TorchGate``): :meth:`read` gives
-    :func:`distances` of the history.
-
-    In the gated model a token sees what the plain model sees at the last token of the collapsed history
-    up to it, and a confirmation at that token hides nothing it sees. So a new token's state is the
-    layer-0 output of the last token of :func:`collapse` of the history, under the distances of the tokens
-    before it: one pass of layer 0 with its own KV cache, which keeps the longest common prefix with the
-    previous collapse (a run not yet confirmed adds one token; a confirmed one-token run swaps the last).
-    A history that did not grow by exactly one token is read with :func:`distances`."""
-
-    def __init__(self, lm, gate: RunGate):
-        self.lm, self.gate = lm, gate
-        self.dist: torch.Tensor | None = None  # (1, n) distances of the history read so far
-        self._hooks = GateHooks(lm, gate)  # its probe and its cache of start-of-sequence states
-        self._cached: list[int] = []
-        self._past = None
-
-    def read(self, hist) -> torch.Tensor:
-        hist = list(hist)
-        n = len(hist)
-        if self.dist is None or self.dist.shape[1] != n - 1:
-            self.dist = distances(self.lm, hist, self.gate, known=self.dist)
-            return self.dist
-        t = torch.as_tensor([hist], dtype=torch.long)
-        d = torch.cat([self.dist, torch.full((1, 1), float("nan"), dtype=torch.float64)], 1)
-        ex = excess_mask(t, self.gate)
-        if bool(ex[0, -1]) and bool(unconfirmed(ex, d, self.gate)[0, -1]):
-            key = collapse(hist, self.gate, dist=d)
-            r0 = stretches(ex[0])[-1][0]
-            with self._hooks as g:
-                g.hist = t.to(self.lm.device)
-                ref = g._ref(_unit(t[0], r0, n - 1, self.gate))
-                d[0, -1] = _distance(self._last(g, key)[None], ref[None])[0]
-        self.dist = d
-        return d
-
-    def _last(self, g: "GateHooks", key: list[int]) -> torch.Tensor:
-        """Layer-0 output of the last token of ``key`` read from position 0, evaluating only what differs
-        from the previous call's ``key``."""
-        p = min(common_prefix(self._cached, key), len(key) - 1)
-        if self._past is None or p == 0:
-            self._past, p = new_cache(self.lm.model), 0
-        elif p < len(self._cached):
-            self._past.crop(p - len(self._cached))
-        ids = torch.tensor([key[p:]], device=self.lm.device)
-        out = g._probe(ids, None, past=self._past, start=p)
-        self._cached = list(key)
-        return out[0, -1]
 
 
 class GateHooks:
@@ -365,39 +265,34 @@ class GateHooks:
     A pre-hook on the module that takes ``input_ids`` keeps the token history of the current
     sequence (reset when a call starts at position 0, cut back when a cache was cropped), computes
     the excess tokens and replaces ``position_ids``; a pre-hook on every softmax-attention module
-    adds the hidden keys to its attention mask.
+    adds the hidden keys to its attention mask. On a call with nothing to hide the hooks return
+    without touching anything, so the call is bit-identical.
 
-    With the state check (``gate.confirm``) a forward hook on layer 0 reads the state of every new
-    excess token and keeps its distance to its unit's state at the start of a sequence (the layer-0
-    output of the last token of the run's unit, period p, fed alone: for a one-token run, the token's
-    singleton state, which the paper's Theorem 4.1 says a long run converges to). A call that brings
-    several new excess tokens (a prompt) is first read by a probe pass stopped after layer 0, under
-    the stretches already confirmed, again after each new confirmation (:meth:`_settle`); a call of
-    one token reads its own state in the pass itself. So a token's state is read exactly as the gated
-    model computes it, and a prompt is gated as it would be token by token."""
+    ``check``: the state check's reader (:class:`sinkhole.decoding.state_check.StateCheck`; attach both with
+    :func:`sinkhole.decoding.state_check.gate_hooks`), which keeps ``dist``, the distances the gate's rule reads
+    when ``gate.confirm`` is set."""
 
-    def __init__(self, lm, gate: RunGate):
-        self.lm, self.gate = lm, gate
+    def __init__(self, lm, gate: RunGate, check=None):
+        if gate.confirm is not None and check is None:
+            raise SinkholeError("a run gate with the state check (confirm) reads the model's layer 0: attach it "
+                                "with sinkhole.decoding.state_check.gate_hooks")
+        self.lm, self.gate, self.check = lm, gate, check
         self.adapter = lm.adapter
         self._handles: list = []
         self.hist: torch.Tensor | None = None
-        self._exp: torch.Tensor | None = None  # (B, n) expiry of every token of the history, or None
-        self._q = 0
+        self.exp: torch.Tensor | None = None  # (B, n) expiry of every token of the history, or None
+        self.q = 0  # how many of the history's tokens the current call brings
         self.dist: torch.Tensor | None = None  # (B, n) the state check's distances (NaN: not read)
-        self._ex: torch.Tensor | None = None  # (B, n) excess tokens of the history (state check only)
-        self._probing = False
-        self._states: torch.Tensor | None = None
-        self._refs: dict[tuple, torch.Tensor] = {}
-        self._cache_kw: str | None = None  # the name of the base model's KV cache argument, once a probe needs it
+        self.probing = False  # a probe pass of the state check runs: it passes its own positions and mask
 
     # --- the token history ----------------------------------------------------------------
     def _track(self, module, args, kwargs):
-        if self._probing:
-            return None  # the probe passes its own positions and mask
+        if self.probing:
+            return None
         ids = kwargs.get("input_ids")
         if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
             ids = args[0]
-        self._exp = None
+        self.exp = None
         if not isinstance(ids, torch.Tensor):  # inputs_embeds: the tokens are unknown, nothing is gated
             self.hist = None
             return None
@@ -416,18 +311,12 @@ class GateHooks:
         else:
             self.hist = torch.cat([self.hist[:, :past], new], 1)
         ex = excess_mask(self.hist, self.gate)
-        if self.gate.confirm is not None:
-            known = None if fresh or self.dist is None or self.dist.shape[1] < past else self.dist[:, :past]
-            self.dist = torch.full(self.hist.shape, float("nan"), dtype=torch.float64, device=ids.device)
-            if known is not None:
-                self.dist[:, :past] = known
-            self._ex = ex
-            if q > 1 and bool(ex[:, -q:].any()):
-                self._settle(ex)
+        if self.check is not None:
+            self.check.track(self, ex, past, q, fresh)
         exp = expiry(self.hist, self.gate, ex, self.dist) if bool(ex.any()) else None
         if exp is None or not bool((exp < NEVER).any()):
             return None  # nothing to gate: the call runs untouched (bit-identical)
-        self._exp, self._q = exp, q
+        self.exp, self.q = exp, q
         real = self.hist >= 0
         pos = (real.long().cumsum(1) - 1 - hidden_before(exp)).clamp_min(0)
         kwargs = dict(kwargs)
@@ -438,13 +327,13 @@ class GateHooks:
 
     # --- the attention mask -----------------------------------------------------------------
     def _attn(self, module, args, kwargs):
-        if self._exp is None or "attention_mask" not in kwargs:
+        if self.exp is None or "attention_mask" not in kwargs:
             return None  # nothing to gate, or a module that takes its mask positionally (positions only)
         mask = kwargs["attention_mask"]
-        q = self._q
-        n = self._exp.shape[1]
+        q = self.q
+        n = self.exp.shape[1]
         kv = n if mask is None else mask.shape[-1]
-        exp = self._exp[:, -kv:] if kv <= n else torch.nn.functional.pad(self._exp, (kv - n, 0), value=NEVER)
+        exp = self.exp[:, -kv:] if kv <= n else torch.nn.functional.pad(self.exp, (kv - n, 0), value=NEVER)
         qpos = torch.arange(n - q, n, device=exp.device)  # query positions in the history
         hidden = exp[:, None, :] <= qpos[None, :, None]  # (B, q, kv)
         if not bool(hidden.any()):
@@ -461,98 +350,12 @@ class GateHooks:
         kwargs["attention_mask"] = new
         return args, kwargs
 
-    # --- the state check --------------------------------------------------------------------
-    def _layer0(self, module, args, out):
-        h = out[0] if isinstance(out, tuple) else out
-        if self._probing:
-            self._states = h.detach()
-            raise StopForward
-        if self._ex is None or self.dist is None or self.hist is None:
-            return None
-        q = h.shape[1]
-        n = self.hist.shape[1]
-        todo = (unconfirmed(self._ex, self.dist, self.gate) & torch.isnan(self.dist))[:, n - q:]
-        if bool(todo.any()):
-            mask = torch.zeros_like(self._ex)
-            mask[:, n - q:] = todo
-            self._read(h.detach(), mask, n - q)
-        return None
-
-    def _ref(self, unit: tuple) -> torch.Tensor:
-        """Layer-0 output of the last token of ``unit`` fed alone (a run's limit at the start of a sequence)."""
-        if unit not in self._refs:
-            self._refs[unit] = self._probe(torch.tensor([unit], device=self.hist.device), None)[0, -1].float()
-        return self._refs[unit]
-
-    def _read(self, states: torch.Tensor, mask: torch.Tensor, offset: int) -> None:
-        """Fill ``dist`` at the tokens of ``mask`` (B, n) from their layer-0 ``states`` (B, n - offset, d:
-        the history's tokens from ``offset`` on)."""
-        for b in range(mask.shape[0]):
-            if not bool(mask[b].any()):
-                continue
-            row = self.hist[b]
-            for r0, r1 in stretches(self._ex[b]):
-                ts = (torch.nonzero(mask[b, r0:r1 + 1]).flatten() + r0).tolist()
-                if ts:
-                    refs = torch.stack([self._ref(_unit(row, r0, t, self.gate)) for t in ts])
-                    self.dist[b, ts] = _distance(states[b, [t - offset for t in ts]], refs)
-
-    def _probe(self, ids: torch.Tensor, exp: torch.Tensor | None, past=None, start: int = 0) -> torch.Tensor:
-        """Layer-0 output (B, n, d) of ``ids`` (-1: padding) from position 0, with the tokens ``exp``
-        hides masked and not counted in the positions; or, with a KV cache ``past`` that holds the
-        ``start`` tokens before ``ids`` (no padding, nothing hidden), of ``ids`` after them."""
-        base = self.adapter.base_model or self.lm.model
-        real = ids >= 0
-        hb = hidden_before(exp) if exp is not None else 0
-        pos = (real.long().cumsum(1) - 1 - hb).clamp_min(0) + start
-        saved = (self._exp, self._q)
-        self._exp, self._q, self._probing, self._states = exp, ids.shape[1], True, None
-        if past is None:
-            kw = {"use_cache": False, "attention_mask": real.long()}
-        else:
-            if self._cache_kw is None:
-                self._cache_kw = cache_argument(base)
-            kw = {"use_cache": True, self._cache_kw: past}
-        try:
-            with torch.no_grad():
-                base(input_ids=ids.clamp_min(0), position_ids=pos, **kw)
-        except StopForward:
-            pass
-        finally:
-            self._exp, self._q = saved
-            self._probing = False
-        if self._states is None:
-            raise SinkholeError("the run gate's state check could not read layer 0 of this model")
-        return self._states
-
-    def _settle(self, ex: torch.Tensor) -> None:
-        """Read the state of the history's unread excess tokens by probe passes: under the stretches
-        confirmed so far; after a new confirmation, again from the first token it hides from."""
-        self._ex = ex
-        for _ in range(64):
-            exp = expiry(self.hist, self.gate, ex, self.dist)
-            todo = unconfirmed(ex, self.dist, self.gate) & torch.isnan(self.dist)
-            if not bool(todo.any()):
-                return
-            self._read(self._probe(self.hist, exp), todo, 0)
-            new = expiry(self.hist, self.gate, ex, self.dist)
-            changed = new != exp
-            if not bool(changed.any()):
-                return
-            # queries from the first newly hidden position on were read under the old masks: read them again
-            first = int(new[changed].min())
-            again = todo.clone()
-            again[:, :first] = False
-            self.dist[again] = float("nan")
-            if not bool(again.any()):
-                return
-
     # --- attach / detach --------------------------------------------------------------------
     def __enter__(self):
         base = self.adapter.base_model or self.lm.model
         try:
-            if self.gate.confirm is not None:
-                self._handles.append(self.adapter.layer(0).register_forward_hook(self._layer0))
+            if self.check is not None:
+                self._handles.append(self.check.attach(self))
             self._handles.append(base.register_forward_pre_hook(self._track, with_kwargs=True))
             for i in self.adapter.attention_layers:
                 self._handles.append(self.adapter.attn(i).register_forward_pre_hook(self._attn, with_kwargs=True))
@@ -570,5 +373,7 @@ class GateHooks:
             h.remove()
         self._handles.clear()
         self.hist = None
-        self._exp = None
-        self.dist = self._ex = None
+        self.exp = None
+        self.dist = None
+        if self.check is not None:
+            self.check.ex = None

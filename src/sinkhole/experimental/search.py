@@ -18,7 +18,8 @@ import torch
 from ..attack.families import family_words
 from ..capture import run
 from ..data import snippets
-from ..decoding.gate import STATE_CONFIRM, RunGate
+from ..decoding.gate import RunGate
+from ..decoding.state_check import STATE_CONFIRM
 from ..evaluate.metrics import encode_batch
 from ..patch.core import Patch, PatchOp, model_signature
 from ..patch.search import FAMILIES, SearchConfig, SearchResult, neuron_levels, rank_sink_neurons, search_patch

@@ -41,7 +41,8 @@ from typing import Any
 import torch
 
 from ..capture import SITES, Edit, Hooks
-from ..decoding.gate import GateHooks, RunGate
+from ..decoding.gate import RunGate
+from ..decoding.state_check import gate_hooks
 from ..errors import SinkholeError
 from ..results import dumps, read_json_file, write_atomic
 
@@ -349,7 +350,7 @@ def _gate_hooks(lm, patch: Patch):
         # the state check reads layer 0 by a probe pass, which would also move the ops' position tracking
         raise SinkholeError("a run gate with the state check (confirm) cannot be combined with activation ops; "
                             "ship it as a gate-only patch")
-    return GateHooks(lm, patch.gate)
+    return gate_hooks(lm, patch.gate)
 
 
 def llamacpp_gate(patch, patched_gguf: bool = False, what: str = "the patch"):

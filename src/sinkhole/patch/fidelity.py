@@ -17,6 +17,7 @@ from ..data import TEXTS
 from ..data import load_text as shipped
 from ..decoding.engines import LlamaCpp, TorchGate
 from ..decoding.gate import RunGate, gate_expiry, hidden_mask
+from ..decoding.state_check import read_state
 from ..decoding.generate import generate
 from ..errors import SinkholeError
 from ..evaluate.metrics import pair_sums
@@ -155,7 +156,8 @@ def _kept_index(row: list[int], transform) -> torch.Tensor:
     gate = getattr(transform, "gate", None)
     if gate is None:
         return torch.arange(len(row))
-    keep = (gate_expiry(torch.tensor([row]), gate, getattr(transform, "lm", None))[0] >= len(row)).long()
+    t = torch.tensor([row])
+    keep = (gate_expiry(t, gate, read_state(getattr(transform, "lm", None), t, gate))[0] >= len(row)).long()
     return (keep.cumsum(0) - 1).clamp_min(0)
 
 
@@ -180,7 +182,7 @@ def fidelity(lm, methods: dict, sources=("twelfth_night", "generated"), windows=
         plan = {}
         for name, (patch, transform) in methods.items():
             gate = getattr(patch, "gate", None) or getattr(transform, "gate", None) or RunGate()
-            hidden = int(sum(int(hidden_mask([r], gate, lm).sum()) for r in rows))
+            hidden = int(sum(int(hidden_mask([r], gate, read_state(lm, [r], gate)).sum()) for r in rows))
             # nothing to hide: the collapse sends the same input, and a gate-only patch's hooks return
             # before touching anything (bit-identical: tests/test_gate.py, tests/test_patch_real.py), so
             # the method's forward is the reference forward and is not run again

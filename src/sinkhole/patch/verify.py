@@ -21,6 +21,7 @@ from ..attack.families import (BROAD_REPS, CATALOGUE, MAX_NEW_TOKENS, SHORT_REPS
                                judge_cases)
 from ..decoding.engines import LlamaCpp, TorchGate, gate_feed_exact, gguf_of
 from ..decoding.gate import RunGate, collapse
+from ..decoding.state_check import read_state
 from ..errors import SinkholeError
 from ..progress import progress
 from .core import apply_patch, llamacpp_gate
@@ -34,7 +35,7 @@ class Collapse:
         self.gate, self.lm = gate or RunGate(), lm
 
     def __call__(self, ids):
-        return collapse(ids, self.gate, self.lm)
+        return collapse(ids, self.gate, read_state(self.lm, ids, self.gate))
 
 
 @dataclass(frozen=True)

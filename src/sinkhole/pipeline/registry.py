@@ -68,11 +68,6 @@ PIPELINE = pipeline([
 CIRCUIT_STEPS = ["model", "circuit", "first_token_detector", "convergence", "attention_sinks", "norm_curves"]
 
 
-def load_steps() -> tuple[Step, ...]:
-    """The pipeline's steps, in order."""
-    return PIPELINE
-
-
 def step_types() -> dict[str, type]:
     """Step name -> result type, for loading a results document."""
     return engine.step_types(PIPELINE)
