@@ -35,7 +35,7 @@ def measure(args) -> dict:
     import torch
 
     from sinkhole import load_model
-    from sinkhole.attack.sweep import sweep_tokens
+    from sinkhole.attack.sweep import SweepConfig, sweep_tokens
     from sinkhole.experimental.predictor import default_layers
 
     if args.threads:
@@ -45,9 +45,9 @@ def measure(args) -> dict:
     g = torch.Generator().manual_seed(0)
     cand = [int(t) for t in torch.randperm(vocab, generator=g)[: args.sample]]
     sink = None if args.layer < 0 else args.layer
-    sweep_tokens(lm, cand[:2], drift_layer=sink, max_reps=16, batch_size=2, quiet=True)  # warm-up
+    sweep_tokens(lm, cand[:2], SweepConfig(drift_layer=sink, max_reps=16, batch_size=2), quiet=True)  # warm-up
     t0 = time.perf_counter()
-    res = sweep_tokens(lm, cand, drift_layer=sink, max_reps=args.n_reps, batch_size=args.batch, quiet=True)
+    res = sweep_tokens(lm, cand, SweepConfig(drift_layer=sink, max_reps=args.n_reps, batch_size=args.batch), quiet=True)
     total = time.perf_counter() - t0
     norm_layer, a0, max_layer = default_layers(lm, sink)
     n_blocks = max(norm_layer, max_layer) + 1

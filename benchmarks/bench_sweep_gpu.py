@@ -1,9 +1,9 @@
 """Benchmark 5 on a GPU: the whole SmolLM2 vocabulary through ``sweep_tokens``, float32 and bfloat16.
 
-Measured (not projected): the wall time of ``sweep_tokens(lm, all 49,152 token ids, max_reps=256,
-batch_size=64)`` after a one-batch warm-up, with ``torch.cuda.synchronize()`` around the timed call,
-the number of tokens whose run reaches the sink within 256 repetitions, and how often float32 and
-bfloat16 agree on reaching it. Needs a CUDA device; the embedded model must be installed.
+Measured (not projected): the wall time of ``sweep_tokens(lm, all 49,152 token ids,
+SweepConfig(max_reps=256, batch_size=64))`` after a one-batch warm-up, with ``torch.cuda.synchronize()``
+around the timed call, the number of tokens whose run reaches the sink within 256 repetitions, and
+how often float32 and bfloat16 agree on reaching it. Needs a CUDA device; the embedded model must be installed.
 
 Usage::
 
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     import torch
 
     from sinkhole import load_model
-    from sinkhole.attack.sweep import sweep_tokens
+    from sinkhole.attack.sweep import SweepConfig, sweep_tokens
 
     if not torch.cuda.is_available():
         sys.exit("bench_sweep_gpu.py: no CUDA device; run it on a GPU machine")
@@ -37,10 +37,10 @@ def main(argv=None) -> int:
     for dt in ("float32", "bfloat16"):
         lm = load_model(args.model, device="cuda", dtype=dt, progress=False)
         cand = list(range(lm.model.config.vocab_size))
-        sweep_tokens(lm, cand[:64], max_reps=256, batch_size=64, quiet=True)  # warm-up
+        sweep_tokens(lm, cand[:64], SweepConfig(max_reps=256, batch_size=64), quiet=True)  # warm-up
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        res = sweep_tokens(lm, cand, max_reps=256, batch_size=64, quiet=True)
+        res = sweep_tokens(lm, cand, SweepConfig(max_reps=256, batch_size=64), quiet=True)
         torch.cuda.synchronize()
         s = time.perf_counter() - t0
         r = {int(k): v["reps_to_sink"] for k, v in res["records"].items()}

@@ -11,7 +11,7 @@ import pytest
 import sinkhole.attack.exact as exact
 import sinkhole.attack.minreps as minreps
 import sinkhole.cli as cli
-from sinkhole.attack.minreps import min_reps, min_reps_table, spearman
+from sinkhole.attack.minreps import MinRepsConfig, min_reps, min_reps_table, spearman
 from sinkhole.errors import SinkholeError
 
 
@@ -71,7 +71,8 @@ def test_bad_settings_are_one_line_errors(tiny):
 
 
 def test_table_on_a_tiny_model_runs_the_real_greedy_check(tiny):
-    res = min_reps_table(tiny, ["poem", "the", "company"], max_reps=32, resolution=2, max_new_tokens=4, quiet=True)
+    res = min_reps_table(tiny, ["poem", "the", "company"], MinRepsConfig(max_reps=32, resolution=2, max_new_tokens=4),
+                         quiet=True)
     assert len(res.words) == 3 and res.n_checks == sum(w["n_checks"] for w in res.words)
     for w in res.words:
         assert w["min_reps"] is None or w["bracket"][1] == w["min_reps"]

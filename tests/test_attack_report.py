@@ -1,17 +1,17 @@
 """Report sections of the attack module, built from real (tiny-model) results."""
 
-from sinkhole.attack.cluster import cluster_attack
-from sinkhole.attack.diverge import diverge
-from sinkhole.attack.sweep import frequent_tokens, summarize, sweep_tokens
+from sinkhole.attack.cluster import ClusterConfig, cluster_attack
+from sinkhole.attack.diverge import DivergeConfig, diverge
+from sinkhole.attack.sweep import SweepConfig, frequent_tokens, summarize, sweep_tokens
 from sinkhole.report.sections_attack import cluster_section, divergence_section, sweep_section
 from sinkhole.results import clean
 
 
 def test_sections_render_from_results(tiny):
-    div = diverge(tiny, ["poem", "a"], [2, 6], ["raw", "repeat"], max_new_tokens=3, quiet=True)
-    sw = summarize(sweep_tokens(tiny, frequent_tokens(tiny, 8), max_reps=12, quiet=True), top=5)
-    cl = cluster_attack(tiny, pool_size=30, n_seeds=2, size=3, length=20, seqs_per_cluster=1, n_examples=1,
-                        max_new_tokens=2, quiet=True)
+    div = diverge(tiny, ["poem", "a"], [2, 6], ["raw", "repeat"], DivergeConfig(max_new_tokens=3), quiet=True)
+    sw = summarize(sweep_tokens(tiny, frequent_tokens(tiny, 8), SweepConfig(max_reps=12), quiet=True), top=5)
+    cl = cluster_attack(tiny, ClusterConfig(pool_size=30, n_seeds=2, size=3, length=20, seqs_per_cluster=1,
+                                            n_examples=1, max_new_tokens=2), quiet=True)
     doc = clean({"results": {"divergence": div, "sweep": sw, "cluster": cl}})
     html, figs = divergence_section(doc)
     assert "Divergence by generation" in html and "raw" in html and "garak" in html

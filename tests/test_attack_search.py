@@ -5,10 +5,10 @@ import random
 
 import pytest
 
-from sinkhole.attack.cluster import _max_run, cluster_attack, clusters_for, sequence, token_features
+from sinkhole.attack.cluster import ClusterConfig, _max_run, cluster_attack, clusters_for, sequence, token_features
 from sinkhole.experimental.predictor import Predictor, auc, case_features
 from sinkhole.attack.prompts import make_cases
-from sinkhole.attack.sweep import frequent_tokens, merge, rank, summarize, sweep_tokens
+from sinkhole.attack.sweep import SweepConfig, frequent_tokens, merge, rank, summarize, sweep_tokens
 from sinkhole.errors import SinkholeError
 
 
@@ -23,29 +23,29 @@ def test_frequent_tokens_excludes_specials_and_is_deterministic(tiny):
 def test_sweep_records_and_resume(tiny, tmp_path):
     ck = tmp_path / "ck.json"
     toks = frequent_tokens(tiny, 10)
-    part = sweep_tokens(tiny, toks[:4], max_reps=24, batch_size=3, checkpoint=ck, quiet=True)
+    part = sweep_tokens(tiny, toks[:4], SweepConfig(max_reps=24, batch_size=3), checkpoint=ck, quiet=True)
     assert set(part["records"]) == {str(t) for t in toks[:4]}
     saved = json.loads(ck.read_text())
     assert len(saved["records"]) == 4
     # resume: the 4 finished tokens are not recomputed (we poison them to prove it)
     saved["records"][str(toks[0])]["final_norm_ratio"] = -123.0
     ck.write_text(json.dumps(saved))
-    full = sweep_tokens(tiny, toks, max_reps=24, batch_size=3, checkpoint=ck, quiet=True)
+    full = sweep_tokens(tiny, toks, SweepConfig(max_reps=24, batch_size=3), checkpoint=ck, quiet=True)
     assert len(full["records"]) == 10
     assert full["records"][str(toks[0])]["final_norm_ratio"] == -123.0
-    fresh = sweep_tokens(tiny, toks, max_reps=24, batch_size=5, quiet=True)
+    fresh = sweep_tokens(tiny, toks, SweepConfig(max_reps=24, batch_size=5), quiet=True)
     for t in toks[1:]:
         a, b = fresh["records"][str(t)], full["records"][str(t)]
         assert a["reps_to_sink"] == b["reps_to_sink"]
         assert abs(a["final_norm_ratio"] - b["final_norm_ratio"]) < 1e-3
     with pytest.raises(SinkholeError):  # other settings, same checkpoint
-        sweep_tokens(tiny, toks, max_reps=30, checkpoint=ck, quiet=True)
+        sweep_tokens(tiny, toks, SweepConfig(max_reps=30), checkpoint=ck, quiet=True)
 
 
 def test_sweep_reps_to_sink_is_first_crossing(tiny):
-    res = sweep_tokens(tiny, frequent_tokens(tiny, 6), max_reps=20, threshold=0.0, quiet=True)
+    res = sweep_tokens(tiny, frequent_tokens(tiny, 6), SweepConfig(max_reps=20, threshold=0.0), quiet=True)
     assert all(r["reps_to_sink"] == 1 for r in res["records"].values())
-    res = sweep_tokens(tiny, frequent_tokens(tiny, 6), max_reps=20, threshold=1e9, quiet=True)
+    res = sweep_tokens(tiny, frequent_tokens(tiny, 6), SweepConfig(max_reps=20, threshold=1e9), quiet=True)
     assert all(r["reps_to_sink"] is None for r in res["records"].values())
     s = summarize(res)
     assert s["frac_sink_within_max_reps"] == 0.0 and s["n_tokens"] == 6
@@ -56,20 +56,21 @@ def test_sweep_shards_merge_equal_single_run(tiny, tmp_path):
     paths = []
     for i in range(3):
         p = tmp_path / f"s{i}.json"
-        sweep_tokens(tiny, toks[i::3], max_reps=16, checkpoint=p, quiet=True, config={"shard": i, "num_shards": 3})
+        sweep_tokens(tiny, toks[i::3], SweepConfig(max_reps=16), checkpoint=p, quiet=True,
+                     extra={"shard": i, "num_shards": 3})
         paths.append(p)
     merged = merge(paths)
-    single = sweep_tokens(tiny, toks, max_reps=16, quiet=True)
+    single = sweep_tokens(tiny, toks, SweepConfig(max_reps=16), quiet=True)
     assert set(merged["records"]) == set(single["records"])
     assert [r["token_id"] for r in rank(merged["records"])] == [r["token_id"] for r in rank(single["records"])]
     other = tmp_path / "other.json"
-    sweep_tokens(tiny, toks[:2], max_reps=17, checkpoint=other, quiet=True)
+    sweep_tokens(tiny, toks[:2], SweepConfig(max_reps=17), checkpoint=other, quiet=True)
     with pytest.raises(SinkholeError):
         merge(paths + [other])
 
 
 def test_sweep_with_generation(tiny):
-    res = sweep_tokens(tiny, frequent_tokens(tiny, 3), max_reps=12, generate_tokens=3, quiet=True)
+    res = sweep_tokens(tiny, frequent_tokens(tiny, 3), SweepConfig(max_reps=12, generate_tokens=3), quiet=True)
     assert all("diverged" in r and isinstance(r["text"], str) for r in res["records"].values())
 
 
@@ -86,8 +87,8 @@ def test_cluster_building_blocks(tiny):
 
 
 def test_cluster_attack_runs_on_tiny(tiny):
-    r = cluster_attack(tiny, pool_size=60, n_seeds=3, size=4, length=40, seqs_per_cluster=2, n_examples=1,
-                       max_new_tokens=4, quiet=True)
+    r = cluster_attack(tiny, ClusterConfig(pool_size=60, n_seeds=3, size=4, length=40, seqs_per_cluster=2,
+                                           n_examples=1, max_new_tokens=4), quiet=True)
     assert r["method"]["n_clusters"] == 3
     assert len([x for x in r["rows"] if x["kind"] == "cluster"]) == 6
     assert len([x for x in r["rows"] if x["kind"] == "random"]) == 6

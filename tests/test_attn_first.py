@@ -90,7 +90,7 @@ def test_attn_first_on_some_layers_of_a_soft_capped_model():
     support softcap', and so did the sweep and cluster steps on every Gemma-2 model)."""
     from tiny import tiny_lm
 
-    from sinkhole.attack.sweep import sweep_tokens
+    from sinkhole.attack.sweep import SweepConfig, sweep_tokens
 
     lm = tiny_lm("gemma2")
     assert lm.model.config.attn_logit_softcapping  # the tiny config keeps Gemma-2's soft cap
@@ -103,7 +103,7 @@ def test_attn_first_on_some_layers_of_a_soft_capped_model():
         g.forward(ids, use_cache=False)
     torch.testing.assert_close(g.cache["attn_first.1"], h.cache["attn_pattern.1"][..., 0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(g.cache["out"], h.cache["out"], atol=1e-4, rtol=1e-4)
-    res = sweep_tokens(lm, [5, 6, 7], drift_layer=0, max_reps=12, batch_size=3, quiet=True)
+    res = sweep_tokens(lm, [5, 6, 7], SweepConfig(drift_layer=0, max_reps=12, batch_size=3), quiet=True)
     assert len(res["records"]) == 3
 
 

@@ -62,7 +62,7 @@ def test_a_model_trained_to_emit_a_planted_string_is_caught(tmp_path):
     its divergent tokens lie in the corpus span; the check reports them, and the control (ordinary
     prompts) is measured the same way."""
     from helpers_reliability import WORDS, make_tiny_folder
-    from sinkhole.attack.diverge import diverge
+    from sinkhole.attack.diverge import DivergeConfig, diverge
     from sinkhole.attack.memorization import memorization_check
     from sinkhole.models.loading import load_model
 
@@ -84,7 +84,7 @@ def test_a_model_trained_to_emit_a_planted_string_is_caught(tmp_path):
         model(input_ids=ids, labels=labels).loss.backward()
         opt.step()
     model.eval()
-    res = diverge(lm, ["poem"], [6], ["repeat"], max_new_tokens=len(target), quiet=True)
+    res = diverge(lm, ["poem"], [6], ["repeat"], DivergeConfig(max_new_tokens=len(target)), quiet=True)
     assert res.cases[0]["diverged"] and planted[:40] in res.cases[0]["text"]
     m = memorization_check(lm, res, _corpus(tmp_path, planted), n_control=4, index_folder=tmp_path / "idx",
                            quiet=True)

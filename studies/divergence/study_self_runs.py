@@ -9,8 +9,7 @@ and how many copies it had written by then. A stop token ends a generation witho
 
     python studies/divergence/study_self_runs.py --save self_runs      # about 10 minutes on the 2-core CPU
 
-``--prompted 40`` runs the other case, the one in which SmolLM2 does write a run (docs/findings.md, section
-3.4): the prompt already holds 40 repetitions (after ``Repeat:`` and in the chat assistant turn, eight
+``--prompted 40`` runs the other case, the one in which SmolLM2 does write a run (docs/fix.md): the prompt already holds 40 repetitions (after ``Repeat:`` and in the chat assistant turn, eight
 held-out words) and the model continues for ``--tokens`` greedy tokens (1,200 there), read by the exact check
 (``greedy_check``) under each method's hooks; a case counts as diverged when the run judge says so. On the
 unpatched continuation it also reads the circuit where the run ends (the state check's layer-0 distance, the

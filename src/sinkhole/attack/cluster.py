@@ -112,13 +112,34 @@ def judge_token_set(lm, gen: Sequence[int], allowed: set[int], stops: set[int]) 
     return False, len(gen)
 
 
-def cluster_attack(lm, pool_size: int = 1000, n_seeds: int = 12, size: int = 8, length: int = 256,
-                   space: str = "layer0", drift_layer: int | None = None, threshold: float = 0.5,
-                   seqs_per_cluster: int = 2, n_examples: int = 4, max_new_tokens: int = 32, seed: int = 0,
-                   prefix: str = "Repeat:", seeds: Sequence[int] | None = None, quiet: bool | None = None) -> dict:
-    """Run the cluster attack and its random control (see the module docstring)."""
+@dataclass
+class ClusterConfig:
+    """The cluster attack's settings (:func:`cluster_attack`; the defaults of ``sinkhole cluster``)."""
+
+    pool_size: int = 1000  # candidate tokens: the most frequent ones
+    n_seeds: int = 12  # clusters (seed tokens)
+    size: int = 8  # tokens per cluster
+    length: int = 256  # sequence length in tokens
+    space: str = "layer0"  # feature space: "layer0" or "embedding"
+    drift_layer: int | None = None  # None: the circuit's (circuit.discover)
+    threshold: float = 0.5  # norm ratio that counts as a sink
+    seqs_per_cluster: int = 2
+    n_examples: int = 4  # sequences per kind generated from
+    max_new_tokens: int = 32
+    seed: int = 0
+    prefix: str = "Repeat:"
+
+
+def cluster_attack(lm, cfg: ClusterConfig | None = None, *, seeds: Sequence[int] | None = None,
+                   quiet: bool | None = None) -> dict:
+    """Run the cluster attack and its random control (see the module docstring); ``seeds``: the
+    seed tokens (None: drawn from the frequent word tokens)."""
+    cfg = cfg or ClusterConfig()
+    pool_size, n_seeds, size, length, space = cfg.pool_size, cfg.n_seeds, cfg.size, cfg.length, cfg.space
+    threshold, seqs_per_cluster, n_examples = cfg.threshold, cfg.seqs_per_cluster, cfg.n_examples
+    max_new_tokens, seed, prefix = cfg.max_new_tokens, cfg.seed, cfg.prefix
     rng = random.Random(seed)
-    drift_layer = default_layers(lm, drift_layer)[0]
+    drift_layer = default_layers(lm, cfg.drift_layer)[0]
     pool = frequent_tokens(lm, pool_size)
     feats = token_features(lm, pool, space)
     if seeds is None:

@@ -274,18 +274,30 @@ def _exact_tokens(lm, cases: Sequence[Case], max_new_tokens: int, batch_size: in
     return out
 
 
-def diverge(lm, words, reps, templates=None, max_new_tokens: int = 48, batch_size: int = 4,
-            hooks=None, exact: bool | None = False, quiet: bool | None = None, samples: int = 0,
-            temperature: float | None = None, seed: int = 0) -> DivergenceResult:
+@dataclass
+class DivergeConfig:
+    """The decoding settings of :func:`diverge` (the defaults of ``sinkhole diverge``)."""
+
+    max_new_tokens: int = 48
+    batch_size: int = 4
+    exact: bool | None = False  # True: the exact check only; None: where the template allows it (run_judged)
+    samples: int = 0  # > 0: this many seeded samples per prompt at ``temperature`` instead of greedy decoding
+    temperature: float | None = None
+    seed: int = 0
+
+
+def diverge(lm, words, reps, templates=None, cfg: DivergeConfig | None = None, *, hooks=None,
+            quiet: bool | None = None) -> DivergenceResult:
     """Build the cases for ``words`` x ``reps`` x ``templates`` and judge them (``run_judged``; with
-    ``samples``, ``sample_judged`` at ``temperature``)."""
+    ``cfg.samples``, ``sample_judged`` at ``cfg.temperature``). ``hooks``: as :func:`run_cases`."""
+    cfg = cfg or DivergeConfig()
     cases = make_cases(lm, words, reps, templates)
-    if samples:
-        res = sample_judged(lm, cases, samples, temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                            seed=seed, hooks=hooks, quiet=quiet)
+    if cfg.samples:
+        res = sample_judged(lm, cases, cfg.samples, cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                            batch_size=cfg.batch_size, seed=cfg.seed, hooks=hooks, quiet=quiet)
     else:
-        res = run_judged(lm, cases, max_new_tokens=max_new_tokens, batch_size=batch_size, hooks=hooks, exact=exact,
-                         quiet=quiet)
+        res = run_judged(lm, cases, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, hooks=hooks,
+                         exact=cfg.exact, quiet=quiet)
     res.words, res.reps, res.templates = list(words), [int(r) for r in reps], resolve_templates(lm, templates)
     return res.set_headline()
 

@@ -39,7 +39,7 @@ from ..progress import progress
 from ..results import StepResult
 from .exact import greedy_check
 from .prompts import RUN_AT_END, Case, build_ids, parse_words
-from .sweep import sweep_tokens
+from .sweep import SweepConfig, sweep_tokens
 
 PROBE_FACTORS = (1.5, 2.0, 4.0)
 
@@ -156,10 +156,25 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     return float((rx * ry).sum()) / math.sqrt(vx * vy)
 
 
-def min_reps_table(lm, words: Sequence[str], template: str = "repeat", start: int = 8, max_reps: int = 2048,
-                   resolution: int = 4, max_new_tokens: int = 32, drift_layer: int | None = None,
-                   norm_based: bool = True, quiet: bool | None = None) -> MinRepsResult:
+@dataclass
+class MinRepsConfig:
+    """The settings of :func:`min_reps_table` (the defaults of :func:`min_reps`)."""
+
+    template: str = "repeat"  # one template that ends with the run (RUN_AT_END)
+    start: int = 8  # first count of the doubling
+    max_reps: int = 2048
+    resolution: int = 4  # bisection stops at a bracket this wide
+    max_new_tokens: int = 32
+    drift_layer: int | None = None  # for the norm-based count; None: the circuit's (circuit.discover)
+    norm_based: bool = True  # also the sweep's norm-based repetitions to a sink and the rank correlation
+
+
+def min_reps_table(lm, words: Sequence[str], cfg: MinRepsConfig | None = None, *,
+                   quiet: bool | None = None) -> MinRepsResult:
     """:func:`min_reps` for every word, beside the sweep's norm-based repetitions to a sink."""
+    cfg = cfg or MinRepsConfig()
+    template, start, max_reps, resolution = cfg.template, cfg.start, cfg.max_reps, cfg.resolution
+    max_new_tokens, drift_layer, norm_based = cfg.max_new_tokens, cfg.drift_layer, cfg.norm_based
     words = parse_words(words)
     rows = [min_reps(lm, w, template, start, max_reps, resolution, max_new_tokens)
             for w in progress(words, desc="min reps", disable=quiet)]
@@ -169,8 +184,8 @@ def min_reps_table(lm, words: Sequence[str], template: str = "repeat", start: in
             top = max(r.max_reps for r in rows)
             if lm.n_ctx:
                 top = min(top, lm.n_ctx - 16)
-            sw = sweep_tokens(lm, sorted(set(single.values())), drift_layer=drift_layer, max_reps=max(top, 9),
-                              batch_size=4, quiet=True)
+            sw = sweep_tokens(lm, sorted(set(single.values())),
+                              SweepConfig(drift_layer=drift_layer, max_reps=max(top, 9), batch_size=4), quiet=True)
             drift_layer = sw["config"]["drift_layer"]
             for r in rows:
                 if r.word in single:
@@ -215,4 +230,4 @@ def default_words(lm, n: int = 30) -> list[str]:
     return out
 
 
-__all__ = ["MinReps", "MinRepsResult", "default_words", "min_reps", "min_reps_table", "spearman"]
+__all__ = ["MinReps", "MinRepsConfig", "MinRepsResult", "default_words", "min_reps", "min_reps_table", "spearman"]

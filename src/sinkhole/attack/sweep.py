@@ -79,17 +79,32 @@ def shard_from_env() -> tuple[int, int]:
         return 0, 1
 
 
-def sweep_tokens(lm, tokens: Sequence[int], drift_layer: int | None = None, max_reps: int = 256,
-                 threshold: float = 0.5, batch_size: int = 16, k: int = 8, checkpoint: str | Path | None = None,
-                 generate_tokens: int = 0, quiet: bool | None = None, config: dict | None = None,
-                 prefix: str = "Repeat:") -> dict:
+@dataclass
+class SweepConfig:
+    """The sweep's settings (:func:`sweep_tokens`; the checkpoint records them)."""
+
+    drift_layer: int | None = None  # None: the circuit's (circuit.discover)
+    max_reps: int = 256
+    threshold: float = 0.5  # norm ratio that counts as a sink
+    batch_size: int = 16
+    k: int = 8  # positions at the end of the run read for the final ratio and the attention
+    generate_tokens: int = 0  # > 0: also continue each token greedily and judge it
+    prefix: str = "Repeat:"
+
+
+def sweep_tokens(lm, tokens: Sequence[int], cfg: SweepConfig | None = None, *, checkpoint: str | Path | None = None,
+                 quiet: bool | None = None, extra: dict | None = None) -> dict:
     """Sweep ``tokens``; returns ``{"config": ..., "records": {token_id: {...}}}``. With a
     ``checkpoint`` path, records already there are kept (resume) and the file is rewritten
-    atomically after each batch."""
-    norm_layer, a0, max_layer = default_layers(lm, drift_layer)
-    cfg = {"version": SWEEP_VERSION, "model": lm.name, "drift_layer": norm_layer, "attn_layers": [a0, max_layer],
-           "max_reps": int(max_reps), "threshold": float(threshold), "k": int(k),
-           "generate_tokens": int(generate_tokens), "prefix": prefix, **(config or {})}
+    atomically after each batch. ``extra``: more keys for the recorded config (``shard``,
+    ``num_shards``)."""
+    cfg = cfg or SweepConfig()
+    max_reps, threshold, batch_size, k = cfg.max_reps, cfg.threshold, cfg.batch_size, cfg.k
+    generate_tokens, prefix = cfg.generate_tokens, cfg.prefix
+    norm_layer, a0, max_layer = default_layers(lm, cfg.drift_layer)
+    settings = {"version": SWEEP_VERSION, "model": lm.name, "drift_layer": norm_layer,
+                "attn_layers": [a0, max_layer], "max_reps": int(max_reps), "threshold": float(threshold), "k": int(k),
+                "generate_tokens": int(generate_tokens), "prefix": prefix, **(extra or {})}
     if lm.n_ctx and max_reps + 2 > lm.n_ctx:
         raise SinkholeError(f"--max-reps {max_reps} exceeds the model's context of {lm.n_ctx}; lower it")
     if max_reps < k + 1:
@@ -101,7 +116,7 @@ def sweep_tokens(lm, tokens: Sequence[int], drift_layer: int | None = None, max_
         except (OSError, ValueError):
             raise SinkholeError(f"checkpoint {checkpoint} is unreadable; delete it or pass another --checkpoint")
         old = {k2: v for k2, v in saved.get("config", {}).items() if k2 not in ("shard", "num_shards")}
-        new = {k2: v for k2, v in cfg.items() if k2 not in ("shard", "num_shards")}
+        new = {k2: v for k2, v in settings.items() if k2 not in ("shard", "num_shards")}
         if old != new:
             raise SinkholeError(f"checkpoint {checkpoint} was written with other settings ({_diff(old, new)}); "
                                 "use the same settings, or another --checkpoint")
@@ -127,8 +142,8 @@ def sweep_tokens(lm, tokens: Sequence[int], drift_layer: int | None = None, max_
         if generate_tokens > 0:
             _generate_batch(lm, batch, records, bos, max_reps, generate_tokens, prefix)
         if checkpoint is not None:
-            write_json(checkpoint, {"config": cfg, "records": records})
-    return {"config": cfg, "records": records}
+            write_json(checkpoint, {"config": settings, "records": records})
+    return {"config": settings, "records": records}
 
 
 def _generate_batch(lm, batch, records, head, reps, n_new, prefix):

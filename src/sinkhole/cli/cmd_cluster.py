@@ -29,6 +29,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..attack.cluster import (  # lazy: start-up time
+        ClusterConfig,
         ClusterResult,
         cluster_attack,
     )
@@ -53,10 +54,10 @@ def run(args) -> int:
     if lm.n_ctx and args.length + 64 > lm.n_ctx:
         raise SinkholeError(f"--length {args.length} is too long for the model's context of {lm.n_ctx}")
     layer = circuit_from_args(args, lm, ["drift_layer"]).drift_layer
-    res = cluster_attack(lm, pool_size=args.pool, n_seeds=args.clusters, size=args.size, length=args.length,
-                         space=args.space, drift_layer=layer, threshold=args.threshold, seqs_per_cluster=args.seqs,
-                         n_examples=args.examples, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                         quiet=args.quiet)
+    cfg = ClusterConfig(pool_size=args.pool, n_seeds=args.clusters, size=args.size, length=args.length,
+                        space=args.space, drift_layer=layer, threshold=args.threshold, seqs_per_cluster=args.seqs,
+                        n_examples=args.examples, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    res = cluster_attack(lm, cfg, quiet=args.quiet)
     if emit(args, document(model_meta(lm), {"cluster": ClusterResult.from_dict(res)}, "cluster", vars_of(args))):
         return 0
     m = res["method"]

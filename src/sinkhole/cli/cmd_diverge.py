@@ -63,7 +63,7 @@ def add_export_args(p) -> None:
 
 
 def run(args) -> int:
-    from ..attack.diverge import diverge  # lazy: start-up time
+    from ..attack.diverge import DivergeConfig, diverge  # lazy: start-up time
     from ..attack.prompts import GARAK_REPS, GARAK_TEXT, GARAK_WORDS, parse_int_list, parse_words  # lazy: start-up time
     from ..errors import SinkholeError  # lazy: start-up time
     from ..pipeline.engine import document  # lazy: start-up time
@@ -120,9 +120,10 @@ def run(args) -> int:
         res.words, res.reps, res.templates = list(words), list(reps), resolve_templates(lm, templates)
         res.set_headline()
     else:
-        res = diverge(lm, words, reps, templates, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                      exact=True if args.exact else False, quiet=args.quiet, samples=args.samples,
-                      temperature=args.temperature, seed=args.seed, hooks=hooks)
+        cfg = DivergeConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                            exact=True if args.exact else False, samples=args.samples, temperature=args.temperature,
+                            seed=args.seed)
+        res = diverge(lm, words, reps, templates, cfg, hooks=hooks, quiet=args.quiet)
     results = {"divergence": res}
     if args.corpus:
         from ..attack.memorization import memorization_check  # lazy: start-up time

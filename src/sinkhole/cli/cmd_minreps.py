@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..attack.minreps import default_words, min_reps_table  # lazy: start-up time
+    from ..attack.minreps import MinRepsConfig, default_words, min_reps_table  # lazy: start-up time
     from ..attack.prompts import (  # lazy: start-up time
         RUN_AT_END,
         parse_words,
@@ -59,8 +59,9 @@ def run(args) -> int:
     lm = load_from_args(args)
     if words is None:
         words = list(dict.fromkeys(["poem", "company"] + default_words(lm, args.n_words)))[:args.n_words]
-    res = min_reps_table(lm, words, template=template, start=args.start_reps, max_reps=args.max_reps,
-                         resolution=args.resolution, max_new_tokens=args.max_new_tokens, quiet=args.quiet)
+    cfg = MinRepsConfig(template=template, start=args.start_reps, max_reps=args.max_reps,
+                        resolution=args.resolution, max_new_tokens=args.max_new_tokens)
+    res = min_reps_table(lm, words, cfg, quiet=args.quiet)
     doc = document(model_meta(lm), {"min_reps": res}, "minreps", vars_of(args))
     maybe_export(args, doc)
     if emit(args, doc):

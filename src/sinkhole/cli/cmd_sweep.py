@@ -54,6 +54,7 @@ def run(args) -> int:
     import os
 
     from ..attack.sweep import (  # lazy: start-up time
+        SweepConfig,
         SweepSummary,
         frequent_tokens,
         merge,
@@ -97,9 +98,9 @@ def run(args) -> int:
         model = model_meta(lm)
         tokens = frequent_tokens(lm, None if args.all else args.tokens)[shard::n_shards]
         info(args, f"sweeping {len(tokens)} tokens (shard {shard}/{n_shards}) at layer {layer}, checkpoint {ckpt}")
-        res = sweep_tokens(lm, tokens, drift_layer=layer, max_reps=args.max_reps, threshold=args.threshold,
-                           batch_size=args.batch_size, checkpoint=ckpt, generate_tokens=args.generate,
-                           quiet=args.quiet, prefix=args.prefix)
+        settings = SweepConfig(drift_layer=layer, max_reps=args.max_reps, threshold=args.threshold,
+                               batch_size=args.batch_size, generate_tokens=args.generate, prefix=args.prefix)
+        res = sweep_tokens(lm, tokens, settings, checkpoint=ckpt, quiet=args.quiet)
         if n_shards > 1:
             info(args, f"shard {shard} done; merge with: sinkhole sweep --merge {base}.shard*of{n_shards}")
     summary = summarize(res, top=args.top)

@@ -9,7 +9,7 @@ written in ``tensor_type``:
 * ``Q8_0``: 8-bit blocks, about a quarter of F32;
 * ``source``: the source tensor's own type where the ``gguf`` library can write it (Q4_1 for
   SmolLM2). A fine-tuning patch's change can be smaller than one quantization step, so this may
-  lose the fix: measure it (docs/findings.md) before shipping it.
+  lose the fix: measure it (docs/experimental.md) before shipping it.
 
 A source type the library cannot write (k-quants such as Gemma-3-270M's Q4_K_M) is refused for
 ``source`` with the nearest writable type named.

@@ -136,8 +136,8 @@ def write_stock_folder(lm, model, trained: dict, out: str | os.PathLike, quant: 
 
 
 STOCK_LIMITS = (
-    "**This route falls short of its targets.** Measured on SmolLM2-135M-Instruct (sinkhole's docs/findings.md, "
-    "section 6): on the broad set and the evasion families (36 held-out cases, 18 families) the stock model diverges "
+    "**This route falls short of its targets.** Measured on SmolLM2-135M-Instruct (sinkhole's docs/experimental.md): "
+    "on the broad set and the evasion families (36 held-out cases, 18 families) the stock model diverges "
     "on the same 16 cases as the source model, and reads text differently (top-1 agreement 89.0-98.0 %, KL up to "
     "0.070 nats/token). Run-time oracles show why: the layers that mark the first token already read most diverging "
     "runs at the prose level, so neither trained sinks nor an edit of the sink neurons has a first-token state to "

@@ -8,12 +8,12 @@ and their --quick values); the CLI commands ``sinkhole diverge``, ``sinkhole swe
 
 from __future__ import annotations
 
-from ..attack.cluster import ClusterResult, cluster_attack
-from ..attack.diverge import DivergenceResult, diverge
+from ..attack.cluster import ClusterConfig, ClusterResult, cluster_attack
+from ..attack.diverge import DivergeConfig, DivergenceResult, diverge
 from ..attack.memorization import memorization_check
-from ..attack.minreps import default_words, min_reps_table
+from ..attack.minreps import MinRepsConfig, default_words, min_reps_table
 from ..attack.prompts import has_chat_template
-from ..attack.sweep import SweepSummary, frequent_tokens, summarize, sweep_tokens
+from ..attack.sweep import SweepConfig, SweepSummary, frequent_tokens, summarize, sweep_tokens
 from ..errors import SinkholeError
 from .engine import Context
 
@@ -26,7 +26,7 @@ def divergence_step(ctx: Context) -> DivergenceResult:
     if lm.n_ctx:
         reps = [r for r in reps if r * longest + 64 < lm.n_ctx] or [max(1, (lm.n_ctx - 64) // longest)]
     templates = ["raw", "repeat", "garak_this"] + (["chat_user"] if has_chat_template(lm) else [])
-    res = diverge(lm, words, reps, templates, max_new_tokens=o.diverge_tokens, batch_size=4)
+    res = diverge(lm, words, reps, templates, DivergeConfig(max_new_tokens=o.diverge_tokens, batch_size=4))
     return res
 
 
@@ -46,8 +46,8 @@ def min_reps_step(ctx: Context):
     """The behavioural repetitions-to-diverge search for a few words, beside the sweep's norm-based count."""
     lm, o = ctx.lm, ctx.options
     words = list(dict.fromkeys(list(o.words) + default_words(lm, int(o.min_reps_words))))[:int(o.min_reps_words)]
-    return min_reps_table(lm, words, max_reps=int(o.min_reps_max), max_new_tokens=32,
-                          drift_layer=ctx.circuit.drift_layer, quiet=True)
+    return min_reps_table(lm, words, MinRepsConfig(max_reps=int(o.min_reps_max), max_new_tokens=32,
+                                                   drift_layer=ctx.circuit.drift_layer), quiet=True)
 
 
 def sweep_step(ctx: Context) -> SweepSummary:
@@ -55,8 +55,8 @@ def sweep_step(ctx: Context) -> SweepSummary:
     max_reps = o.sweep_reps
     if lm.n_ctx:
         max_reps = min(max_reps, lm.n_ctx - 16)
-    res = sweep_tokens(lm, frequent_tokens(lm, o.sweep_tokens), drift_layer=ctx.circuit.drift_layer,
-                       max_reps=max_reps, batch_size=16)
+    res = sweep_tokens(lm, frequent_tokens(lm, o.sweep_tokens),
+                       SweepConfig(drift_layer=ctx.circuit.drift_layer, max_reps=max_reps, batch_size=16))
     return SweepSummary.from_dict(summarize(res, top=20))
 
 
@@ -65,9 +65,9 @@ def cluster_step(ctx: Context) -> ClusterResult:
     length = o.cluster_length
     if lm.n_ctx:
         length = min(length, lm.n_ctx - 64)
-    res = cluster_attack(lm, pool_size=300 if o.quick else 500, n_seeds=4 if o.quick else 6, size=8,
-                         length=length, drift_layer=ctx.circuit.drift_layer, n_examples=2,
-                         max_new_tokens=16 if o.quick else 24, seed=int(o.seed))
+    res = cluster_attack(lm, ClusterConfig(pool_size=300 if o.quick else 500, n_seeds=4 if o.quick else 6, size=8,
+                                           length=length, drift_layer=ctx.circuit.drift_layer, n_examples=2,
+                                           max_new_tokens=16 if o.quick else 24, seed=int(o.seed)))
     for r in res["rows"]:
         r.pop("token_ids", None)
     return ClusterResult.from_dict(res)
