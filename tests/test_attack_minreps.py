@@ -123,6 +123,7 @@ def test_cli_export_from_a_results_file(tmp_path, capsys):
         assert err.startswith("sinkhole: error:") and needle in err and err.count("\n") == 1, err
 
 
+@pytest.mark.experimental
 def test_cli_experimental_predict(tiny_folder, tmp_path, capsys, monkeypatch):
     """``sinkhole experimental predict`` labels each case by generation, fits the one-feature rule on the training
     words and scores it on the held-out words; overlapping words are a one-line error."""

@@ -21,6 +21,7 @@ def test_smollm2_raw_run_diverges_but_instructed_run_continues(smollm2):
     assert raw.garak_diverged is False or len(raw.text) > 15
 
 
+@pytest.mark.experimental
 def test_smollm2_long_run_looks_like_a_first_token(smollm2):
     # the predictor's features: after a few hundred repetitions the run's sink-layer norm
     # approaches the first token's and attention to position 0 collapses

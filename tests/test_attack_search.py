@@ -96,6 +96,7 @@ def test_cluster_attack_runs_on_tiny(tiny):
     assert 0.0 <= r["sink_rate_cluster"] <= 1.0 and len(r["examples"]) == 2
 
 
+@pytest.mark.experimental
 def test_auc_and_predictor_fit():
     assert auc([0.9, 0.8, 0.1], [True, True, False]) == 1.0
     assert auc([0.1, 0.9], [True, False]) == 0.0
@@ -115,6 +116,7 @@ def test_auc_and_predictor_fit():
     assert ev["auc_per_feature"]["norm_ratio"] == 0.0  # inverse relation is visible per feature
 
 
+@pytest.mark.experimental
 def test_case_features_batched_equals_single(tiny):
     cases = make_cases(tiny, "poem,a,company", "3,11", ["raw", "repeat"])
     batched = case_features(tiny, cases, drift_layer=1, k=2, batch_size=4, quiet=True)

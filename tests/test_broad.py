@@ -13,6 +13,7 @@ from sinkhole.patch.core import Patch
 from sinkhole.decoding.gate import RunGate
 
 
+@pytest.mark.experimental
 def test_training_words_never_meet_the_broad_words(tiny):
     from sinkhole.circuit import discover
     from sinkhole.experimental.search import ExperimentalConfig, finetune_config
@@ -157,3 +158,24 @@ def test_stock_targets_count_the_floor_and_the_99_percent_line():
     assert stock_targets(ver)["all"] is False
     ver["fidelity"]["patch"] = []
     assert stock_targets(ver)["all"] is None
+
+
+def test_run_judged_through_the_gate_feed_equals_the_hooks(tiny):
+    """``run_judged(engine=TorchGate(...))``, how the patch search and the narrow set judge a gate-only patch,
+    gives the verdicts and tokens of the gate's hooks, on cases the gate shortens and cases it leaves alone."""
+    from sinkhole.attack.diverge import run_judged
+    from sinkhole.attack.prompts import make_cases
+    from sinkhole.decoding.engines import TorchGate
+    from sinkhole.patch.core import Patch, apply_patch
+
+    gate = RunGate(window=8, max_distinct=3, min_count=2)
+    words = [tiny.tokenizer.decode([t]).strip() for t in (5, 9, 17)]
+    cases = make_cases(tiny, words, [6, 40], ["raw", "repeat"])
+    hooked = run_judged(tiny, cases, max_new_tokens=8, hooks=lambda: apply_patch(tiny, Patch(gate=gate),
+                                                                                    validate=False))
+    fed = run_judged(tiny, cases, max_new_tokens=8, engine=TorchGate(tiny, gate))
+    assert fed.method == "fed" and len(fed.cases) == len(cases)
+    assert [(c["text"], c["diverged"], c["garak_diverged"]) for c in fed.cases] == \
+           [(c["text"], c["diverged"], c["garak_diverged"]) for c in hooked.cases]
+    with pytest.raises(SinkholeError, match="not both"):
+        run_judged(tiny, cases, hooks=lambda: apply_patch(tiny, Patch(gate=gate)), engine=TorchGate(tiny, gate))

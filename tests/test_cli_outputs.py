@@ -29,7 +29,7 @@ DIVERGE = ["diverge", "--words", "a", "--reps", "5", "--max-new-tokens", "4"]
 CIRCUIT_FULL_ARGS = ["circuit", "--reps", "30", "--conv-reps", "20", "--attn-reps", "8", "--words", "cat"]
 CLUSTER = ["cluster", "--pool", "40", "--clusters", "2", "--size", "3", "--length", "24", "--seqs", "1",
            "--examples", "1", "--max-new-tokens", "4"]
-PATCH = ["patch", "--quick", "--method", "paper", "--reps", "5", "--verify-reps", "6"]
+PATCH = ["patch", "--quick", "--method", "paper", "--reps", "5", "--verify-reps", "6", "--baselines", "collapse"]
 SCAN = ["scan", "--quick", "--curve-reps", "30"]
 
 

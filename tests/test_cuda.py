@@ -28,6 +28,7 @@ def test_every_scan_step_runs_on_cuda(dtype):
     assert doc["steps"] == [s.name for s in selected_steps(TINY_OPTIONS)]
 
 
+@pytest.mark.experimental
 def test_patch_and_finetune_match_between_cpu_and_cuda():
     from sinkhole.evaluate.metrics import text_metrics
     from sinkhole.patch import Patch, PatchOp

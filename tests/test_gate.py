@@ -156,6 +156,7 @@ def test_gate_patch_round_trip_and_export(tiny, tmp_path):
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.experimental
 def test_gguf_export_refuses_a_gate(tiny, tmp_path):
     from sinkhole.experimental.gguf_export import patch_to_gguf
 

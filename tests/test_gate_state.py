@@ -14,6 +14,8 @@ from sinkhole.decoding.state_check import StateReader, distances, read_state
 from sinkhole.errors import SinkholeError
 from sinkhole.patch.core import Patch, apply_patch
 
+pytestmark = pytest.mark.experimental
+
 G = RunGate(window=8, max_distinct=3, min_count=2)
 
 

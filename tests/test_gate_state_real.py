@@ -18,7 +18,7 @@ from sinkhole.decoding.state_check import STATE_CONFIRM, read_state
 from sinkhole.decoding.generate import generate
 from sinkhole.patch.core import Patch, apply_patch
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.experimental]
 
 
 def test_state_check_on_smollm2(smollm2):

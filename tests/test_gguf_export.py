@@ -12,7 +12,7 @@ from sinkhole.errors import SinkholeError
 from sinkhole.patch import Patch, PatchOp
 from sinkhole.experimental.gguf_export import gguf_name, patch_to_gguf, write_patched_gguf
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.experimental]
 NAME = "model.layers.1.mlp.down_proj.weight"
 
 

@@ -28,6 +28,7 @@ def test_text_metrics_identity_and_change(tiny):
     assert changed.n_tokens == same.n_tokens == sum(len(t.split()) for t in texts)
 
 
+@pytest.mark.experimental
 def test_finetune_trains_only_chosen_params_and_keeps_model(tiny):
     before = {k: v.detach().clone() for k, v in tiny.model.named_parameters()}
     cfg = FinetuneConfig(layers=[1], words=("a", "b"), reps=(8, 12), templates=("raw",), steps=3, min_reps=2,
@@ -39,6 +40,7 @@ def test_finetune_trains_only_chosen_params_and_keeps_model(tiny):
     assert p.weights_only and p.kind == "weights"
 
 
+@pytest.mark.experimental
 def test_finetune_neurons_changes_only_their_rows_and_columns(tiny):
     cfg = FinetuneConfig(neurons={1: [5, 9]}, words=("a",), reps=(8,), templates=("raw",), steps=2, min_reps=2,
                          n_texts=4, text_words=12, lr=1e-2)
@@ -68,6 +70,7 @@ def test_corpus_training_words_never_include_excluded_words():
     assert all(w.isalpha() and w.islower() and len(w) >= 3 for w in corpus_words("tempest", 50))
 
 
+@pytest.mark.experimental
 def test_local_finetune_stop_layer_and_example_cap(tiny):
     base = dict(layers=[0], words=("a", "b", "c"), reps=(8, 12), templates=("raw",), steps=1, min_reps=2,
                 n_texts=4, text_words=12, objective="local")
@@ -83,6 +86,7 @@ def test_local_finetune_stop_layer_and_example_cap(tiny):
         finetune_patch(tiny, FinetuneConfig(**{**base, "objective": "nope"}))
 
 
+@pytest.mark.experimental
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
 def test_head_inputs_rebuild_the_original_logits(family):
     from sinkhole.evaluate.metrics import encode_batch
@@ -97,6 +101,7 @@ def test_head_inputs_rebuild_the_original_logits(family):
     assert torch.allclose(got[mask > 0], want[mask > 0], atol=1e-5)
 
 
+@pytest.mark.experimental
 def test_local_finetune_keep_at_logits(tiny):
     base = dict(layers=[0], words=("a", "b"), reps=(8,), templates=("raw",), steps=3, min_reps=2, n_texts=4,
                 text_words=12, objective="local", stop_layer=1, lr=1e-2)
@@ -111,6 +116,7 @@ def test_local_finetune_keep_at_logits(tiny):
         finetune_patch(tiny, FinetuneConfig(**base, keep_at="nowhere"))
 
 
+@pytest.mark.experimental
 def test_search_skips_a_candidate_equal_to_an_earlier_one(tiny, monkeypatch):
     import sinkhole.patch.search as search  # the name the search calls
 
@@ -133,6 +139,7 @@ def test_search_skips_a_candidate_equal_to_an_earlier_one(tiny, monkeypatch):
     assert sum(len(op["neurons"]) for op in res.tried[2]["ops"]) == 3 * len(res.circuit["marking_layers"])
 
 
+@pytest.mark.experimental
 def test_search_and_verify_on_tiny(tiny):
     cfg = ExperimentalConfig(**CFG, families=("paper_clamp", "detector_cap", "finetune_local"))
     res = search_experimental(tiny, cfg, log=lambda m: None)

@@ -213,6 +213,7 @@ def test_interrupted_sweep_resumes_to_the_same_result(tiny_folder, sweep_referen
     assert len(read_json(ckpt)["records"]) == 40
 
 
+@pytest.mark.experimental
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_patch_leaves_no_half_exported_model(tiny_folder, tmp_path, sig):
     """Ctrl-C or SIGTERM during the patch search's fine-tune: exit 130, a line that says nothing was

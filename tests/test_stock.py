@@ -14,6 +14,8 @@ import torch
 from sinkhole.errors import SinkholeError
 from sinkhole.experimental.stock import NO_SINK, parity, stock_gguf, to_granite_swa
 
+pytestmark = pytest.mark.experimental
+
 
 def test_tiny_llama_converts_exactly_and_loads_without_sinkhole(tmp_path):
     from tiny import tiny_lm

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from _common import circuit_reader, machine, parser, report, result_path, save  # noqa: E402
+from _common import circuit_reader, machine, parser, report, save  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -61,10 +61,8 @@ def main(argv=None) -> int:
                              "view": {"drift_norm_ratio": rv, "attn_first_late": av}})
                 print(f"{case.word:24s} x{case.reps:<5d} tokens {len(ids):5d} view {len(view):5d} distance {dist} "
                       f"full ratio {rf} attn0 {af} | view ratio {rv} attn0 {av}", flush=True)
-    if a.save or a.out:
-        save(a, {"model": lm.name, "family": a.family, "drift_layer": drift, "late_layers": late,
-                      "confirm": STATE_CONFIRM, "rows": rows, "machine": machine()})
-    report(result_path(a))
+    report(save(a, {"model": lm.name, "family": a.family, "drift_layer": drift, "late_layers": late,
+                  "confirm": STATE_CONFIRM, "rows": rows, "machine": machine()}))
     return 0
 
 

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from _common import machine, parser, report, result_path, save  # noqa: E402
+from _common import machine, parser, report, save  # noqa: E402
 
 # words that appear nowhere else in the project's cases
 RUN_WORDS = ("anchor", "velvet", "pebble", "candle")
@@ -128,9 +128,7 @@ def main(argv=None) -> int:
     result = {"model": lm.name, "drift_layer": drift, "attention_layers": attn_layers, "late_layers": late,
               "reps": a.reps,
               "seed": a.seed, "rows": rows, "machine": machine()}
-    if a.save or a.out:
-        save(a, result)
-    report(result_path(a))
+    report(save(a, result))
     return 0
 
 

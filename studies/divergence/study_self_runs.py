@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from _common import circuit_reader, machine, parser, report, result_path, save  # noqa: E402
+from _common import circuit_reader, machine, parser, report, save  # noqa: E402
 
 WORDS = ("walrus", "ginger")  # appear in no other case of the project
 PROMPTED_WORDS = ("ocean", "cherry", "forest", "letter", "lamp", "violet", "harbor", "meadow")  # section 3.4's
@@ -80,10 +80,8 @@ def main(argv=None) -> int:
                 r = rows[-1]
                 print(f"{w} x{k} {m:12s} gen {r['generated']:5d} run {r['wrote_run']!s:5s} copies {copies:4d} "
                       f"diverged {r['diverged']!s:5s} {r['seconds']:.0f}s  ...{text[-60:]!r}", flush=True)
-    if a.save or a.out:
-        save(a, {"model": lm.name, "tokens": a.tokens, "confirm": STATE_CONFIRM, "rows": rows,
-                      "machine": machine()})
-    report(result_path(a))
+    report(save(a, {"model": lm.name, "tokens": a.tokens, "confirm": STATE_CONFIRM, "rows": rows,
+                  "machine": machine()}))
     return 0
 
 
@@ -137,10 +135,8 @@ def prompted(a) -> int:
         summary[m] = {"diverged": sum(k.diverged for k in checks), "n": len(checks), "seconds": sec}
         print(f"{m:12s} diverged {summary[m]['diverged']}/{len(checks)} within {a.tokens} tokens ({sec:.0f} s)",
               flush=True)
-    if a.save or a.out:
-        save(a, {"model": lm.name, "prompted_reps": a.prompted, "tokens": a.tokens, "confirm": STATE_CONFIRM,
-                      "words": words, "summary": summary, "rows": rows, "machine": machine()})
-    report(result_path(a))
+    report(save(a, {"model": lm.name, "prompted_reps": a.prompted, "tokens": a.tokens, "confirm": STATE_CONFIRM,
+                  "words": words, "summary": summary, "rows": rows, "machine": machine()}))
     return 0
 
 

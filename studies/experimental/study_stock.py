@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from _common import machine, parser, report, result_path, save  # noqa: E402
+from _common import machine, parser, report, save  # noqa: E402
 
 from sinkhole.patch.verify import stock_targets  # noqa: E402
 
@@ -109,9 +109,7 @@ def main(argv=None) -> int:
                       {f: r["diverged"] for f, r in v["rates"]["patch"].items()}, flush=True)
                 if a.save or a.out:
                     save(a, res)
-    if a.save or a.out:
-        save(a, res)
-    report(result_path(a))
+    report(save(a, res))
     return 0
 
 

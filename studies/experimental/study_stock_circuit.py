@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from _common import machine, parser, report, result_path, save  # noqa: E402
+from _common import machine, parser, report, save  # noqa: E402
 
 CASES = (("repeat", "flower", 400), ("repeat", "ocean", 1000), ("chat_assistant", "letter", 400),
          ("raw", "table", 400), ("phrase", "see you later", 300), ("mixture", "pigeon walnut", 400),
@@ -67,9 +67,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(fam, word, reps, {k: (row[k]["repeats"], row[k]["norm_ratio"], row[k]["attention_on_0"])
                                 for k in models}, flush=True)
-    if a.save or a.out:
-        save(a, {"model": lm.name, "rows": rows, "machine": machine()})
-    report(result_path(a))
+    report(save(a, {"model": lm.name, "rows": rows, "machine": machine()}))
     return 0
 
 

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from _common import machine, parser, report, result_path, save  # noqa: E402
+from _common import machine, parser, report, save  # noqa: E402
 
 PROMPTS = ("What are the main differences between a violin and a viola?", "Give me a recipe for lentil soup.",
            "Why do cats purr?", "Explain what a prime number is to a child.", "Write a haiku about autumn rain.",
@@ -74,9 +74,7 @@ def main(argv=None) -> int:
               flush=True)
     res["chat"] = chats
     res["chat_identical"] = sum(c["identical"] for c in chats)
-    if a.save or a.out:
-        save(a, res)
-    report(result_path(a))
+    report(save(a, res))
     return 0
 
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from _common import machine, parser, report, result_path, save  # noqa: E402
+from _common import machine, parser, report, save  # noqa: E402
 
 SETTINGS = [("none", None, None), ("layer 0", [0], -4.0), ("layer 0", [0], 0.0), ("layer 0", [0], 4.0),
             ("layer 0", [0], 8.0), ("layers 0-2", [0, 1, 2], 0.0), ("every layer", "all", 4.0)]
@@ -65,9 +65,7 @@ def main(argv=None) -> int:
                      "diverged": diverged, "n": len(cases), "outputs": outs})
         print(f"{name:12s} sink {c!s:5s} text top-1 {top1:.3f} KL {float(kl):.4f} diverged {diverged}/{len(cases)} "
               f"{outs}", flush=True)
-    if a.save or a.out:
-        save(a, {"model": lm.name, "rows": rows, "machine": machine()})
-    report(result_path(a))
+    report(save(a, {"model": lm.name, "rows": rows, "machine": machine()}))
     return 0
 
 

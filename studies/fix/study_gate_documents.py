@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from _common import circuit_reader, machine, parser, report, result_path, save  # noqa: E402
+from _common import circuit_reader, machine, parser, report, save  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "circuit"))
 from study_sink_state import documents as tuning_documents  # noqa: E402
@@ -160,9 +160,7 @@ def main(argv=None) -> int:
             print(f"count {w} x{k}: unpatched wrote {rec['unpatched_count']}; same: {rec['same']}", flush=True)
     result = {"model": lm.name, "confirm": confirm, "drift_layer": drift, "late_layers": late, "after_tokens": AFTER,
               "rows": rows, "counting": counting, "machine": machine()}
-    if a.save or a.out:
-        save(a, result)
-    report(result_path(a))
+    report(save(a, result))
     return 0
 
 

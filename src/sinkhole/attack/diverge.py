@@ -207,7 +207,7 @@ def summarize(results: Sequence[CaseResult], max_new_tokens: int, method: str = 
 
 def run_judged(lm, cases: Sequence[Case], max_new_tokens: int = 48, batch_size: int = 4,
                hooks: Callable[[], ContextManager] | None = None, exact: bool | None = None,
-               quiet: bool | None = None, complete: bool = True) -> DivergenceResult:
+               quiet: bool | None = None, complete: bool = True, engine=None) -> DivergenceResult:
     """The one way sinkhole judges cases: the greedy continuation of every case, judged by both
     judges. Cases whose prompt ends with the run get their tokens from the exact check
     (``greedy_check``, then batched generation past a divergence: the same tokens as generation,
@@ -215,11 +215,20 @@ def run_judged(lm, cases: Sequence[Case], max_new_tokens: int = 48, batch_size: 
     with ``exact=False``) from batched generation.
     ``exact=True`` refuses cases the check cannot draft. ``complete=False`` ends an exactly checked
     case as soon as the run judge is certain it diverged (its text, and so its garak-style verdict,
-    then cover only the tokens up to that point: ``n_generated`` < ``max_new_tokens``)."""
+    then cover only the tokens up to that point: ``n_generated`` < ``max_new_tokens``).
+    ``engine`` (a :class:`sinkhole.decoding.engines.TorchGate` or ``LlamaCpp``): every case decoded greedily by
+    the engine instead (``method`` ``"fed"``; its gate, if any, is the patch, so ``hooks`` must be None)."""
     if not cases:
         raise SinkholeError("no divergence cases to run; pass at least one word and one repetition count")
     if int(max_new_tokens) < 1:
         raise SinkholeError("max_new_tokens must be at least 1")
+    if engine is not None:
+        if hooks is not None:
+            raise SinkholeError("run_judged takes hooks or an engine, not both")
+        stops = stop_ids(lm)
+        fed = [judge_case(lm, c, engine.greedy(list(c.ids), max_new_tokens, stops), stops)
+               for c in progress(cases, desc=type(engine).__name__, disable=True if quiet is None else quiet)]
+        return summarize(fed, max_new_tokens, "fed")
     if exact is True:
         bad = sorted({c.template for c in cases if not c.run_at_end})
         if bad:
