@@ -18,7 +18,7 @@ Flow of :func:`search_patch`:
    search divergence within the budget;
 4. the winner is verified on *held-out* cases (disjoint words and counts) and held-out text, and
    on the broad held-out set (:mod:`sinkhole.patch.verify`: every attack family and text setting,
-   beside the input-side collapse and, on request, the paper's patch).
+   and, on request (``cfg.baselines``), beside the input-side collapse and the paper's patch).
 
 The research candidates (the state check, caps, fine-tunes) live in :mod:`sinkhole.experimental.search`,
 off this path: they extend :func:`candidates` through ``extra``.
