@@ -16,7 +16,7 @@ token the model generates, with the KV cache intact:
   three-token phrase). A stretch with no exact repeating unit (a cluster sequence; the digits of a
   column of close numbers, which SmolLM2 writes one token each) is left alone unless ``cluster``
   is set (then it is cut token by token: hiding digits changes the numbers the model reads, the
-  ninth session's finding); a stretch of at most ``hold`` excess tokens is left whole. A block is
+  finding of docs/fix.md); a stretch of at most ``hold`` excess tokens is left whole. A block is
   hidden from every query from the start of the next block of its stretch on; the stretch's last
   block is never hidden. So each query
   sees the run's first tokens and then the repetition it is in (after the run: the run's last
