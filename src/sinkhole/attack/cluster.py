@@ -135,32 +135,29 @@ def cluster_attack(lm, cfg: ClusterConfig | None = None, *, seeds: Sequence[int]
     """Run the cluster attack and its random control (see the module docstring); ``seeds``: the
     seed tokens (None: drawn from the frequent word tokens)."""
     cfg = cfg or ClusterConfig()
-    pool_size, n_seeds, size, length, space = cfg.pool_size, cfg.n_seeds, cfg.size, cfg.length, cfg.space
-    threshold, seqs_per_cluster, n_examples = cfg.threshold, cfg.seqs_per_cluster, cfg.n_examples
-    max_new_tokens, seed, prefix = cfg.max_new_tokens, cfg.seed, cfg.prefix
-    rng = random.Random(seed)
+    rng = random.Random(cfg.seed)
     drift_layer = default_layers(lm, cfg.drift_layer)[0]
-    pool = frequent_tokens(lm, pool_size)
-    feats = token_features(lm, pool, space)
+    pool = frequent_tokens(lm, cfg.pool_size)
+    feats = token_features(lm, pool, cfg.space)
     if seeds is None:
         # seeds: spread over the frequent tokens that are words (alphabetic), deterministic per seed
-        head = pool[:max(4 * n_seeds, 50)]
+        head = pool[:max(4 * cfg.n_seeds, 50)]
         wordy = [t for t in head if lm.tokenizer.decode([t]).strip().isalpha()] or head
-        seeds = rng.sample(wordy, min(n_seeds, len(wordy)))
-    clusters = clusters_for(feats, pool, list(seeds), size)
-    prefix_ids = lm.encode(prefix, bos=True) if prefix else ([lm.bos_id] if lm.bos_id is not None else [])
+        seeds = rng.sample(wordy, min(cfg.n_seeds, len(wordy)))
+    clusters = clusters_for(feats, pool, list(seeds), cfg.size)
+    prefix_ids = lm.encode(cfg.prefix, bos=True) if cfg.prefix else ([lm.bos_id] if lm.bos_id is not None else [])
     rows = []
     for cl in progress(clusters, desc="cluster attack", disable=quiet):
-        ctrl = rng.sample(pool, size)
-        cseqs = [sequence(cl, length, rng) for _ in range(seqs_per_cluster)]
-        rseqs = [sequence(ctrl, length, rng) for _ in range(seqs_per_cluster)]
+        ctrl = rng.sample(pool, cfg.size)
+        cseqs = [sequence(cl, cfg.length, rng) for _ in range(cfg.seqs_per_cluster)]
+        rseqs = [sequence(ctrl, cfg.length, rng) for _ in range(cfg.seqs_per_cluster)]
         sc = sink_scores(lm, cseqs + rseqs, prefix_ids, drift_layer)
         for j, q in enumerate(cseqs + rseqs):
-            kind = "cluster" if j < seqs_per_cluster else "random"
+            kind = "cluster" if j < cfg.seqs_per_cluster else "random"
             toks = cl if kind == "cluster" else ctrl
             rows.append({"kind": kind, "seed_token": lm.tokenizer.decode([cl[0]]),
                          "tokens": [lm.tokenizer.decode([t]) for t in toks], "token_ids": list(toks),
-                         "seq": q, **sc[j], "sink": sc[j]["norm_ratio"] >= threshold,
+                         "seq": q, **sc[j], "sink": sc[j]["norm_ratio"] >= cfg.threshold,
                          "max_run": _max_run(q)})
 
     def rate(kind, key="sink"):
@@ -170,13 +167,13 @@ def cluster_attack(lm, cfg: ClusterConfig | None = None, *, seeds: Sequence[int]
     # generation on examples: the strongest cluster sequences and as many random ones
     stops = stop_ids(lm)
     examples = []
-    best = sorted([r for r in rows if r["kind"] == "cluster"], key=lambda r: -r["norm_ratio"])[:n_examples]
-    worst_r = sorted([r for r in rows if r["kind"] == "random"], key=lambda r: -r["norm_ratio"])[:n_examples]
+    best = sorted([r for r in rows if r["kind"] == "cluster"], key=lambda r: -r["norm_ratio"])[:cfg.n_examples]
+    worst_r = sorted([r for r in rows if r["kind"] == "random"], key=lambda r: -r["norm_ratio"])[:cfg.n_examples]
     chosen = best + worst_r
-    if chosen and max_new_tokens > 0:
+    if chosen and cfg.max_new_tokens > 0:
         gens = []
         for s in range(0, len(chosen), 4):
-            gens += generate(lm, [prefix_ids + r["seq"] for r in chosen[s:s + 4]], max_new_tokens)
+            gens += generate(lm, [prefix_ids + r["seq"] for r in chosen[s:s + 4]], cfg.max_new_tokens)
         for r, g in zip(chosen, gens):
             div, until = judge_token_set(lm, g, set(r["token_ids"]), stops)
             r["diverged"] = div
@@ -190,9 +187,9 @@ def cluster_attack(lm, cfg: ClusterConfig | None = None, *, seeds: Sequence[int]
     gen_c = [e for e in examples if e["kind"] == "cluster"]
     gen_r = [e for e in examples if e["kind"] == "random"]
     return {
-        "method": {"space": space, "pool_size": pool_size, "cluster_size": size, "length": length,
-                   "threshold": threshold, "prefix": prefix, "n_clusters": len(clusters),
-                   "seqs_per_cluster": seqs_per_cluster, "seed": seed,
+        "method": {"space": cfg.space, "pool_size": cfg.pool_size, "cluster_size": cfg.size,
+                   "length": cfg.length, "threshold": cfg.threshold, "prefix": cfg.prefix, "n_clusters": len(clusters),
+                   "seqs_per_cluster": cfg.seqs_per_cluster, "seed": cfg.seed,
                    "drift_layer": drift_layer},
         "sink_rate_cluster": rate("cluster"), "sink_rate_random": rate("random"),
         "mean_norm_ratio_cluster": _mean([r["norm_ratio"] for r in rows if r["kind"] == "cluster"]),

@@ -173,12 +173,11 @@ def min_reps_table(lm, words: Sequence[str], cfg: MinRepsConfig | None = None, *
                    quiet: bool | None = None) -> MinRepsResult:
     """:func:`min_reps` for every word, beside the sweep's norm-based repetitions to a sink."""
     cfg = cfg or MinRepsConfig()
-    template, start, max_reps, resolution = cfg.template, cfg.start, cfg.max_reps, cfg.resolution
-    max_new_tokens, drift_layer, norm_based = cfg.max_new_tokens, cfg.drift_layer, cfg.norm_based
+    drift_layer = cfg.drift_layer  # the sweep's answer replaces None
     words = parse_words(words)
-    rows = [min_reps(lm, w, template, start, max_reps, resolution, max_new_tokens)
+    rows = [min_reps(lm, w, cfg.template, cfg.start, cfg.max_reps, cfg.resolution, cfg.max_new_tokens)
             for w in progress(words, desc="min reps", disable=quiet)]
-    if norm_based:
+    if cfg.norm_based:
         single = {r.word: lm.word_ids(r.word)[0] for r in rows if r.n_tokens_per_word == 1}
         if single:
             top = max(r.max_reps for r in rows)
@@ -191,7 +190,7 @@ def min_reps_table(lm, words: Sequence[str], cfg: MinRepsConfig | None = None, *
                 if r.word in single:
                     r.reps_to_sink = sw["records"][str(single[r.word])]["reps_to_sink"]
     both = [r for r in rows if r.n_tokens_per_word == 1 and (r.min_reps is None or r.repeated_below)] \
-        if norm_based else []
+        if cfg.norm_based else []
     rho = None
     if both:
         never_b = max(r.max_reps for r in both) + 1  # "never within max_reps" ranks above every count
@@ -203,14 +202,15 @@ def min_reps_table(lm, words: Sequence[str], cfg: MinRepsConfig | None = None, *
     at_once = [r.word for r in rows if r.min_reps is not None and not r.repeated_below]
     non_mono = [r.word for r in rows if not r.monotone]
     res = MinRepsResult(
-        config={"template": template, "start": int(start), "max_reps": int(max_reps), "resolution": int(resolution),
-                "max_new_tokens": int(max_new_tokens), "judge": "run judge (greedy_check)",
-                "drift_layer": drift_layer, "probe_factors": list(PROBE_FACTORS)},
+        config={"template": cfg.template, "start": int(cfg.start), "max_reps": int(cfg.max_reps),
+                "resolution": int(cfg.resolution), "max_new_tokens": int(cfg.max_new_tokens),
+                "judge": "run judge (greedy_check)", "drift_layer": drift_layer, "probe_factors": list(PROBE_FACTORS)},
         words=[r.to_dict() for r in rows], n_checks=n_checks, checks_per_word=round(n_checks / max(len(rows), 1), 2),
         n_diverged=n_div, n_non_monotone=len(non_mono), spearman=rho, n_at_once=len(at_once))
     found = sorted((r.min_reps, r.word) for r in rows if r.min_reps is not None and r.repeated_below)
-    res.headline = (f"{n_div} of {len(rows)} words diverge within {max_reps} repetitions ('{template}' template)"
-                    + (f"; {len(at_once)} at the first count tried ({start}), never following the run" if at_once
+    res.headline = (f"{n_div} of {len(rows)} words diverge within {cfg.max_reps} repetitions "
+                    f"('{cfg.template}' template)"
+                    + (f"; {len(at_once)} at the first count tried ({cfg.start}), never following the run" if at_once
                        else "")
                     + (f"; of the runs the model followed, the first broke after {found[0][0]} repetitions "
                        f"({found[0][1]!r}), the median after {found[len(found) // 2][0]}" if found else "")

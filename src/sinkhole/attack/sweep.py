@@ -99,16 +99,14 @@ def sweep_tokens(lm, tokens: Sequence[int], cfg: SweepConfig | None = None, *, c
     atomically after each batch. ``extra``: more keys for the recorded config (``shard``,
     ``num_shards``)."""
     cfg = cfg or SweepConfig()
-    max_reps, threshold, batch_size, k = cfg.max_reps, cfg.threshold, cfg.batch_size, cfg.k
-    generate_tokens, prefix = cfg.generate_tokens, cfg.prefix
     norm_layer, a0, max_layer = default_layers(lm, cfg.drift_layer)
     settings = {"version": SWEEP_VERSION, "model": lm.name, "drift_layer": norm_layer,
-                "attn_layers": [a0, max_layer], "max_reps": int(max_reps), "threshold": float(threshold), "k": int(k),
-                "generate_tokens": int(generate_tokens), "prefix": prefix, **(extra or {})}
-    if lm.n_ctx and max_reps + 2 > lm.n_ctx:
-        raise SinkholeError(f"--max-reps {max_reps} exceeds the model's context of {lm.n_ctx}; lower it")
-    if max_reps < k + 1:
-        raise SinkholeError(f"--max-reps must be at least {k + 1}")
+                "attn_layers": [a0, max_layer], "max_reps": int(cfg.max_reps), "threshold": float(cfg.threshold),
+                "k": int(cfg.k), "generate_tokens": int(cfg.generate_tokens), "prefix": cfg.prefix, **(extra or {})}
+    if lm.n_ctx and cfg.max_reps + 2 > lm.n_ctx:
+        raise SinkholeError(f"--max-reps {cfg.max_reps} exceeds the model's context of {lm.n_ctx}; lower it")
+    if cfg.max_reps < cfg.k + 1:
+        raise SinkholeError(f"--max-reps must be at least {cfg.k + 1}")
     records: dict[str, dict] = {}
     if checkpoint is not None and Path(checkpoint).exists():
         try:
@@ -122,25 +120,25 @@ def sweep_tokens(lm, tokens: Sequence[int], cfg: SweepConfig | None = None, *, c
                                 "use the same settings, or another --checkpoint")
         records = saved.get("records", {})
     todo = [int(t) for t in tokens if str(int(t)) not in records]
-    bos = lm.encode(prefix, bos=True) if prefix else ([lm.bos_id] if lm.bos_id is not None else [])
+    bos = lm.encode(cfg.prefix, bos=True) if cfg.prefix else ([lm.bos_id] if lm.bos_id is not None else [])
     dev = lm.device
-    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    batches = [todo[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
     for batch in progress(batches, desc="sweep", total=len(batches), disable=quiet):
-        ids = torch.tensor([bos + [t] * max_reps for t in batch], device=dev)
-        norms, att = sink_probe(lm, ids, norm_layer, a0, max_layer, k)
+        ids = torch.tensor([bos + [t] * cfg.max_reps for t in batch], device=dev)
+        norms, att = sink_probe(lm, ids, norm_layer, a0, max_layer, cfg.k)
         off = len(bos)
         for r, t in enumerate(batch):
             ratio = norms[r, off:] / norms[r, 0].clamp_min(1e-6)  # per repetition
-            hit = (ratio >= threshold).nonzero()
+            hit = (ratio >= cfg.threshold).nonzero()
             records[str(t)] = {
                 "token_id": t, "token": lm.tokenizer.decode([t]),
                 "reps_to_sink": int(hit[0, 0]) + 1 if len(hit) else None,
-                "final_norm_ratio": round(float(ratio[-k:].mean()), 4),
+                "final_norm_ratio": round(float(ratio[-cfg.k:].mean()), 4),
                 "max_norm_ratio": round(float(ratio.max()), 4),
                 "bos_attn": round(float(att[r].mean()), 4),
             }
-        if generate_tokens > 0:
-            _generate_batch(lm, batch, records, bos, max_reps, generate_tokens, prefix)
+        if cfg.generate_tokens > 0:
+            _generate_batch(lm, batch, records, bos, cfg.max_reps, cfg.generate_tokens, cfg.prefix)
         if checkpoint is not None:
             write_json(checkpoint, {"config": settings, "records": records})
     return {"config": settings, "records": records}

@@ -110,6 +110,47 @@ def check_out_file(path, flag: str = "--out"):
     return p
 
 
+def add_export_args(p) -> None:
+    """``--export FORMAT --export-file F``: the prompts of this run that diverged, for red-team tools."""
+    g = p.add_argument_group("export prompts to red-team tools (--export)")
+    g.add_argument("--export", default=None, choices=["garak", "garak-payload", "pyrit"],
+                   help="write the prompts that diverged (or reached a sink) for garak (a probe module, .py), "
+                        "garak's payload schema (JSON) or PyRIT (a seed dataset, YAML) to --export-file; "
+                        "'sinkhole export' does the same from a saved results file")
+    g.add_argument("--export-file", default=None, help="where --export writes (required with --export)")
+
+
+def check_export(fmt, path, fmt_flag: str = "--export", file_flag: str = "--export-file") -> None:
+    """Refuse, before any work, an export with no format, no file, a garak module not ending in .py, or a
+    file in a folder that does not exist."""
+    from ..errors import SinkholeError  # lazy: start-up time
+
+    if not fmt:
+        raise SinkholeError(f"{file_flag} needs {fmt_flag} garak|garak-payload|pyrit")
+    if not path:
+        raise SinkholeError(f"{fmt_flag} needs {file_flag} PATH (e.g. sinkhole_divergence.py for garak, "
+                            "seeds.yaml for pyrit)")
+    if fmt == "garak" and not path.endswith(".py"):
+        raise SinkholeError(f"{fmt_flag} garak writes a Python probe module: give a {file_flag} ending in .py")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise SinkholeError(f"{file_flag}: folder {parent} does not exist; create it first")
+
+
+def maybe_export(args, doc: dict) -> None:
+    """Write ``doc``'s diverging prompts where ``--export``/``--export-file`` ask (nothing without ``--export``)."""
+    if not args.export:
+        return
+    from ..integrations.export import collect_prompts, write_export  # lazy: start-up time
+
+    prompts = collect_prompts(doc)
+    if not prompts:
+        info(args, "--export: no prompt diverged, so nothing was written")
+        return
+    write_export(prompts, args.export, args.export_file, model=doc.get("model", {}).get("name", "the model"))
+    info(args, f"wrote {len(prompts)} prompts for {args.export} to {args.export_file}")
+
+
 def vars_of(args) -> dict:
     """The command's options, as recorded in its results document (paths and output switches stay
     out, so the same command gives the same document wherever it runs)."""

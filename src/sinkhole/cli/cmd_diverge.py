@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 
 def add_parser(sub) -> None:
-    from . import add_common_args, add_model_args  # lazy: start-up time
+    from . import add_common_args, add_export_args, add_model_args  # lazy: start-up time
 
     p = sub.add_parser("diverge", help="measure repeated-word divergence by greedy generation",
                        description="Greedily decode after prompts that repeat each word n times (templates: raw, "
@@ -52,22 +50,21 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def add_export_args(p) -> None:
-    """``--export FORMAT --export-file F``: the prompts of this run that diverged, for red-team tools."""
-    g = p.add_argument_group("export prompts to red-team tools (--export)")
-    g.add_argument("--export", default=None, choices=["garak", "garak-payload", "pyrit"],
-                   help="write the prompts that diverged (or reached a sink) for garak (a probe module, .py), "
-                        "garak's payload schema (JSON) or PyRIT (a seed dataset, YAML) to --export-file; "
-                        "'sinkhole export' does the same from a saved results file")
-    g.add_argument("--export-file", default=None, help="where --export writes (required with --export)")
-
-
 def run(args) -> int:
     from ..attack.diverge import DivergeConfig, diverge  # lazy: start-up time
     from ..attack.prompts import GARAK_REPS, GARAK_TEXT, GARAK_WORDS, parse_int_list, parse_words  # lazy: start-up time
     from ..errors import SinkholeError  # lazy: start-up time
     from ..pipeline.engine import document  # lazy: start-up time
-    from . import check_out_file, emit, info, load_from_args, model_meta, vars_of  # lazy: start-up time
+    from . import (  # lazy: start-up time
+        check_export,
+        check_out_file,
+        emit,
+        info,
+        load_from_args,
+        maybe_export,
+        model_meta,
+        vars_of,
+    )
 
     if args.export or args.export_file:
         check_export(args.export, args.export_file)
@@ -177,34 +174,3 @@ def _check_sampling(args) -> None:
         from ..attack.memorization import corpus_files  # lazy: start-up time
 
         corpus_files(args.corpus)
-
-
-def check_export(fmt, path, fmt_flag: str = "--export", file_flag: str = "--export-file") -> None:
-    """Refuse, before any work, an export with no format, no file, a garak module not ending in .py, or a
-    file in a folder that does not exist."""
-    from ..errors import SinkholeError  # lazy: start-up time
-
-    if not fmt:
-        raise SinkholeError(f"{file_flag} needs {fmt_flag} garak|garak-payload|pyrit")
-    if not path:
-        raise SinkholeError(f"{fmt_flag} needs {file_flag} PATH (e.g. sinkhole_divergence.py for garak, "
-                            "seeds.yaml for pyrit)")
-    if fmt == "garak" and not path.endswith(".py"):
-        raise SinkholeError(f"{fmt_flag} garak writes a Python probe module: give a {file_flag} ending in .py")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise SinkholeError(f"{file_flag}: folder {parent} does not exist; create it first")
-
-
-def maybe_export(args, doc: dict) -> None:
-    if not args.export:
-        return
-    from ..integrations.export import collect_prompts, write_export  # lazy: start-up time
-    from . import info  # lazy: start-up time
-
-    prompts = collect_prompts(doc)
-    if not prompts:
-        info(args, "--export: no prompt diverged, so nothing was written")
-        return
-    write_export(prompts, args.export, args.export_file, model=doc.get("model", {}).get("name", "the model"))
-    info(args, f"wrote {len(prompts)} prompts for {args.export} to {args.export_file}")

@@ -11,7 +11,7 @@ import sys
 
 def add_parser(sub) -> None:
     from . import add_common_args, add_model_args, add_role_args  # lazy: start-up time
-    from .cmd_patch import add_patch_args  # lazy: start-up time
+    from .cmd_patch import MAX_NEW_TOKENS, add_patch_args  # lazy: start-up time
 
     p = sub.add_parser("experimental", help="research routes that do not meet the fix's targets (see "
                                             "docs/experimental.md)",
@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
     s.add_argument("--templates", default=None, help="prompt templates (default: repeat,chat_assistant)")
     s.add_argument("--finetune-layers", default=None, help="layers whose MLPs the fine-tuning families train")
     s.add_argument("--steps", type=int, default=400, help="fine-tuning steps (default 400)")
-    s.add_argument("--max-new-tokens", type=int, default=32, help="generated tokens per case (default 32)")
+    s.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
+                   help=f"generated tokens per case (default {MAX_NEW_TOKENS})")
     s.add_argument("--ppl-budget", type=float, default=1.0, help="largest allowed perplexity increase in %% (default 1)")
     s.add_argument("--neurons", type=int, default=4, help="sink neurons of the paper's patch (default 4)")
     s.add_argument("--gguf", default=None,

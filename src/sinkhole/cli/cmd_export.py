@@ -20,8 +20,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..integrations.export import collect_prompts, write_export  # lazy: start-up time
     from ..results import load_results  # lazy: start-up time
-    from . import info  # lazy: start-up time
-    from .cmd_diverge import check_export  # lazy: start-up time
+    from . import check_export, info  # lazy: start-up time
 
     check_export(args.format, args.out, "--format", "--out")
     doc = load_results(args.results)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    from . import add_common_args, add_model_args  # lazy: start-up time
-    from .cmd_diverge import add_export_args  # lazy: start-up time
+    from . import add_common_args, add_export_args, add_model_args  # lazy: start-up time
 
     p = sub.add_parser("minreps", help="the smallest repetition count that makes each word diverge",
                        description="Search each word's smallest repetition count whose greedy continuation leaves the "
@@ -37,8 +36,16 @@ def run(args) -> int:
     )
     from ..errors import SinkholeError  # lazy: start-up time
     from ..pipeline.engine import document  # lazy: start-up time
-    from . import check_out_file, emit, info, load_from_args, model_meta, vars_of  # lazy: start-up time
-    from .cmd_diverge import check_export, maybe_export  # lazy: start-up time
+    from . import (  # lazy: start-up time
+        check_export,
+        check_out_file,
+        emit,
+        info,
+        load_from_args,
+        maybe_export,
+        model_meta,
+        vars_of,
+    )
 
     if args.export or args.export_file:
         check_export(args.export, args.export_file)

@@ -9,7 +9,7 @@ MAX_NEW_TOKENS = 32
 
 
 def add_parser(sub) -> None:
-    from . import add_common_args, add_model_args  # lazy: start-up time
+    from . import add_common_args, add_model_args, add_role_args  # lazy: start-up time
 
     p = sub.add_parser(
         "patch", help="build, verify and export the run gate, the fix that stops repeated-token divergence",
@@ -28,8 +28,6 @@ def add_parser(sub) -> None:
     p.add_argument("--method", default="gate", choices=["gate", "paper"],
                    help="gate: the run gate (default); paper: the paper's patch, the massive layer's sink neurons "
                         "clamped (then zeroed) at non-first positions, for a model where the paper's mechanism holds")
-    from . import add_role_args  # lazy: start-up time
-
     add_role_args(p, ["massive_layer"])
     p.set_defaults(func=run)
 
