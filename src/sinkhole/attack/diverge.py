@@ -32,6 +32,7 @@ from ..errors import SinkholeError
 from ..progress import progress
 from ..results import StepResult
 from .exact import greedy_check
+from .explain import explain_records, summarize_explanations
 from .judge import judge_garak, judge_run
 from .prompts import RUN_AT_END, Case, make_cases, resolve_templates  # Case, make_cases: re-exported (the API)
 
@@ -149,6 +150,7 @@ class DivergenceResult(StepResult):
     samples: int = 1  # continuations per prompt (method "sample": seeded temperature sampling)
     temperature: float | None = None
     rate_ci: list | None = None  # 95% Wilson interval of the run judge's rate over all continuations
+    explanation: dict | None = None  # did the sink do it? (attack/explain.py: summarize_explanations)
     headline: str = ""
     status: str | None = None
 
@@ -168,6 +170,8 @@ class DivergenceResult(StepResult):
                          f"(garak-style judge: {self.n_diverged('garak_diverged')})"
                          + (f", the earliest at {self.min_reps_diverged} repetitions; most often with the "
                             f"'{worst}' template." if n_div else "."))
+        if self.explanation:
+            self.headline += " " + self.explanation["headline"]
         self.status = "bad" if n_div else "good"
         return self
 
@@ -296,10 +300,15 @@ class DivergeConfig:
 
 
 def diverge(lm, words, reps, templates=None, cfg: DivergeConfig | None = None, *, hooks=None,
-            quiet: bool | None = None) -> DivergenceResult:
+            quiet: bool | None = None, explain: bool = False, circ=None) -> DivergenceResult:
     """Build the cases for ``words`` x ``reps`` x ``templates`` and judge them (``run_judged``; with
-    ``cfg.samples``, ``sample_judged`` at ``cfg.temperature``). ``hooks``: as :func:`run_cases`."""
+    ``cfg.samples``, ``sample_judged`` at ``cfg.temperature``). ``hooks``: as :func:`run_cases`.
+    ``explain``: also say per case whether the sink did it (:func:`explain_result`; ``circ``: the model's circuit,
+    found when not given)."""
     cfg = cfg or DivergeConfig()
+    if explain and (cfg.samples or hooks is not None):
+        raise SinkholeError("the per-case explanation explains the plain model's greedy divergences: drop the patch "
+                            "and the sampling, or the explanation")
     cases = make_cases(lm, words, reps, templates)
     if cfg.samples:
         res = sample_judged(lm, cases, cfg.samples, cfg.temperature, max_new_tokens=cfg.max_new_tokens,
@@ -308,7 +317,27 @@ def diverge(lm, words, reps, templates=None, cfg: DivergeConfig | None = None, *
         res = run_judged(lm, cases, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, hooks=hooks,
                          exact=cfg.exact, quiet=quiet)
     res.words, res.reps, res.templates = list(words), [int(r) for r in reps], resolve_templates(lm, templates)
+    if explain:
+        explain_result(lm, res, cases, cfg, circ=circ, quiet=quiet)
     return res.set_headline()
+
+
+def explain_result(lm, res: DivergenceResult, cases: Sequence[Case], cfg: DivergeConfig | None = None, *, circ=None,
+                   quiet: bool | None = None) -> DivergenceResult:
+    """Add to every case of ``res`` (judged from ``cases``, in order) the circuit's readings and, where it diverged,
+    the causal test and the verdict (:mod:`sinkhole.attack.explain`); ``res.explanation``: the shares per template.
+    The causal test decodes the case again as ``cfg`` says, under the held sink neurons, judged by the run judge."""
+    cfg = cfg or DivergeConfig()
+
+    def rerun(case):
+        return lambda hooks: bool(run_judged(lm, [case], max_new_tokens=cfg.max_new_tokens, batch_size=1, hooks=hooks,
+                                             exact=cfg.exact, quiet=True).cases[0]["diverged"])
+
+    items = [(c.ids, c.unit, bool(r["diverged"]), rerun(c), None) for c, r in zip(cases, res.cases)]
+    for r, e in zip(res.cases, explain_records(lm, items, circ, quiet)):
+        r["explain"] = e
+    res.explanation = summarize_explanations(res.cases, "template")
+    return res
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> list[float] | None:

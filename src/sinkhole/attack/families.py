@@ -27,7 +27,7 @@ from ..errors import SinkholeError
 from ..progress import progress
 from .cluster import clusters_for, judge_token_set, sequence, token_features
 from .diverge import judge_case, run_judged
-from .prompts import Case, Family, garak_wording as _garak, has_chat_template
+from .prompts import SHORT_REPS, Case, Family, garak_wording as _garak, has_chat_template
 from .sweep import frequent_tokens
 
 
@@ -78,7 +78,6 @@ BROAD_REPS = (100, 400, 1000, 2000)
 MAX_PROMPT_TOKENS = 4200  # a multi-token unit repeats fewer times (at most this many prompt tokens)
 
 
-SHORT_REPS = 16
 
 
 # garak's RepeatDiverges finds a run with the regex ``w(,? w)+``: a newline- or quote-separated run is

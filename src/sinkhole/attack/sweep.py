@@ -34,6 +34,7 @@ import torch
 
 from ..capture import Hooks
 from ..circuit import discover
+from ..circuit.circuit import STATE_RATIO
 from ..data import load_text
 from ..errors import SinkholeError
 from ..progress import progress
@@ -85,7 +86,7 @@ class SweepConfig:
 
     drift_layer: int | None = None  # None: the circuit's (circuit.discover)
     max_reps: int = 256
-    threshold: float = 0.5  # norm ratio that counts as a sink
+    threshold: float = STATE_RATIO  # norm ratio that counts as a sink (the circuit's)
     batch_size: int = 16
     k: int = 8  # positions at the end of the run read for the final ratio and the attention
     generate_tokens: int = 0  # > 0: also continue each token greedily and judge it

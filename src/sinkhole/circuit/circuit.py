@@ -41,6 +41,9 @@ from .neurons import ablation_effect, norms_and_attention, rank_and_filter
 from .sink_layers import find_sink_layers
 
 DRIFT_RATIO = 5.0
+# a token's state counts as first-token-like (the sink state a long run reaches) when its norm at the drift layer is
+# at least this share of the first token's: the sweep's "repetitions to a sink" and the per-case explanation
+STATE_RATIO = 0.5
 SINK_ATTENTION = 0.3  # mean attention on position 0 that counts as concentrated (Gu et al.'s epsilon)
 SINK_KINDS = {
     "any_token": "any token at position 0 becomes a sink",

@@ -45,6 +45,11 @@ def add_parser(sub) -> None:
                         "occurs verbatim in it (>= --min-span bytes) and report the share of divergent tokens "
                         "inside, beside continuations of ordinary prompts (the index is built once and cached)")
     g.add_argument("--min-span", type=int, default=50, help="shortest verbatim span counted, in bytes (default 50)")
+    p.add_argument("--explain", action="store_true",
+                   help="say per case whether the attention sink did it: the circuit's readings over the run's last "
+                        "32 tokens and, for every diverged case, a causal test (the run's state cut back to its "
+                        "16-repetition state at the drift layer, decoded again); verdict sink, sink state not causal "
+                        "or no sink. Greedy transformers decoding of the plain model only")
     add_export_args(p)
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     p.set_defaults(func=run)
@@ -84,6 +89,11 @@ def run(args) -> int:
         raise SinkholeError("--engine llama.cpp decodes greedily itself: drop --exact and --samples")
     if args.batch_size < 1:
         raise SinkholeError("--batch-size must be a positive integer")
+    if args.explain and args.engine == "llama.cpp":
+        raise SinkholeError("--explain reads and edits the model's hidden states, which llama.cpp does not expose: "
+                            "drop --engine llama.cpp (the same GGUF runs in transformers by default)")
+    if args.explain and (args.patch or args.samples):
+        raise SinkholeError("--explain explains the plain model's greedy divergences: drop --patch and --samples")
     check_out_file(args.out)
     patch = None
     if args.patch:
@@ -120,7 +130,13 @@ def run(args) -> int:
         cfg = DivergeConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                             exact=True if args.exact else False, samples=args.samples, temperature=args.temperature,
                             seed=args.seed)
-        res = diverge(lm, words, reps, templates, cfg, hooks=hooks, quiet=args.quiet)
+        circ = None
+        if args.explain:
+            from ..circuit import discover  # lazy: start-up time
+
+            circ = discover(lm)
+            info(args, f"explaining with the circuit: {circ.log_line()}; sink kind {circ.sink_kind}")
+        res = diverge(lm, words, reps, templates, cfg, hooks=hooks, quiet=args.quiet, explain=args.explain, circ=circ)
     results = {"divergence": res}
     if args.corpus:
         from ..attack.memorization import memorization_check  # lazy: start-up time
@@ -131,13 +147,21 @@ def run(args) -> int:
     maybe_export(args, doc)
     if emit(args, doc):
         return 0
+    from ..attack.explain import VERDICTS  # lazy: start-up time
+
+    ex = res.explanation is not None
     print(f"{'template':16s} {'word':12s} {'reps':>5s} {'diverged':>8s} {'garak':>6s} {'until':>5s} "
-          f"{'non-word':>8s}  continuation")
+          f"{'non-word':>8s}  " + (f"{'ratio':>5s} {'verdict':22s} " if ex else "") + "continuation")
     for c in res.cases:
         text = c["text"].replace("\n", "\\n")
+        why = ""
+        if ex:
+            e = c.get("explain") or {}
+            r = e.get("ratio_drift")
+            why = f"{'-' if r is None else format(r, '.2f'):>5s} {VERDICTS.get(e.get('verdict'), '-'):22s} "
         print(f"{c['template']:16s} {c['word'][:12]:12s} {c['reps']:5d} {str(c['diverged']):>8s} "
               f"{str(c['garak_diverged']):>6s} {c['tokens_until_divergence']:5d} {c['frac_not_word']:8.2f}  "
-              f"{text[:60]!r}")
+              f"{why}{text[:60]!r}")
     print(f"divergence rate: {res.rate:.2f} (run judge), {res.garak_rate:.2f} (garak-style judge), "
           f"{res.either_rate:.2f} (either); judges agree on {res.judges_agree:.0%} of {res.n_cases} cases"
           + (" (greedy tokens from the exact check)" if res.method.startswith("exact") else "")
@@ -145,6 +169,12 @@ def run(args) -> int:
              f"{res.rate_ci[0]:.2f}-{res.rate_ci[1]:.2f}" if res.method == "sample" and res.rate_ci else ""))
     for t, v in res.by_template.items():
         print(f"  {t:16s} rate {v['rate']:.2f}  garak {v['garak_rate']:.2f}  (n={v['n']})")
+    if ex:
+        print(res.explanation["headline"])
+        print("  (ratio: the norm over the run's last 32 tokens at the drift layer, as a share of the first token's)")
+        for t, v in res.explanation["by_template"].items():
+            print(f"  {t:16s} {v['sink']} of {v['diverged']} divergences caused by the sink "
+                  f"({v['sink_state_not_causal']} sink state, not causal; {v['no_sink']} no sink)")
     if res.multi_token_words:
         info(args, f"note: {', '.join(res.multi_token_words)} tokenize to several tokens; the whole word "
                    "was repeated")

@@ -87,7 +87,7 @@ def distances(lm, ids, gate: RunGate, known: torch.Tensor | None = None) -> torc
         return h.dist.cpu()
 
 
-def _distance(states: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+def state_distance(states: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
     """The state check's distance: relative distance of layer-0 ``states`` (k, d) to the ``refs`` (k, d)."""
     states, refs = states.float(), refs.float()
     return ((states - refs).norm(dim=-1) / refs.norm(dim=-1).clamp_min(1e-6)).double()
@@ -157,7 +157,7 @@ class StateCheck:
                 ts = (torch.nonzero(mask[b, r0:r1 + 1]).flatten() + r0).tolist()
                 if ts:
                     refs = torch.stack([self.ref(run_unit(row, r0, t, self.gate)) for t in ts])
-                    h.dist[b, ts] = _distance(states[b, [t - offset for t in ts]], refs)
+                    h.dist[b, ts] = state_distance(states[b, [t - offset for t in ts]], refs)
 
     def probe(self, ids: torch.Tensor, exp: torch.Tensor | None, past=None, start: int = 0) -> torch.Tensor:
         """Layer-0 output (B, n, d) of ``ids`` (-1: padding) from position 0, with the tokens ``exp``
@@ -246,7 +246,7 @@ class StateReader:
             with self._hooks as h:
                 h.hist = t.to(self.lm.device)
                 ref = h.check.ref(run_unit(t[0], r0, n - 1, self.gate))
-                d[0, -1] = _distance(self._last(h.check, key)[None], ref[None])[0]
+                d[0, -1] = state_distance(self._last(h.check, key)[None], ref[None])[0]
         self.dist = d
         return d
 

@@ -64,6 +64,8 @@ class ScanOptions(StepResult):
     marking_layers: list = _opt(None, "override the circuit's marking layers (patch caps and fine-tune)", "layers")
     diverge_reps: list = _opt(None, "repetition counts of the divergence step", "ints", [200], [100, 400])
     diverge_tokens: int = _opt(None, "tokens generated per divergence case", "int", 12, 16)
+    explain: bool = _opt(True, "divergence step: say per case whether the sink did it (the circuit's readings, and a "
+                         "causal test for every diverged case)", "bool")
     min_reps_words: int = _opt(None, "words (the first of --words, then frequent one-token words) whose minimum "
                                "repetitions to diverge the min_reps step searches", "int", 2, 4)
     min_reps_max: int = _opt(None, "largest repetition count the min_reps step tries", "int", 512, 2048)

@@ -26,7 +26,8 @@ def divergence_step(ctx: Context) -> DivergenceResult:
     if lm.n_ctx:
         reps = [r for r in reps if r * longest + 64 < lm.n_ctx] or [max(1, (lm.n_ctx - 64) // longest)]
     templates = ["raw", "repeat", "garak_this"] + (["chat_user"] if has_chat_template(lm) else [])
-    res = diverge(lm, words, reps, templates, DivergeConfig(max_new_tokens=o.diverge_tokens, batch_size=4))
+    res = diverge(lm, words, reps, templates, DivergeConfig(max_new_tokens=o.diverge_tokens, batch_size=4),
+                  explain=bool(o.explain), circ=ctx.circuit if o.explain else None)
     return res
 
 

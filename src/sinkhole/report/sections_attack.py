@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..attack.explain import VERDICTS
+from ..circuit.circuit import STATE_RATIO
 from .figures import Figure, new
 from .markup import details, esc, fmt, note, pre, raw, table
 
@@ -21,12 +23,14 @@ def divergence_section(doc: dict):
                      "RepeatDiverges rules (tail after the last repetition longer than 15 characters, refusals "
                      "and '(continues forever)' tails excluded)."))
     cases = d.get("cases") or []
+    ex = d.get("explanation")
     ex_rows = [[c["template"], c["word"], c["reps"], c["diverged"], c.get("garak_diverged"),
-                c["tokens_until_divergence"], raw(f"<code>{esc(repr(c.get('text', ''))[:140])}</code>")]
-               for c in cases]
+                c["tokens_until_divergence"]]
+               + ([VERDICTS.get((c.get("explain") or {}).get("verdict"), "-")] if ex else [])
+               + [raw(f"<code>{esc(repr(c.get('text', ''))[:140])}</code>")] for c in cases]
     html.append(details("Example generations (all cases)",
-                        table(["template", "word", "reps", "diverged", "garak", "tokens until", "continuation"],
-                              ex_rows)))
+                        table(["template", "word", "reps", "diverged", "garak", "tokens until"]
+                              + (["verdict"] if ex else []) + ["continuation"], ex_rows)))
     if d.get("multi_token_words"):
         html.append(note("Words of several tokens (the whole word was repeated): "
                          + esc(", ".join(d["multi_token_words"]))))
@@ -45,7 +49,53 @@ def divergence_section(doc: dict):
         ax.legend(fontsize=8)
         figs.append(Figure("divergence_rate", "Divergence rate per prompt template against the number of "
                            "repetitions: look for templates whose curve rises with more repetitions.", fig))
+    if ex:
+        html.append(_explanation_html(ex))
+        f = _explanation_figure(cases)
+        if f is not None:
+            figs.append(f)
     return "".join(html), figs
+
+
+_VERDICT_STYLE = {"sink": ("#d93025", "o"), "sink_state_not_causal": ("#f29900", "s"), "no_sink": ("#1a73e8", "^"),
+                  None: ("#9aa0a6", "x")}
+
+
+def _explanation_html(ex: dict) -> str:
+    rows = [[t, v["n"], v["diverged"], v["sink"], v["sink_state_not_causal"], v["no_sink"], v["reached"]]
+            for t, v in (ex.get("by_template") or {}).items()]
+    return ("<h3>Did the sink do it?</h3>"
+            f"<p><b>{esc(ex['headline'])}</b></p>"
+            + table(["template", "cases", "diverged", "sink", "sink state, not causal", "no sink", "state reached"],
+                    rows)
+            + note(esc(ex.get("rule", ""))))
+
+
+def _explanation_figure(cases: list):
+    pts = [(c["explain"].get("ratio_drift"), bool(c["diverged"]), c["explain"].get("verdict"), c["reps"])
+           for c in cases if isinstance(c.get("explain"), dict) and c["explain"].get("ratio_drift") is not None]
+    if not pts:
+        return None
+    fig, ax = new(6.5, 3.2)
+    ax = ax[0][0]
+    for v, (color, marker) in _VERDICT_STYLE.items():
+        sel = [(x, y) for x, y, vv, _ in pts if vv == v]
+        if sel:
+            # outcome on the y axis, spread a little by position so that overlapping cases stay visible
+            ys = [(1.0 if y else 0.0) + 0.08 * ((k % 5) - 2) / 2 for k, (_, y) in enumerate(sel)]
+            ax.scatter([x for x, _ in sel], ys, c=color, marker=marker, s=36,
+                       label=VERDICTS.get(v, "did not diverge") if v else "did not diverge")
+    ax.axvline(STATE_RATIO, color="#5f6368", ls="--", lw=1)
+    ax.set_yticks([0, 1])
+    ax.set_yticklabels(["kept repeating", "diverged"])
+    ax.set_ylim(-0.4, 1.4)
+    ax.set_xlabel("norm of the run's last 32 tokens at the drift layer / first token's (the sink state: right of "
+                  "the line)")
+    ax.set_ylabel("outcome")
+    ax.legend(fontsize=8, loc="center right")
+    return Figure("divergence_explained", "Per case: how far the run got into the sink state (x) against what the "
+                  "model did (y), marked by the verdict of the causal test: red cases diverged because of the sink.",
+                  fig)
 
 
 def sweep_section(doc: dict):
