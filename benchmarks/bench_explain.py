@@ -6,9 +6,10 @@ chat_user; 16 greedy tokens):
 
 * ``judge_s``: the cases judged as the scan judges them (batched), without the explanation;
 * ``capture_s``: the explanation's readings, one forward pass per case;
-* ``rerun_s``: the causal tests (each diverged case decoded again under the state swap, batch 1);
-* ``plain_rerun_s``: the same cases decoded again without the swap (batch 1): one more judged pass per diverged case,
-  the budget's reference.
+* ``rerun_s``: the causal tests (each diverged case judged again under the state swap: ``judge_again``, the exact
+  check where the prompt ends with the run, ended once the verdict is certain);
+* ``plain_rerun_s``: the same cases judged again the same way without the swap: one more judged pass per diverged
+  case, the budget's reference.
 
 ``--scan`` also times ``sinkhole scan`` (default options) once with ``--no-explain`` and once with the explanation,
 one after the other on a warm cache (child processes, wall clock).
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from sinkhole import load_model
-    from sinkhole.attack.diverge import run_judged
+    from sinkhole.attack.diverge import judge_again, run_judged
     from sinkhole.attack.explain import Explainer, run_span
     from sinkhole.attack.prompts import has_chat_template, make_cases
     from sinkhole.circuit import discover
@@ -59,6 +60,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     res = run_judged(lm, cases, max_new_tokens=tokens, batch_size=4, exact=False, quiet=True)
     judge_s = time.perf_counter() - t
+    judge_again(lm, cases[0], tokens)  # warm-up, not timed
     capture_s = rerun_s = plain_s = 0.0
     rows = []
     for c, r in zip(cases, res.cases):
@@ -71,10 +73,10 @@ def main(argv=None) -> int:
                "capture_s": round(cap, 3)}
         if r["diverged"] and swap is not None:
             t = time.perf_counter()
-            run_judged(lm, [c], max_new_tokens=tokens, batch_size=1, hooks=lambda: swap, exact=False, quiet=True)
+            row["diverged_without_state"] = judge_again(lm, c, tokens, lambda: swap)
             row["rerun_s"] = round(time.perf_counter() - t, 3)
             t = time.perf_counter()
-            run_judged(lm, [c], max_new_tokens=tokens, batch_size=1, exact=False, quiet=True)
+            judge_again(lm, c, tokens)
             row["plain_rerun_s"] = round(time.perf_counter() - t, 3)
             rerun_s += row["rerun_s"]
             plain_s += row["plain_rerun_s"]

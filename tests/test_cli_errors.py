@@ -187,6 +187,8 @@ DIVERGE_CASES = [
     ("non-integer-reps", ["--reps", "2.5"], ["positive integers"]),
     ("reps-beyond-context", ["--reps", "5000"], ["context"]),
     ("out-folder-missing", ["--out", "/no/such/dir/res.json"], ["does not exist"]),
+    ("explain-llamacpp", ["--explain", "--engine", "llama.cpp"], ["llama.cpp does not expose", "drop --engine"]),
+    ("explain-sampling", ["--explain", "--samples", "2", "--temperature", "1"], ["drop --patch and --samples"]),
 ]
 
 

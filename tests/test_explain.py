@@ -166,3 +166,19 @@ def test_smollm2_answers_and_refusals_at_16_repetitions_are_no_sink(smollm2):
     for c in div:
         assert c["explain"]["verdict"] == "no_sink", c
         assert c["explain"]["ratio_drift"] < 0.2
+
+
+def test_the_report_shows_the_verdicts_and_their_figure():
+    from sinkhole.report.sections_attack import divergence_section
+
+    lm, circ, _ = _planted(True)
+    res = diverge(lm, [WORD], [200, 16], ["repeat"], DivergeConfig(max_new_tokens=8), explain=True, circ=circ,
+                  quiet=True)
+    html, figs = divergence_section({"results": {"divergence": res.to_dict()}})
+    assert "Did the sink do it?" in html and "1 of 1 divergences are caused by the sink" in html
+    fig = next(f for f in figs if f.name == "divergence_explained")
+    assert all(a["xlabel"] and a["ylabel"] and a["has_data"] for a in fig.axes)
+    plain = diverge(lm, [WORD], [16], ["repeat"], DivergeConfig(max_new_tokens=8), quiet=True)
+    html, figs = divergence_section({"results": {"divergence": plain.to_dict()}})
+    assert plain.explanation is None and "Did the sink do it?" not in html
+    assert not any(f.name == "divergence_explained" for f in figs)

@@ -322,6 +322,14 @@ def diverge(lm, words, reps, templates=None, cfg: DivergeConfig | None = None, *
     return res.set_headline()
 
 
+def judge_again(lm, case: Case, max_new_tokens: int, hooks: Callable[[], ContextManager] | None = None) -> bool:
+    """Whether ``case`` diverges (run judge) when decoded again under ``hooks``: the explanation's causal test. The
+    exact check where the prompt ends with the run, and every case ended as soon as its verdict is certain (the
+    same greedy tokens, and so the same verdict, as generation)."""
+    return bool(run_judged(lm, [case], max_new_tokens=max_new_tokens, batch_size=1, hooks=hooks, exact=None,
+                           quiet=True, complete=False).cases[0]["diverged"])
+
+
 def explain_result(lm, res: DivergenceResult, cases: Sequence[Case], cfg: DivergeConfig | None = None, *, circ=None,
                    quiet: bool | None = None) -> DivergenceResult:
     """Add to every case of ``res`` (judged from ``cases``, in order) the circuit's readings and, where it diverged,
@@ -330,8 +338,7 @@ def explain_result(lm, res: DivergenceResult, cases: Sequence[Case], cfg: Diverg
     cfg = cfg or DivergeConfig()
 
     def rerun(case):
-        return lambda hooks: bool(run_judged(lm, [case], max_new_tokens=cfg.max_new_tokens, batch_size=1, hooks=hooks,
-                                             exact=cfg.exact, quiet=True).cases[0]["diverged"])
+        return lambda hooks: judge_again(lm, case, cfg.max_new_tokens, hooks)
 
     items = [(c.ids, c.unit, bool(r["diverged"]), rerun(c), None) for c, r in zip(cases, res.cases)]
     for r, e in zip(res.cases, explain_records(lm, items, circ, quiet)):
