@@ -182,3 +182,26 @@ def test_the_report_shows_the_verdicts_and_their_figure():
     html, figs = divergence_section({"results": {"divergence": plain.to_dict()}})
     assert plain.explanation is None and "Did the sink do it?" not in html
     assert not any(f.name == "divergence_explained" for f in figs)
+
+
+def test_diverge_explain_on_the_command_line(tmp_path, capsys):
+    import json
+
+    from helpers_reliability import make_tiny_folder
+    from sinkhole.cli import main
+
+    folder = make_tiny_folder(tmp_path / "tiny")
+    out = tmp_path / "res.json"
+    rc = main(["diverge", str(folder), "--words", "poem", "--reps", "40", "--templates", "raw,repeat",
+               "--max-new-tokens", "4", "--explain", "--quiet", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "verdict" in text.splitlines()[0]
+    doc = json.loads(out.read_text())
+    ex = doc["results"]["divergence"]["explanation"]
+    n = ex["n_diverged"]
+    assert n == sum(c["diverged"] for c in doc["results"]["divergence"]["cases"])
+    assert (f"of {n} divergences are caused by the sink" in text) if n else ("No case diverged" in text)
+    for c in doc["results"]["divergence"]["cases"]:
+        e = c["explain"]
+        assert e["verdict"] in (("sink", "sink_state_not_causal", "no_sink") if c["diverged"] else (None,))
+        assert {"ratio_drift", "ratio_marking", "attn0_late", "l0_distance", "state_reached"} <= set(e)
