@@ -195,6 +195,23 @@ def test_every_name_in_all_imports():
     assert bad == []
 
 
+def test_importing_the_package_and_its_command_line_loads_no_torch():
+    """The package's public names load on first use: ``import sinkhole`` (and the command line's module) stay free
+    of torch, which a model-free path (the start of every command, a serving guard) needs."""
+    import subprocess
+
+    code = ("import sys, sinkhole, sinkhole.cli, sinkhole.errors, sinkhole.version; "
+            "print('torch' in sys.modules, sinkhole.__version__); "
+            "from sinkhole import load_model, SinkholeError; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "False" and out[2] == "True", out
+    import sinkhole
+
+    assert set(sinkhole.__all__) <= set(dir(sinkhole))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        sinkhole.nope  # noqa: B018
+
+
 def test_the_checker_sees_upward_and_local_imports(tmp_path):
     """The checks can fail: a fake layer order in which circuit sits below capture flags circuit's imports."""
     order = layers()
