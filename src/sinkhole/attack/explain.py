@@ -64,36 +64,32 @@ def run_span(ids: Sequence[int], unit: Sequence[int], allowed: Sequence[int] | N
     run without an exact unit: clusters, evasions), the longest stretch of tokens from ``allowed``. None when the
     prompt holds neither."""
     ids = list(ids)
-    best: tuple[int, int] | None = None
     if allowed is not None:
         ok = set(int(t) for t in allowed)
-        i = 0
-        while i < len(ids):
-            if ids[i] in ok:
-                j = i
-                while j < len(ids) and ids[j] in ok:
-                    j += 1
-                if best is None or j - i > best[1] - best[0]:
-                    best = (i, j)
-                i = j
-            else:
-                i += 1
-        return best
-    unit = list(unit)
-    p = len(unit)
-    if not p:
-        return None
+        step, last = 1, len(ids) - 1
+
+        def match(i):
+            return ids[i] in ok
+    else:
+        unit = list(unit)
+        step, last = len(unit), len(ids) - len(unit)
+        if not step:
+            return None
+
+        def match(i):
+            return ids[i:i + step] == unit
+    best: tuple[int, int] | None = None
     i = 0
-    while i <= len(ids) - p:
-        if ids[i:i + p] == unit:
-            j = i
-            while ids[j:j + p] == unit:
-                j += p
-            if best is None or j - i > best[1] - best[0]:
-                best = (i, j)
-            i = j
-        else:
+    while i <= last:
+        if not match(i):
             i += 1
+            continue
+        j = i
+        while j <= last and match(j):
+            j += step
+        if best is None or j - i > best[1] - best[0]:
+            best = (i, j)
+        i = j
     return best
 
 
@@ -170,9 +166,9 @@ class Explainer:
         with torch.no_grad(), h:
             h.forward(torch.tensor([list(ids)], device=lm.device), use_cache=False)
 
-        def ratio(L):
+        def ratio(L, at=sel):  # mean norm at the positions ``at`` as a share of the first token's, layer L
             n = h.cache[f"resid_post.{L}"]
-            return round(float(n[sel].mean() / n[0].clamp_min(1e-12)), 4) if sel else None
+            return round(float(n[at].mean() / n[0].clamp_min(1e-12)), 4) if at else None
 
         att = torch.stack([h.cache[f"attn_first.{L}"][sel] for L in self.late]).mean() if sel else None
         dist = None
@@ -187,8 +183,7 @@ class Explainer:
                                     and out["ratio_drift"] >= STATE_RATIO)
         swap = None
         if uniq:
-            n = h.cache[f"resid_post.{c.drift_layer}"]
-            out["ratio_drift_16"] = round(float(n[uniq].mean() / n[0].clamp_min(1e-12)), 4)
+            out["ratio_drift_16"] = ratio(c.drift_layer, uniq)
             row = {s: i for i, s in enumerate(uniq)}
             swap = StateSwap(lm, c.drift_layer, cut, {t: h.cache["src"][row[s]] for t, s in src.items()})
         return out, swap

@@ -84,7 +84,7 @@ def _explanation_figure(cases: list):
             # outcome on the y axis, spread a little by position so that overlapping cases stay visible
             ys = [(1.0 if y else 0.0) + 0.08 * ((k % 5) - 2) / 2 for k, (_, y) in enumerate(sel)]
             ax.scatter([x for x, _ in sel], ys, c=color, marker=marker, s=36,
-                       label=VERDICTS.get(v, "did not diverge") if v else "did not diverge")
+                       label=VERDICTS[v] if v else "did not diverge")
     ax.axvline(STATE_RATIO, color="#5f6368", ls="--", lw=1)
     ax.set_yticks([0, 1])
     ax.set_yticklabels(["kept repeating", "diverged"])
