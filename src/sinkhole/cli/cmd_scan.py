@@ -142,6 +142,7 @@ def fit_context(opts, lm, explicit: bool):
 def run(args) -> int:
     import time
 
+    from ..guard.profile import profile_from_results  # lazy: start-up time
     from ..pipeline.engine import PARTIAL, ScanInterrupted  # lazy: start-up time
     from ..pipeline.registry import run_scan  # lazy: start-up time
     from ..report.html import write_report  # lazy: start-up time
@@ -166,6 +167,7 @@ def run(args) -> int:
     write_json(out / "timings.json", {"load_model_s": t_load, "steps": timings,
                                       "total_s": round(t_load + sum(timings.values()), 2)})
     report = write_report(doc, out)
+    profile_from_results(doc).save(out / "guard-profile.json")
     (out / PARTIAL).unlink(missing_ok=True)
     width = max([len(k) for k in timings] + [10])
     info(args, "step timings:\n" + f"  {'load model':{width}s} {t_load:7.1f}s\n" + "".join(
@@ -174,7 +176,8 @@ def run(args) -> int:
     if args.json:
         sys.stdout.write(dumps(doc))
     else:
-        info(args, f"wrote {out / 'results.json'}, {report} and {out / 'figures'}/")
+        info(args, f"wrote {out / 'results.json'}, {report}, {out / 'figures'}/ and {out / 'guard-profile.json'} "
+                   "(for sinkhole guard --profile)")
     if doc.get("errors"):
         info(args, f"{len(doc['errors'])} step(s) failed: {', '.join(doc['errors'])}; see results.json 'errors', "
                    "fix and rerun with --resume")

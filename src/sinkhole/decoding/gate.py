@@ -45,102 +45,31 @@ so on them the equivalence with ``collapse`` holds only while the run fits the w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..capture import past_length
 from ..errors import SinkholeError
+from .runs import NEVER, RunGate, excess
+from .runs import expiry as _expiry
+from .runs import run_period as _run_period
+from .runs import stretches as _stretches
 
 
-@dataclass
-class RunGate:
-    """The gate's rule (see the module docstring); stored in a patch's JSON under ``gate``."""
-
-    window: int = 32
-    max_distinct: int = 8
-    min_count: int = 2
-    hold: int = 0
-    cluster: bool = False  # also hide stretches with no exact repeating unit (cluster sequences, and digits)
-    confirm: float | None = None  # the state check: hide a stretch only once its layer-0 state is first-token-like
-    span: int = 32  # how many of a stretch's excess tokens the state check averages over
-
-    def check(self) -> None:
-        if not isinstance(self.cluster, bool):
-            raise SinkholeError(f"run gate cluster must be true or false (got {self.cluster!r})")
-        if self.confirm is not None and (isinstance(self.confirm, bool) or not isinstance(self.confirm, (int, float))
-                                         or not 0 < self.confirm < 10):
-            raise SinkholeError(f"run gate confirm must be null or a distance between 0 and 10 (got {self.confirm!r})")
-        for name in ("window", "max_distinct", "min_count", "hold", "span"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "hold" else 1):
-                what = "a non-negative" if name == "hold" else "a positive"
-                raise SinkholeError(f"run gate {name} must be {what} integer (got {v!r})")
-        if self.max_distinct > self.window or self.min_count > self.window:
-            raise SinkholeError("run gate max_distinct and min_count must not exceed its window")
-
-    def to_dict(self) -> dict:
-        d = {"window": self.window, "max_distinct": self.max_distinct, "min_count": self.min_count,
-             "hold": self.hold, "cluster": self.cluster}
-        if self.confirm is not None:
-            d.update(confirm=self.confirm, span=self.span)
-        return d
-
-    @classmethod
-    def from_dict(cls, d) -> "RunGate":
-        if not isinstance(d, dict):
-            raise SinkholeError("the patch's 'gate' must be an object with window, max_distinct and min_count")
-        unknown = set(d) - {"window", "max_distinct", "min_count", "hold", "cluster", "confirm", "span"}
-        if unknown:
-            raise SinkholeError(f"the patch's gate has unknown field(s) {sorted(unknown)}; "
-                                "use window, max_distinct, min_count, hold, cluster, confirm, span")
-        g = cls(**d)
-        g.check()
-        return g
-
-    def describe(self) -> str:
-        return (f"run gate: a token already seen {self.min_count}+ times among the previous {self.window} tokens, "
-                f"when those hold at most {self.max_distinct} distinct tokens, is hidden from later attention and "
-                "does not advance the position"
-                + (f", once its run has more than {self.hold} such tokens" if self.hold else "")
-                + ("; runs without a repeating unit too" if self.cluster or self.confirm is not None else
-                   "; only in runs that repeat a unit exactly")
-                + (f"; only once the run's layer-0 state is first-token-like (mean distance to its unit's state at the "
-                   f"start of a sequence <= {self.confirm:g} over {self.span} tokens)"
-                   if self.confirm is not None else ""))
+def _rows(ids) -> list[list[int]]:
+    t = torch.as_tensor(ids)
+    return (t.unsqueeze(0) if t.dim() == 1 else t).tolist()
 
 
 def excess_mask(ids: torch.Tensor, gate: RunGate) -> torch.Tensor:
-    """Boolean (B, n): which tokens of ``ids`` (B, n; -1 marks padding) the gate hides."""
-    if ids.dim() == 1:
-        ids = ids.unsqueeze(0)
-    b, n = ids.shape
-    out = torch.zeros(b, n, dtype=torch.bool, device=ids.device)
-    w = gate.window
-    if n <= w:
-        return out
-    win = ids[:, :-1].unfold(1, w, 1)  # the w tokens before t, for t = w .. n-1: (B, n - w, w)
-    s = win.sort(-1).values
-    distinct = 1 + (s[..., 1:] != s[..., :-1]).sum(-1)
-    cur = ids[:, w:]
-    seen = (win == cur[..., None]).sum(-1)
-    out[:, w:] = (distinct <= gate.max_distinct) & (seen >= gate.min_count) & (win >= 0).all(-1) & (cur >= 0)
-    return out
+    """Boolean (B, n): which tokens of ``ids`` (B, n; -1 marks padding) are excess (:func:`runs.excess`)."""
+    rows = _rows(ids)
+    dev = ids.device if isinstance(ids, torch.Tensor) else None
+    return torch.tensor([excess(r, gate) for r in rows], dtype=torch.bool, device=dev).reshape(len(rows), -1)
 
 
-NEVER = 2 ** 62
-
-
-def run_period(ids: torch.Tensor, r0: int, most: int) -> int:
-    """The run's period at ``r0``: the smallest p <= ``most`` with the 3p tokens before r0 and r0
-    itself repeating with period p (three whole repetitions of the unit, then its first token
-    again; with the default window of 32 and at most 8 distinct tokens they always lie inside the
-    run); 0 when there is none (a cluster sequence, or the digits of close numbers, have no unit)."""
-    for p in range(1, most + 1):
-        span = ids[max(0, r0 - 3 * p):r0 + 1]
-        if len(span) > p and torch.equal(span[p:], span[:-p]):
-            return p
-    return 0
+def run_period(ids, r0: int, most: int) -> int:
+    """:func:`sinkhole.decoding.runs.run_period` of a tensor or list of ids."""
+    return _run_period(_rows(ids)[0], r0, most)
 
 
 def run_unit(row: torch.Tensor, r0: int, t: int, gate: RunGate) -> tuple:
@@ -164,63 +93,31 @@ def confirmed_at(d: torch.Tensor | None, r0: int, r1: int, gate: RunGate) -> int
     return None if len(hit) == 0 else r0 + int(hit[0]) + gate.span - 1
 
 
-def stretches(row: torch.Tensor) -> list[tuple[int, int]]:
+def stretches(row) -> list[tuple[int, int]]:
     """(start, end) of every stretch of consecutive True in the boolean vector ``row``."""
-    idx = torch.nonzero(row).flatten()
-    if len(idx) == 0:
-        return []
-    breaks = torch.nonzero(idx[1:] != idx[:-1] + 1).flatten()
-    return list(zip(torch.cat([idx[:1], idx[breaks + 1]]).tolist(), torch.cat([idx[breaks], idx[-1:]]).tolist()))
+    return _stretches(torch.as_tensor(row).tolist())
 
 
 def expiry(ids: torch.Tensor, gate: RunGate, ex: torch.Tensor | None = None,
            dist: torch.Tensor | None = None) -> torch.Tensor:
-    """Long (B, n): from which position on each token is hidden (``NEVER`` for tokens never hidden).
-
-    The excess tokens of a stretch are cut into blocks of the run's period p (one repetition of its
-    unit, found in the window before the stretch): a block stays visible until the next block of
-    the same stretch starts, and the stretch's last block stays visible for good. So every query
-    sees the run's first tokens, then the repetition it is in (or, after the run, the run's last
-    repetition) whole: the run is shortened by whole repetitions, never cut inside one.
+    """Long (B, n): from which position on each token is hidden (``NEVER`` for tokens never hidden): the
+    rule of :func:`sinkhole.decoding.runs.expiry` on every row.
 
     With the state check (``gate.confirm``), ``dist`` (B, n; NaN where unknown) holds each excess
     token's layer-0 distance to its unit's state at the start of a sequence (:class:`GateHooks`): a
     stretch is shortened only from the first of its blocks that starts after the token where it is
     confirmed (:func:`confirmed_at`), and a stretch with no exact unit is then cut token by token."""
-    if ids.dim() == 1:
-        ids = ids.unsqueeze(0)
-    ex = excess_mask(ids, gate) if ex is None else ex
+    rows = _rows(ids)
+    dev = ids.device if isinstance(ids, torch.Tensor) else None
     if dist is not None and dist.dim() == 1:
         dist = dist.unsqueeze(0)
-    out = torch.full(ids.shape, NEVER, dtype=torch.long, device=ids.device)
-    for b in range(ids.shape[0]):
-        row = ex[b]
-        if not bool(row.any()):
-            continue
-        for r0, r1 in stretches(row):
-            p = run_period(ids[b], r0, gate.max_distinct)
-            first = r0 + gate.hold  # nothing is hidden before the stretch passes ``hold``
-            if gate.confirm is not None:
-                c = confirmed_at(None if dist is None else dist[b], r0, r1, gate)
-                if c is None:
-                    continue
-                p = p or 1
-                # from the first block that starts after the confirmation: every token still visible then
-                # had its position counted with the same tokens hidden as the queries after it (so the
-                # gated model equals the plain model on the collapse at every step, not only at the end)
-                first = max(first, r0 + -(-(c + 1 - r0) // p) * p)
-                if first > r1:  # confirmed in the stretch's last block: no block starts after it, none is hidden
-                    continue
-            elif p == 0:  # no repeating unit: hidden only with ``cluster`` (then token by token)
-                if not gate.cluster:
-                    continue
-                p = 1
-            if r1 - r0 < gate.hold:  # a stretch of at most ``hold`` excess tokens stays whole
-                continue
-            k = torch.arange(r0, r1 + 1, device=ids.device)
-            nxt = r0 + ((k - r0) // p + 1) * p  # where the next block starts
-            out[b, r0:r1 + 1] = torch.where(nxt <= r1, nxt.clamp_min(first), torch.full_like(nxt, NEVER))
-    return out
+    exs = [None] * len(rows) if ex is None else (ex.unsqueeze(0) if ex.dim() == 1 else ex).tolist()
+    out = []
+    for b, row in enumerate(rows):
+        def confirm(r0, r1, b=b):
+            return confirmed_at(None if dist is None else dist[b], r0, r1, gate)
+        out.append(_expiry(row, gate, exs[b], confirm))
+    return torch.tensor(out, dtype=torch.long, device=dev).reshape(len(rows), -1)
 
 
 def hidden_mask(ids, gate: RunGate, dist: torch.Tensor | None = None) -> torch.Tensor:
