@@ -183,10 +183,22 @@ def test_output_watch_stops_where_the_whole_answer_does(guard):
             k = rng.randint(1, 9)
             out.append(w.feed(answer[i:i + k]))
             i += k
-        assert w.stopped and "".join(out).rstrip() == answer[:cut].rstrip()  # a space already sent may stay
+        out.append(w.flush())
+        assert w.stopped and "".join(out) == answer[:cut]
+    play = (ROOT / "src" / "sinkhole" / "data" / "tempest.txt").read_text(encoding="utf-8")[:20000]
+    for answer, context in ((play, ""), ("1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,", "1, " * 10)):
+        w, out, i = guard.watch(context), [], 0
+        while i < len(answer):
+            k = rng.randint(1, 12)
+            out.append(w.feed(answer[i:i + k]))
+            i += k
+        out.append(w.flush())
+        cut = guard.stop_at(answer, context)
+        assert "".join(out) == answer[:cut] and w.stopped == (cut is not None)
+    assert cut is not None and cut < 50  # the answer goes on with the prompt's run: stopped where the run is long
     w = guard.watch()
     parts = [w.feed("Hello, world"), w.feed(". Bye"), w.flush()]
-    assert parts[0] == "Hello," and "".join(parts) == "Hello, world. Bye"  # the last token is held back
+    assert parts[0] == "Hello," and "".join(parts) == "Hello, world. Bye"  # the last word is held back
     assert not w.stopped
     assert Guard(guard.profile, guard.tok, output="off").stop_at(answer) is None
 

@@ -84,9 +84,13 @@ class Tokenizer:
                                 "the served model") from None
 
     def encode(self, text: str) -> tuple[list[int], list[int]]:
-        """(ids, the character where each token starts)."""
+        """(ids, the character where each token starts). A token starts where the one before it ends, so the
+        tokens cut the text into consecutive pieces with each token's leading space in its own piece (the
+        library's offsets leave that space out), and the text from any token's start on encodes to the same tokens
+        in byte-level vocabularies."""
         enc = self.tok.encode(text, add_special_tokens=False)
-        return list(enc.ids), [a for a, _ in enc.offsets]
+        ends = [b for _, b in enc.offsets]
+        return list(enc.ids), [0] + ends[:-1]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
@@ -269,30 +273,77 @@ class Guard:
 
 class OutputWatch:
     """Follows one answer as it streams: :meth:`feed` takes the next piece of text and returns the part to pass
-    on (all but the last token, which may still grow); :meth:`flush` returns the rest at the end. Once a run the
-    model writes itself passes the gate's limit, ``stopped`` turns true: what is passed on is then exactly the
-    answer up to :meth:`Guard.stop_at`, and every later piece is dropped."""
+    on (all but the last word, whose tokens may still change); :meth:`flush` returns the rest at the end. Once a run the
+    model writes itself passes the gate's limit, ``stopped`` turns true: what is passed on is then the answer up to
+    :meth:`Guard.stop_at` (tested on answers cut into random pieces), and every later piece is dropped.
+
+    Incremental, so a long answer costs linear time: only the text from the last word's start is encoded again
+    with each piece, and the rule is read (over the last ``window + hold`` and a few units of tokens, which holds
+    any stretch that can start hiding now) only when a new token is excess, which ordinary text rarely has."""
 
     def __init__(self, guard: Guard, context: str = ""):
         self.guard = guard
-        self.context = context[-WATCH_CHARS:]
-        self.text = ""  # the answer so far (what was passed on, then what is held back)
-        self.sent = 0
+        self.text = context[-WATCH_CHARS:] if guard.output != "off" else ""
+        self.k = len(self.text)  # the answer starts here in ``text``
+        self.sent = self.k
         self.stopped = False
+        self.ids: list[int] = []
+        self.starts: list[int] = []
+        self.ok = True  # the tokenizer reads the text (else the watch only passes text on)
+        if self.text:
+            self._encode_from(0)
+        g = guard.gate
+        self.tail = g.window + g.hold + 4 * g.max_distinct + 16
+
+    def _encode_from(self, pos: int) -> int:
+        """Encode ``text[pos:]`` again, replacing the tokens from ``pos`` on; returns the first new token's index."""
+        i = len(self.starts)
+        while i > 0 and self.starts[i - 1] >= pos:
+            i -= 1
+        try:
+            ids, starts = self.guard.tok.encode(self.text[pos:])
+        except Exception:
+            self.ok = False
+            return i
+        self.ids[i:] = ids
+        self.starts[i:] = [pos + a for a in starts]
+        return i
 
     def feed(self, piece: str) -> str:
         if self.stopped or not piece:
             return ""
         self.text += piece
-        k = len(self.context)
-        cut, last = self.guard._scan(self.context + self.text)
-        if cut is not None and cut - k < len(self.text):
-            self.stopped = True
-            self.text = self.text[:max(cut - k, self.sent)]
+        if self.guard.output == "off" or not self.ok:
             return self.flush()
-        end = max(last - k, self.sent)
+        first = self._encode_from(self._word_start())
+        g = self.guard.gate
+        new_excess = any(self._excess(t) for t in range(max(first, g.window), len(self.ids)))
+        if new_excess:
+            lo = max(0, len(self.ids) - self.tail)
+            exp = expiry(self.ids[lo:], g)
+            hid = min(exp, default=NEVER)
+            if hid < len(exp):
+                cut = self.starts[lo + hid]
+                if cut - self.k < len(self.text) - self.k:
+                    self.stopped = True
+                    self.text = self.text[:max(cut, self.sent)]
+                    return self.flush()
+        end = max(self._word_start(), self.sent)
         out, self.sent = self.text[self.sent:end], end
         return out
+
+    def _word_start(self) -> int:
+        """Where the text's last word starts (the last token that starts with a space, at most 16 tokens back):
+        the tokens before it no longer change as text comes, the ones from it on may merge differently."""
+        j = len(self.starts) - 1
+        while j > 0 and j > len(self.starts) - 16 and not self.text[self.starts[j]:self.starts[j] + 1].isspace():
+            j -= 1
+        return self.starts[j] if j >= 0 and self.starts[j] >= self.k else self.k
+
+    def _excess(self, t: int) -> bool:
+        g = self.guard.gate
+        win = self.ids[t - g.window:t]
+        return win.count(self.ids[t]) >= g.min_count and len(set(win)) <= g.max_distinct
 
     def flush(self) -> str:
         out, self.sent = self.text[self.sent:], len(self.text)

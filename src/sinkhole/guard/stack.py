@@ -108,6 +108,7 @@ class RecordingUpstream:
 
     def __init__(self, answer: str = "ok"):
         self.answer, self.bodies, self.garbage = answer, [], False
+        self.chunks: list[str] | None = None  # the streamed answer's pieces (default: the answer in one piece)
         rec = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -136,8 +137,9 @@ class RecordingUpstream:
                     self.send_response(200)
                     self.send_header("Content-Type", "text/event-stream")
                     self.end_headers()
-                    for i, piece in enumerate([rec.answer, ""]):
-                        fin = "stop" if i else None
+                    pieces = list(rec.chunks or [rec.answer]) + [""]
+                    for i, piece in enumerate(pieces):
+                        fin = "stop" if i == len(pieces) - 1 else None
                         ch = ({"index": 0, "delta": {"role": "assistant", "content": piece}, "finish_reason": fin}
                               if chat else {"index": 0, "text": piece, "finish_reason": fin})
                         obj = {"id": "x", "object": "chat.completion.chunk" if chat else "text_completion",
