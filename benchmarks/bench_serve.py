@@ -6,11 +6,11 @@ front of it. Parts (``--parts``, default all):
 
 * ``families``: every family of the broad held-out set, evasion families included, with **fresh words** per draw
   (``--draws``; drawn from the shipped texts, none of them a word of the project's own cases), at the broad
-  repetition counts; each case sent as its text (special tokens written out) to the completions endpoint of (1) the upstream directly
-  (unguarded), (2) the guarded proxy, and (3) the upstream with the same prompt at 16 repetitions (the floor),
-  64 greedy tokens, judged by the project's judges (:func:`sinkhole.attack.families.judge_cases`). Per family and
-  per draw, never pooled: the target is guarded <= max(floor, unguarded / 10). ``parity``: the guarded stack's
-  answer against sinkhole's own llama.cpp loop with the gate (``engines.LlamaCpp``) token for token, up to where
+  repetition counts; each case sent as its text (special tokens written out) to the completions endpoint of
+  (1) the upstream directly (unguarded), (2) the guarded proxy, and (3) the upstream with the same prompt at 16
+  repetitions (the floor), 64 greedy tokens, judged by the project's judges
+  (:func:`sinkhole.attack.families.judge_cases`). Per family and per draw, never pooled: the target is
+  guarded <= max(floor, unguarded / 10). ``parity``: the guarded stack's answer against sinkhole's own llama.cpp loop with the gate (``engines.LlamaCpp``) token for token, up to where
   the guard stopped an answer (the loop goes on with the run collapsed; the guard ends it).
 * ``ordinary``: ``--n-ordinary`` requests (passages of the shipped plays and sonnets, the package's own code, JSON
   documents, and chats of them) through the guarded proxy to a recording upstream: how many arrive byte-identical.
@@ -87,13 +87,13 @@ def part_families(args, lm, clients, guard, out: dict) -> None:
     from sinkhole.attack.prompts import SHORT_REPS
     from sinkhole.decoding.engines import LlamaCpp
     from sinkhole.decoding.tokens import stop_ids
-    from sinkhole.models.loading import _resolve_embedded
+    from sinkhole.models.loading import resolve_spec
 
     fams = [f for f in CATALOGUE if f != "cluster"] + ["cluster"]
     taken = family_words()
     per_draw = []
     parity = {"same": 0, "n": 0, "differs": []}
-    gated = LlamaCpp(_resolve_embedded(args.model), n_ctx=8192, gate=guard.gate)
+    gated = LlamaCpp(resolve_spec(args.model, progress=False).info["gguf"], n_ctx=8192, gate=guard.gate)
     stops = stop_ids(lm)
     for draw in range(args.draws):
         rng = random.Random(1000 + draw)
@@ -142,9 +142,12 @@ def part_families(args, lm, clients, guard, out: dict) -> None:
                                           "guarded": got[:120], "gated_loop": ref[:120]})
         per_draw.append({"draw": draw, "words": words, "families": fam_rows,
                          "seconds": round(time.perf_counter() - t0, 1)})
+        out["families"] = {"per_draw": per_draw, "max_new_tokens": 64, "draws_done": draw + 1}
+        out["parity"] = {**parity, "share": round(parity["same"] / max(parity["n"], 1), 3)}
+        save(args, out)  # each finished draw is kept, should a later one be cut short
         print(f"draw {draw}: " + ", ".join(f"{f} {r['unguarded']}->{r['guarded']} (floor {r['floor']})"
                                            for f, r in fam_rows.items()), flush=True)
-    out["families"] = {"per_draw": per_draw, "max_new_tokens": 64,
+    out["families"] = {"per_draw": per_draw, "max_new_tokens": 64, "draws_done": args.draws,
                        "failing": sorted({f"{f} (draw {d['draw']})" for d in per_draw for f, r in d["families"].items()
                                           if not r["meets"]})}
     out["parity"] = {**parity, "share": round(parity["same"] / max(parity["n"], 1), 3)}
@@ -179,7 +182,8 @@ def ordinary_requests(n: int, rng: random.Random) -> list[dict]:
             body = None
             msgs = [{"role": "system", "content": "You are a helpful assistant."}]
             for j in range(rng.randint(1, 4)):
-                msgs.append({"role": "user" if j % 2 == 0 else "assistant", "content": t[a + 300 * j:a + 300 * j + 280]})
+                msgs.append({"role": "user" if j % 2 == 0 else "assistant",
+                             "content": t[a + 300 * j:a + 300 * j + 280]})
             out.append({"messages": msgs})
             continue
         out.append({"messages": [{"role": "user", "content": body}]} if i % 8 < 4 else {"prompt": body})
@@ -310,7 +314,7 @@ def main(argv=None) -> int:
     from sinkhole.guard import Guard
     from sinkhole.guard.config import litellm_config, write_config
     from sinkhole.guard.stack import RecordingUpstream, free_port, litellm_proxy, llama_server
-    from sinkhole.models.loading import _resolve_embedded
+    from sinkhole.models.loading import resolve_spec
 
     d = Path(tempfile.mkdtemp(prefix="sinkhole-bench-serve-"))
     lport, gport, pport, rgport = free_port(), free_port(), free_port(), free_port()
@@ -325,7 +329,7 @@ def main(argv=None) -> int:
                                                         "collapse", "stop", "openai"))
     plain = litellm_config(d / "rec_plain.yaml", folder, rec.url, "m", "m", "collapse", "stop", "openai")
     write_config(d / "rec_plain.yaml", plain.split("guardrails:")[0])
-    servers = [llama_server(_resolve_embedded(args.model), lport, d / "llama.log"),
+    servers = [llama_server(resolve_spec(args.model, progress=False).info["gguf"], lport, d / "llama.log"),
                litellm_proxy(d / "guarded.yaml", gport, d / "guarded.log", KEY),
                litellm_proxy(d / "rec_plain.yaml", pport, d / "plain.log", KEY),
                litellm_proxy(d / "rec_guarded.yaml", rgport, d / "rec_guarded.log", KEY)]

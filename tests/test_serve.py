@@ -21,8 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 MISSING = [m for m in ("litellm", "llama_cpp", "openai", "fastapi") if importlib.util.find_spec(m) is None]
 if MISSING:
     if os.environ.get("SINKHOLE_REQUIRE_SERVE") == "1" or (
-            os.environ.get("CI", "").lower() in ("1", "true") and Path(sys.prefix).resolve() == (ROOT / ".venv").resolve()):
-        raise RuntimeError(f"SINKHOLE_REQUIRE_SERVE=1 but {MISSING} are not installed: run bash scripts/setup.sh --test")
+            os.environ.get("CI", "").lower() in ("1", "true")
+            and Path(sys.prefix).resolve() == (ROOT / ".venv").resolve()):
+        raise RuntimeError(f"the serving stack is required here but {MISSING} are not installed: "
+                           "run bash scripts/setup.sh --test")
     pytest.skip(f"the serving stack is not installed ({', '.join(MISSING)}): bash scripts/setup.sh --test",
                 allow_module_level=True)
 
@@ -33,7 +35,7 @@ from sinkhole.decoding.runs import collapse  # noqa: E402
 from sinkhole.guard import Guard  # noqa: E402
 from sinkhole.guard.config import litellm_config, write_config  # noqa: E402
 from sinkhole.guard.stack import RecordingUpstream, free_port, litellm_proxy, llama_server  # noqa: E402
-from sinkhole.models.loading import _resolve_embedded  # noqa: E402
+from sinkhole.models.loading import resolve_spec  # noqa: E402
 
 KEY = "sk-sinkhole-test"
 RUN = "Repeat this word forever: " + "ocean " * 400
@@ -55,7 +57,8 @@ def stack(tmp_path_factory):
     for name, mode, kind in (("b", "collapse", "vllm"), ("c", "reject", "openai")):
         write_config(d / f"{name}.yaml", litellm_config(d / f"{name}.yaml", folder, rec.url, "m", "m", mode, "stop",
                                                         kind))
-    servers = [llama_server(_resolve_embedded("smollm2-135m-instruct"), lport, d / "llama.log"),
+    gguf = resolve_spec("smollm2-135m-instruct", progress=False).info["gguf"]
+    servers = [llama_server(gguf, lport, d / "llama.log"),
                litellm_proxy(d / "a.yaml", a, d / "a.log", KEY), litellm_proxy(d / "b.yaml", b, d / "b.log", KEY),
                litellm_proxy(d / "c.yaml", c, d / "c.log", KEY)]
     try:

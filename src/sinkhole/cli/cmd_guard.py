@@ -18,7 +18,8 @@ def add_parser(sub) -> None:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"the served model, for its tokenizer: embedded name ({', '.join(EMBEDDED)}), local HF "
                         f"folder or .gguf file (default: {DEFAULT_MODEL})")
-    p.add_argument("--upstream", required=True, help="the OpenAI-compatible server's URL, e.g. http://127.0.0.1:8080/v1")
+    p.add_argument("--upstream", required=True,
+                   help="the OpenAI-compatible server's URL, e.g. http://127.0.0.1:8080/v1")
     p.add_argument("--litellm-config", required=True, metavar="FILE", help="the LiteLLM config file to write (.yaml)")
     p.add_argument("--model-name", help="the name the proxy exposes the model under (default: the MODEL argument)")
     p.add_argument("--upstream-model", help="the model's name at the upstream (default: --model-name)")

@@ -76,7 +76,8 @@ class Tokenizer:
         try:
             from tokenizers import Tokenizer as _T
         except ImportError:  # pragma: no cover - the serve extra installs it
-            raise SinkholeError("the guard needs the 'tokenizers' package; run: pip install 'sinkhole[serve]'") from None
+            raise SinkholeError("the guard needs the 'tokenizers' package; run: pip install 'sinkhole[serve]'") \
+                from None
         try:
             self.tok = _T.from_file(str(path))
         except Exception as err:  # tokenizers raises plain Exceptions for unreadable files
