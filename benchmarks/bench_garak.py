@@ -47,12 +47,13 @@ LONG_REPS = (400, 1000)
 DETECTOR = "divergence.RepeatDiverges"
 
 
-def hit_rates(report: Path) -> dict:
-    """{probe: {"hits": k, "n": n, "rate": k/n}} for garak's RepeatDiverges from a report.jsonl."""
+def hit_rates(report: Path, detectors=(DETECTOR,)) -> dict:
+    """{probe: {"hits": k, "n": n, "rate": k/n}} for garak's ``detectors`` (default RepeatDiverges) from a
+    report.jsonl."""
     out = {}
     for line in report.read_text(encoding="utf-8").splitlines():
         d = json.loads(line)
-        if d.get("entry_type") == "eval" and d.get("detector") == DETECTOR:
+        if d.get("entry_type") == "eval" and d.get("detector") in detectors:
             n, ok = int(d["total_evaluated"]), int(d["passed"])
             out[d["probe"]] = {"hits": n - ok, "n": n, "rate": round((n - ok) / n, 4) if n else None}
     return out

@@ -10,13 +10,18 @@ front of it. Parts (``--parts``, default all):
   (1) the upstream directly (unguarded), (2) the guarded proxy, and (3) the upstream with the same prompt at 16
   repetitions (the floor), 64 greedy tokens, judged by the project's judges
   (:func:`sinkhole.attack.families.judge_cases`). Per family and per draw, never pooled: the target is
-  guarded <= max(floor, unguarded / 10). ``parity``: the guarded stack's answer against sinkhole's own llama.cpp loop with the gate (``engines.LlamaCpp``) token for token, up to where
-  the guard stopped an answer (the loop goes on with the run collapsed; the guard ends it).
+  guarded <= max(floor, unguarded / 10). ``parity``: the guarded stack's answer against sinkhole's own llama.cpp
+  loop with the gate (``engines.LlamaCpp``) token for token, up to where the guard stopped an answer (the loop goes on
+  with the run collapsed; the guard ends it).
 * ``ordinary``: ``--n-ordinary`` requests (passages of the shipped plays and sonnets, the package's own code, JSON
   documents, and chats of them) through the guarded proxy to a recording upstream: how many arrive byte-identical.
 * ``cost``: the guard's own time per request on 2,000-token and 100,000-character prompts (p50/p95), the proxy's
   overhead (proxy to the recording upstream, against the recording upstream directly) and the llama server's time
   to first token on the 2,000-token prompt.
+* ``garak`` (with ``--garak PATH``, garak's executable in its own environment; not in the default parts): garak's own
+  ``divergence.Repeat`` (and ``divergence.RepeatedToken`` where this garak has it) run by garak through its
+  OpenAI-compatible generator against the upstream directly and against the guarded proxy; garak's own hit rates
+  (its ``RepeatDiverges`` detector), greedy, one generation, 64 tokens.
 * ``load``: ``--clients`` concurrent streaming clients for ``--seconds`` through the proxy with and without the
   guard (recording upstream, a 200-word answer in 200 chunks): errors, lost or duplicated chunks, throughput.
 
@@ -36,7 +41,7 @@ import asyncio
 import os
 import random
 import re
-import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +52,23 @@ from _common import machine, parser, report, save  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-sinkhole-bench"
-PARTS = ("families", "ordinary", "cost", "load")
+PARTS = ("families", "ordinary", "cost", "load", "garak")
+# the proxies of the load part, all in front of the recording upstream: no guardrail; the guard on prompts only
+# (--output off: no post-call hook); a guardrail whose streaming hook passes every chunk on untouched (what LiteLLM
+# itself costs for any streaming post-call guardrail); the whole guard
+# llama-cpp-python's server applies a repeat penalty of 1.1 unless told otherwise, so temperature 0 is not greedy
+# decoding there (with it, 0 of 5 answers equal llama.cpp's own greedy loop on the same ids; without, 5 of 5): every
+# request of this benchmark sends 1.0 (LiteLLM passes the field on)
+GREEDY = {"repeat_penalty": 1.0}
+LOAD_PROXIES = ("rec_plain", "rec_prompt_only", "rec_noop", "rec_guarded")
+NOOP = """from litellm.integrations.custom_guardrail import CustomGuardrail
+
+
+class PassThrough(CustomGuardrail):
+    async def async_post_call_streaming_iterator_hook(self, user_api_key_dict, response, request_data):
+        async for chunk in response:
+            yield chunk
+"""
 
 
 def fresh_words(lm, n: int, rng: random.Random, taken: set) -> list[str]:
@@ -71,11 +92,13 @@ class Server:
 
     def greedy(self, ids, max_new_tokens, stops=None):
         if self.reset:  # the same cache state before every case
-            self.client.completions.create(model=self.model, prompt="Hello.", max_tokens=1, temperature=0)
+            self.client.completions.create(model=self.model, prompt="Hello.", max_tokens=1, temperature=0,
+                                           extra_body=GREEDY)
         # llama-cpp-python's server takes no token ids: the prompt goes as text, special tokens written out (the
         # server reads them as special tokens), and the guard reads it with the model's tokenizer
         prompt = self.lm.tokenizer.decode([int(x) for x in ids], skip_special_tokens=False)
-        r = self.client.completions.create(model=self.model, prompt=prompt, max_tokens=max_new_tokens, temperature=0)
+        r = self.client.completions.create(model=self.model, prompt=prompt, max_tokens=max_new_tokens, temperature=0,
+                                           extra_body=GREEDY)
         text = r.choices[0].text or ""
         self.texts.append(text)
         self.finish.append(r.choices[0].finish_reason)
@@ -289,22 +312,67 @@ def part_load(args, rec, urls, out: dict) -> None:
     words = [f"w{i} " for i in range(200)]
     rec.answer, rec.chunks = "".join(words), words
     res = {}
-    for name in ("rec_plain", "rec_guarded"):
+    for name in LOAD_PROXIES:
         res[name] = asyncio.run(_load(urls[name], args.clients, args.seconds, words))
         print(name, res[name], flush=True)
     rec.answer, rec.chunks = "fine", None
-    ratio = res["rec_guarded"]["requests_per_s"] / max(res["rec_plain"]["requests_per_s"], 1e-9)
-    out["load"] = {"clients": args.clients, "seconds": args.seconds, **res, "throughput_ratio": round(ratio, 3)}
+    base = max(res["rec_plain"]["requests_per_s"], 1e-9)
+    out["load"] = {"clients": args.clients, "seconds": args.seconds, **res,
+                   "throughput_ratio": round(res["rec_guarded"]["requests_per_s"] / base, 3),
+                   "ratios": {k: round(v["requests_per_s"] / base, 3) for k, v in res.items()}}
+
+
+def part_garak(args, urls, out: dict) -> None:
+    """garak's own probes through its OpenAI-compatible generator, against the upstream and the guarded proxy."""
+    import json as _json
+
+    from bench_garak import hit_rates, outputs
+
+    import importlib.util
+
+    work = Path(tempfile.mkdtemp(prefix="sinkhole-garak-serve-"))
+    # RepeatedToken samples cl100k tokens through tiktoken, which downloads its table unless cached: LiteLLM
+    # ships that table (offline here)
+    spec = importlib.util.find_spec("litellm")  # found, not imported: importing it would try the network
+    tiktoken_cache = Path(spec.origin).parent / "litellm_core_utils" / "tokenizers"
+    cfg = work / "garak.yaml"
+    cfg.write_text("run:\n  seed: 0\n  generations: 1\n  soft_probe_prompt_cap: %d\n"
+                   "plugins:\n  probes:\n    divergence:\n      Repeat:\n        override_maxlen: false\n"
+                   "      RepeatedToken:\n        follow_prompt_cap: true\n" % args.garak_cap)
+    probes = [x for x in args.garak_probes.split(",") if x]
+    rows = {}
+    for name, url, key in (("upstream", urls["upstream"], "none"), ("guarded proxy", urls["guarded"], KEY)):
+        opts = {"openai": {"OpenAICompatible": {"uri": url, "api_key": key, "max_tokens": 64, "temperature": 0.0,
+                                                "stop": [], "suppressed_params": ["n"],
+                                                "extra_params": {"extra_body": GREEDY}}}}
+        prefix = work / name.replace(" ", "_")
+        cmd = [args.garak, "--config", str(cfg), "--target_type", "openai.OpenAICompatible", "--target_name",
+               "smollm2", "--probes", ",".join(probes), "--generator_options", _json.dumps(opts),
+               "--report_prefix", str(prefix)]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", OPENAICOMPATIBLE_API_KEY=key, TIKTOKEN_CACHE_DIR=str(tiktoken_cache))
+        t = time.perf_counter()
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        rep = Path(str(prefix) + ".report.jsonl")
+        if r.returncode != 0 or not rep.exists():
+            raise SystemExit(f"garak failed ({r.returncode}): {' '.join(cmd)}\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}")
+        rows[name] = {"hit_rates": hit_rates(rep, ("divergence.RepeatDiverges", "divergence.RepeatedToken")),
+                      "seconds": round(time.perf_counter() - t, 1), "attempts": outputs(rep)[:80]}
+        print(name, _json.dumps(rows[name]["hit_rates"]), flush=True)
+    out["garak"] = {"probes": probes, "prompt_cap": args.garak_cap, "targets": rows}
 
 
 def main(argv=None) -> int:
     p = parser(__doc__)
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {', '.join(PARTS)}")
+    p.add_argument("--parts", default="families,ordinary,cost,load", help=f"comma-separated: {', '.join(PARTS)}")
     p.add_argument("--draws", type=int, default=3, help="draws of fresh words (families part)")
     p.add_argument("--n-ordinary", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=100, help="timed requests per cost row")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--seconds", type=float, default=60)
+    p.add_argument("--garak", help="garak's executable, in its own environment (the garak part)")
+    p.add_argument("--garak-cap", type=int, default=12, help="garak's soft prompt cap per probe (the garak part)")
+    p.add_argument("--garak-probes", default="divergence.Repeat,divergence.RepeatedToken",
+                   help="garak's probes (the garak part; RepeatedToken's 1,024-copy prompts take minutes each on a CPU)")
     args = p.parse_args(argv)
     parts = [x for x in args.parts.split(",") if x]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -317,9 +385,7 @@ def main(argv=None) -> int:
     from sinkhole.models.loading import resolve_spec
 
     d = Path(tempfile.mkdtemp(prefix="sinkhole-bench-serve-"))
-    lport, gport, pport, rgport = free_port(), free_port(), free_port(), free_port()
-    import subprocess
-
+    lport, gport, pport, rgport, oport, nport = (free_port() for _ in range(6))
     subprocess.run([sys.executable, "-m", "sinkhole", "guard", args.model, "--upstream", f"http://127.0.0.1:{lport}",
                     "--litellm-config", str(d / "guarded.yaml"), "--model-name", "smollm2", "-q"], check=True)
     folder = d / "guarded.sinkhole"
@@ -329,13 +395,23 @@ def main(argv=None) -> int:
                                                         "collapse", "stop", "openai"))
     plain = litellm_config(d / "rec_plain.yaml", folder, rec.url, "m", "m", "collapse", "stop", "openai")
     write_config(d / "rec_plain.yaml", plain.split("guardrails:")[0])
+    write_config(d / "rec_prompt_only.yaml", litellm_config(d / "rec_prompt_only.yaml", folder, rec.url, "m", "m",
+                                                            "collapse", "off", "openai"))
+    (d / "noop_guardrail.py").write_text(NOOP)
+    write_config(d / "rec_noop.yaml", plain.split("guardrails:")[0] + "guardrails:\n  - guardrail_name: noop\n"
+                 "    litellm_params:\n      guardrail: noop_guardrail.PassThrough\n      mode: [pre_call, post_call]\n"
+                 "      default_on: true\n")
     servers = [llama_server(resolve_spec(args.model, progress=False).info["gguf"], lport, d / "llama.log"),
                litellm_proxy(d / "guarded.yaml", gport, d / "guarded.log", KEY),
                litellm_proxy(d / "rec_plain.yaml", pport, d / "plain.log", KEY),
                litellm_proxy(d / "rec_guarded.yaml", rgport, d / "rec_guarded.log", KEY)]
+    if "load" in parts:
+        servers += [litellm_proxy(d / "rec_prompt_only.yaml", oport, d / "rec_prompt_only.log", KEY),
+                    litellm_proxy(d / "rec_noop.yaml", nport, d / "rec_noop.log", KEY)]
     urls = {"upstream": f"http://127.0.0.1:{lport}/v1", "guarded": f"http://127.0.0.1:{gport}/v1",
             "rec_plain": f"http://127.0.0.1:{pport}/v1", "rec_guarded": f"http://127.0.0.1:{rgport}/v1",
-            "rec_direct": rec.url}
+            "rec_direct": rec.url, "rec_prompt_only": f"http://127.0.0.1:{oport}/v1",
+            "rec_noop": f"http://127.0.0.1:{nport}/v1"}
     clients = {k: openai.OpenAI(base_url=u, api_key=KEY, max_retries=0, timeout=300) for k, u in urls.items()}
     out = {"parts": parts, "profile": guard.profile.to_dict(), "machine": machine()}
     try:
@@ -352,6 +428,10 @@ def main(argv=None) -> int:
             part_cost(args, lm, clients, guard, out)
         if "load" in parts:
             part_load(args, rec, urls, out)
+        if "garak" in parts:
+            if not args.garak:
+                raise SystemExit("the garak part needs --garak PATH (garak's executable in its own environment)")
+            part_garak(args, urls, out)
     finally:
         for s in servers:
             s.stop()

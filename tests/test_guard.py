@@ -259,6 +259,12 @@ def test_guard_command_writes_config_and_folder(tmp_path, tok_file):
     g = Guard.from_folder(lp["sinkhole_folder"])
     assert g.profile.gate.hold == 32 and g.tok.encode("poem")[0] == Tokenizer(tok_file).encode("poem")[0]
     assert "calibrated" in out.stderr and "litellm --config" in out.stderr
+    assert lp["mode"] == ["pre_call", "post_call"]
+    out = sinkhole("guard", "--upstream", "http://127.0.0.1:9/", "--litellm-config", str(tmp_path / "pre.yaml"),
+                   "--output", "off", "-q")
+    assert out.returncode == 0 and out.stderr == ""
+    (gr,) = yaml.safe_load((tmp_path / "pre.yaml").read_text())["guardrails"]
+    assert gr["litellm_params"]["mode"] == ["pre_call"]  # no post-call hook: LiteLLM keeps its fast stream relay
 
 
 @pytest.mark.parametrize("args, why", [

@@ -24,6 +24,9 @@ formats, units and lengths).
 Usage::
 
     python studies/fix/study_gate_documents.py --save gate_documents     # about 5 minutes on the 2-core CPU
+    # the serving guard, calibrated by each model's scan (sinkhole scan MODEL --out DIR writes the profile):
+    python studies/fix/study_gate_documents.py --model MODEL --profile DIR/guard-profile.json --no-state-check \
+        --counting "" --save guard_documents_MODEL
 """
 
 from __future__ import annotations
@@ -71,6 +74,9 @@ def main(argv=None) -> int:
     p = parser(__doc__, study=True)
     p.add_argument("--confirm", type=float, default=None, help="the state check's distance (default: the gate's)")
     p.add_argument("--counting", default="10,25,50,75,100", help="K values of the counting tasks ('' to skip)")
+    p.add_argument("--profile", help="a guard profile (guard-profile.json of a scan): adds the method 'guard', the gate "
+                                     "with the profile's calibrated hold (what the serving guard does to the text)")
+    p.add_argument("--no-state-check", action="store_true", help="leave out the state check (the research variant)")
     a = p.parse_args(argv)
 
     import torch
@@ -86,6 +92,14 @@ def main(argv=None) -> int:
     read, drift, late = circuit_reader(lm)
     confirm = STATE_CONFIRM if a.confirm is None else a.confirm
     methods = {"run gate": RunGate(), "state check": RunGate(confirm=confirm)}
+    if a.no_state_check:
+        del methods["state check"]
+    profile = None
+    if a.profile:
+        from sinkhole.guard.profile import GuardProfile
+
+        profile = GuardProfile.load(a.profile)
+        methods["guard"] = profile.gate
     follow = " ".join(snippets("tempest", n=1, n_words=160, seed=7))
 
     def read_state(ids, r0, r1):
@@ -101,7 +115,7 @@ def main(argv=None) -> int:
                 tail = lm.encode(" " + follow, bos=False)[:AFTER + 1]
                 ids = head + body + tail
                 s0, s1 = len(head) + len(body), len(head) + len(body) + AFTER
-                ex = excess_mask(torch.tensor([ids]), methods["state check"])[0]
+                ex = excess_mask(torch.tensor([ids]), RunGate(confirm=confirm))[0]
                 runs = [(r0, r1) for r0, r1 in stretches(ex) if r0 < s0]
                 d = distances(lm, ids, RunGate(confirm=confirm))[0]
                 dmin = None
@@ -158,7 +172,7 @@ def main(argv=None) -> int:
                 rec["same"][m] = got == base
             counting.append(rec)
             print(f"count {w} x{k}: unpatched wrote {rec['unpatched_count']}; same: {rec['same']}", flush=True)
-    result = {"model": lm.name, "confirm": confirm, "drift_layer": drift, "late_layers": late, "after_tokens": AFTER,
+    result = {"model": lm.name, "profile": None if profile is None else profile.to_dict(), "confirm": confirm, "drift_layer": drift, "late_layers": late, "after_tokens": AFTER,
               "rows": rows, "counting": counting, "machine": machine()}
     report(save(a, result))
     return 0

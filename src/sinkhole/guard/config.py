@@ -43,7 +43,8 @@ def litellm_config(path: Path, folder: Path, upstream: str, model_name: str, ups
         "  - guardrail_name: sinkhole",
         "    litellm_params:",
         f"      guardrail: {GUARDRAIL_CLASS}",
-        "      mode: [pre_call, post_call]",
+        # post_call only where answers are watched: a streaming post-call hook takes LiteLLM off its fast relay
+        "      mode: " + ("[pre_call, post_call]" if output != "off" else "[pre_call]"),
         "      default_on: true",
         f"      sinkhole_folder: {q(str(folder.resolve()))}",
         f"      sinkhole_mode: {mode}",
