@@ -359,7 +359,8 @@ def test_scan_human(scan_human):
         assert f"[{i}/{n}] {step} done in " in stderr
     assert "step timings:" in stderr and re.search(r"^  load model\s+[0-9.]+s$", stderr, re.M)
     assert re.search(r"^  total\s+[0-9.]+s$", stderr, re.M)
-    assert f"wrote {out / 'results.json'}, {out / 'report.html'} and {out / 'figures'}/" in stderr
+    assert f"wrote {out / 'results.json'}, {out / 'report.html'}, {out / 'figures'}/ and {out / 'guard-profile.json'}" \
+        in stderr
 
 
 def test_scan_out_folder(scan_human):

@@ -62,6 +62,7 @@ def test_result_files_are_written_atomically():
         "models/gguf_cache.py": "writes inside a temporary cache folder, renamed into place by _publish",
         "integrations/lm_eval.py": "scratch task files for lm-eval in a temporary folder, not results",
         "attack/memorization.py": "builds the corpus index inside a temporary folder, renamed into place (os.replace)",
+        "guard/stack.py": "a test server's log, streamed as the server runs, not a result",
     }
     src = Path(__file__).resolve().parents[1] / "src" / "sinkhole"
     direct = re.compile(r"\.write_text\(|\.write_bytes\(|\bopen\([^)]*[\"'][wax]b?\+?[\"']|savefig\((?!buf|pbuf)")

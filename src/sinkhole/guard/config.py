@@ -5,11 +5,11 @@ request, pointed at the folder that holds the model's guard profile and tokenize
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import SinkholeError
+from ..results import write_atomic
 
 GUARDRAIL_CLASS = "sinkhole.guard.proxy.SinkholeGuardrail"
 
@@ -55,7 +55,5 @@ def litellm_config(path: Path, folder: Path, upstream: str, model_name: str, ups
 
 
 def write_config(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, text)
     return path

@@ -17,12 +17,12 @@ A profile written without those steps (or by hand) is marked ``calibrated: false
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..decoding.runs import RunGate
 from ..errors import SinkholeError
+from ..results import write_atomic
 
 PROFILE_KIND = "sinkhole-guard-profile"
 PROFILE_VERSION = 1
@@ -64,9 +64,7 @@ class GuardProfile:
 
     def save(self, path) -> Path:
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
     @classmethod
