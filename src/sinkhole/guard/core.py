@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..decoding.runs import NEVER, collapse, expiry, kept, runs
+from ..decoding.runs import NEVER, collapse, excess, expiry, kept, runs
 from ..errors import SinkholeError
 from .profile import GuardProfile
 
@@ -318,7 +318,8 @@ class OutputWatch:
             return self.flush()
         first = self._encode_from(self._word_start())
         g = self.guard.gate
-        new_excess = any(self._excess(t) for t in range(max(first, g.window), len(self.ids)))
+        lo = max(0, first - g.window)  # the rule's own reading of the new tokens, with the window before them
+        new_excess = any(excess(self.ids[lo:], g)[first - lo:])
         if new_excess:
             lo = max(0, len(self.ids) - self.tail)
             exp = expiry(self.ids[lo:], g)
@@ -340,11 +341,6 @@ class OutputWatch:
         while j > 0 and j > len(self.starts) - 16 and not self.text[self.starts[j]:self.starts[j] + 1].isspace():
             j -= 1
         return self.starts[j] if j >= 0 and self.starts[j] >= self.k else self.k
-
-    def _excess(self, t: int) -> bool:
-        g = self.guard.gate
-        win = self.ids[t - g.window:t]
-        return win.count(self.ids[t]) >= g.min_count and len(set(win)) <= g.max_distinct
 
     def flush(self) -> str:
         out, self.sent = self.text[self.sent:], len(self.text)
