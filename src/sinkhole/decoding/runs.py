@@ -203,11 +203,12 @@ class Run:
         return self.length / max(len(self.unit), 1)
 
 
-def runs(ids: Sequence[int], gate: RunGate) -> list[Run]:
+def runs(ids: Sequence[int], gate: RunGate, exp: Sequence[int] | None = None) -> list[Run]:
     """Every run whose tokens the gate hides from the end of ``ids``, with where it starts (the run is followed
-    back from its first excess token for as long as the unit repeats)."""
+    back from its first excess token for as long as the unit repeats); ``exp``: the ids' :func:`expiry`, when the
+    caller has it already."""
     n = len(ids)
-    exp = expiry(ids, gate)
+    exp = expiry(ids, gate) if exp is None else exp
     out = []
     for r0, r1 in stretches([e < NEVER for e in exp]):
         p = run_period(ids, r0, gate.max_distinct) or 1

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..decoding.runs import NEVER, collapse, excess, expiry, kept, runs
+from ..decoding.runs import NEVER, excess, expiry, runs
 from ..errors import SinkholeError
 from .profile import GuardProfile
 
@@ -115,6 +115,9 @@ class Guard:
             raise SinkholeError(f"unknown guard mode {mode!r}; use one of {', '.join(MODES)}")
         if output not in OUTPUT_MODES:
             raise SinkholeError(f"unknown guard output mode {output!r}; use one of {', '.join(OUTPUT_MODES)}")
+        if profile.gate.confirm is not None:
+            raise SinkholeError("a run gate with the state check (confirm) reads the model's state; the guard "
+                                "applies the gate without it (remove confirm)")
         self.profile, self.tok, self.mode, self.output = profile, tokenizer, mode, output
         self.gate = profile.gate
 
@@ -128,20 +131,26 @@ class Guard:
         return cls(GuardProfile.load(folder / PROFILE_FILE), Tokenizer(folder / TOKENIZER_FILE), mode, output)
 
     # --- prompts ----------------------------------------------------------------------------
-    def _found(self, ids: list[int], part: str) -> list[RunFound]:
+    def _found(self, ids: list[int], exp: list[int], part: str) -> list[RunFound]:
         return [RunFound(part, self.tok.decode(list(r.unit)), round(r.reps, 1), r.length, r.hidden)
-                for r in runs(ids, self.gate)]
+                for r in runs(ids, self.gate, exp)]
+
+    def _kept(self, ids: list[int]) -> tuple[list[int], list[bool]]:
+        """(the rule's expiry of each token, whether the end of ``ids`` still sees it): read once per text."""
+        exp = expiry(ids, self.gate)
+        return exp, [e >= len(ids) for e in exp]
 
     def ids(self, ids: Sequence[int], part: str = "prompt", report: GuardReport | None = None) -> list[int]:
         """A prompt given as token ids: the gate's collapse of it (``reject``: raises :class:`GuardRejected`)."""
         ids = [int(x) for x in ids]
-        if all(kept(ids, self.gate)):
+        exp, keep = self._kept(ids)
+        if all(keep):
             return ids
-        found = self._found(ids, part)
+        found = self._found(ids, exp, part)
         self._refuse(found)
         if report is not None:
             report.runs.extend(found)
-        return collapse(ids, self.gate)
+        return [x for x, k in zip(ids, keep) if k]
 
     def text(self, text: str, part: str = "prompt", report: GuardReport | None = None) -> str:
         """``text`` with the tokens the gate hides removed (the same object when nothing is hidden)."""
@@ -151,10 +160,10 @@ class Guard:
             if report is not None:
                 report.skipped.append(f"{part}: the tokenizer cannot read it ({type(err).__name__})")
             return text
-        keep = kept(ids, self.gate)
+        exp, keep = self._kept(ids)
         if all(keep):
             return text
-        found = self._found(ids, part)
+        found = self._found(ids, exp, part)
         self._refuse(found)
         spans = _spans(starts, len(text))
         out, cur = [], 0
