@@ -222,6 +222,10 @@ def test_profile_calibration(tmp_path):
     assert p.calibrated and p.safe_reps == 64 and p.gate.hold == 32 and p.limits["min_reps"]["word"] == "poem"
     p = profile_from_results(_doc(words, [{"token": "a", "reps_to_sink": 20}]))
     assert p.safe_reps == 19 and p.gate.hold == 0
+    # a token sink-sized at its first copy is a sink by itself, not by repeating: it does not set the limit
+    p = profile_from_results(_doc(words, [{"token": " ", "reps_to_sink": 1}, {"token": "a", "reps_to_sink": 90}]))
+    assert p.safe_reps == 64 and p.limits["sweep"]["safe_reps"] == 89
+    assert p.limits["sweep"]["sink_at_first_copy"] == [" "]
     never = [{"word": "poem", "min_reps": None, "bracket": None, "max_reps": 2048}]
     p = profile_from_results(_doc(never, [{"token": "a", "reps_to_sink": None}]))
     assert p.safe_reps == 256 and p.gate.hold == 224

@@ -6,7 +6,8 @@ scan measured:
 
 * ``safe_reps``: the longest run this model was seen to handle, the smaller of
   - the ``min_reps`` step's last count that kept repeating, for the word that diverged first, and
-  - the sweep's fewest repetitions for a token's drift-layer state to turn first-token-like (``reps_to_sink``);
+  - the sweep's fewest repetitions for a token's drift-layer state to turn first-token-like (``reps_to_sink``),
+    minus one, over the tokens that are not sink-sized at their first copy already;
 * the gate's ``hold`` follows from it: a run whose excess stretch stays within ``hold`` tokens passes untouched,
   a longer one is shortened to the gate's floor. So a model that handles long runs (Gemma-3-270M, which does
   not diverge) keeps them, and one that diverges early (SmolLM2) gets the gate's own rule (``hold`` 0).
@@ -108,11 +109,18 @@ def _min_reps_limit(step: dict) -> tuple[int | None, dict]:
 
 def _sweep_limit(step: dict) -> tuple[int | None, dict]:
     """(safe repetitions, evidence) from the sweep: one less than the fewest repetitions for a swept token's
-    drift-layer state to reach the sink threshold; the sweep's length when none did."""
+    drift-layer state to reach the sink threshold; the sweep's length when none did. A token whose state is
+    sink-sized at its first copy (SmolLM2's lone space) is a sink by itself, not by repeating: it says nothing
+    about how long a run the model handles, and is left out (named in the evidence)."""
     rows = [r for r in step.get("top", []) if isinstance(r, dict) and r.get("reps_to_sink") is not None]
+    alone = [r.get("token") for r in rows if r["reps_to_sink"] <= 1]
+    rows = [r for r in rows if r["reps_to_sink"] > 1]
     if rows:
         r = min(rows, key=lambda r: r["reps_to_sink"])
-        return max(int(r["reps_to_sink"]) - 1, 0), {"token": r.get("token"), "reps_to_sink": r["reps_to_sink"]}
+        ev = {"token": r.get("token"), "reps_to_sink": r["reps_to_sink"]}
+        if alone:
+            ev["sink_at_first_copy"] = alone
+        return int(r["reps_to_sink"]) - 1, ev
     top = (step.get("config") or {}).get("max_reps")
     if isinstance(top, int) and step.get("n_tokens"):
         return top, {"reached": False, "max_reps": top}
