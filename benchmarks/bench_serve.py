@@ -369,6 +369,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=100, help="timed requests per cost row")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--seconds", type=float, default=60)
+    p.add_argument("--profile", help="the guard-profile.json of the model's scan (default: uncalibrated, the gate's rule)")
     p.add_argument("--garak", help="garak's executable, in its own environment (the garak part)")
     p.add_argument("--garak-cap", type=int, default=12, help="garak's soft prompt cap per probe (the garak part)")
     p.add_argument("--garak-probes", default="divergence.Repeat,divergence.RepeatedToken",
@@ -387,7 +388,8 @@ def main(argv=None) -> int:
     d = Path(tempfile.mkdtemp(prefix="sinkhole-bench-serve-"))
     lport, gport, pport, rgport, oport, nport = (free_port() for _ in range(6))
     subprocess.run([sys.executable, "-m", "sinkhole", "guard", args.model, "--upstream", f"http://127.0.0.1:{lport}",
-                    "--litellm-config", str(d / "guarded.yaml"), "--model-name", "smollm2", "-q"], check=True)
+                    "--litellm-config", str(d / "guarded.yaml"), "--model-name", "smollm2", "-q",
+                    *(["--profile", args.profile] if args.profile else [])], check=True)
     folder = d / "guarded.sinkhole"
     guard = Guard.from_folder(folder)
     rec = RecordingUpstream("fine").__enter__()

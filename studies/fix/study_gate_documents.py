@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         methods["guard"] = profile.gate
     follow = " ".join(snippets("tempest", n=1, n_words=160, seed=7))
 
-    def read_state(ids, r0, r1):
+    def circuit_at(ids, r0, r1):  # the drift-layer norm ratio and late attention on position 0, last 32 tokens
         return read(ids, max(r0, r1 - 31), r1)
 
     rows = []
@@ -126,9 +126,9 @@ def main(argv=None) -> int:
                         w = x.unfold(0, 32, 1).mean(-1)
                         w = w[~torch.isnan(w)]
                         dmin = round(float(w.min()), 3) if len(w) else None
-                    ratio, att0 = read_state(ids, r0, r1)
+                    ratio, att0 = circuit_at(ids, r0, r1)
                 else:
-                    ratio, att0 = read_state(ids, len(head), s0 - 1)
+                    ratio, att0 = circuit_at(ids, len(head), s0 - 1)
                 with torch.no_grad():
                     ref = lm.model(input_ids=torch.tensor([ids], device=lm.device)).logits[0].float()
                 tgt = torch.tensor(ids[s0:s1], device=lm.device)
@@ -172,7 +172,8 @@ def main(argv=None) -> int:
                 rec["same"][m] = got == base
             counting.append(rec)
             print(f"count {w} x{k}: unpatched wrote {rec['unpatched_count']}; same: {rec['same']}", flush=True)
-    result = {"model": lm.name, "profile": None if profile is None else profile.to_dict(), "confirm": confirm, "drift_layer": drift, "late_layers": late, "after_tokens": AFTER,
+    result = {"model": lm.name, "profile": None if profile is None else profile.to_dict(), "confirm": confirm,
+              "drift_layer": drift, "late_layers": late, "after_tokens": AFTER,
               "rows": rows, "counting": counting, "machine": machine()}
     report(save(a, result))
     return 0
