@@ -55,12 +55,13 @@ KEY = "sk-sinkhole-bench"
 PARTS = ("families", "ordinary", "cost", "load", "garak")
 # the proxies of the load part, all in front of the recording upstream: no guardrail; the guard on prompts only
 # (--output off: no post-call hook); a guardrail whose streaming hook passes every chunk on untouched (what LiteLLM
-# itself costs for any streaming post-call guardrail); the whole guard
+# itself costs for any streaming post-call guardrail); the whole guard; the whole guard as a plain callback
+# (--litellm-hook callback: LiteLLM 1.110 leaves its fast stream relay only while a guardrail is registered)
 # llama-cpp-python's server applies a repeat penalty of 1.1 unless told otherwise, so temperature 0 is not greedy
 # decoding there (with it, 0 of 5 answers equal llama.cpp's own greedy loop on the same ids; without, 5 of 5): every
 # request of this benchmark sends 1.0 (LiteLLM passes the field on)
 GREEDY = {"repeat_penalty": 1.0}
-LOAD_PROXIES = ("rec_plain", "rec_prompt_only", "rec_noop", "rec_guarded")
+LOAD_PROXIES = ("rec_plain", "rec_prompt_only", "rec_noop", "rec_guarded", "rec_callback")
 NOOP = """from litellm.integrations.custom_guardrail import CustomGuardrail
 
 
@@ -309,15 +310,24 @@ async def _load(url: str, clients: int, seconds: float, words: list[str]) -> dic
 
 
 def part_load(args, rec, urls, out: dict) -> None:
+    """Each proxy in turn, ``--load-rounds`` times (the rows interleaved, so a slow spell of the machine falls on
+    all of them), ``--seconds`` each; requests and errors summed over the rounds."""
     words = [f"w{i} " for i in range(200)]
     rec.answer, rec.chunks = "".join(words), words
-    res = {}
-    for name in LOAD_PROXIES:
-        res[name] = asyncio.run(_load(urls[name], args.clients, args.seconds, words))
-        print(name, res[name], flush=True)
+    res: dict = {}
+    for rnd in range(args.load_rounds):
+        for name in LOAD_PROXIES:
+            r = asyncio.run(_load(urls[name], args.clients, args.seconds, words))
+            print(f"round {rnd} {name} {r}", flush=True)
+            acc = res.setdefault(name, {"rounds": []})
+            acc["rounds"].append(r)
     rec.answer, rec.chunks = "fine", None
+    for acc in res.values():
+        for k in ("requests", "errors", "bad_answers", "chunks", "seconds"):
+            acc[k] = round(sum(r[k] for r in acc["rounds"]), 1)
+        acc["requests_per_s"] = round(acc["requests"] / max(acc["seconds"], 1e-9), 2)
     base = max(res["rec_plain"]["requests_per_s"], 1e-9)
-    out["load"] = {"clients": args.clients, "seconds": args.seconds, **res,
+    out["load"] = {"clients": args.clients, "seconds": args.seconds, "rounds": args.load_rounds, **res,
                    "throughput_ratio": round(res["rec_guarded"]["requests_per_s"] / base, 3),
                    "ratios": {k: round(v["requests_per_s"] / base, 3) for k, v in res.items()}}
 
@@ -368,7 +378,8 @@ def main(argv=None) -> int:
     p.add_argument("--n-ordinary", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=100, help="timed requests per cost row")
     p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--seconds", type=float, default=60)
+    p.add_argument("--seconds", type=float, default=60, help="seconds per proxy and round (load part)")
+    p.add_argument("--load-rounds", type=int, default=1, help="rounds over the proxies (load part)")
     p.add_argument("--profile", help="the guard-profile.json of the model's scan (default: uncalibrated, the gate's rule)")
     p.add_argument("--garak", help="garak's executable, in its own environment (the garak part)")
     p.add_argument("--garak-cap", type=int, default=12, help="garak's soft prompt cap per probe (the garak part)")
@@ -381,12 +392,12 @@ def main(argv=None) -> int:
 
     import sinkhole
     from sinkhole.guard import Guard
-    from sinkhole.guard.config import litellm_config, write_config
+    from sinkhole.guard.config import callback_module, callback_source, litellm_config, write_config
     from sinkhole.guard.stack import RecordingUpstream, free_port, litellm_proxy, llama_server
     from sinkhole.models.loading import resolve_spec
 
     d = Path(tempfile.mkdtemp(prefix="sinkhole-bench-serve-"))
-    lport, gport, pport, rgport, oport, nport = (free_port() for _ in range(6))
+    lport, gport, pport, rgport, oport, nport, cport = (free_port() for _ in range(7))
     subprocess.run([sys.executable, "-m", "sinkhole", "guard", args.model, "--upstream", f"http://127.0.0.1:{lport}",
                     "--litellm-config", str(d / "guarded.yaml"), "--model-name", "smollm2", "-q",
                     *(["--profile", args.profile] if args.profile else [])], check=True)
@@ -397,6 +408,9 @@ def main(argv=None) -> int:
                                                         "collapse", "stop", "openai"))
     plain = litellm_config(d / "rec_plain.yaml", folder, rec.url, "m", "m", "collapse", "stop", "openai")
     write_config(d / "rec_plain.yaml", plain.split("guardrails:")[0])
+    write_config(callback_module(d / "rec_callback.yaml"), callback_source(folder, "collapse", "stop", "openai"))
+    write_config(d / "rec_callback.yaml", litellm_config(d / "rec_callback.yaml", folder, rec.url, "m", "m",
+                                                         "collapse", "stop", "openai", "callback"))
     write_config(d / "rec_prompt_only.yaml", litellm_config(d / "rec_prompt_only.yaml", folder, rec.url, "m", "m",
                                                             "collapse", "off", "openai"))
     (d / "noop_guardrail.py").write_text(NOOP)
@@ -409,11 +423,12 @@ def main(argv=None) -> int:
                litellm_proxy(d / "rec_guarded.yaml", rgport, d / "rec_guarded.log", KEY)]
     if "load" in parts:
         servers += [litellm_proxy(d / "rec_prompt_only.yaml", oport, d / "rec_prompt_only.log", KEY),
-                    litellm_proxy(d / "rec_noop.yaml", nport, d / "rec_noop.log", KEY)]
+                    litellm_proxy(d / "rec_noop.yaml", nport, d / "rec_noop.log", KEY),
+                    litellm_proxy(d / "rec_callback.yaml", cport, d / "rec_callback.log", KEY)]
     urls = {"upstream": f"http://127.0.0.1:{lport}/v1", "guarded": f"http://127.0.0.1:{gport}/v1",
             "rec_plain": f"http://127.0.0.1:{pport}/v1", "rec_guarded": f"http://127.0.0.1:{rgport}/v1",
             "rec_direct": rec.url, "rec_prompt_only": f"http://127.0.0.1:{oport}/v1",
-            "rec_noop": f"http://127.0.0.1:{nport}/v1"}
+            "rec_noop": f"http://127.0.0.1:{nport}/v1", "rec_callback": f"http://127.0.0.1:{cport}/v1"}
     clients = {k: openai.OpenAI(base_url=u, api_key=KEY, max_retries=0, timeout=300) for k, u in urls.items()}
     out = {"parts": parts, "profile": guard.profile.to_dict(), "machine": machine()}
     try:

@@ -268,7 +268,15 @@ def test_guard_command_writes_config_and_folder(tmp_path, tok_file):
                    "--output", "off", "-q")
     assert out.returncode == 0 and out.stderr == ""
     (gr,) = yaml.safe_load((tmp_path / "pre.yaml").read_text())["guardrails"]
-    assert gr["litellm_params"]["mode"] == ["pre_call"]  # no post-call hook: LiteLLM keeps its fast stream relay
+    assert gr["litellm_params"]["mode"] == ["pre_call"]  # answers not watched: no post-call hook
+    # the guard as a plain callback: a module beside the config makes the instance the config names
+    out = sinkhole("guard", "--upstream", "http://127.0.0.1:9/", "--litellm-config", str(tmp_path / "cb.yaml"),
+                   "--litellm-hook", "callback", "--mode", "reject", "-q")
+    assert out.returncode == 0, out.stderr
+    cfg = yaml.safe_load((tmp_path / "cb.yaml").read_text())
+    assert "guardrails" not in cfg and cfg["litellm_settings"]["callbacks"] == ["cb_sinkhole.guard"]
+    src = (tmp_path / "cb_sinkhole.py").read_text()
+    assert "SinkholeCallback(" in src and '"reject"' in src and str((tmp_path / "cb.sinkhole").resolve()) in src
 
 
 @pytest.mark.parametrize("args, why", [

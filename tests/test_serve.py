@@ -33,7 +33,7 @@ import openai  # noqa: E402
 
 from sinkhole.decoding.runs import collapse  # noqa: E402
 from sinkhole.guard import Guard  # noqa: E402
-from sinkhole.guard.config import litellm_config, write_config  # noqa: E402
+from sinkhole.guard.config import callback_module, callback_source, litellm_config, write_config  # noqa: E402
 from sinkhole.guard.stack import RecordingUpstream, free_port, litellm_proxy, llama_server  # noqa: E402
 from sinkhole.models.loading import resolve_spec  # noqa: E402
 
@@ -44,8 +44,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    """llama server; proxy A (collapse) in front of it; proxy B (collapse, vLLM upstream kind) and proxy C
-    (reject) in front of the recording upstream."""
+    """llama server; proxy A (collapse) in front of it; proxy B (collapse, vLLM upstream kind, the guard as a
+    callback) and proxy C (reject) in front of the recording upstream."""
     d = tmp_path_factory.mktemp("serve")
     lport, a, b, c = free_port(), free_port(), free_port(), free_port()
     out = subprocess.run([sys.executable, "-m", "sinkhole", "guard", "--upstream", f"http://127.0.0.1:{lport}",
@@ -54,9 +54,11 @@ def stack(tmp_path_factory):
     assert out.returncode == 0, out.stderr
     folder = d / "a.sinkhole"
     rec = RecordingUpstream("fine").__enter__()
-    for name, mode, kind in (("b", "collapse", "vllm"), ("c", "reject", "openai")):
+    # B loads the guard as a plain LiteLLM callback (--litellm-hook callback), A and C as a guardrail
+    write_config(callback_module(d / "b.yaml"), callback_source(folder, "collapse", "stop", "vllm"))
+    for name, mode, kind, hook in (("b", "collapse", "vllm", "callback"), ("c", "reject", "openai", "guardrail")):
         write_config(d / f"{name}.yaml", litellm_config(d / f"{name}.yaml", folder, rec.url, "m", "m", mode, "stop",
-                                                        kind))
+                                                        kind, hook))
     gguf = resolve_spec("smollm2-135m-instruct", progress=False).info["gguf"]
     servers = [llama_server(gguf, lport, d / "llama.log"),
                litellm_proxy(d / "a.yaml", a, d / "a.log", KEY), litellm_proxy(d / "b.yaml", b, d / "b.log", KEY),
@@ -144,6 +146,18 @@ def test_what_reaches_the_upstream(stack):
     b.chat.completions.create(model="m", messages=[{"role": "user", "content": parts}], tools=tools, max_tokens=4)
     sent = rec.bodies[0]["messages"][0]["content"]
     assert sent[0]["text"] == g.text(RUN) and sent[1] == parts[1] and rec.bodies[0]["tools"] == tools
+    # an answer that turns into a run, streamed in uneven pieces: stopped where the whole answer would be
+    answer = "Sure, here it is: " + "ocean " * 80 + "and then something else entirely."
+    cut = g.stop_at(answer)
+    assert cut is not None and cut < len(answer) - 40
+    rec.answer, rec.chunks = answer, [answer[i:i + 7] for i in range(0, len(answer), 7)]
+    try:
+        text, fin, n = _stream_text(b.chat.completions.create(model="m", messages=[{"role": "user", "content": "go"}],
+                                                              max_tokens=300, stream=True))
+        whole = b.chat.completions.create(model="m", messages=[{"role": "user", "content": "go"}], max_tokens=300)
+    finally:
+        rec.answer, rec.chunks = "fine", None
+    assert text == whole.choices[0].message.content == answer[:cut] and fin == "stop" and n > 5
 
 
 def test_reject_mode_answers_400(stack):

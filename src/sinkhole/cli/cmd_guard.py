@@ -29,6 +29,10 @@ def add_parser(sub) -> None:
                    help="prompt runs past the limit: collapse them (default) or refuse the request (status 400)")
     p.add_argument("--output", choices=["stop", "off"], default="stop",
                    help="answers that become a run past the limit: stop them (default) or leave them")
+    p.add_argument("--litellm-hook", choices=["guardrail", "callback"], default="guardrail",
+                   help="how the proxy loads the guard: as a guardrail (default; listed among the proxy's guardrails) "
+                        "or as a plain callback (a module written beside FILE; LiteLLM relays streams on its fast "
+                        "path, the higher throughput where the proxy is the bottleneck)")
     p.add_argument("--profile", help="the guard-profile.json a scan wrote (or its results.json): the model's "
                                      "measured limits (default: the run gate's rule, uncalibrated)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own tokenizer code to run")
@@ -93,7 +97,8 @@ def run(args) -> int:
     import tempfile
     from pathlib import Path
 
-    from ..guard.config import check_upstream, litellm_config, write_config  # lazy: start-up time
+    from ..guard.config import (callback_module, callback_source, check_upstream, litellm_config,  # lazy: start-up time
+                                write_config)
     from ..guard.core import PROFILE_FILE, TOKENIZER_FILE  # lazy: start-up time
     from . import check_out_file, info  # lazy: start-up time
 
@@ -112,8 +117,10 @@ def run(args) -> int:
         tmp.rename(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if args.litellm_hook == "callback":
+        write_config(callback_module(path), callback_source(folder, args.mode, args.output, args.upstream_kind))
     write_config(path, litellm_config(path, folder, upstream, name, args.upstream_model or name, args.mode,
-                                      args.output, args.upstream_kind))
+                                      args.output, args.upstream_kind, args.litellm_hook))
     info(args, f"wrote {path} and {folder}/ ({profile.describe()}); start the proxy with: "
                f"LITELLM_MASTER_KEY=sk-... LITELLM_LOCAL_MODEL_COST_MAP=True litellm --config {path}")
     return 0

@@ -1,10 +1,16 @@
 """The LiteLLM proxy config ``sinkhole guard`` writes: the upstream under the exposed model name, the master key
-read from ``LITELLM_MASTER_KEY`` (the proxy refuses to start without one) and the sinkhole guardrail on every
-request, pointed at the folder that holds the model's guard profile and tokenizer."""
+read from ``LITELLM_MASTER_KEY`` (the proxy refuses to start without one) and the sinkhole guard on every
+request, pointed at the folder that holds the model's guard profile and tokenizer.
+
+The guard is registered one of two ways (``hook``): as a guardrail (``guardrails:``, the default: LiteLLM lists
+it among the proxy's guardrails), or as a plain callback (``litellm_settings.callbacks``, an instance made in a
+small module written beside the config, the way LiteLLM loads custom callbacks). The hooks are the same; LiteLLM
+1.110 takes every stream off its fast relay while any guardrail is registered, and not for a callback."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -12,6 +18,8 @@ from ..errors import SinkholeError
 from ..results import write_atomic
 
 GUARDRAIL_CLASS = "sinkhole.guard.proxy.SinkholeGuardrail"
+CALLBACK_CLASS = "sinkhole.guard.proxy.SinkholeCallback"
+HOOKS = ("guardrail", "callback")
 
 
 def check_upstream(url: str) -> str:
@@ -23,12 +31,33 @@ def check_upstream(url: str) -> str:
     return url.rstrip("/") if u.path.rstrip("/").endswith("/v1") else url.rstrip("/") + "/v1"
 
 
+def callback_module(path: Path) -> Path:
+    """Where the callback's module goes for the config ``path``: beside it, named after it."""
+    return path.with_name(re.sub(r"\W", "_", path.stem) + "_sinkhole.py")
+
+
+def callback_source(folder: Path, mode: str, output: str, upstream_kind: str) -> str:
+    """The module LiteLLM loads the callback instance (``guard``) from."""
+    q = json.dumps
+    return "\n".join([
+        "# written by sinkhole guard: the sinkhole guard as a LiteLLM callback (litellm_settings.callbacks)",
+        f"from {CALLBACK_CLASS.rsplit('.', 1)[0]} import {CALLBACK_CLASS.rsplit('.', 1)[1]}",
+        "",
+        f"guard = {CALLBACK_CLASS.rsplit('.', 1)[1]}(sinkhole_folder={q(str(folder.resolve()))}, "
+        f"sinkhole_mode={q(mode)}, sinkhole_output={q(output)}, sinkhole_upstream={q(upstream_kind)})",
+        "",
+    ])
+
+
 def litellm_config(path: Path, folder: Path, upstream: str, model_name: str, upstream_model: str, mode: str,
-                   output: str, upstream_kind: str) -> str:
-    """The config's text (YAML; every string is written as a JSON string, which YAML reads as is)."""
+                   output: str, upstream_kind: str, hook: str = "guardrail") -> str:
+    """The config's text (YAML; every string is written as a JSON string, which YAML reads as is). With ``hook``
+    ``callback`` the config names the instance in :func:`callback_module`, which the caller writes too."""
+    if hook not in HOOKS:
+        raise SinkholeError(f"unknown hook {hook!r}; use one of {', '.join(HOOKS)}")
     q = json.dumps
     provider = "hosted_vllm" if upstream_kind == "vllm" else "openai"
-    return "\n".join([
+    head = [
         "# written by sinkhole guard: start the proxy with",
         "#   LITELLM_MASTER_KEY=sk-... LITELLM_LOCAL_MODEL_COST_MAP=True litellm --config " + str(path),
         "model_list:",
@@ -39,11 +68,15 @@ def litellm_config(path: Path, folder: Path, upstream: str, model_name: str, ups
         "      api_key: \"none\"  # the upstream's key, if it needs one (os.environ/NAME reads it from NAME)",
         "general_settings:",
         "  master_key: os.environ/LITELLM_MASTER_KEY",
+    ]
+    if hook == "callback":
+        return "\n".join(head + ["litellm_settings:",
+                                 f"  callbacks: [{q(callback_module(path).stem + '.guard')}]", ""])
+    return "\n".join(head + [
         "guardrails:",
         "  - guardrail_name: sinkhole",
         "    litellm_params:",
         f"      guardrail: {GUARDRAIL_CLASS}",
-        # post_call only where answers are watched: a streaming post-call hook takes LiteLLM off its fast relay
         "      mode: " + ("[pre_call, post_call]" if output != "off" else "[pre_call]"),
         "      default_on: true",
         f"      sinkhole_folder: {q(str(folder.resolve()))}",
