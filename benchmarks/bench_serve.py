@@ -22,6 +22,8 @@ front of it. Parts (``--parts``, default all):
   ``divergence.Repeat`` (and ``divergence.RepeatedToken`` where this garak has it) run by garak through its
   OpenAI-compatible generator against the upstream directly and against the guarded proxy; garak's own hit rates
   (its ``RepeatDiverges`` detector), greedy, one generation, 64 tokens.
+* ``footprint``: import time and peak resident memory of the serving path (the guard alone, in LiteLLM's hook
+  module, LiteLLM alone, a bare interpreter), and whether torch or transformers get imported.
 * ``load``: ``--clients`` concurrent streaming clients for ``--seconds`` through the proxy with and without the
   guard (recording upstream, a 200-word answer in 200 chunks): errors, lost or duplicated chunks, throughput.
 
@@ -52,7 +54,7 @@ from _common import machine, parser, report, save  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-sinkhole-bench"
-PARTS = ("families", "ordinary", "cost", "load", "garak")
+PARTS = ("families", "ordinary", "cost", "footprint", "load", "garak")
 # the proxies of the load part, all in front of the recording upstream: no guardrail; the guard on prompts only
 # (--output off: no post-call hook); a guardrail whose streaming hook passes every chunk on untouched (what LiteLLM
 # itself costs for any streaming post-call guardrail); the whole guard; the whole guard as a plain callback
@@ -279,6 +281,42 @@ def part_cost(args, lm, clients, guard, out: dict) -> None:
                                                                              "p95_ms": _pct(ttft, 0.95)}}
 
 
+# peak resident memory from /proc (VmHWM belongs to the process image exec made; getrusage's ru_maxrss keeps the
+# parent's peak across fork and exec on Linux)
+FOOTPRINT = """import re, sys, time
+t = time.perf_counter()
+{imports}
+s = time.perf_counter() - t
+hwm = int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+print(s, hwm, "torch" in sys.modules, "transformers" in sys.modules)
+"""
+
+
+def part_footprint(args, folder: Path, out: dict) -> None:
+    """What the serving path costs a process: import time (wall, median of 5 fresh interpreters) and peak
+    resident memory, for the guard alone (its folder loaded and one request guarded), the guard inside LiteLLM's
+    hook module, LiteLLM alone, and a bare interpreter; and whether torch or transformers got imported."""
+    guard = (f"from sinkhole.guard import Guard\ng = Guard.from_folder({str(folder)!r})\n"
+             "g.request({'messages': [{'role': 'user', 'content': 'poem ' * 400}]}, 'chat')")
+    rows = {"bare interpreter": "pass", "the guard (sinkhole.guard, folder loaded, one request)": guard,
+            "litellm alone": "import litellm",
+            "the guard's LiteLLM hooks (sinkhole.guard.proxy)": guard + "\nimport sinkhole.guard.proxy"}
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": str(ROOT / "src")}
+    res = {}
+    for name, imports in rows.items():
+        runs = []
+        for _ in range(5):
+            r = subprocess.run([sys.executable, "-c", FOOTPRINT.format(imports=imports)], env=env,
+                               capture_output=True, text=True, timeout=300, check=True)
+            sec, mib, torch_in, tf_in = r.stdout.split()[-4:]
+            runs.append((float(sec), float(mib), torch_in == "True", tf_in == "True"))
+        runs.sort()
+        res[name] = {"import_s_median": round(runs[2][0], 3), "peak_rss_mib": round(max(x[1] for x in runs), 1),
+                     "imports_torch": any(x[2] for x in runs), "imports_transformers": any(x[3] for x in runs)}
+        print(name, res[name], flush=True)
+    out["footprint"] = res
+
+
 async def _load(url: str, clients: int, seconds: float, words: list[str]) -> dict:
     import openai
 
@@ -373,7 +411,7 @@ def part_garak(args, urls, out: dict) -> None:
 
 def main(argv=None) -> int:
     p = parser(__doc__)
-    p.add_argument("--parts", default="families,ordinary,cost,load", help=f"comma-separated: {', '.join(PARTS)}")
+    p.add_argument("--parts", default="families,ordinary,cost,footprint,load", help=f"comma-separated: {', '.join(PARTS)}")
     p.add_argument("--draws", type=int, default=3, help="draws of fresh words (families part)")
     p.add_argument("--n-ordinary", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=100, help="timed requests per cost row")
@@ -417,7 +455,9 @@ def main(argv=None) -> int:
     write_config(d / "rec_noop.yaml", plain.split("guardrails:")[0] + "guardrails:\n  - guardrail_name: noop\n"
                  "    litellm_params:\n      guardrail: noop_guardrail.PassThrough\n      mode: [pre_call, post_call]\n"
                  "      default_on: true\n")
-    servers = [llama_server(resolve_spec(args.model, progress=False).info["gguf"], lport, d / "llama.log"),
+    gguf = resolve_spec(args.model, progress=False).info["gguf"]
+    servers = [] if set(parts) <= {"footprint"} else [
+               llama_server(gguf, lport, d / "llama.log"),
                litellm_proxy(d / "guarded.yaml", gport, d / "guarded.log", KEY),
                litellm_proxy(d / "rec_plain.yaml", pport, d / "plain.log", KEY),
                litellm_proxy(d / "rec_guarded.yaml", rgport, d / "rec_guarded.log", KEY)]
@@ -443,6 +483,8 @@ def main(argv=None) -> int:
             part_ordinary(args, clients, rec, out)
         if "cost" in parts:
             part_cost(args, lm, clients, guard, out)
+        if "footprint" in parts:
+            part_footprint(args, folder, out)
         if "load" in parts:
             part_load(args, rec, urls, out)
         if "garak" in parts:
