@@ -456,11 +456,13 @@ def main(argv=None) -> int:
                  "    litellm_params:\n      guardrail: noop_guardrail.PassThrough\n      mode: [pre_call, post_call]\n"
                  "      default_on: true\n")
     gguf = resolve_spec(args.model, progress=False).info["gguf"]
-    servers = [] if set(parts) <= {"footprint"} else [
-               llama_server(gguf, lport, d / "llama.log"),
-               litellm_proxy(d / "guarded.yaml", gport, d / "guarded.log", KEY),
-               litellm_proxy(d / "rec_plain.yaml", pport, d / "plain.log", KEY),
-               litellm_proxy(d / "rec_guarded.yaml", rgport, d / "rec_guarded.log", KEY)]
+    servers = []  # only what the chosen parts talk to
+    if {"families", "cost", "garak"} & set(parts):
+        servers += [llama_server(gguf, lport, d / "llama.log"),
+                    litellm_proxy(d / "guarded.yaml", gport, d / "guarded.log", KEY)]
+    if {"ordinary", "cost", "load"} & set(parts):
+        servers += [litellm_proxy(d / "rec_plain.yaml", pport, d / "plain.log", KEY),
+                    litellm_proxy(d / "rec_guarded.yaml", rgport, d / "rec_guarded.log", KEY)]
     if "load" in parts:
         servers += [litellm_proxy(d / "rec_prompt_only.yaml", oport, d / "rec_prompt_only.log", KEY),
                     litellm_proxy(d / "rec_noop.yaml", nport, d / "rec_noop.log", KEY),
