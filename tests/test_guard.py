@@ -269,6 +269,7 @@ def test_guard_command_writes_config_and_folder(tmp_path, tok_file):
     assert out.returncode == 0 and out.stderr == ""
     (gr,) = yaml.safe_load((tmp_path / "pre.yaml").read_text())["guardrails"]
     assert gr["litellm_params"]["mode"] == ["pre_call"]  # answers not watched: no post-call hook
+    assert gr["litellm_params"]["sinkhole_output"] == "off"  # a string, not YAML's false
     # the guard as a plain callback: a module beside the config makes the instance the config names
     out = sinkhole("guard", "--upstream", "http://127.0.0.1:9/", "--litellm-config", str(tmp_path / "cb.yaml"),
                    "--litellm-hook", "callback", "--mode", "reject", "-q")

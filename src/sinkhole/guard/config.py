@@ -80,9 +80,10 @@ def litellm_config(path: Path, folder: Path, upstream: str, model_name: str, ups
         "      mode: " + ("[pre_call, post_call]" if output != "off" else "[pre_call]"),
         "      default_on: true",
         f"      sinkhole_folder: {q(str(folder.resolve()))}",
-        f"      sinkhole_mode: {mode}",
-        f"      sinkhole_output: {output}",
-        f"      sinkhole_upstream: {upstream_kind}",
+        # quoted: YAML reads a bare off as false
+        f"      sinkhole_mode: {q(mode)}",
+        f"      sinkhole_output: {q(output)}",
+        f"      sinkhole_upstream: {q(upstream_kind)}",
         "",
     ])
 
