@@ -164,8 +164,11 @@ def part_families(args, lm, clients, guard, out: dict) -> None:
             parity["n"] += 1
             parity["same"] += int(ok)
             if not ok and len(parity["differs"]) < 20:
+                # the server reads the prompt's text: does it encode back to the ids the loop reads?
+                text = lm.tokenizer.decode([int(x) for x in c.ids], skip_special_tokens=False)
+                roundtrip = lm.tokenizer(text, add_special_tokens=False)["input_ids"] == [int(x) for x in c.ids]
                 parity["differs"].append({"family": c.family, "word": c.word, "reps": c.reps,
-                                          "guarded": got[:120], "gated_loop": ref[:120]})
+                                          "text_roundtrip": roundtrip, "guarded": got[:120], "gated_loop": ref[:120]})
         per_draw.append({"draw": draw, "words": words, "families": fam_rows,
                          "seconds": round(time.perf_counter() - t0, 1)})
         out["families"] = {"per_draw": per_draw, "max_new_tokens": 64, "draws_done": draw + 1}

@@ -168,19 +168,25 @@ def expiry(ids: Sequence[int], gate: RunGate, ex: Sequence[bool] | None = None,
     return out
 
 
-def kept(ids: Sequence[int], gate: RunGate) -> list[bool]:
-    """Which tokens the end of ``ids`` still sees (what :func:`collapse` keeps)."""
+def kept(ids: Sequence[int], gate: RunGate, exp: Sequence[int] | None = None) -> list[bool]:
+    """Which tokens the end of ``ids`` still sees (what :func:`collapse` keeps); ``exp``: the ids' :func:`expiry`,
+    when the caller has it already."""
     n = len(ids)
-    return [e >= n for e in expiry(ids, gate)]
+    return [e >= n for e in (expiry(ids, gate) if exp is None else exp)]
+
+
+def require_model_free(gate: RunGate) -> None:
+    """Refuse a gate with the state check where the rule is applied without the model (here, and in the guard)."""
+    if gate.confirm is not None:
+        raise SinkholeError("a run gate with the state check (confirm) reads the model's state; the guard and the "
+                            "torch-free rule apply the gate without it (remove confirm)")
 
 
 def collapse(ids: Sequence[int], gate: RunGate) -> list[int]:
     """``ids`` without the tokens the gate hides from the end of the sequence: what the gated model reads
     at the last token, as a prompt (a gate with the state check needs the model: see
     :func:`sinkhole.decoding.gate.collapse`)."""
-    if gate.confirm is not None:
-        raise SinkholeError("a run gate with the state check (confirm) reads the model's state; the guard and the "
-                            "torch-free rule apply the gate without it (remove confirm)")
+    require_model_free(gate)
     return [x for x, k in zip(ids, kept(ids, gate)) if k]
 
 

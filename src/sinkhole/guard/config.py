@@ -39,11 +39,12 @@ def callback_module(path: Path) -> Path:
 def callback_source(folder: Path, mode: str, output: str, upstream_kind: str) -> str:
     """The module LiteLLM loads the callback instance (``guard``) from."""
     q = json.dumps
+    module, cls = CALLBACK_CLASS.rsplit(".", 1)
     return "\n".join([
         "# written by sinkhole guard: the sinkhole guard as a LiteLLM callback (litellm_settings.callbacks)",
-        f"from {CALLBACK_CLASS.rsplit('.', 1)[0]} import {CALLBACK_CLASS.rsplit('.', 1)[1]}",
+        f"from {module} import {cls}",
         "",
-        f"guard = {CALLBACK_CLASS.rsplit('.', 1)[1]}(sinkhole_folder={q(str(folder.resolve()))}, "
+        f"guard = {cls}(sinkhole_folder={q(str(folder.resolve()))}, "
         f"sinkhole_mode={q(mode)}, sinkhole_output={q(output)}, sinkhole_upstream={q(upstream_kind)})",
         "",
     ])

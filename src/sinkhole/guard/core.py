@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..decoding.runs import NEVER, excess, expiry, runs
+from ..decoding.runs import NEVER, excess, expiry, kept, require_model_free, runs
 from ..errors import SinkholeError
 from .profile import GuardProfile
 
@@ -115,9 +115,7 @@ class Guard:
             raise SinkholeError(f"unknown guard mode {mode!r}; use one of {', '.join(MODES)}")
         if output not in OUTPUT_MODES:
             raise SinkholeError(f"unknown guard output mode {output!r}; use one of {', '.join(OUTPUT_MODES)}")
-        if profile.gate.confirm is not None:
-            raise SinkholeError("a run gate with the state check (confirm) reads the model's state; the guard "
-                                "applies the gate without it (remove confirm)")
+        require_model_free(profile.gate)
         self.profile, self.tok, self.mode, self.output = profile, tokenizer, mode, output
         self.gate = profile.gate
 
@@ -138,7 +136,7 @@ class Guard:
     def _kept(self, ids: list[int]) -> tuple[list[int], list[bool]]:
         """(the rule's expiry of each token, whether the end of ``ids`` still sees it): read once per text."""
         exp = expiry(ids, self.gate)
-        return exp, [e >= len(ids) for e in exp]
+        return exp, kept(ids, self.gate, exp)
 
     def ids(self, ids: Sequence[int], part: str = "prompt", report: GuardReport | None = None) -> list[int]:
         """A prompt given as token ids: the gate's collapse of it (``reject``: raises :class:`GuardRejected`)."""
